@@ -1,0 +1,1 @@
+"""The ``vmfleet`` command: daemons (dev, gateway, worker) and tools (token, kernel)."""

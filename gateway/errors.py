@@ -1,0 +1,50 @@
+"""Exception handlers: every error leaves the gateway as hypeman's JSON error shape."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.responses import error_response
+from schemas.errors import VmfleetError
+
+__all__ = ["EXCEPTION_HANDLERS"]
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+async def _vmfleet_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, VmfleetError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    err = VmfleetError(exc.detail or "error", code=_HTTP_CODES.get(exc.status_code, "error"))
+    err.status = exc.status_code
+    response = error_response(err)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(VmfleetError("internal error"))
+
+
+EXCEPTION_HANDLERS = {
+    VmfleetError: _vmfleet_error,
+    HTTPException: _http_error,
+    Exception: _unexpected,
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Installs what vmfleet needs and is missing: Debian packages, the virtualenv, the guest
+# kernel. Idempotent: a second run checks and installs nothing.
+#   scripts/install.sh [KERNEL_DIR]
+# KERNEL_DIR: the data dir the guest kernel is fetched into (default: vmfleet's data dir).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBIAN_PACKAGES=(qemu-system-x86 busybox-static e2fsprogs erofs-utils skopeo umoci
+                 docker-registry cpio kmod lz4 python3-venv)
+VENV=.venv
+STAMP=$VENV/.installed
+
+say() { printf 'install: %s\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"
+    elif command -v sudo >/dev/null; then sudo "$@"
+    else say "run as root: $*"; exit 1
+    fi
+}
+
+missing_packages() {
+    local pkg
+    for pkg in "${DEBIAN_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+            || printf '%s\n' "$pkg"
+    done
+}
+
+install_debian_packages() {
+    local missing
+    missing=$(missing_packages)
+    [ -z "$missing" ] && return 0
+    say "Debian packages missing: $(echo $missing)"
+    if [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null; then
+        say "as root, run: apt-get update && apt-get install -y --no-install-recommends $(echo $missing)"
+        exit 1
+    fi
+    as_root apt-get update -q
+    # shellcheck disable=SC2086
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+}
+
+install_virtualenv() {
+    # Reinstall only when the project's dependency list changed since the last install.
+    local want
+    want=$(sha256sum pyproject.toml constraints/nats-server.txt | sha256sum | cut -d' ' -f1)
+    if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/vmfleet" ]; then
+        return 0
+    fi
+    say "creating the virtualenv in $VENV"
+    [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check --require-hashes -r constraints/nats-server.txt
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+    echo "$want" > "$STAMP"
+}
+
+fetch_guest_kernel() {
+    "$VENV/bin/vmfleet" kernel fetch ${1:+--data-dir "$1"}
+}
+
+install_debian_packages
+install_virtualenv
+fetch_guest_kernel "${1:-}"

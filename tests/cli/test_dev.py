@@ -1,0 +1,168 @@
+"""`vmfleet dev` end to end: one command brings up NATS, a worker and the gateway; Ctrl-C
+stops all of it, and what NATS stored survives for the next run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import anyio
+import httpx
+import nats
+import pytest
+
+from cli.embedded_nats import free_port
+from tests.support.processes import live_children
+
+VMFLEET = str(Path(sys.executable).parent / "vmfleet")
+
+
+class DevStack:
+    def __init__(self, proc: subprocess.Popen[str], banner: dict[str, str]) -> None:
+        self.proc = proc
+        self.banner = banner
+
+    @property
+    def base_url(self) -> str:
+        return self.banner["HYPEMAN_BASE_URL"]
+
+    @property
+    def token(self) -> str:
+        return self.banner["HYPEMAN_API_KEY"]
+
+    @property
+    def nats_url(self) -> str:
+        return self.banner["NATS"]
+
+
+def _read_banner(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, str]:
+    banner: dict[str, str] = {}
+    done = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            key, _, value = line.strip().removeprefix("export ").partition("=")
+            if key.startswith("HYPEMAN_"):
+                banner[key] = value
+            elif line.strip().startswith("NATS:"):
+                banner["NATS"] = line.split(":", 1)[1].strip()
+            if "HYPEMAN_API_KEY" in banner:
+                break
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not done.wait(timeout_s) or "HYPEMAN_API_KEY" not in banner:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(
+            f"vmfleet dev printed no banner; stderr: {proc.stderr.read() if proc.stderr else ''}"
+        )
+    return banner
+
+
+@contextmanager
+def dev_stack(data_dir: Path, port: int) -> Iterator[DevStack]:
+    env = {**os.environ, "VMFLEET_HOST_ID": "dev-host", "VMFLEET_LOG_LEVEL": "WARNING"}
+    env.pop("JWT_SECRET", None)
+    proc = subprocess.Popen(
+        [VMFLEET, "dev", "--port", str(port), "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        yield DevStack(proc, _read_banner(proc, timeout_s=60))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _stop(stack: DevStack) -> int:
+    stack.proc.send_signal(signal.SIGINT)
+    return stack.proc.wait(timeout=60)
+
+
+async def _put(nats_url: str, bucket: str, key: str, value: bytes) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        await (await nc.jetstream().key_value(bucket)).put(key, value)
+    finally:
+        await nc.close()
+
+
+async def _get(nats_url: str, bucket: str, key: str) -> bytes | None:
+    nc = await nats.connect(nats_url)
+    try:
+        return (await (await nc.jetstream().key_value(bucket)).get(key)).value
+    finally:
+        await nc.close()
+
+
+def test_dev_stack_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    with dev_stack(tmp_path, port) as stack:
+        assert stack.base_url == f"http://127.0.0.1:{port}"
+        health = httpx.get(f"{stack.base_url}/health")
+        assert (health.status_code, health.json()) == (200, {"status": "ok"})
+        metrics = httpx.get(f"{stack.base_url}/metrics")
+        assert metrics.status_code == 200
+        assert "# TYPE vmfleet_gateway_requests" in metrics.text
+
+        hosts = httpx.get(
+            f"{stack.base_url}/hosts", headers={"Authorization": f"Bearer {stack.token}"}
+        )
+        assert hosts.status_code == 200
+        assert [h["id"] for h in hosts.json()] == ["dev-host"]
+        assert httpx.get(f"{stack.base_url}/hosts").status_code == 401
+
+        # `vmfleet token` finds the secret the dev stack keeps, and its token is accepted.
+        minted = subprocess.run(
+            [VMFLEET, "token", "--data-dir", str(tmp_path)],
+            env={"PATH": os.environ["PATH"]},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        authed = httpx.get(f"{stack.base_url}/hosts", headers={"Authorization": f"Bearer {minted}"})
+        assert authed.status_code == 200
+
+        anyio.run(_put, stack.nats_url, "vmfleet_instances", "survivor", b"still here")
+        children = [pid for pid, _ in live_children(stack.proc.pid)]
+        assert _stop(stack) == 0
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists(), f"process {pid} outlived vmfleet dev"
+
+    with dev_stack(tmp_path, port) as stack:
+        assert anyio.run(_get, stack.nats_url, "vmfleet_instances", "survivor") == b"still here"
+        assert _stop(stack) == 0
+
+
+def test_port_in_use_is_one_clear_error(tmp_path: Path) -> None:
+    with dev_stack(tmp_path / "a", free_port()) as first:
+        taken = int(first.base_url.rsplit(":", 1)[1])
+        done = subprocess.run(
+            [VMFLEET, "dev", "--port", str(taken), "--data-dir", str(tmp_path / "b")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 1
+        assert "Address already in use" in done.stderr
+        assert _stop(first) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
+def test_sigterm_stops_too(tmp_path: Path, sig: signal.Signals) -> None:
+    with dev_stack(tmp_path, free_port()) as stack:
+        stack.proc.send_signal(sig)
+        assert stack.proc.wait(timeout=60) == 0

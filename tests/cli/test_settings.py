@@ -1,0 +1,60 @@
+"""Configuration: defaults, and one clear line naming the variable for a bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli.settings import ConfigError, load_settings
+
+VMFLEET = str(Path(sys.executable).parent / "vmfleet")
+
+
+def test_defaults() -> None:
+    settings = load_settings({"VMFLEET_HOST_ID": "h1"})
+    assert settings.port == 8080
+    assert settings.nats_urls == ("nats://127.0.0.1:4222",)
+    assert settings.hypervisor == "auto"
+    assert settings.subject_prefix == "vmfleet"
+    assert settings.jwt_secret is None
+
+
+def test_several_nats_urls() -> None:
+    settings = load_settings({"NATS_URL": "nats://a:4222, nats://b:4222"})
+    assert settings.nats_urls == ("nats://a:4222", "nats://b:4222")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PORT", "eighty"),
+        ("PORT", "70000"),
+        ("VMFLEET_HYPERVISOR", "xen"),
+        ("VMFLEET_SUBJECT_PREFIX", "a.b"),
+        ("VMFLEET_HOST_ID", "host with spaces"),
+        ("NATS_URL", "http://x"),
+        ("JWT_SECRET", "short"),
+        ("VMFLEET_REPLICAS", "0"),
+    ],
+)
+def test_bad_value_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{name}:"):
+        load_settings({name: value})
+
+
+def test_cli_reports_bad_config_in_one_line() -> None:
+    done = subprocess.run(
+        [VMFLEET, "token"],
+        env={"VMFLEET_HYPERVISOR": "xen", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "vmfleet: configuration error: "
+        "VMFLEET_HYPERVISOR: 'xen' must be one of auto, qemu, cloud-hypervisor"
+    ]

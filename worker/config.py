@@ -1,0 +1,27 @@
+"""What a worker needs to know, built once by the caller and passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from natsbus import BusOptions, Layout
+
+__all__ = ["WorkerConfig"]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    host_id: str
+    data_dir: Path
+    bus: BusOptions
+    subject_prefix: str = "vmfleet"
+    hypervisor: str = "auto"
+    layout: Layout = field(default_factory=Layout)
+    heartbeat_interval_s: float = 5.0
+    #: The address other hosts and operators know this host by (shown in GET /hosts).
+    address: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    #: `vmfleet dev` owns its VMs and stops them on exit; a production worker leaves them
+    #: running for the next worker process to adopt.
+    stop_instances_on_exit: bool = False

@@ -1,0 +1,61 @@
+"""The host record: written at start and every few seconds, so a dead host ages out."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+import anyio
+from anyio.abc import TaskStatus
+from nats.js.kv import KeyValue
+
+from schemas.api import Hypervisor
+from schemas.codec import encode
+from schemas.messages import HostRecord
+from worker.config import WorkerConfig
+from worker.host import read_capacity
+
+__all__ = ["heartbeat_loop", "host_record"]
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+def host_record(config: WorkerConfig, started_at: datetime) -> HostRecord:
+    capacity = read_capacity(config.data_dir)
+    return HostRecord(
+        id=config.host_id,
+        address=config.address or config.host_id,
+        hypervisors=[Hypervisor.QEMU],
+        vcpus_total=capacity.vcpus,
+        vcpus_allocated=0,
+        memory_total_bytes=capacity.memory_bytes,
+        memory_allocated_bytes=0,
+        disk_total_bytes=capacity.disk_total_bytes,
+        disk_free_bytes=capacity.disk_free_bytes,
+        instances=0,
+        version=VERSION,
+        labels=dict(config.labels),
+        started_at=started_at,
+        heartbeat_at=datetime.now(UTC),
+    )
+
+
+async def heartbeat_loop(
+    hosts: KeyValue,
+    config: WorkerConfig,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Put the host record now, then every interval; a failed put is retried next beat."""
+    started_at = datetime.now(UTC)
+    await hosts.put(config.host_id, encode(host_record(config, started_at)))
+    task_status.started()
+    while True:
+        await anyio.sleep(config.heartbeat_interval_s)
+        try:
+            with anyio.fail_after(config.heartbeat_interval_s):
+                await hosts.put(config.host_id, encode(host_record(config, started_at)))
+        except Exception as exc:  # NATS down: keep beating, the record ages out meanwhile
+            log.warning("heartbeat failed: %s", exc)

@@ -1,0 +1,35 @@
+"""Facts about this host that the fleet schedules by: CPUs, memory, disk."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["HostCapacity", "read_capacity"]
+
+
+@dataclass(frozen=True)
+class HostCapacity:
+    vcpus: int
+    memory_bytes: int
+    disk_total_bytes: int
+    disk_free_bytes: int
+
+
+def read_capacity(data_dir: Path) -> HostCapacity:
+    disk = os.statvfs(data_dir)
+    return HostCapacity(
+        vcpus=os.cpu_count() or 1,
+        memory_bytes=_mem_total(),
+        disk_total_bytes=disk.f_blocks * disk.f_frsize,
+        disk_free_bytes=disk.f_bavail * disk.f_frsize,
+    )
+
+
+def _mem_total() -> int:
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
