@@ -1,0 +1,279 @@
+"""The HTTP API's JSON shapes: hypeman's ``openapi.yaml`` schemas as msgspec Structs.
+
+Why these rules (see ``shared/reference/hypeman-api.md`` §0 and §1.2):
+
+* **Null versus omitted.** Fields the spec marks ``nullable`` are always sent, as ``null``
+  when unset: they are ``T | None = None``. Every other optional field is left out when empty:
+  it is ``T | UnsetType = UNSET``. ``omit_defaults`` is not used on any struct that has a
+  nullable field, because it would drop those nulls too.
+* **Unknown request fields are ignored** (no ``forbid_unknown_fields``). hypeman's spec has no
+  ``additionalProperties: false`` and the newer SDK sends keys the snapshot does not know
+  (``tags``, ``ttl``, ...). Rejecting them would break real clients. This deliberately departs
+  from style anchor 4; the constraints hypeman's validator enforces (name pattern and length,
+  enums, types) are encoded with ``msgspec.Meta`` instead, so decoding fails with a message
+  that names the field (``... - at `$.name```).
+* **Checks hypeman does in its handlers stay out of the schema** (size strings, mount paths,
+  image references): the gateway reports them with hypeman's specific error codes
+  (``invalid_size``, ...), not the validator's generic ``"Bad Request"``.
+* **Field order is alphabetical** in response structs, because oapi-codegen emits Go struct
+  fields in that order; our JSON then reads the same as hypeman's.
+* Timestamps are timezone-aware ``datetime`` values; msgspec writes RFC 3339.
+
+vmfleet extensions (ignored by hypeman clients): ``port_mappings`` on create and on Instance,
+``host`` on Instance, and ``cmd``/``entrypoint`` overrides on create (as the newer SDK sends).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Annotated, Final, Literal
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+__all__ = [
+    "NAME_MAX_LENGTH",
+    "NAME_PATTERN",
+    "VOLUME_ID_PATTERN",
+    "AttachVolumeRequest",
+    "CreateImageRequest",
+    "CreateInstanceRequest",
+    "CreateVolumeRequest",
+    "Error",
+    "GPUConfig",
+    "Health",
+    "Hypervisor",
+    "Image",
+    "ImageStatus",
+    "Instance",
+    "InstanceGPU",
+    "InstanceName",
+    "InstanceNetwork",
+    "InstanceState",
+    "NetworkRequest",
+    "PortMapping",
+    "Timestamp",
+    "Volume",
+    "VolumeAttachment",
+    "VolumeMount",
+]
+
+NAME_PATTERN: Final = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+NAME_MAX_LENGTH: Final = 63
+# hypeman does not validate custom volume ids; vmfleet uses them as KV keys, subject tokens
+# and directory names, so it restricts them to a safe alphabet (no dots, no slashes).
+VOLUME_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+
+Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+"""An aware datetime (RFC 3339 on the wire); naive values are rejected when decoding."""
+
+InstanceName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=NAME_PATTERN,
+        max_length=NAME_MAX_LENGTH,
+        description="lowercase letters, digits and dashes; no leading or trailing dash",
+    ),
+]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+class InstanceState(enum.StrEnum):
+    """The seven states hypeman reports (the SDK's ``Initializing`` is never sent)."""
+
+    CREATED = "Created"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    SHUTDOWN = "Shutdown"
+    STOPPED = "Stopped"
+    STANDBY = "Standby"
+    UNKNOWN = "Unknown"
+
+
+class Hypervisor(enum.StrEnum):
+    """Hypervisors the API accepts (hypeman's enum for the snapshot)."""
+
+    CLOUD_HYPERVISOR = "cloud-hypervisor"
+    QEMU = "qemu"
+
+
+class ImageStatus(enum.StrEnum):
+    """Build status of an image."""
+
+    PENDING = "pending"
+    PULLING = "pulling"
+    CONVERTING = "converting"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class Error(msgspec.Struct, kw_only=True):
+    """Every JSON error body: ``{code, message}`` (hypeman never sends details/inner_error)."""
+
+    code: str
+    message: str
+
+
+class Health(msgspec.Struct, kw_only=True):
+    """``GET /health`` body."""
+
+    status: Literal["ok"] = "ok"
+
+
+class PortMapping(msgspec.Struct, kw_only=True):
+    """A host port forwarded to a guest port (declared by hypeman, implemented by vmfleet)."""
+
+    guest_port: Port
+    host_port: Port
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+class VolumeMount(msgspec.Struct, kw_only=True):
+    """A volume attached to an instance, in requests and responses.
+
+    In responses ``readonly`` is always sent; ``overlay`` and ``overlay_size`` (HR form) only
+    when the mount has an overlay.
+    """
+
+    mount_path: str
+    overlay: bool | UnsetType = UNSET
+    overlay_size: str | UnsetType = UNSET
+    readonly: bool = False
+    volume_id: str
+
+
+class NetworkRequest(msgspec.Struct, kw_only=True):
+    """``network`` in a create request; bandwidths are strings parsed by the gateway."""
+
+    bandwidth_download: str | UnsetType = UNSET
+    bandwidth_upload: str | UnsetType = UNSET
+    enabled: bool = True
+
+
+class GPUConfig(msgspec.Struct, kw_only=True):
+    """vGPU request (declared so the gateway can refuse it explicitly)."""
+
+    profile: str | UnsetType = UNSET
+
+
+class CreateInstanceRequest(msgspec.Struct, kw_only=True):
+    """Body of ``POST /instances``. Unset size strings mean "use the default"."""
+
+    name: InstanceName
+    image: str
+    size: str | UnsetType = UNSET
+    hotplug_size: str | UnsetType = UNSET
+    overlay_size: str | UnsetType = UNSET
+    disk_io_bps: str | UnsetType = UNSET
+    vcpus: Annotated[int, msgspec.Meta(ge=0)] | UnsetType = UNSET
+    env: dict[str, str] | UnsetType = UNSET
+    network: NetworkRequest | UnsetType = UNSET
+    devices: list[str] | UnsetType = UNSET
+    gpu: GPUConfig | UnsetType = UNSET
+    volumes: list[VolumeMount] | UnsetType = UNSET
+    hypervisor: Hypervisor | UnsetType = UNSET
+    # vmfleet extensions / newer-SDK fields
+    port_mappings: list[PortMapping] | UnsetType = UNSET
+    cmd: list[str] | UnsetType = UNSET
+    entrypoint: list[str] | UnsetType = UNSET
+
+
+class InstanceNetwork(msgspec.Struct, kw_only=True):
+    """``network`` of an Instance: ``name`` only when enabled, ``ip``/``mac`` always (null when
+    disabled), bandwidths only when > 0."""
+
+    bandwidth_download: str | UnsetType = UNSET
+    bandwidth_upload: str | UnsetType = UNSET
+    enabled: bool
+    ip: str | None = None
+    mac: str | None = None
+    name: str | UnsetType = UNSET
+
+
+class InstanceGPU(msgspec.Struct, kw_only=True):
+    """``gpu`` of an Instance (only present when a vGPU profile is set)."""
+
+    mdev_uuid: str | UnsetType = UNSET
+    profile: str | UnsetType = UNSET
+
+
+class Instance(msgspec.Struct, kw_only=True):
+    """Instance response. Build it with ``InstanceRecord.to_api()``, the single renderer."""
+
+    created_at: Timestamp
+    disk_io_bps: str | UnsetType = UNSET
+    env: dict[str, str] | UnsetType = UNSET
+    gpu: InstanceGPU | UnsetType = UNSET
+    has_snapshot: bool
+    host: str | UnsetType = UNSET
+    hotplug_size: str
+    hypervisor: Hypervisor
+    id: str
+    image: str
+    name: str
+    network: InstanceNetwork
+    overlay_size: str
+    port_mappings: list[PortMapping] | UnsetType = UNSET
+    size: str
+    started_at: Timestamp | None = None
+    state: InstanceState
+    state_error: str | None = None
+    stopped_at: Timestamp | None = None
+    vcpus: int
+    volumes: list[VolumeMount] | UnsetType = UNSET
+
+
+class CreateImageRequest(msgspec.Struct, kw_only=True):
+    """Body of ``POST /images``; the reference is checked by the gateway (``invalid_name``)."""
+
+    name: str
+
+
+class Image(msgspec.Struct, kw_only=True):
+    """Image response; every nullable field is always sent."""
+
+    cmd: list[str] | None = None
+    created_at: Timestamp
+    digest: str
+    entrypoint: list[str] | None = None
+    env: dict[str, str] | UnsetType = UNSET
+    error: str | None = None
+    name: str
+    queue_position: int | None = None
+    size_bytes: int | None = None
+    status: ImageStatus
+    working_dir: str | None = None
+
+
+class CreateVolumeRequest(msgspec.Struct, kw_only=True):
+    """JSON body of ``POST /volumes``."""
+
+    id: Annotated[str, msgspec.Meta(pattern=VOLUME_ID_PATTERN)] | UnsetType = UNSET
+    name: str
+    size_gb: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class VolumeAttachment(msgspec.Struct, kw_only=True):
+    """One instance using a volume."""
+
+    instance_id: str
+    mount_path: str
+    readonly: bool
+
+
+class Volume(msgspec.Struct, kw_only=True):
+    """Volume response; ``attachments`` is left out when there are none."""
+
+    attachments: list[VolumeAttachment] | UnsetType = UNSET
+    created_at: Timestamp
+    id: str
+    name: str
+    size_gb: int
+
+
+class AttachVolumeRequest(msgspec.Struct, kw_only=True):
+    """Body of ``POST /instances/{id}/volumes/{volumeId}``."""
+
+    mount_path: str
+    readonly: bool = False

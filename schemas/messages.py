@@ -1,0 +1,399 @@
+"""NATS payloads exchanged by gateway and worker, and the KV records they share.
+
+Why these rules:
+
+* **Rolling upgrades.** Gateways and workers of different versions run side by side, so every
+  payload ignores unknown fields and every field added later must have a default. Required
+  fields are only the ones without which the message is meaningless.
+* **Commands are one tagged union** on ``Command(tag_field="op", tag=str.lower)``: the JSON
+  carries ``"op": "create"``, ``"op": "attachvolume"``..., the worker decodes with one Decoder
+  (``schemas.codec.decode_command``) and dispatches with ``match``. ``Command.op`` is also
+  the last token of the command subject (``Subjects.command(host, cmd.op)``).
+* **Internal values are typed, not formatted**: sizes in bytes, states as ``InstanceState``.
+  Only ``to_api()`` turns a record into the HTTP shape, so every gateway renders an instance
+  the same way, from one place.
+* Timestamps are aware ``datetime`` values (UTC by convention).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+from msgspec import UNSET
+
+from schemas import api
+from schemas.api import Hypervisor, ImageStatus, InstanceState, PortMapping, Timestamp
+from schemas.errors import ErrorInfo
+from schemas.sizes import format_rate, format_size
+from schemas.subjects import LogSource
+
+__all__ = [
+    "AnyCommand",
+    "AttachVolume",
+    "Command",
+    "CommandResult",
+    "Create",
+    "CreateVolume",
+    "Delete",
+    "DeleteVolume",
+    "DetachVolume",
+    "HostRecord",
+    "ImageRecord",
+    "InstanceCommand",
+    "InstanceRecord",
+    "LogLine",
+    "MountSpec",
+    "PullImage",
+    "Restore",
+    "Standby",
+    "Start",
+    "StateEvent",
+    "Stop",
+    "VolumeRecord",
+]
+
+
+class MountSpec(msgspec.Struct, kw_only=True):
+    """A volume mount with its overlay size in bytes (0 when there is no overlay)."""
+
+    volume_id: str
+    mount_path: str
+    readonly: bool = False
+    overlay: bool = False
+    overlay_bytes: int = 0
+
+    def to_api(self) -> api.VolumeMount:
+        """hypeman's shape: overlay fields only when the mount has an overlay."""
+        if not self.overlay:
+            return api.VolumeMount(
+                volume_id=self.volume_id, mount_path=self.mount_path, readonly=self.readonly
+            )
+        return api.VolumeMount(
+            volume_id=self.volume_id,
+            mount_path=self.mount_path,
+            readonly=self.readonly,
+            overlay=True,
+            overlay_size=format_size(self.overlay_bytes),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+
+class Command(msgspec.Struct, tag_field="op", tag=str.lower, frozen=True, kw_only=True):
+    """Base of every command. ``id`` is the command id and idempotency key (it becomes the
+    ``Nats-Msg-Id`` header, so a retried HTTP call is deduplicated by JetStream)."""
+
+    id: str
+    issued_at: Timestamp
+
+    @property
+    def op(self) -> str:
+        """The tag (``"create"``, ``"attachvolume"``...), also the subject's op token."""
+        tag = type(self).__struct_config__.tag
+        assert isinstance(tag, str)
+        return tag
+
+
+class InstanceCommand(Command, frozen=True, kw_only=True):
+    """A command about one instance (every lifecycle op)."""
+
+    instance_id: str
+
+
+class Create(InstanceCommand, frozen=True, kw_only=True):
+    """Create and boot an instance. The gateway has already parsed and defaulted every value:
+    the worker never parses size strings."""
+
+    name: str
+    image: str
+    image_digest: str = ""
+    size_bytes: int
+    hotplug_bytes: int = 0
+    overlay_bytes: int
+    disk_io_bps: int = 0
+    vcpus: int
+    env: dict[str, str] = {}
+    volumes: list[MountSpec] = []
+    port_mappings: list[PortMapping] = []
+    network_enabled: bool = True
+    bandwidth_download_bps: int = 0
+    bandwidth_upload_bps: int = 0
+    hypervisor: Hypervisor
+    cmd: list[str] | None = None
+    entrypoint: list[str] | None = None
+
+
+class Start(InstanceCommand, frozen=True, kw_only=True):
+    """Boot a stopped instance (optionally overriding cmd/entrypoint, as the newer SDK can)."""
+
+    cmd: list[str] | None = None
+    entrypoint: list[str] | None = None
+
+
+class Stop(InstanceCommand, frozen=True, kw_only=True):
+    """Shut an instance down."""
+
+
+class Standby(InstanceCommand, frozen=True, kw_only=True):
+    """Pause, snapshot and stop the VMM."""
+
+
+class Restore(InstanceCommand, frozen=True, kw_only=True):
+    """Restore a standby instance from its snapshot."""
+
+
+class Delete(InstanceCommand, frozen=True, kw_only=True):
+    """Delete an instance from any state."""
+
+
+class AttachVolume(InstanceCommand, frozen=True, kw_only=True):
+    """Attach a volume to an instance."""
+
+    volume_id: str
+    mount_path: str
+    readonly: bool = False
+    overlay: bool = False
+    overlay_bytes: int = 0
+
+
+class DetachVolume(InstanceCommand, frozen=True, kw_only=True):
+    """Detach a volume from an instance."""
+
+    volume_id: str
+
+
+class CreateVolume(Command, frozen=True, kw_only=True):
+    """Create an empty ext4 volume on the host the command is addressed to."""
+
+    volume_id: str
+    name: str
+    size_gb: int
+
+
+class DeleteVolume(Command, frozen=True, kw_only=True):
+    """Delete a volume's data on the host the command is addressed to."""
+
+    volume_id: str
+
+
+class PullImage(Command, frozen=True, kw_only=True):
+    """Pull and convert an image on the host the command is addressed to."""
+
+    image: str
+    digest: str = ""
+
+
+AnyCommand = (
+    Create
+    | Start
+    | Stop
+    | Standby
+    | Restore
+    | Delete
+    | AttachVolume
+    | DetachVolume
+    | CreateVolume
+    | DeleteVolume
+    | PullImage
+)
+"""Every concrete command; the type ``schemas.codec.decode_command`` returns."""
+
+
+# --------------------------------------------------------------------------------------------
+# Records (KV values) and their API renderings
+# --------------------------------------------------------------------------------------------
+
+
+class InstanceRecord(msgspec.Struct, kw_only=True):
+    """The KV value of one instance (key = id): everything the API shows, plus what the worker
+    needs to rebuild the VM. The worker writes it; gateways only read it."""
+
+    id: str
+    name: str
+    image: str
+    image_digest: str = ""
+    host: str
+    state: InstanceState
+    state_error: str | None = None
+    size_bytes: int
+    hotplug_bytes: int = 0
+    overlay_bytes: int
+    disk_io_bps: int = 0
+    vcpus: int
+    env: dict[str, str] = {}
+    volumes: list[MountSpec] = []
+    port_mappings: list[PortMapping] = []
+    network_enabled: bool = True
+    ip: str | None = None
+    mac: str | None = None
+    tap: str | None = None
+    bandwidth_download_bps: int = 0
+    bandwidth_upload_bps: int = 0
+    hypervisor: Hypervisor
+    cmd: list[str] | None = None
+    entrypoint: list[str] | None = None
+    has_snapshot: bool = False
+    created_at: Timestamp
+    started_at: Timestamp | None = None
+    stopped_at: Timestamp | None = None
+
+    def to_api(self) -> api.Instance:
+        """Render hypeman's Instance: sizes in HR form, empty optionals left out."""
+        return api.Instance(
+            id=self.id,
+            name=self.name,
+            image=self.image,
+            state=self.state,
+            state_error=self.state_error,
+            size=format_size(self.size_bytes),
+            hotplug_size=format_size(self.hotplug_bytes),
+            overlay_size=format_size(self.overlay_bytes),
+            vcpus=self.vcpus,
+            disk_io_bps=format_rate(self.disk_io_bps) if self.disk_io_bps > 0 else UNSET,
+            env=dict(self.env) if self.env else UNSET,
+            network=self._network(),
+            volumes=[v.to_api() for v in self.volumes] if self.volumes else UNSET,
+            port_mappings=list(self.port_mappings) if self.port_mappings else UNSET,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            stopped_at=self.stopped_at,
+            has_snapshot=self.has_snapshot,
+            hypervisor=self.hypervisor,
+            host=self.host,
+        )
+
+    def _network(self) -> api.InstanceNetwork:
+        """hypeman: name/ip/mac only when enabled; bandwidths whenever > 0."""
+        down, up = self.bandwidth_download_bps, self.bandwidth_upload_bps
+        return api.InstanceNetwork(
+            enabled=self.network_enabled,
+            name="default" if self.network_enabled else UNSET,
+            ip=self.ip if self.network_enabled else None,
+            mac=self.mac if self.network_enabled else None,
+            bandwidth_download=format_rate(down) if down > 0 else UNSET,
+            bandwidth_upload=format_rate(up) if up > 0 else UNSET,
+        )
+
+
+class VolumeRecord(msgspec.Struct, kw_only=True):
+    """The KV value of one volume (key = id). ``host`` holds its data (None until created)."""
+
+    id: str
+    name: str
+    size_gb: int
+    host: str | None = None
+    attachments: list[api.VolumeAttachment] = []
+    created_at: Timestamp
+
+    def to_api(self) -> api.Volume:
+        """hypeman stores volume timestamps with second precision; so does the rendering."""
+        return api.Volume(
+            id=self.id,
+            name=self.name,
+            size_gb=self.size_gb,
+            created_at=self.created_at.replace(microsecond=0),
+            attachments=list(self.attachments) if self.attachments else UNSET,
+        )
+
+
+class ImageRecord(msgspec.Struct, kw_only=True):
+    """The KV value of one image (fleet view). ``hosts`` lists hosts holding it ready."""
+
+    name: str
+    digest: str
+    status: ImageStatus
+    queue_position: int | None = None
+    error: str | None = None
+    size_bytes: int | None = None
+    entrypoint: list[str] = []
+    cmd: list[str] = []
+    env: dict[str, str] = {}
+    working_dir: str | None = None
+    created_at: Timestamp
+    hosts: list[str] = []
+
+    def to_api(self) -> api.Image:
+        """hypeman sends empty cmd/entrypoint as null and leaves an empty env out."""
+        return api.Image(
+            name=self.name,
+            digest=self.digest,
+            status=self.status,
+            queue_position=self.queue_position,
+            error=self.error,
+            size_bytes=self.size_bytes,
+            entrypoint=list(self.entrypoint) or None,
+            cmd=list(self.cmd) or None,
+            env=dict(self.env) if self.env else UNSET,
+            working_dir=self.working_dir,
+            created_at=self.created_at,
+        )
+
+
+class HostRecord(msgspec.Struct, kw_only=True):
+    """Heartbeat of one worker (KV ``hosts``, key = host id, short max age): liveness and the
+    capacity the gateway places instances with."""
+
+    id: str
+    address: str = ""
+    hypervisors: list[Hypervisor] = []
+    accel: Literal["kvm", "tcg"] = "tcg"
+    vcpus_total: int = 0
+    vcpus_allocated: int = 0
+    memory_total_bytes: int = 0
+    memory_allocated_bytes: int = 0
+    disk_total_bytes: int = 0
+    disk_free_bytes: int = 0
+    instances: int = 0
+    version: str = ""
+    labels: dict[str, str] = {}
+    started_at: Timestamp
+    heartbeat_at: Timestamp
+
+
+# --------------------------------------------------------------------------------------------
+# Replies and events
+# --------------------------------------------------------------------------------------------
+
+
+class CommandResult(msgspec.Struct, kw_only=True):
+    """Outcome of one command, published once it is recorded (``Subjects.result``).
+
+    ``ok`` with the affected record, or not ``ok`` with ``error`` (``schemas.errors.ErrorInfo``:
+    status, code, message; the gateway re-raises it with ``error_from_info``).
+    """
+
+    command_id: str
+    ok: bool
+    instance: InstanceRecord | None = None
+    volume: VolumeRecord | None = None
+    image: ImageRecord | None = None
+    error: ErrorInfo | None = None
+
+
+class StateEvent(msgspec.Struct, kw_only=True):
+    """One state transition of an instance (stream ``states``). ``seq`` orders events of one
+    instance; ``command_id`` names the command that caused it, if any."""
+
+    instance_id: str
+    name: str = ""
+    host: str
+    previous: InstanceState | None = None
+    state: InstanceState
+    error: str | None = None
+    at: Timestamp
+    seq: int = 0
+    command_id: str | None = None
+
+
+class LogLine(msgspec.Struct, kw_only=True):
+    """One log line (no trailing newline) of one source of one instance."""
+
+    instance_id: str
+    source: LogSource
+    seq: int = 0
+    line: str
+    at: Timestamp
