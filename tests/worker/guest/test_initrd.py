@@ -1,0 +1,183 @@
+"""initrd: module load order from modules.dep, cpio contents, content-keyed cache."""
+
+from __future__ import annotations
+
+import lzma
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from worker.guest import GuestAssetError, KernelAssets, ensure_initrd, resolve_load_order
+from worker.guest import initrd as initrd_mod
+from worker.guest.initrd import module_name, parse_modules_dep, parse_softdeps
+
+VERSION = "6.1.0-99-test-amd64"
+
+FAKE_DEP = """\
+kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_legacy_dev.ko kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/virtio/virtio_pci_modern_dev.ko:
+kernel/drivers/virtio/virtio_pci_legacy_dev.ko:
+kernel/fs/overlayfs/overlay.ko:
+kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
+kernel/net/core/failover.ko:
+kernel/drivers/char/hw_random/virtio-rng.ko.xz: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/lib/crc32c_generic.ko:
+kernel/fs/unrelated.ko: kernel/lib/crc32c_generic.ko
+"""  # noqa: E501
+
+
+def _names(order: list[str]) -> list[str]:
+    return [module_name(p) for p in order]
+
+
+def _assert_deps_first(order: list[str], deps: dict[str, list[str]]) -> None:
+    for i, mod in enumerate(order):
+        for dep in deps[mod]:
+            assert dep in order[:i], f"{dep} must load before {mod}"
+
+
+def test_load_order_puts_dependencies_first() -> None:
+    deps = parse_modules_dep(FAKE_DEP)
+    order = resolve_load_order(
+        deps, ["virtio_pci", "virtio_blk", "overlay"], optional=["virtio_net"]
+    )
+    _assert_deps_first(order, deps)
+    assert len(order) == len(set(order))
+    assert set(_names(order)) == {
+        "virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
+        "virtio_blk", "overlay", "failover", "net_failover", "virtio_net",
+    }  # fmt: skip
+    assert "kernel/fs/unrelated.ko" not in order
+
+
+def test_optional_missing_and_builtin_are_skipped() -> None:
+    deps = parse_modules_dep(FAKE_DEP)
+    order = resolve_load_order(
+        deps,
+        ["virtio_blk", "ext4"],
+        optional=["evdev", "virtio-rng"],
+        builtin=["kernel/fs/ext4/ext4.ko"],
+    )
+    assert _names(order) == ["virtio_ring", "virtio", "virtio_blk", "virtio_rng"]
+
+
+def test_required_missing_module_raises() -> None:
+    with pytest.raises(GuestAssetError, match="virtio_scsi"):
+        resolve_load_order(parse_modules_dep(FAKE_DEP), ["virtio_scsi"])
+
+
+def test_softdep_pre_is_loaded_first() -> None:
+    deps = parse_modules_dep(FAKE_DEP)
+    soft = parse_softdeps("# comment\nsoftdep overlay pre: crc32c_generic post: nothing\n")
+    assert soft == {"overlay": ["crc32c_generic"]}
+    order = resolve_load_order(deps, ["overlay"], softdeps=soft)
+    assert _names(order) == ["crc32c_generic", "overlay"]
+
+
+def test_dependency_cycle_is_an_error() -> None:
+    deps = {"a.ko": ["b.ko"], "b.ko": ["a.ko"]}
+    with pytest.raises(GuestAssetError, match="cycle"):
+        resolve_load_order(deps, ["a"])
+
+
+def _fake_kernel(root: Path) -> KernelAssets:
+    """A kernel tree whose .ko files are placeholders (the initrd copies bytes, never loads)."""
+    mods = root / "lib" / "modules" / VERSION
+    for rel in parse_modules_dep(FAKE_DEP):
+        path = mods / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = f"fake module {rel}\n".encode()
+        path.write_bytes(lzma.compress(payload) if rel.endswith(".xz") else payload)
+    (mods / "modules.dep").write_text(FAKE_DEP)
+    (mods / "modules.builtin").write_text("kernel/fs/ext4/ext4.ko\n")
+    bz = root / "boot" / f"vmlinuz-{VERSION}"
+    bz.parent.mkdir(parents=True)
+    bz.write_bytes(b"not really a kernel")
+    return KernelAssets(version=VERSION, bzimage=bz, modules_root=mods)
+
+
+def _cpio_list(image: Path) -> list[str]:
+    out = subprocess.run(
+        ["cpio", "-it", "--quiet"], stdin=image.open("rb"), capture_output=True, check=True
+    )
+    return out.stdout.decode().split()
+
+
+def _cpio_extract(image: Path, dest: Path) -> None:
+    dest.mkdir()
+    subprocess.run(
+        ["cpio", "-id", "--quiet", "--no-absolute-filenames"],
+        stdin=image.open("rb"),
+        cwd=dest,
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.mark.anyio
+async def test_initrd_contents(tmp_path: Path) -> None:
+    kernel = _fake_kernel(tmp_path / "k")
+    image = await ensure_initrd(tmp_path / "data", kernel)
+    assert image.parent.parent == tmp_path / "data" / "system" / "initrd"
+    assert len(image.parent.name) == 64  # sha256 hex
+    names = set(_cpio_list(image))
+    for required in ("init", "bin/busybox", "bin/sh", "sbin/insmod", "etc/vmfleet/modules",
+                     "etc/acpi/PWRF/00000080", "dev/console"):  # fmt: skip
+        assert required in names
+    tree = tmp_path / "tree"
+    _cpio_extract(image, tree)
+    assert (tree / "init").read_bytes() == initrd_mod.INIT_SCRIPT.read_bytes()
+    order = (tree / "etc/vmfleet/modules").read_text().splitlines()
+    assert all(p.startswith(f"/lib/modules/{VERSION}/") for p in order)
+    # The compressed module is stored decompressed, under its .ko name.
+    rng = f"/lib/modules/{VERSION}/kernel/drivers/char/hw_random/virtio-rng.ko"
+    assert rng in order
+    assert (
+        tree / rng.lstrip("/")
+    ).read_bytes() == b"fake module kernel/drivers/char/hw_random/virtio-rng.ko.xz\n"
+    rel = [p.removeprefix(f"/lib/modules/{VERSION}/") for p in order]
+    deps = {
+        k.removesuffix(".xz"): [d.removesuffix(".xz") for d in v]
+        for k, v in parse_modules_dep(FAKE_DEP).items()
+    }
+    _assert_deps_first(rel, deps)
+
+
+@pytest.mark.anyio
+async def test_cache_hit_does_not_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = _fake_kernel(tmp_path / "k")
+    data = tmp_path / "data"
+    first = await ensure_initrd(data, kernel)
+    stat = first.stat()
+
+    def no_rebuild(*_args: object) -> None:
+        raise AssertionError("initrd rebuilt although its inputs did not change")
+
+    monkeypatch.setattr(initrd_mod, "_write_image", no_rebuild)
+    again = await ensure_initrd(data, kernel)
+    assert again == first
+    assert again.stat().st_mtime_ns == stat.st_mtime_ns
+    assert again.stat().st_ino == stat.st_ino
+    monkeypatch.undo()
+
+    # A changed input (init script, then a module's bytes) gives a new image.
+    other_init = await ensure_initrd(data, kernel, init_script=b"#!/bin/sh\necho changed\n")
+    assert other_init != first
+    assert kernel.modules_root is not None
+    (kernel.modules_root / "kernel/fs/overlayfs/overlay.ko").write_bytes(b"patched overlay\n")
+    other_module = await ensure_initrd(data, kernel)
+    assert other_module not in (first, other_init)
+
+
+@pytest.mark.anyio
+async def test_operator_initrd_is_used_as_is(tmp_path: Path) -> None:
+    mine = tmp_path / "my-initrd.img"
+    mine.write_bytes(b"operator")
+    kernel = KernelAssets(version="x", bzimage=tmp_path / "bz", modules_root=None, initrd=mine)
+    assert await ensure_initrd(tmp_path / "data", kernel) == mine
+    assert not (tmp_path / "data").exists()

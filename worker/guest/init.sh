@@ -1,0 +1,475 @@
+#!/bin/sh
+# vmfleet guest init: PID 1 of the initrd (busybox ash; every applet is linked in /bin).
+#
+#   /init                    boot: modules, disks, overlay root, config, volumes, network, app
+#   /init --shutdown <s>     graceful stop (SIGTERM, wait <s> seconds, SIGKILL), sync, poweroff -f
+#   /init --udhcpc <event>   udhcpc lease handler
+#
+# Disks: vda image (ext4, ro), vdb overlay (ext4, rw), vdc config (ext4, ro: config.sh, env.sh,
+# config.json), vdd.. volumes. Console: ttyS0 (= app.log). Control channel: ttyS1, one reply
+# line per command line:
+#   ping                         -> pong
+#   status                       -> booting | running <pid> | exited <code> | failed <message>
+#   shutdown <timeout_s>         -> ok, then the VM powers off
+#   mount <dev> <path> <rw|ro>   -> ok | err <message>   (also: mount <dev> <path> overlay <dev2>)
+#   umount <path>                -> ok | err <message>
+# Markers on the console: "[vmfleet] app started pid=N", "[vmfleet] app exited with code N".
+
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+RUN=/run/vmfleet
+NEWROOT=/newroot
+CFG=/cfg
+CTL=/dev/ttyS1
+CONSOLE=/dev/ttyS0
+[ -c "$CONSOLE" ] || CONSOLE=/dev/console
+
+log() { # log LEVEL PHASE MESSAGE...
+	_lvl=$1 _phase=$2
+	shift 2
+	printf '%s [%s] [%s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$_lvl" "$_phase" "$*" >"$CONSOLE"
+}
+
+uptime_s() { read -r _up _ </proc/uptime && echo "$_up"; }
+
+# dev_by_serial SERIAL: the /dev/vdX whose virtio serial is SERIAL (empty if none yet).
+# The host names volume disks by serial because vdX letters follow plug order.
+dev_by_serial() {
+	# The control loop runs with globbing off (set -f); this needs it on.
+	case $- in *f*) _noglob=1 ;; *) _noglob= ;; esac
+	set +f
+	_found=
+	for _s in /sys/block/vd*/serial; do
+		[ -f "$_s" ] || continue
+		if [ "$(cat "$_s")" = "$1" ]; then
+			_d=${_s%/serial}
+			_found=/dev/${_d##*/}
+			break
+		fi
+	done
+	[ -n "$_noglob" ] && set -f
+	[ -n "$_found" ] && echo "$_found"
+}
+
+# wait_dev DEVICE SECONDS: wait for a block device node (hot-plug takes about 2 s under TCG).
+# DEVICE is /dev/vdX or serial:NAME; the resolved node is left in $WAITED_DEV.
+wait_dev() {
+	_n=$(($2 * 20))
+	while :; do
+		case $1 in
+		serial:*) WAITED_DEV=$(dev_by_serial "${1#serial:}") ;;
+		*) WAITED_DEV=$1 ;;
+		esac
+		[ -n "$WAITED_DEV" ] && [ -b "$WAITED_DEV" ] && return 0
+		[ "$_n" -gt 0 ] || return 1
+		_n=$((_n - 1))
+		sleep 0.05
+	done
+}
+
+# --- graceful stop ------------------------------------------------------------------------------
+
+# stop_app TIMEOUT: SIGTERM the app, wait up to TIMEOUT s for it to exit, then SIGKILL; sync.
+stop_app() {
+	_t=${1:-10}
+	case $_t in '' | *[!0-9]*) _t=10 ;; esac
+	_pid=$(cat "$RUN/app.pid" 2>/dev/null)
+	if [ -n "$_pid" ] && [ ! -e "$RUN/app.exit" ]; then
+		log INFO shutdown "sending SIGTERM to app pid=$_pid (timeout ${_t}s)"
+		kill -TERM "$_pid" 2>/dev/null
+		_n=$((_t * 10))
+		while [ ! -e "$RUN/app.exit" ] && [ "$_n" -gt 0 ]; do
+			sleep 0.1
+			_n=$((_n - 1))
+		done
+		if [ ! -e "$RUN/app.exit" ]; then
+			log WARN shutdown "app did not exit within ${_t}s; sending SIGKILL"
+			kill -KILL "-$_pid" 2>/dev/null
+			kill -KILL "$_pid" 2>/dev/null
+			_n=20
+			while [ ! -e "$RUN/app.exit" ] && [ "$_n" -gt 0 ]; do
+				sleep 0.1
+				_n=$((_n - 1))
+			done
+		fi
+	fi
+	sync
+	log INFO shutdown "powering off"
+}
+
+# --- volumes ------------------------------------------------------------------------------------
+
+vol_key() { printf '%s' "$1" | md5sum | cut -c1-32; }
+
+# mount_volume DEV PATH MODE [OVERLAY_DEV]: prints an error message and fails on error.
+mount_volume() {
+	_dev=$1 _path=$2 _mode=$3 _ovl=$4
+	case $_path in /*) ;; *) echo "path $_path is not absolute"; return 1 ;; esac
+	wait_dev "$_dev" 30 || { echo "device $_dev did not appear"; return 1; }
+	_dev=$WAITED_DEV
+	_target=$NEWROOT$_path
+	mkdir -p "$_target" 2>&1 || return 1
+	case $_mode in
+	rw) mount -t ext4 "$_dev" "$_target" 2>&1 || return 1 ;;
+	ro) mount -t ext4 -o ro,noload "$_dev" "$_target" 2>&1 || return 1 ;;
+	overlay)
+		[ -n "$_ovl" ] || { echo "overlay mode needs an overlay device"; return 1; }
+		wait_dev "$_ovl" 30 || { echo "device $_ovl did not appear"; return 1; }
+		_ovl=$WAITED_DEV
+		_name=${_dev##*/}
+		_base=/mnt/vol-base-$_name
+		_up=/mnt/vol-overlay-$_name
+		mkdir -p "$_base" "$_up"
+		mount -t ext4 -o ro,noload "$_dev" "$_base" 2>&1 || return 1
+		if ! mount -t ext4 "$_ovl" "$_up" 2>&1; then umount "$_base"; return 1; fi
+		mkdir -p "$_up/upper" "$_up/work"
+		if ! mount -t overlay -o "lowerdir=$_base,upperdir=$_up/upper,workdir=$_up/work" \
+			overlay "$_target" 2>&1; then
+			umount "$_up"
+			umount "$_base"
+			return 1
+		fi
+		mkdir -p "$RUN/vols"
+		echo "$_up $_base" >"$RUN/vols/$(vol_key "$_path")"
+		;;
+	*) echo "unknown mode $_mode"; return 1 ;;
+	esac
+}
+
+# umount_volume PATH
+umount_volume() {
+	case $1 in /*) ;; *) echo "path $1 is not absolute"; return 1 ;; esac
+	sync
+	umount "$NEWROOT$1" 2>&1 || return 1
+	_rec=$RUN/vols/$(vol_key "$1")
+	if [ -f "$_rec" ]; then
+		read -r _up _base <"$_rec"
+		umount "$_up" 2>&1 || return 1
+		umount "$_base" 2>&1 || return 1
+		rm -f "$_rec"
+	fi
+}
+
+# --- control channel (ttyS1) --------------------------------------------------------------------
+
+status_line() {
+	if [ -e "$RUN/app.exit" ]; then
+		echo "exited $(cat "$RUN/app.exit")"
+	elif [ -e "$RUN/failed" ]; then
+		echo "failed $(head -n 1 "$RUN/failed")"
+	elif [ -e "$RUN/app.pid" ]; then
+		echo "running $(cat "$RUN/app.pid")"
+	else
+		echo booting
+	fi
+}
+
+oneline() { tr '\n\r' '  ' | sed 's/ *$//'; }
+
+control_loop() {
+	set -f
+	_cr=$(printf '\r')
+	stty -F "$CTL" raw -echo 2>/dev/null
+	exec 3<>"$CTL"
+	while :; do
+		if ! IFS= read -r _line <&3; then
+			sleep 1
+			continue
+		fi
+		_line=${_line%"$_cr"}
+		# shellcheck disable=SC2086
+		set -- $_line
+		case $1 in
+		'') continue ;;
+		ping) _reply=pong ;;
+		settime)
+			# The guest clock stood still during standby; the host sends the time after restore.
+			if date -u -s "@$2" >/dev/null 2>&1; then _reply=ok; else _reply="err bad time $2"; fi
+			;;
+		status) _reply=$(status_line) ;;
+		shutdown)
+			stop_app "$2"
+			printf 'ok\n' >&3
+			exec 3>&- # the last close waits until the reply has left the UART
+			poweroff -f
+			sleep 5
+			continue
+			;;
+		mount)
+			if [ $# -lt 4 ]; then
+				_reply="err usage: mount <dev> <path> <rw|ro|overlay> [overlay_dev]"
+			elif _out=$(mount_volume "$2" "$3" "$4" "$5"); then
+				_reply=ok
+				log INFO volumes "mounted $2 at $3 ($4)"
+			else
+				_reply="err $(echo "${_out:-mount failed}" | oneline)"
+			fi
+			;;
+		umount)
+			if [ $# -lt 2 ]; then
+				_reply="err usage: umount <path>"
+			elif _out=$(umount_volume "$2"); then
+				_reply=ok
+				log INFO volumes "unmounted $2"
+			else
+				_reply="err $(echo "${_out:-umount failed}" | oneline)"
+			fi
+			;;
+		*) _reply="err unknown command $1" ;;
+		esac
+		printf '%s\n' "$_reply" >&3
+	done
+}
+
+# --- boot ---------------------------------------------------------------------------------------
+
+park() { while :; do sleep 3600; done; }
+
+fatal() { # fatal PHASE MESSAGE: keep the VM up so the control channel can report and stop it
+	log ERROR "$1" "$2"
+	echo "$2" >"$RUN/failed"
+	park
+}
+
+load_modules() {
+	_count=0
+	while read -r _m; do
+		[ -n "$_m" ] || continue
+		if _err=$(insmod "$_m" 2>&1); then
+			_count=$((_count + 1))
+		else
+			log WARN modules "insmod ${_m##*/}: $_err"
+		fi
+	done </etc/vmfleet/modules
+	log INFO modules "loaded $_count modules"
+}
+
+setup_root() {
+	for _d in vda vdb vdc; do
+		wait_dev "/dev/$_d" 10 || fatal disks "/dev/$_d did not appear"
+	done
+	mount -t ext4 -o ro,noload /dev/vda /lower || fatal rootfs "cannot mount image disk /dev/vda"
+	mount -t ext4 /dev/vdb /overlay || fatal rootfs "cannot mount overlay disk /dev/vdb"
+	mkdir -p /overlay/upper /overlay/work
+	mount -t overlay -o lowerdir=/lower,upperdir=/overlay/upper,workdir=/overlay/work \
+		overlay "$NEWROOT" || fatal rootfs "cannot mount the overlay root"
+	mount -t ext4 -o ro,noload /dev/vdc "$CFG" || fatal config "cannot mount config disk /dev/vdc"
+	[ -f "$CFG/config.sh" ] || fatal config "config disk has no config.sh"
+	# shellcheck source=/dev/null
+	. "$CFG/config.sh" || fatal config "cannot read config.sh"
+	log INFO rootfs "root ready (image ro, overlay rw) at $(uptime_s)s"
+}
+
+setup_volumes() {
+	_i=0
+	while [ "$_i" -lt "${VMFLEET_VOL_COUNT:-0}" ]; do
+		eval "_vd=\$VMFLEET_VOL_${_i}_DEVICE _vp=\$VMFLEET_VOL_${_i}_PATH"
+		eval "_vm=\$VMFLEET_VOL_${_i}_MODE _vo=\$VMFLEET_VOL_${_i}_OVERLAY"
+		if _out=$(mount_volume "$_vd" "$_vp" "$_vm" "$_vo"); then
+			log INFO volumes "mounted $_vd at $_vp ($_vm)"
+		else
+			log ERROR volumes "cannot mount $_vd at $_vp ($_vm): $(echo "$_out" | oneline)"
+		fi
+		_i=$((_i + 1))
+	done
+}
+
+bind_system() {
+	for _d in proc sys dev; do
+		mkdir -p "$NEWROOT/$_d"
+		mount -o rbind "/$_d" "$NEWROOT/$_d" || log ERROR mounts "cannot bind /$_d"
+	done
+	ln -sfn /proc/self/fd /dev/fd
+	ln -sfn /proc/self/fd/0 /dev/stdin
+	ln -sfn /proc/self/fd/1 /dev/stdout
+	ln -sfn /proc/self/fd/2 /dev/stderr
+	mkdir -p "$NEWROOT/tmp" "$NEWROOT/run"
+}
+
+write_resolv() { # nameservers...
+	[ $# -gt 0 ] || return 0
+	mkdir -p "$NEWROOT/etc"
+	rm -f "$NEWROOT/etc/resolv.conf"
+	for _ns in "$@"; do echo "nameserver $_ns"; done >"$NEWROOT/etc/resolv.conf"
+}
+
+setup_network() {
+	ip link set lo up
+	[ -n "$VMFLEET_HOSTNAME" ] && hostname "$VMFLEET_HOSTNAME"
+	if [ "$VMFLEET_NET_ENABLED" != 1 ]; then
+		log INFO network "disabled"
+		return 0
+	fi
+	_if=
+	_n=100
+	while [ -z "$_if" ] && [ "$_n" -gt 0 ]; do
+		for _p in /sys/class/net/*; do
+			[ "${_p##*/}" = lo ] || [ ! -e "$_p" ] || { _if=${_p##*/}; break; }
+		done
+		[ -n "$_if" ] || { sleep 0.05; _n=$((_n - 1)); }
+	done
+	[ -n "$_if" ] || { log ERROR network "no network interface appeared"; return 0; }
+	set -f
+	# shellcheck disable=SC2086
+	set -- $VMFLEET_NET_DNS
+	set +f
+	case $VMFLEET_NET_MODE in
+	dhcp)
+		ip link set "$_if" up
+		rm -f "$RUN/dhcp-dns"
+		if udhcpc -i "$_if" -b -t 5 -T 2 -p "$RUN/udhcpc.pid" -s /usr/share/udhcpc/default.script \
+			>/dev/null 2>&1; then
+			if [ $# -eq 0 ] && [ -f "$RUN/dhcp-dns" ]; then
+				set -f
+				# shellcheck disable=SC2046
+				set -- $(cat "$RUN/dhcp-dns")
+				set +f
+			fi
+			log INFO network "$_if configured by DHCP"
+		else
+			log ERROR network "DHCP on $_if failed"
+		fi
+		;;
+	*)
+		ip addr add "$VMFLEET_NET_IP/$VMFLEET_NET_CIDR" dev "$_if" || log ERROR network "ip addr add failed"
+		ip link set "$_if" up || log ERROR network "ip link set $_if up failed"
+		if [ -n "$VMFLEET_NET_GW" ]; then
+			ip route add default via "$VMFLEET_NET_GW" || log ERROR network "default route failed"
+		fi
+		log INFO network "$_if $VMFLEET_NET_IP/$VMFLEET_NET_CIDR gw ${VMFLEET_NET_GW:-none}"
+		;;
+	esac
+	write_resolv "$@"
+}
+
+# The app's process: env -i, then env.sh, then a new session, root /newroot, cwd = workdir.
+# Everything it needs comes in as arguments, so no name of ours can clash with the app's env.
+# shellcheck disable=SC2016
+APP_SCRIPT='echo $$ >/run/vmfleet/app.pid
+echo "[vmfleet] app started pid=$$"
+unset SHLVL PWD OLDPWD
+. /cfg/env.sh
+exec /bin/busybox setsid /bin/busybox nsenter -F "$@"'
+
+resolve_argv0() { # NAME: the image's path of NAME, found in the app's PATH
+	case $1 in */*) echo "$1"; return 0 ;; esac
+	set -f
+	_old=$IFS
+	IFS=:
+	for _d in ${VMFLEET_PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}; do
+		if [ -n "$_d" ] && { [ -f "$NEWROOT$_d/$1" ] || [ -L "$NEWROOT$_d/$1" ]; }; then
+			IFS=$_old
+			set +f
+			echo "$_d/$1"
+			return 0
+		fi
+	done
+	IFS=$_old
+	set +f
+	echo "$1"
+}
+
+run_app() {
+	eval "set -- $VMFLEET_ARGV"
+	_wd=${VMFLEET_WORKDIR:-/}
+	mkdir -p "$NEWROOT$_wd"
+	if [ $# -eq 0 ]; then
+		log WARN app "no entrypoint or cmd: nothing to run"
+		set -- /bin/true
+	fi
+	if [ -e "$NEWROOT/bin/sh" ] || [ -L "$NEWROOT/bin/sh" ]; then
+		# The image's shell finds the program in PATH and keeps argv[0] as given.
+		# shellcheck disable=SC2016
+		set -- /bin/sh -c 'exec "$@"' sh "$@"
+	else
+		_a0=$(resolve_argv0 "$1")
+		shift
+		set -- "$_a0" "$@"
+	fi
+	log INFO app "starting in $_wd at $(uptime_s)s: $VMFLEET_ARGV"
+	env -i /bin/busybox sh -c "$APP_SCRIPT" vmfleet-app \
+		"--root=$NEWROOT" "--wd=$NEWROOT$_wd" -- "$@" </dev/null >"$CONSOLE" 2>&1
+	_code=$?
+	echo "[vmfleet] app exited with code $_code"
+	echo "$_code" >"$RUN/app.exit.tmp"
+	mv "$RUN/app.exit.tmp" "$RUN/app.exit"
+}
+
+# read_cmdline: vmfleet.ctl=DEV (the control channel's device), vmfleet.probe=1
+read_cmdline() {
+	PROBE=0
+	for _arg in $(cat /proc/cmdline); do
+		case $_arg in
+		vmfleet.ctl=*) CTL=/dev/${_arg#vmfleet.ctl=} ;;
+		vmfleet.probe=1) PROBE=1 ;;
+		esac
+	done
+}
+
+boot() {
+	mount -t proc proc /proc
+	mount -t sysfs sysfs /sys
+	mount -t devtmpfs devtmpfs /dev 2>/dev/null
+	mkdir -p /dev/pts /dev/shm "$RUN" /var/log /var/run
+	mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+	mount -t tmpfs -o mode=1777,nosuid,nodev shm /dev/shm
+	[ -c "$CONSOLE" ] || CONSOLE=/dev/ttyS0
+	exec </dev/null >"$CONSOLE" 2>&1
+	stty -F "$CONSOLE" -onlcr 2>/dev/null # plain \n in app.log
+	read_cmdline
+	if [ "$PROBE" = 1 ]; then
+		# The host's accelerator probe: reaching this line proves the VM can boot.
+		echo "vmfleet-probe-ok"
+		poweroff -f
+	fi
+	log INFO boot "vmfleet init on kernel $(uname -r) at $(uptime_s)s"
+	if [ -c "$CTL" ]; then
+		control_loop &
+	else
+		log WARN control "no $CTL: control channel disabled"
+	fi
+	load_modules
+	if [ -d /sys/class/input ]; then
+		acpid -c /etc/acpi -l /var/log/acpid.log 2>/dev/null || log WARN acpi "acpid did not start"
+	fi
+	setup_root
+	setup_volumes
+	bind_system
+	setup_network
+	run_app
+	park
+}
+
+udhcpc_event() { # udhcpc sets: interface ip mask router dns
+	case $1 in
+	deconfig)
+		ip addr flush dev "$interface"
+		ip link set "$interface" up
+		;;
+	bound | renew)
+		ip addr flush dev "$interface"
+		ip addr add "$ip/${mask:-24}" dev "$interface"
+		for _r in $router; do
+			ip route replace default via "$_r" dev "$interface"
+			break
+		done
+		[ -n "$dns" ] && echo "$dns" >"$RUN/dhcp-dns"
+		;;
+	esac
+	return 0
+}
+
+case $1 in
+--shutdown)
+	stop_app "$2"
+	poweroff -f
+	;;
+--udhcpc) udhcpc_event "$2" ;;
+*)
+	if [ "$$" = 1 ]; then
+		boot
+	else
+		echo "usage: /init [--shutdown SECONDS | --udhcpc EVENT]" >&2
+		exit 2
+	fi
+	;;
+esac

@@ -1,0 +1,408 @@
+"""vmfleet's initrd: busybox-static, the kernel's virtio/overlay modules, and init.sh as /init.
+
+The image is an uncompressed newc cpio written directly by this module (no staging tree, no
+root-only mknod), cached as ``<data_dir>/system/initrd/<key>/initrd.img``. ``key`` is a sha256
+over every input: init.sh, the helper scripts, the busybox binary, the kernel version and each
+module file that goes in. Inputs unchanged means the cached file is returned untouched.
+
+Inside the initrd:
+
+    /init                       init.sh (busybox ash, PID 1)
+    /bin/busybox + applet links (from ``busybox --list-full`` at build time)
+    /lib/modules/<ver>/...      the modules, uncompressed, at their modules.dep paths
+    /etc/vmfleet/modules        absolute module paths in load order, one per line
+    /etc/acpi/PWRF/00000080     ACPI power button handler -> ``/init --shutdown``
+    /usr/share/udhcpc/default.script -> ``/init --udhcpc``
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import lzma
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import anyio
+
+from ._run import run
+from .errors import GuestAssetError
+from .kernel import KernelAssets
+
+__all__ = [
+    "DEFAULT_BUSYBOX",
+    "INIT_SCRIPT",
+    "OPTIONAL_MODULES",
+    "REQUIRED_MODULES",
+    "ensure_initrd",
+    "initrd_cache_key",
+    "initrd_dir",
+    "module_name",
+    "parse_modules_dep",
+    "parse_softdeps",
+    "remove_stale_initrds",
+    "resolve_load_order",
+]
+
+# Bump when the layout written by _entries() changes, so cached images are rebuilt.
+_FORMAT = b"vmfleet-initrd-v1"
+
+DEFAULT_BUSYBOX = Path("/bin/busybox")
+
+# Module names (modules.dep names, '-' folded to '_'). Dependencies are pulled in from
+# modules.dep; built-in ones (modules.builtin) are skipped.
+REQUIRED_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_blk", "overlay")
+OPTIONAL_MODULES: tuple[str, ...] = (
+    "virtio_net",  # + failover, net_failover
+    "virtio_rng",
+    "virtio_console",
+    "button",  # ACPI power button -> acpid -> graceful shutdown
+    "evdev",
+)
+
+_HELPERS: dict[str, bytes] = {
+    "etc/acpi/PWRF/00000080": b"#!/bin/sh\nexec /init --shutdown 10\n",
+    "usr/share/udhcpc/default.script": b'#!/bin/sh\nexec /init --udhcpc "$@"\n',
+}
+
+_DIRS = (
+    "bin", "sbin", "usr", "usr/bin", "usr/sbin", "usr/share", "usr/share/udhcpc",
+    "dev", "proc", "sys", "run", "tmp", "root", "mnt", "etc", "etc/vmfleet", "etc/acpi",
+    "etc/acpi/PWRF", "lower", "overlay", "newroot", "cfg", "lib", "lib/modules", "var",
+    "var/log", "var/run",
+)  # fmt: skip
+
+
+INIT_SCRIPT = Path(__file__).with_name("init.sh")
+
+
+def initrd_dir(data_dir: Path) -> Path:
+    return data_dir / "system" / "initrd"
+
+
+# --- module dependency resolution -------------------------------------------------------------
+
+
+def module_name(path: str) -> str:
+    """``kernel/drivers/char/hw_random/virtio-rng.ko.xz`` -> ``virtio_rng``."""
+    base = path.rsplit("/", 1)[-1]
+    for suffix in (".ko.xz", ".ko.zst", ".ko.gz", ".ko"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return base.replace("-", "_")
+
+
+def parse_modules_dep(text: str) -> dict[str, list[str]]:
+    """modules.dep -> {module path: [dependency paths]} (paths relative to lib/modules/<ver>)."""
+    deps: dict[str, list[str]] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        mod, sep, rest = line.partition(":")
+        if not sep:
+            continue
+        deps[mod.strip()] = rest.split()
+    return deps
+
+
+def parse_softdeps(text: str) -> dict[str, list[str]]:
+    """modules.softdep -> {module name: [names to load before it]} (``pre:`` entries only)."""
+    pre: dict[str, list[str]] = {}
+    for raw in text.splitlines():
+        words = raw.split()
+        if len(words) < 3 or words[0] != "softdep":
+            continue
+        name, section = words[1].replace("-", "_"), ""
+        for word in words[2:]:
+            if word.endswith(":"):
+                section = word[:-1]
+            elif section == "pre":
+                pre.setdefault(name, []).append(word.replace("-", "_"))
+    return pre
+
+
+def resolve_load_order(
+    deps: Mapping[str, Sequence[str]],
+    wanted: Iterable[str],
+    *,
+    optional: Iterable[str] = (),
+    builtin: Iterable[str] = (),
+    softdeps: Mapping[str, Sequence[str]] | None = None,
+) -> list[str]:
+    """Module paths to insmod, each after everything it depends on.
+
+    ``wanted`` names must exist (as a module or built in) or GuestAssetError is raised;
+    ``optional`` names are skipped when absent. Soft ``pre:`` dependencies are loaded
+    first when they exist.
+    """
+    by_name = {module_name(path): path for path in deps}
+    builtin_names = {module_name(b) for b in builtin}
+    soft = softdeps or {}
+    order: list[str] = []
+    done: set[str] = set()
+    visiting: set[str] = set()
+
+    def visit(path: str) -> None:
+        if path in done:
+            return
+        if path in visiting:
+            raise GuestAssetError(f"dependency cycle through {path}")
+        visiting.add(path)
+        for pre in soft.get(module_name(path), ()):
+            if pre in by_name:
+                visit(by_name[pre])
+        for dep in deps.get(path, ()):
+            visit(dep)
+        visiting.discard(path)
+        done.add(path)
+        order.append(path)
+
+    for name, required in [(n, True) for n in wanted] + [(n, False) for n in optional]:
+        key = name.replace("-", "_")
+        if key in by_name:
+            visit(by_name[key])
+        elif key not in builtin_names and required:
+            raise GuestAssetError(f"kernel module {name} is neither a module nor built in")
+    return order
+
+
+# --- cpio (newc) writer -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    name: str
+    mode: int
+    data: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+
+
+def _pad(n: int) -> bytes:
+    return b"\0" * (-n % 4)
+
+
+def _write_cpio(out: BinaryIO, entries: Iterable[_Entry]) -> None:
+    """Write ``entries`` as a newc archive: owner root, mtime 0, one inode each."""
+    trailer = _Entry("TRAILER!!!", 0)
+    for ino, entry in enumerate([*entries, trailer], start=1):
+        name = entry.name.encode() + b"\0"
+        nlink = 2 if stat.S_ISDIR(entry.mode) else 1
+        fields = (
+            0 if entry is trailer else ino,
+            entry.mode,
+            0,  # uid
+            0,  # gid
+            nlink,
+            0,  # mtime
+            len(entry.data),
+            0,  # dev major
+            0,  # dev minor
+            entry.rdev[0],
+            entry.rdev[1],
+            len(name),
+            0,  # check
+        )
+        header = b"070701" + b"".join(b"%08X" % f for f in fields)
+        out.write(header + name + _pad(len(header) + len(name)))
+        out.write(entry.data + _pad(len(entry.data)))
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Inputs:
+    init: bytes
+    busybox: bytes
+    applets: tuple[str, ...]
+    version: str
+    modules: tuple[tuple[str, Path], ...]  # (path relative to lib/modules/<ver>, host file)
+
+    def key(self) -> str:
+        h = hashlib.sha256()
+        for part in (_FORMAT, self.init, self.busybox, self.version.encode()):
+            h.update(len(part).to_bytes(8, "little") + part)
+        for rel, host in self.modules:
+            h.update(rel.encode() + b"\0" + hashlib.sha256(host.read_bytes()).digest())
+        for name, data in sorted(_HELPERS.items()):
+            h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+        return h.hexdigest()
+
+
+def _decompress(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".ko.gz"):
+        return gzip.decompress(data)
+    return data
+
+
+def _stored_rel(rel: str) -> str:
+    for suffix in (".xz", ".zst", ".gz"):
+        if rel.endswith(".ko" + suffix):
+            return rel[: -len(suffix)]
+    return rel
+
+
+def _parents(path: str) -> Iterator[str]:
+    parts = path.split("/")[:-1]
+    for i in range(1, len(parts) + 1):
+        yield "/".join(parts[:i])
+
+
+def _entries(inputs: _Inputs, module_data: Mapping[str, bytes]) -> list[_Entry]:
+    dirs: list[str] = list(_DIRS)
+    files: list[_Entry] = []
+    mod_base = f"lib/modules/{inputs.version}"
+    load_order = []
+    for rel, _ in inputs.modules:
+        stored = f"{mod_base}/{_stored_rel(rel)}"
+        dirs.extend(_parents(stored))
+        files.append(_Entry(stored, stat.S_IFREG | 0o644, module_data[rel]))
+        load_order.append("/" + stored)
+    files.append(_Entry("init", stat.S_IFREG | 0o755, inputs.init))
+    files.append(_Entry("bin/busybox", stat.S_IFREG | 0o755, inputs.busybox))
+    files.append(
+        _Entry(
+            "etc/vmfleet/modules",
+            stat.S_IFREG | 0o644,
+            "".join(f"{p}\n" for p in load_order).encode(),
+        )
+    )
+    files.append(_Entry("etc/vmfleet/kernel", stat.S_IFREG | 0o644, f"{inputs.version}\n".encode()))
+    for name, data in _HELPERS.items():
+        files.append(_Entry(name, stat.S_IFREG | 0o755, data))
+    links = []
+    taken = {f.name for f in files}
+    for applet in inputs.applets:
+        rel = applet.strip("/")
+        if rel and rel not in taken:
+            taken.add(rel)
+            dirs.extend(_parents(rel))
+            links.append(_Entry(rel, stat.S_IFLNK | 0o777, b"/bin/busybox"))
+    nodes = [
+        _Entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
+        _Entry("dev/null", stat.S_IFCHR | 0o666, rdev=(1, 3)),
+    ]
+    unique_dirs = sorted(set(dirs), key=lambda d: (d.count("/"), d))
+    return [
+        *(_Entry(d, stat.S_IFDIR | 0o755) for d in unique_dirs),
+        *nodes,
+        *files,
+        *links,
+    ]
+
+
+async def _module_list(kernel: KernelAssets) -> tuple[tuple[str, Path], ...]:
+    root = kernel.modules_root
+    if root is None:
+        return ()
+    dep_file = root / "modules.dep"
+    if not dep_file.is_file():
+        if root.parent.name != "modules" or root.parent.parent.name != "lib":
+            raise GuestAssetError(f"{root} has no modules.dep and is not under lib/modules/")
+        await run(["depmod", "-b", root.parent.parent.parent, kernel.version])
+    deps = parse_modules_dep(dep_file.read_text())
+    builtin_file = root / "modules.builtin"
+    builtin = builtin_file.read_text().split() if builtin_file.is_file() else []
+    soft_file = root / "modules.softdep"
+    soft = parse_softdeps(soft_file.read_text()) if soft_file.is_file() else {}
+    order = resolve_load_order(
+        deps, REQUIRED_MODULES, optional=OPTIONAL_MODULES, builtin=builtin, softdeps=soft
+    )
+    return tuple((rel, root / rel) for rel in order)
+
+
+async def _applets(busybox: Path) -> tuple[str, ...]:
+    out = await run([busybox, "--list-full"])
+    return tuple(line for line in out.decode().split() if line)
+
+
+async def _collect(kernel: KernelAssets, busybox: Path, init: bytes) -> _Inputs:
+    if not busybox.is_file():
+        raise GuestAssetError(f"busybox binary {busybox} not found (install busybox-static)")
+    return _Inputs(
+        init=init,
+        busybox=busybox.read_bytes(),
+        applets=await _applets(busybox),
+        version=kernel.version,
+        modules=await _module_list(kernel),
+    )
+
+
+async def initrd_cache_key(
+    kernel: KernelAssets, *, busybox: Path = DEFAULT_BUSYBOX, init_script: bytes | None = None
+) -> str:
+    """The cache key ensure_initrd would use for these inputs."""
+    inputs = await _collect(
+        kernel, busybox, INIT_SCRIPT.read_bytes() if init_script is None else init_script
+    )
+    return await anyio.to_thread.run_sync(inputs.key)
+
+
+async def _module_bytes(modules: Sequence[tuple[str, Path]]) -> dict[str, bytes]:
+    data: dict[str, bytes] = {}
+    for rel, host in modules:
+        if host.name.endswith(".ko.zst"):
+            data[rel] = await run(["zstd", "-dc", host])
+        else:
+            data[rel] = await anyio.to_thread.run_sync(_decompress, host)
+    return data
+
+
+def _write_image(target: Path, entries: list[_Entry]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".initrd-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            _write_cpio(out, entries)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+async def ensure_initrd(
+    data_dir: Path,
+    kernel: KernelAssets,
+    *,
+    busybox: Path = DEFAULT_BUSYBOX,
+    init_script: bytes | None = None,
+) -> Path:
+    """The initrd for ``kernel``, built on first use and whenever an input changes.
+
+    An operator initrd (``kernel.initrd``) is returned as it is.
+    """
+    if kernel.initrd is not None:
+        return kernel.initrd
+    inputs = await _collect(
+        kernel, busybox, INIT_SCRIPT.read_bytes() if init_script is None else init_script
+    )
+    key = await anyio.to_thread.run_sync(inputs.key)
+    target = initrd_dir(data_dir) / key / "initrd.img"
+    if target.is_file():
+        return target
+    module_data = await _module_bytes(inputs.modules)
+    entries = _entries(inputs, module_data)
+    await anyio.to_thread.run_sync(_write_image, target, entries)
+    return target
+
+
+def remove_stale_initrds(data_dir: Path, keep: Path) -> None:
+    """Delete cached initrds other than ``keep`` (its parent directory)."""
+    base = initrd_dir(data_dir)
+    if not base.is_dir():
+        return
+    for d in base.iterdir():
+        if d.is_dir() and d != keep.parent:
+            shutil.rmtree(d, ignore_errors=True)
