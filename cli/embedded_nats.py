@@ -31,6 +31,15 @@ def nats_server_binary() -> Path:
     return Path(found)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it if we die without stopping it (say, SIGKILL),
+    so an embedded NATS never outlives the process that started it."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -85,6 +94,7 @@ class NatsServerProcess:
             self.log_path.replace(self.log_path.with_suffix(".log.prev"))
         self._proc = subprocess.Popen(
             self.argv(),
+            preexec_fn=_die_with_parent,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -1,0 +1,169 @@
+"""Consuming lifecycle commands: pull, dedupe, dispatch, record, answer, ack.
+
+One durable pull consumer per host reads ``<p>.cmd.<host>.>`` from the work-queue stream.
+Commands for one instance (or volume) run one at a time in arrival order; different
+instances run concurrently, bounded by a limiter. A command is acked only after its
+outcome is in the instance record and the result is published, so a worker killed at any
+moment leaves the command in the stream to be redelivered, and redelivery of a command
+that did finish is answered from the ledger instead of being run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from schemas.codec import decode_command, encode
+from schemas.errors import VmfleetError
+from schemas.messages import AnyCommand, CommandResult
+from schemas.subjects import Subjects, is_valid_token
+from worker.ledger import Ledger
+from worker.metrics import WorkerMetrics
+
+__all__ = ["CommandConsumer", "Executor"]
+
+log = logging.getLogger(__name__)
+
+#: Runs one command and returns its result (the daemon's dispatcher).
+Executor = Callable[[AnyCommand], Awaitable[CommandResult]]
+
+_ACK_WAIT_S = 30.0
+
+
+class CommandConsumer:
+    def __init__(
+        self,
+        nc: Client,
+        subjects: Subjects,
+        host_id: str,
+        execute: Executor,
+        ledger: Ledger,
+        metrics: WorkerMetrics,
+        *,
+        concurrency: int = 4,
+    ) -> None:
+        self._nc = nc
+        self._subjects = subjects
+        self._host_id = host_id
+        self._execute = execute
+        self._ledger = ledger
+        self._metrics = metrics
+        self._limiter = anyio.CapacityLimiter(concurrency)
+        self._queues: dict[str, MemoryObjectSendStream[tuple[Msg, AnyCommand]]] = {}
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        js = self._nc.jetstream()
+        subscription = await js.pull_subscribe(
+            self._subjects.command_filter(self._host_id),
+            durable=self._subjects.command_consumer(self._host_id),
+            stream=self._subjects.commands_stream,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=_ACK_WAIT_S,
+                max_ack_pending=1000,
+                max_deliver=-1,
+            ),
+        )
+        async with anyio.create_task_group() as tg:
+            task_status.started()
+            while True:
+                try:
+                    messages = await subscription.fetch(batch=16, timeout=2)
+                except NatsTimeoutError:
+                    continue
+                except Exception as exc:  # NATS reconnecting: the consumer is durable, wait
+                    log.warning("fetching commands failed: %s", exc)
+                    await anyio.sleep(1)
+                    continue
+                for msg in messages:
+                    await self._dispatch(tg, msg)
+
+    async def _dispatch(self, tg: TaskGroup, msg: Msg) -> None:
+        try:
+            cmd = decode_command(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            await self._reject(msg, str(exc))
+            return
+        key = getattr(cmd, "instance_id", None) or getattr(cmd, "volume_id", None) or cmd.id
+        queue = self._queues.get(key)
+        if queue is None:
+            send, receive = anyio.create_memory_object_stream[tuple[Msg, AnyCommand]](math.inf)
+            self._queues[key] = queue = send
+            tg.start_soon(self._drain, key, receive)
+        queue.send_nowait((msg, cmd))
+
+    async def _drain(
+        self, key: str, receive: MemoryObjectReceiveStream[tuple[Msg, AnyCommand]]
+    ) -> None:
+        """Run one key's commands in order; the queue goes away when it is empty."""
+        async with receive:
+            while True:
+                try:
+                    msg, cmd = receive.receive_nowait()
+                except anyio.WouldBlock:
+                    # Nothing awaits between this check and the removal: no command can
+                    # slip into a queue that is about to disappear.
+                    del self._queues[key]
+                    return
+                async with self._limiter:
+                    await self._handle(msg, cmd)
+
+    async def _handle(self, msg: Msg, cmd: AnyCommand) -> None:
+        result = self._ledger.get(cmd.id)
+        if result is None:
+            with self._metrics.op_duration.labels(op=cmd.op).time():
+                result = await self._run_with_progress(msg, cmd)
+            self._ledger.put(result)
+        outcome = "ok" if result.ok else (result.error.code if result.error else "error")
+        self._metrics.commands.labels(op=cmd.op, outcome=outcome).inc()
+        await self._answer(msg, result)
+
+    async def _run_with_progress(self, msg: Msg, cmd: AnyCommand) -> CommandResult:
+        """Execute, telling JetStream the command is still being worked on meanwhile."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_keep_in_progress, msg)
+            result = await self._execute(cmd)
+            tg.cancel_scope.cancel()
+        return result
+
+    async def _answer(self, msg: Msg, result: CommandResult) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._nc.publish(self._subjects.result(result.command_id), encode(result))
+                await msg.ack()
+            except Exception as exc:  # not acked: redelivered, and answered from the ledger
+                log.warning("could not answer command %s: %s", result.command_id, exc)
+
+    async def _reject(self, msg: Msg, reason: str) -> None:
+        """A command that does not decode is answered and acked: retrying cannot fix it."""
+        command_id = (msg.headers or {}).get("Nats-Msg-Id", "")
+        log.warning("rejected malformed command %r: %s", command_id, reason)
+        self._metrics.commands.labels(op="invalid", outcome="bad_request").inc()
+        error = VmfleetError(f"malformed command: {reason}", code="bad_request")
+        error.status = 400
+        if command_id and is_valid_token(command_id):
+            await self._answer(
+                msg, CommandResult(command_id=command_id, ok=False, error=error.info())
+            )
+        else:
+            await msg.ack()
+
+
+async def _keep_in_progress(msg: Msg) -> None:
+    while True:
+        await anyio.sleep(_ACK_WAIT_S / 3)
+        try:
+            await msg.in_progress()
+        except Exception as exc:
+            log.debug("in_progress failed: %s", exc)

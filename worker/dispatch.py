@@ -1,0 +1,73 @@
+"""Turning a command into its effect and a CommandResult; every error becomes a result."""
+
+from __future__ import annotations
+
+import logging
+
+from schemas.errors import BadRequest, NotFound, VmfleetError
+from schemas.messages import (
+    AnyCommand,
+    CommandResult,
+    CreateVolume,
+    DeleteVolume,
+    InstanceCommand,
+    PullImage,
+)
+from worker.engine import HostEngine
+from worker.publisher import RecordPublisher
+from worker.volumes import VolumeStore
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    def __init__(
+        self, engine: HostEngine, volumes: VolumeStore, publisher: RecordPublisher
+    ) -> None:
+        self.engine = engine
+        self.volumes = volumes
+        self.publisher = publisher
+
+    async def __call__(self, cmd: AnyCommand) -> CommandResult:
+        try:
+            result = await self._run(cmd)
+        except VmfleetError as exc:
+            result = CommandResult(command_id=cmd.id, ok=False, error=exc.info())
+        except Exception as exc:
+            log.exception("command %s (%s) failed", cmd.id, cmd.op)
+            result = CommandResult(
+                command_id=cmd.id, ok=False, error=VmfleetError(f"{cmd.op} failed: {exc}").info()
+            )
+        # The outcome is in NATS before anyone is told about it.
+        await self.publisher.flush()
+        return result
+
+    async def _run(self, cmd: AnyCommand) -> CommandResult:
+        match cmd:
+            case CreateVolume():
+                volume = await self.volumes.create(cmd.volume_id, cmd.name, cmd.size_gb)
+                return CommandResult(command_id=cmd.id, ok=True, volume=volume)
+            case DeleteVolume():
+                self.volumes.delete(cmd.volume_id)
+                return CommandResult(command_id=cmd.id, ok=True)
+            case PullImage():
+                raise BadRequest("image pulls are not commands of this worker yet")
+            case InstanceCommand():
+                if self._already_applied(cmd):
+                    return CommandResult(
+                        command_id=cmd.id, ok=True, instance=self.engine.get(cmd.instance_id)
+                    )
+                record = await self.engine.execute(cmd)
+                return CommandResult(command_id=cmd.id, ok=True, instance=record)
+        raise BadRequest(f"unknown command {cmd.op}")
+
+    def _already_applied(self, cmd: InstanceCommand) -> bool:
+        """A redelivered command whose effect is already in the record (the worker died
+        after doing it, before acking): answer it, do not run it again."""
+        try:
+            record = self.engine.get(cmd.instance_id)
+        except NotFound:
+            return False
+        return record.last_command_id == cmd.id

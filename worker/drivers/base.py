@@ -1,0 +1,109 @@
+"""The driver interface: what the lifecycle asks of a hypervisor, whichever it is.
+
+A :class:`VmSpec` is everything needed to (re)create the VMM's device model. It is saved
+next to a snapshot, because a restore must recreate exactly the devices that were there
+when the snapshot was taken, hot-plugged volumes included.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from worker.proc import VmmProcess
+
+__all__ = ["Capabilities", "DiskSpec", "Hypervisor", "VmSpec", "VmState"]
+
+
+class VmState(enum.StrEnum):
+    """What a live VMM reports; hypeman's Created/Running/Paused/Shutdown."""
+
+    CREATED = "Created"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    SHUTDOWN = "Shutdown"
+
+
+class DiskSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One virtio-blk disk. ``serial`` names it inside the guest (/sys/block/vdX/serial),
+    which, unlike vdX, does not depend on the order disks were plugged in."""
+
+    id: str
+    path: str
+    readonly: bool
+    serial: str
+    #: The hot-plug slot (a PCIe root port) a volume sits on; None for the boot disks.
+    slot: int | None = None
+    #: The volume this disk belongs to (a volume with an overlay has two disks).
+    volume_id: str | None = None
+
+
+class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
+    instance_id: str
+    vcpus: int
+    memory_bytes: int
+    kernel: str
+    initrd: str
+    cmdline: str
+    disks: tuple[DiskSpec, ...]
+    serial_log: str
+    #: Directory of the VMM's sockets (control API, guest control channel).
+    run_dir: str
+    accel: str = "tcg"
+    hotplug_slots: int = 8
+
+    def with_disk(self, disk: DiskSpec) -> VmSpec:
+        return msgspec.structs.replace(self, disks=(*self.disks, disk))
+
+    def without_disk(self, disk_id: str) -> VmSpec:
+        return msgspec.structs.replace(self, disks=tuple(d for d in self.disks if d.id != disk_id))
+
+    def free_slots(self) -> list[int]:
+        taken = {d.slot for d in self.disks if d.slot is not None}
+        return [s for s in range(1, self.hotplug_slots + 1) if s not in taken]
+
+
+class Capabilities(msgspec.Struct, frozen=True):
+    snapshot: bool
+    disk_hotplug: bool
+
+
+class Hypervisor(Protocol):
+    """One implementation per VMM. Methods never leave a VMM process unreaped on failure."""
+
+    name: str
+    capabilities: Capabilities
+
+    def control_socket(self, spec: VmSpec) -> Path:
+        """The unix socket of the guest control channel."""
+        ...
+
+    def api_socket(self, spec: VmSpec) -> Path:
+        """The VMM's own control socket (QMP, or Cloud Hypervisor's REST API)."""
+        ...
+
+    async def boot(self, spec: VmSpec, *, vmm_log: Path) -> VmmProcess:
+        """Start a VMM and boot the guest; return once the VM runs."""
+        ...
+
+    async def state(self, spec: VmSpec, process: VmmProcess) -> VmState: ...
+
+    async def snapshot(self, spec: VmSpec, process: VmmProcess, snapshot_dir: Path) -> None:
+        """Pause, save the VM into ``snapshot_dir`` and stop the VMM (reaped on return).
+        On failure before the state is saved, the VM is resumed and keeps running."""
+        ...
+
+    async def restore(self, spec: VmSpec, snapshot_dir: Path, *, vmm_log: Path) -> VmmProcess:
+        """Start a VMM from ``snapshot_dir`` and resume the guest."""
+        ...
+
+    async def power_off(self, spec: VmSpec, process: VmmProcess, timeout_s: float) -> bool:
+        """Ask the VMM to power the guest off (ACPI); True if it exited within the timeout."""
+        ...
+
+    async def attach_disk(self, spec: VmSpec, process: VmmProcess, disk: DiskSpec) -> None: ...
+
+    async def detach_disk(self, spec: VmSpec, process: VmmProcess, disk: DiskSpec) -> None: ...

@@ -1,0 +1,191 @@
+"""The host engine: this host's instances, one operation at a time per instance.
+
+It is the Python API the worker daemon puts behind NATS. Operations on one instance are
+serialised by a per-instance lock (hypeman does the same); operations on different
+instances run concurrently. On start, :meth:`HostEngine.recover` rebuilds the view from
+disk and from the VMMs still running, so a worker restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import anyio
+
+from schemas.api import InstanceState
+from schemas.errors import Conflict, NotFound
+from schemas.messages import (
+    AnyCommand,
+    AttachVolume,
+    Create,
+    Delete,
+    DetachVolume,
+    InstanceRecord,
+    Restore,
+    Standby,
+    Start,
+    Stop,
+)
+from worker.drivers.base import VmSpec
+from worker.lifecycle import create, delete, restore, standby, start, stop, volumes
+from worker.lifecycle.context import LocalInstance, OpContext
+from worker.proc import VmmProcess
+
+__all__ = ["HostEngine"]
+
+log = logging.getLogger(__name__)
+
+
+class HostEngine:
+    def __init__(self, ctx: OpContext) -> None:
+        self.ctx = ctx
+        self._instances: dict[str, LocalInstance] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def get(self, instance_id: str) -> InstanceRecord:
+        return self._require(instance_id).record
+
+    def records(self) -> Iterator[InstanceRecord]:
+        return (inst.record for inst in list(self._instances.values()))
+
+    def instance(self, instance_id: str) -> LocalInstance:
+        return self._require(instance_id)
+
+    # -- operations --------------------------------------------------------------------------
+
+    async def execute(self, cmd: AnyCommand) -> InstanceRecord | None:
+        """Run one lifecycle command; return the record after it (None once deleted)."""
+        assert hasattr(cmd, "instance_id")
+        instance_id: str = cmd.instance_id
+        async with self._lock(instance_id):
+            match cmd:
+                case Create():
+                    if not await self._finish_interrupted_create(cmd):
+                        self._instances[instance_id] = await create.create(self.ctx, cmd)
+                case Start():
+                    await start.start(self.ctx, self._require(instance_id), cmd)
+                case Stop():
+                    await stop.stop(self.ctx, self._require(instance_id), cmd)
+                case Standby():
+                    await standby.standby(self.ctx, self._require(instance_id), cmd)
+                case Restore():
+                    await restore.restore(self.ctx, self._require(instance_id), cmd)
+                case AttachVolume():
+                    await volumes.attach_volume(self.ctx, self._require(instance_id), cmd)
+                case DetachVolume():
+                    await volumes.detach_volume(self.ctx, self._require(instance_id), cmd)
+                case Delete():
+                    await delete.delete(self.ctx, self._require(instance_id), cmd)
+                    del self._instances[instance_id]
+                    self._locks.pop(instance_id, None)
+                    return None
+                case _:
+                    raise TypeError(f"not an instance command: {cmd.op}")
+            inst = self._instances[instance_id]
+            self.ctx.save(inst, last_command_id=cmd.id)
+            return inst.record
+
+    async def _finish_interrupted_create(self, cmd: Create) -> bool:
+        """A create redelivered after a worker crash finds its own half-made instance (no
+        command ever completed on it). A running one is done; anything else is removed and
+        made again. True when there is nothing left to do."""
+        inst = self._instances.get(cmd.instance_id)
+        if inst is None:
+            return False
+        if inst.record.last_command_id is not None:
+            raise Conflict(f"instance {cmd.instance_id} already exists", code="already_exists")
+        if inst.state is InstanceState.RUNNING and inst.process is not None:
+            self.ctx.oplog(inst, "create completed by the redelivered command")
+            return True
+        self.ctx.oplog(inst, "removing the remains of an interrupted create")
+        await delete.delete(
+            self.ctx, inst, Delete(id=cmd.id, instance_id=inst.id, issued_at=_now())
+        )
+        del self._instances[cmd.instance_id]
+        return False
+
+    async def stop_all(self) -> None:
+        """Stop every running VM (what `vmfleet dev` does on exit)."""
+        async with anyio.create_task_group() as tg:
+            for inst in list(self._instances.values()):
+                if inst.state is InstanceState.RUNNING:
+                    tg.start_soon(self._stop_quietly, inst.id)
+
+    async def _stop_quietly(self, instance_id: str) -> None:
+        try:
+            await self.execute(
+                Stop(id=f"shutdown-{instance_id}", instance_id=instance_id, issued_at=_now())
+            )
+        except Exception as exc:
+            log.warning("could not stop %s on shutdown: %s", instance_id, exc)
+
+    # -- recovery ----------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Rebuild the table from disk; adopt live VMMs; mark the dead ones."""
+        for guest in self.ctx.storage.existing():
+            record = guest.read(guest.metadata, InstanceRecord)
+            inst = LocalInstance(record=record, guest=guest)
+            self._instances[record.id] = inst
+            await self._reconcile(inst)
+
+    async def _reconcile(self, inst: LocalInstance) -> None:
+        guest = inst.guest
+        pid = guest.read_pid()
+        spec = guest.read(guest.vm_spec, VmSpec) if guest.vm_spec.exists() else None
+        if pid is not None and spec is not None:
+            process = VmmProcess.adopt(
+                pid, cmdline_must_contain=str(self.ctx.driver.api_socket(spec))
+            )
+            if process is not None:
+                inst.process, inst.spec = process, spec
+                state = await self._live_state(inst)
+                if state is not inst.state:
+                    self.ctx.set_state(inst, state)
+                self.ctx.oplog(inst, "adopted running VMM", pid=pid)
+                return
+        guest.write_pid(None)
+        self._reconcile_without_vmm(inst)
+
+    async def _live_state(self, inst: LocalInstance) -> InstanceState:
+        assert inst.spec is not None and inst.process is not None
+        try:
+            return InstanceState(await self.ctx.driver.state(inst.spec, inst.process))
+        except Exception as exc:
+            self.ctx.set_state(inst, InstanceState.UNKNOWN, error=f"failed to query VMM: {exc}")
+            return InstanceState.UNKNOWN
+
+    def _reconcile_without_vmm(self, inst: LocalInstance) -> None:
+        if inst.guest.has_snapshot():
+            if inst.state is not InstanceState.STANDBY:
+                self.ctx.set_state(inst, InstanceState.STANDBY, has_snapshot=True)
+            return
+        if inst.state in (InstanceState.STOPPED,):
+            return
+        # The record said the VM was up, but no VMM runs: it died while no worker watched.
+        self.ctx.set_state(
+            inst,
+            InstanceState.STOPPED,
+            error=f"VMM was gone when the worker started (record said {inst.state.value})",
+            has_snapshot=False,
+            stopped_at=_now(),
+        )
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _require(self, instance_id: str) -> LocalInstance:
+        inst = self._instances.get(instance_id)
+        if inst is None:
+            raise NotFound(f"instance {instance_id} not found")
+        return inst
+
+    def _lock(self, instance_id: str) -> anyio.Lock:
+        return self._locks.setdefault(instance_id, anyio.Lock())
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

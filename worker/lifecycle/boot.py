@@ -1,0 +1,85 @@
+"""Booting an instance's VM from its record: shared by create and start."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from schemas.errors import BadRequest
+from schemas.messages import MountSpec
+from worker.drivers.base import DiskSpec, VmSpec
+from worker.guest import GuestConfig, GuestNetwork, build_config_disk, merge_env
+from worker.images import ImageInfo
+from worker.lifecycle.context import LocalInstance, OpContext
+from worker.lifecycle.mounts import volume_disks
+from worker.storage import GuestDir, make_sparse_ext4
+
+__all__ = ["boot_vm", "ensure_volume_overlays", "guest_config", "vm_spec"]
+
+#: The kernel command line: quiet boot, the guest control channel on the second UART,
+#: and a panic powers the VM off instead of hanging (with -no-reboot, QEMU then exits).
+CMDLINE = "console=ttyS0 quiet panic=-1 vmfleet.ctl=ttyS1"
+
+
+async def ensure_volume_overlays(guest: GuestDir, mounts: Iterable[MountSpec]) -> None:
+    """The per-instance writable layer of each overlay volume mount (kept across restarts)."""
+    for mount in mounts:
+        path = guest.volume_overlay(mount.volume_id)
+        if mount.overlay and not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            await make_sparse_ext4(path, mount.overlay_bytes)
+
+
+def guest_config(inst: LocalInstance, image: ImageInfo, mounts: list[object]) -> GuestConfig:
+    record = inst.record
+    entrypoint = tuple(record.entrypoint if record.entrypoint is not None else image.entrypoint)
+    cmd = tuple(record.cmd if record.cmd is not None else image.cmd)
+    if not entrypoint and not cmd:
+        raise BadRequest(
+            f"image {record.image} has neither entrypoint nor cmd", code="invalid_image"
+        )
+    return GuestConfig(
+        entrypoint=entrypoint,
+        cmd=cmd,
+        workdir=image.working_dir or "/",
+        env=merge_env(image.env, record.env),
+        volume_mounts=tuple(mounts),  # type: ignore[arg-type]
+        network=GuestNetwork(enabled=False),
+        hostname=record.name,
+    )
+
+
+def vm_spec(
+    ctx: OpContext, inst: LocalInstance, image: ImageInfo, volumes: list[DiskSpec]
+) -> VmSpec:
+    guest = inst.guest
+    boot_disks = (
+        DiskSpec(id="root", path=str(image.disk), readonly=True, serial="vmfleet-root"),
+        DiskSpec(id="overlay", path=str(guest.overlay), readonly=False, serial="vmfleet-overlay"),
+        DiskSpec(id="config", path=str(guest.config_disk), readonly=True, serial="vmfleet-config"),
+    )
+    return VmSpec(
+        instance_id=inst.id,
+        vcpus=inst.record.vcpus,
+        memory_bytes=inst.record.size_bytes,
+        kernel=str(ctx.boot.kernel),
+        initrd=str(ctx.boot.initrd),
+        cmdline=CMDLINE,
+        disks=(*boot_disks, *volumes),
+        serial_log=str(guest.app_log),
+        run_dir=str(guest.run_dir),
+        accel=ctx.boot.accel,
+    )
+
+
+async def boot_vm(ctx: OpContext, inst: LocalInstance, image: ImageInfo) -> None:
+    """Write the config disk for the record as it is now, then start the VMM."""
+    await ensure_volume_overlays(inst.guest, inst.record.volumes)
+    disks, mounts = volume_disks(inst.record.volumes, ctx.volumes, inst.guest)
+    config = guest_config(inst, image, list(mounts))
+    await build_config_disk(inst.guest.config_disk, config)
+    spec = vm_spec(ctx, inst, image, disks)
+    inst.guest.write(inst.guest.vm_spec, spec)
+    inst.process = await ctx.driver.boot(spec, vmm_log=inst.guest.vmm_log)
+    inst.spec = spec
+    inst.guest.write_pid(inst.process.pid)
+    ctx.oplog(inst, "VMM started", pid=inst.process.pid, accel=spec.accel)

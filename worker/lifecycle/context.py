@@ -1,0 +1,113 @@
+"""What every operation works with: the host's parts (OpContext) and one instance."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+
+from schemas.api import InstanceState
+from schemas.messages import InstanceRecord
+from worker.drivers.base import Hypervisor, VmSpec
+from worker.images import ImageCache
+from worker.proc import VmmProcess
+from worker.storage import GuestDir, Storage
+from worker.volumes import VolumeStore
+
+__all__ = ["BootAssets", "LocalInstance", "OpContext", "Timeouts", "Transitioned"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BootAssets:
+    kernel: Path
+    initrd: Path
+    accel: str
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    #: How long the app gets between SIGTERM and SIGKILL on stop.
+    stop_grace_s: float = 10.0
+    #: How long the guest's init may take to answer its control channel after boot.
+    guest_ready_s: float = 120.0
+    #: Hot-plugged disks appear in the guest after about 2 s under TCG.
+    mount_s: float = 60.0
+
+
+@dataclass
+class LocalInstance:
+    """An instance as this host holds it: its record (the view), its VMM (the truth)."""
+
+    record: InstanceRecord
+    guest: GuestDir
+    spec: VmSpec | None = None
+    process: VmmProcess | None = None
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def state(self) -> InstanceState:
+        return self.record.state
+
+
+#: Called after every change of a record: with the previous state when the state changed,
+#: with None when only other fields did. It must not block (the daemon queues a publish).
+Transitioned = Callable[[LocalInstance, InstanceState | None], None]
+
+
+@dataclass
+class OpContext:
+    host_id: str
+    storage: Storage
+    driver: Hypervisor
+    images: ImageCache
+    volumes: VolumeStore
+    boot: BootAssets
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    on_transition: Transitioned = lambda inst, previous: None
+    #: Called once an instance's record is gone for good (deleted, or its create undone).
+    on_removed: Callable[[InstanceRecord], None] = lambda record: None
+
+    def set_state(
+        self,
+        inst: LocalInstance,
+        state: InstanceState,
+        *,
+        error: str | None = None,
+        **changes: object,
+    ) -> None:
+        """Record a transition: the record, its file on disk, then whoever listens."""
+        previous = inst.record.state
+        inst.record = msgspec.structs.replace(
+            inst.record, state=state, state_error=error, **changes
+        )
+        inst.guest.write(inst.guest.metadata, inst.record)
+        self.oplog(inst, f"state {previous.value} -> {state.value}", error=error)
+        self.on_transition(inst, previous)
+
+    def save(self, inst: LocalInstance, **changes: object) -> None:
+        inst.record = msgspec.structs.replace(inst.record, **changes)
+        inst.guest.write(inst.guest.metadata, inst.record)
+        self.on_transition(inst, None)
+
+    def oplog(
+        self, inst: LocalInstance, message: str, *, level: str = "INFO", **fields: object
+    ) -> None:
+        """A line in the instance's ops log (hypeman's `hypeman` log source)."""
+        extras = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        line = f"{now} {level} {message}" + (f" {extras}" if extras else "")
+        try:
+            with open(inst.guest.ops_log, "a", encoding="utf-8") as out:
+                out.write(line + "\n")
+        except FileNotFoundError:
+            pass  # the instance's directory is gone (deleted)
+        log.log(logging.getLevelName(level), "%s: %s", inst.id, line)

@@ -1,0 +1,96 @@
+"""create: pull the image if needed, make the instance's disks, boot it."""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import UTC, datetime
+
+import anyio
+
+from schemas.api import InstanceState
+from schemas.errors import BadRequest
+from schemas.messages import Create, InstanceRecord
+from worker.lifecycle.boot import boot_vm
+from worker.lifecycle.context import LocalInstance, OpContext
+from worker.lifecycle.mounts import check_mounts
+from worker.storage import make_sparse_ext4
+
+__all__ = ["create"]
+
+MAX_VCPUS = 16
+
+
+async def create(ctx: OpContext, cmd: Create) -> LocalInstance:
+    # 1. Refuse what cannot work before anything is made.
+    _check_request(cmd)
+    check_mounts(cmd.volumes)
+    for mount in cmd.volumes:
+        ctx.volumes.require(mount.volume_id)
+    # 2. The instance's directory and record: from here on, a failure removes both.
+    guest = ctx.storage.create_guest(cmd.instance_id)
+    inst = LocalInstance(record=_initial_record(ctx, cmd), guest=guest)
+    attached: list[str] = []
+    try:
+        guest.write(guest.metadata, inst.record)
+        ctx.oplog(inst, "creating instance", name=cmd.name, image=cmd.image)
+        # 3. The image, pulled on demand.
+        image = await ctx.images.pull(cmd.image, on_status=lambda s: ctx.oplog(inst, f"image {s}"))
+        ctx.save(inst, image_digest=image.digest)
+        # 4. Volumes: record the attachments (hypeman's sharing rules are checked here).
+        for mount in cmd.volumes:
+            ctx.volumes.attach(mount.volume_id, inst.id, mount.mount_path, mount.readonly)
+            attached.append(mount.volume_id)
+        # 5. The writable overlay, then boot.
+        await make_sparse_ext4(guest.overlay, cmd.overlay_bytes)
+        ctx.set_state(inst, InstanceState.CREATED)
+        await boot_vm(ctx, inst, image)
+        ctx.set_state(inst, InstanceState.RUNNING, started_at=datetime.now(UTC))
+        ctx.oplog(inst, "instance created", name=cmd.name, state="Running")
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _undo(ctx, inst, attached)
+        raise
+    return inst
+
+
+def _check_request(cmd: Create) -> None:
+    if not 1 <= cmd.vcpus <= MAX_VCPUS:
+        raise BadRequest(f"vcpus must be between 1 and {MAX_VCPUS}", code="invalid_vcpus")
+    if cmd.size_bytes < 64 << 20:
+        raise BadRequest("size must be at least 64MB", code="invalid_size")
+    if cmd.overlay_bytes < 16 << 20:
+        raise BadRequest("overlay_size must be at least 16MB", code="invalid_overlay_size")
+
+
+def _initial_record(ctx: OpContext, cmd: Create) -> InstanceRecord:
+    return InstanceRecord(
+        id=cmd.instance_id,
+        name=cmd.name,
+        image=cmd.image,
+        host=ctx.host_id,
+        state=InstanceState.STOPPED,
+        size_bytes=cmd.size_bytes,
+        hotplug_bytes=cmd.hotplug_bytes,
+        overlay_bytes=cmd.overlay_bytes,
+        disk_io_bps=cmd.disk_io_bps,
+        vcpus=cmd.vcpus,
+        env=dict(cmd.env),
+        volumes=list(cmd.volumes),
+        port_mappings=list(cmd.port_mappings),
+        # Networking arrives with its own issue; until then an instance has no NIC, and says so.
+        network_enabled=False,
+        hypervisor=cmd.hypervisor,
+        cmd=cmd.cmd,
+        entrypoint=cmd.entrypoint,
+        created_at=datetime.now(UTC),
+    )
+
+
+async def _undo(ctx: OpContext, inst: LocalInstance, attached: list[str]) -> None:
+    if inst.process is not None:
+        await inst.process.kill_and_reap()
+    for volume_id in attached:
+        with contextlib.suppress(Exception):
+            ctx.volumes.detach(volume_id, inst.id)
+    ctx.storage.remove_guest(inst.id)
+    ctx.on_removed(inst.record)

@@ -1,0 +1,24 @@
+"""delete: from any state; kill the VMM, release the volumes, remove the directory."""
+
+from __future__ import annotations
+
+import contextlib
+
+from schemas.messages import Delete
+from worker.lifecycle.context import LocalInstance, OpContext
+
+__all__ = ["delete"]
+
+
+async def delete(ctx: OpContext, inst: LocalInstance, cmd: Delete) -> None:
+    # 1. The VMM, if any: there is nothing to save, so no graceful shutdown.
+    if inst.process is not None:
+        await inst.process.kill_and_reap()
+        inst.process = None
+    # 2. Volume attachments, so the volumes can be attached elsewhere or deleted.
+    for mount in inst.record.volumes:
+        with contextlib.suppress(Exception):
+            ctx.volumes.detach(mount.volume_id, inst.id)
+    # 3. Every file of the instance, then the record.
+    ctx.storage.remove_guest(inst.id)
+    ctx.on_removed(inst.record)

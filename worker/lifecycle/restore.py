@@ -1,0 +1,51 @@
+"""restore: start a VMM with the device model saved at standby and resume the guest."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime
+
+from schemas.api import InstanceState
+from schemas.errors import Conflict
+from schemas.messages import Restore
+from worker.drivers.base import VmSpec
+from worker.guest.control import GuestControlError, guest_request
+from worker.lifecycle.context import LocalInstance, OpContext
+from worker.states import Op, check_transition
+
+__all__ = ["restore"]
+
+
+async def restore(ctx: OpContext, inst: LocalInstance, cmd: Restore) -> None:
+    # 1. Only from Standby, and only with a snapshot to restore.
+    check_transition(Op.RESTORE, inst.state)
+    snapshot = inst.guest.snapshot
+    if not inst.guest.has_snapshot():
+        raise Conflict("instance has no snapshot to restore", code="invalid_state")
+    spec = inst.guest.read(snapshot / "vm.json", VmSpec)
+    ctx.set_state(inst, InstanceState.PAUSED)
+    # 2. The same devices, then the saved memory, then continue.
+    try:
+        inst.process = await ctx.driver.restore(spec, snapshot, vmm_log=inst.guest.vmm_log)
+    except BaseException as exc:
+        ctx.set_state(inst, InstanceState.STANDBY, error=f"restore failed: {exc}")
+        raise
+    inst.spec = spec
+    inst.guest.write(inst.guest.vm_spec, spec)
+    inst.guest.write_pid(inst.process.pid)
+    # 3. The snapshot has served; hypeman deletes it too.
+    shutil.rmtree(snapshot, ignore_errors=True)
+    ctx.set_state(inst, InstanceState.RUNNING, has_snapshot=False, started_at=datetime.now(UTC))
+    # 4. The guest's clock stood still during standby.
+    await _resync_clock(ctx, inst, spec)
+
+
+async def _resync_clock(ctx: OpContext, inst: LocalInstance, spec: VmSpec) -> None:
+    try:
+        await guest_request(
+            ctx.driver.control_socket(spec),
+            f"settime {int(datetime.now(UTC).timestamp())}",
+            timeout_s=10,
+        )
+    except GuestControlError as exc:
+        ctx.oplog(inst, "could not resync the guest clock", level="WARN", error=exc)

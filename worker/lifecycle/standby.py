@@ -1,0 +1,44 @@
+"""standby: pause, save the VM to the instance's snapshot directory, stop the VMM."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime
+
+from schemas.api import InstanceState
+from schemas.errors import HypervisorError
+from schemas.messages import Standby
+from worker.lifecycle.context import LocalInstance, OpContext
+from worker.states import Op, check_transition
+
+__all__ = ["standby"]
+
+
+async def standby(ctx: OpContext, inst: LocalInstance, cmd: Standby) -> None:
+    # 1. Only a running VM with a hypervisor that can snapshot.
+    check_transition(Op.STANDBY, inst.state)
+    if not ctx.driver.capabilities.snapshot:
+        raise HypervisorError(f"{ctx.driver.name} cannot snapshot")
+    assert inst.process is not None and inst.spec is not None
+    # 2. A fresh snapshot directory holding the device model the memory image belongs to.
+    snapshot = inst.guest.snapshot
+    shutil.rmtree(snapshot, ignore_errors=True)
+    snapshot.mkdir(parents=True)
+    inst.guest.write(snapshot / "vm.json", inst.spec)
+    ctx.set_state(inst, InstanceState.PAUSED)
+    # 3. Pause + save + stop the VMM. A failure before the save resumes the VM.
+    try:
+        await ctx.driver.snapshot(inst.spec, inst.process, snapshot)
+    except BaseException as exc:
+        shutil.rmtree(snapshot, ignore_errors=True)
+        running = inst.process.running()
+        ctx.set_state(
+            inst,
+            InstanceState.RUNNING if running else InstanceState.STOPPED,
+            error=None if running else f"standby failed: {exc}",
+        )
+        raise
+    # 4. The VMM is gone; the snapshot is the instance now.
+    inst.process = None
+    inst.guest.write_pid(None)
+    ctx.set_state(inst, InstanceState.STANDBY, has_snapshot=True, stopped_at=datetime.now(UTC))

@@ -1,0 +1,41 @@
+"""start: boot a stopped instance again; its overlay (the app's files) is kept."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import anyio
+
+from schemas.api import InstanceState
+from schemas.messages import Start
+from worker.lifecycle.boot import boot_vm
+from worker.lifecycle.context import LocalInstance, OpContext
+from worker.states import Op, check_transition
+
+__all__ = ["start"]
+
+
+async def start(ctx: OpContext, inst: LocalInstance, cmd: Start) -> None:
+    # 1. Only a Stopped instance starts (a Standby one is restored instead).
+    check_transition(Op.START, inst.state)
+    # 2. Overrides of the newer SDK's start call apply to this and later boots.
+    if cmd.cmd is not None or cmd.entrypoint is not None:
+        ctx.save(
+            inst,
+            cmd=cmd.cmd or inst.record.cmd,
+            entrypoint=cmd.entrypoint or inst.record.entrypoint,
+        )
+    # 3. The image (re-pulled if this host lost it) and a fresh config disk, then boot.
+    image = await ctx.images.pull(inst.record.image)
+    ctx.set_state(inst, InstanceState.CREATED)
+    try:
+        await boot_vm(ctx, inst, image)
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            if inst.process is not None:
+                await inst.process.kill_and_reap()
+            inst.process = None
+            inst.guest.write_pid(None)
+            ctx.set_state(inst, InstanceState.STOPPED, error=f"start failed: {exc}")
+        raise
+    ctx.set_state(inst, InstanceState.RUNNING, started_at=datetime.now(UTC))

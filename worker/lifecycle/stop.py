@@ -1,0 +1,45 @@
+"""stop: the app gets SIGTERM and time to exit, then the VM powers off; never a leftover VMM."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import anyio
+
+from schemas.api import InstanceState
+from schemas.messages import Stop
+from worker.guest.control import GuestControlError, guest_request
+from worker.lifecycle.context import LocalInstance, OpContext
+from worker.states import Op, check_transition
+
+__all__ = ["stop", "stop_vmm"]
+
+
+async def stop(ctx: OpContext, inst: LocalInstance, cmd: Stop) -> None:
+    check_transition(Op.STOP, inst.state)
+    await stop_vmm(ctx, inst)
+    ctx.set_state(inst, InstanceState.STOPPED, stopped_at=datetime.now(UTC))
+
+
+async def stop_vmm(ctx: OpContext, inst: LocalInstance) -> None:
+    """Stop the guest as gently as it allows, as hard as needed; the VMM is reaped."""
+    process, spec = inst.process, inst.spec
+    if process is not None and spec is not None:
+        grace = ctx.timeouts.stop_grace_s
+        # 1. Through the guest's init: SIGTERM the app, wait, sync, power off.
+        try:
+            await guest_request(
+                ctx.driver.control_socket(spec), f"shutdown {int(grace)}", timeout_s=5
+            )
+            exited = await process.wait_for(grace + 10)
+        except GuestControlError as exc:
+            ctx.oplog(inst, "guest did not take the shutdown request", level="WARN", error=exc)
+            exited = False
+        # 2. ACPI power button, then 3. SIGKILL.
+        if not exited and not await ctx.driver.power_off(spec, process, timeout_s=5):
+            ctx.oplog(inst, "guest did not power off; killing the VMM", level="WARN")
+            await process.kill_and_reap()
+        with anyio.CancelScope(shield=True):
+            await process.wait()
+    inst.process = None
+    inst.guest.write_pid(None)

@@ -1,0 +1,178 @@
+"""Shipping log files to the logs stream, one message per line, as they are written.
+
+Each instance has three sources (app: the serial console, vmm: the VMM's output, ops:
+vmfleet's own log of actions on it). A follower per file publishes every complete line,
+without the console's trailing ``\\r``, with a per-source sequence number. The position
+reached is saved beside the logs, so a restarted worker neither loses nor repeats lines
+(and the ``Nats-Msg-Id`` of each line lets JetStream drop any repeat inside its window).
+A line longer than the limit is split into pieces, never dropped. Rotation is followed:
+a file replaced by a new one is read to its end first; a truncated file is read anew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+import anyio
+
+from schemas.codec import encode
+from schemas.messages import LogLine
+from schemas.subjects import Subjects
+from worker.storage import write_atomic
+
+__all__ = ["LogFollower", "Publish", "split_line"]
+
+log = logging.getLogger(__name__)
+
+#: Publishes one line: (subject, payload, message id).
+Publish = Callable[[str, bytes, str], Awaitable[None]]
+
+SOURCES = {"app": "app.log", "vmm": "vmm.log", "ops": "ops.log"}
+
+
+def split_line(line: bytes, limit: int) -> list[bytes]:
+    """Pieces of at most ``limit`` bytes, cut on UTF-8 character boundaries."""
+    pieces = []
+    while len(line) > limit:
+        cut = limit
+        while cut > 0 and (line[cut] & 0xC0) == 0x80:
+            cut -= 1
+        pieces.append(line[: cut or limit])
+        line = line[cut or limit :]
+    pieces.append(line)
+    return pieces
+
+
+@dataclass
+class _Position:
+    inode: int = 0
+    #: Bytes of the file read so far (``partial`` included).
+    offset: int = 0
+    seq: int = 0
+    #: The start of a line whose end has not been written yet.
+    partial: bytes = b""
+
+
+class LogFollower:
+    """Follows one instance's log files until cancelled."""
+
+    def __init__(
+        self,
+        instance_id: str,
+        logs_dir: Path,
+        subjects: Subjects,
+        publish: Publish,
+        *,
+        max_line_bytes: int = 64 * 1024,
+        poll_s: float = 0.02,
+        on_line: Callable[[str], None] = lambda source: None,
+    ) -> None:
+        self.instance_id = instance_id
+        self.logs_dir = logs_dir
+        self.subjects = subjects
+        self.publish = publish
+        self.max_line_bytes = max_line_bytes
+        self.poll_s = poll_s
+        self.on_line = on_line
+        self._state_file = logs_dir / ".positions.json"
+        self._positions = self._load_positions()
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for source, name in SOURCES.items():
+                tg.start_soon(self._follow, source, self.logs_dir / name)
+
+    async def _follow(self, source: str, path: Path) -> None:
+        position = self._positions.setdefault(source, _Position())
+        handle: BinaryIO | None = None
+        try:
+            while True:
+                chunk = handle.read(1 << 20) if handle is not None else b""
+                if chunk:
+                    await self._ship(source, position, chunk)
+                    continue
+                # At the end of what we hold: has the file been rotated or truncated?
+                switched = await self._switch_if_rotated(source, path, handle, position)
+                if switched is handle:
+                    await anyio.sleep(self.poll_s)
+                handle = switched
+        finally:
+            if handle is not None:
+                handle.close()
+
+    async def _switch_if_rotated(
+        self, source: str, path: Path, handle: BinaryIO | None, position: _Position
+    ) -> BinaryIO | None:
+        """The handle to read on: the same one, or the file now at ``path``."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return handle
+        if handle is not None and stat.st_ino == position.inode:
+            if stat.st_size < handle.tell():  # truncated in place (copytruncate)
+                handle.seek(0)
+                position.offset, position.partial = 0, b""
+            return handle
+        if handle is not None:
+            # Replaced by a new file, and the old one is read to its end: its last,
+            # unterminated line is a line too.
+            if position.partial:
+                await self._publish_line(source, position, position.partial)
+                position.partial = b""
+            handle.close()
+        new = open(path, "rb")  # noqa: SIM115 - held open across iterations on purpose
+        if stat.st_ino == position.inode and position.offset <= stat.st_size:
+            new.seek(position.offset)
+        else:
+            position.inode, position.offset, position.partial = stat.st_ino, 0, b""
+        return new
+
+    async def _ship(self, source: str, position: _Position, chunk: bytes) -> None:
+        *lines, rest = (position.partial + chunk).split(b"\n")
+        for raw in lines:
+            for piece in split_line(raw.rstrip(b"\r"), self.max_line_bytes):
+                await self._publish_line(source, position, piece)
+        # A partial last line waits for its end, unless it is already too long to keep.
+        if len(rest) > self.max_line_bytes:
+            *full, rest = split_line(rest, self.max_line_bytes)
+            for piece in full:
+                await self._publish_line(source, position, piece)
+        position.offset += len(chunk)
+        position.partial = rest
+        self._save_positions()
+
+    async def _publish_line(self, source: str, position: _Position, line: bytes) -> None:
+        position.seq += 1
+        message = LogLine(
+            instance_id=self.instance_id,
+            source=source,  # type: ignore[arg-type]
+            seq=position.seq,
+            line=line.decode("utf-8", errors="replace"),
+            at=datetime.now(UTC),
+        )
+        subject = self.subjects.logs(self.instance_id, source)
+        await self.publish(subject, encode(message), f"{self.instance_id}.{source}.{position.seq}")
+        self.on_line(source)
+
+    def _load_positions(self) -> dict[str, _Position]:
+        try:
+            raw = json.loads(self._state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {source: _Position(**value) for source, value in raw.items()}
+
+    def _save_positions(self) -> None:
+        # Saved: where the next unshipped line starts, so a restart re-reads a partial line.
+        data = {
+            source: {"inode": p.inode, "offset": p.offset - len(p.partial), "seq": p.seq}
+            for source, p in self._positions.items()
+        }
+        with contextlib.suppress(FileNotFoundError):
+            write_atomic(self._state_file, json.dumps(data).encode())

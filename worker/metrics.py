@@ -1,0 +1,50 @@
+"""The worker's Prometheus metrics, registered on a registry the caller owns."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["WorkerMetrics"]
+
+_OP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.commands = Counter(
+            "vmfleet_worker_commands",
+            "Commands executed, by op and outcome (ok or error code)",
+            ["op", "outcome"],
+            registry=registry,
+        )
+        self.op_duration = Histogram(
+            "vmfleet_worker_op_seconds",
+            "Duration of lifecycle operations",
+            ["op"],
+            registry=registry,
+            buckets=_OP_BUCKETS,
+        )
+        self.instances = Gauge(
+            "vmfleet_worker_instances",
+            "Instances on this host by state",
+            ["state"],
+            registry=registry,
+        )
+        self.pull_duration = Histogram(
+            "vmfleet_worker_image_pull_seconds",
+            "Image pull and conversion time",
+            registry=registry,
+            buckets=_OP_BUCKETS,
+        )
+        self.nats_reconnects = Counter(
+            "vmfleet_worker_nats_reconnects",
+            "Reconnections to NATS",
+            registry=registry,
+        )
+        self.log_lines = Counter(
+            "vmfleet_worker_log_lines",
+            "Log lines published, by source",
+            ["source"],
+            registry=registry,
+        )

@@ -1,0 +1,166 @@
+"""Where an instance lives on disk: one directory that holds all of it.
+
+    <data>/guests/<id>/
+        metadata.json        the instance record as this host knows it (survives restarts)
+        vm.json              the VMM device model currently in effect (worker.drivers.VmSpec)
+        vmm.pid              pid of the running VMM, for adoption by the next worker
+        overlay.raw          sparse ext4: the writable layer over the image
+        config.ext4          read-only: the app's command, env, mounts
+        vol-overlays/<vol>.raw
+        run/                 sockets (QMP, guest control channel)
+        logs/app.log vmm.log ops.log
+        snapshots/snapshot-latest/   memory + vm.json while in standby
+
+Deleting an instance removes exactly this directory, so nothing of it can be left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+import msgspec
+
+from schemas.errors import VmfleetError
+
+__all__ = ["GuestDir", "Storage", "make_sparse_ext4", "write_atomic"]
+
+T = TypeVar("T")
+
+_encoder = msgspec.json.Encoder()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write-then-rename, fsynced: a crash leaves the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class GuestDir:
+    root: Path
+
+    @property
+    def id(self) -> str:
+        return self.root.name
+
+    @property
+    def metadata(self) -> Path:
+        return self.root / "metadata.json"
+
+    @property
+    def vm_spec(self) -> Path:
+        return self.root / "vm.json"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "vmm.pid"
+
+    @property
+    def overlay(self) -> Path:
+        return self.root / "overlay.raw"
+
+    @property
+    def config_disk(self) -> Path:
+        return self.root / "config.ext4"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def app_log(self) -> Path:
+        return self.root / "logs" / "app.log"
+
+    @property
+    def vmm_log(self) -> Path:
+        return self.root / "logs" / "vmm.log"
+
+    @property
+    def ops_log(self) -> Path:
+        return self.root / "logs" / "ops.log"
+
+    @property
+    def snapshot(self) -> Path:
+        return self.root / "snapshots" / "snapshot-latest"
+
+    def volume_overlay(self, volume_id: str) -> Path:
+        return self.root / "vol-overlays" / f"{volume_id}.raw"
+
+    def has_snapshot(self) -> bool:
+        return self.snapshot.is_dir() and any(self.snapshot.iterdir())
+
+    def read(self, path: Path, type_: type[T]) -> T:
+        return msgspec.json.decode(path.read_bytes(), type=type_)
+
+    def write(self, path: Path, value: object) -> None:
+        write_atomic(path, _encoder.encode(value))
+
+    def read_pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def write_pid(self, pid: int | None) -> None:
+        if pid is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.pid_file.unlink()
+        else:
+            write_atomic(self.pid_file, str(pid).encode())
+
+
+class Storage:
+    """The per-host data directory's guest area."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.guests = data_dir / "guests"
+
+    def guest(self, instance_id: str) -> GuestDir:
+        return GuestDir(self.guests / instance_id)
+
+    def create_guest(self, instance_id: str) -> GuestDir:
+        guest = self.guest(instance_id)
+        guest.root.mkdir(parents=True)
+        for sub in (guest.run_dir, guest.logs):
+            sub.mkdir()
+        return guest
+
+    def existing(self) -> Iterator[GuestDir]:
+        if not self.guests.is_dir():
+            return
+        for entry in sorted(self.guests.iterdir()):
+            if entry.is_dir() and (entry / "metadata.json").exists():
+                yield GuestDir(entry)
+
+    def remove_guest(self, instance_id: str) -> None:
+        shutil.rmtree(self.guest(instance_id).root, ignore_errors=True)
+
+
+async def make_sparse_ext4(path: Path, size_bytes: int, *, label: str = "") -> None:
+    """A sparse file formatted ext4 at ``size_bytes``: takes no space until written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as out:
+        out.truncate(size_bytes)
+    argv = ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1"]
+    if label:
+        argv += ["-L", label[:16]]
+    result = await anyio.run_process([*argv, str(tmp)], check=False)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise VmfleetError(f"mkfs.ext4 failed for {path.name}: {result.stderr.decode().strip()}")
+    tmp.replace(path)

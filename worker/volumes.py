@@ -1,0 +1,127 @@
+"""Volumes on this host: sparse ext4 files, their records, and who has them attached.
+
+    <data>/volumes/<id>/data.raw       the volume (ext4)
+    <data>/volumes/<id>/metadata.json  schemas.messages.VolumeRecord
+
+Attachment rules are hypeman's: a volume attached read-write is attached nowhere else;
+one attached read-only may be attached read-only to more instances; an instance attaches
+a volume once.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+
+from schemas.api import VolumeAttachment
+from schemas.errors import Conflict, NotFound
+from schemas.messages import VolumeRecord
+from worker.storage import make_sparse_ext4, write_atomic
+
+__all__ = ["VolumeStore"]
+
+GIB = 1 << 30
+_encoder = msgspec.json.Encoder()
+
+
+class VolumeStore:
+    def __init__(
+        self,
+        data_dir: Path,
+        host_id: str,
+        on_change: Callable[[str, VolumeRecord | None], None] = lambda volume_id, record: None,
+    ) -> None:
+        self.root = data_dir / "volumes"
+        self.host_id = host_id
+        #: Told of every change (None: the volume is gone), to publish the record.
+        self.on_change = on_change
+
+    def data_path(self, volume_id: str) -> Path:
+        return self.root / volume_id / "data.raw"
+
+    def get(self, volume_id: str) -> VolumeRecord | None:
+        try:
+            raw = (self.root / volume_id / "metadata.json").read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return msgspec.json.decode(raw, type=VolumeRecord)
+
+    def require(self, volume_id: str) -> VolumeRecord:
+        record = self.get(volume_id)
+        if record is None:
+            raise NotFound(f"volume {volume_id} not found")
+        return record
+
+    def list(self) -> list[VolumeRecord]:
+        if not self.root.is_dir():
+            return []
+        found = (self.get(entry.name) for entry in sorted(self.root.iterdir()))
+        return [record for record in found if record is not None]
+
+    async def create(self, volume_id: str, name: str, size_gb: int) -> VolumeRecord:
+        """An empty ext4 volume; the record is written last, so a crash leaves no record
+        pointing at a half-made disk."""
+        directory = self.root / volume_id
+        try:
+            directory.mkdir(parents=True)
+        except FileExistsError:
+            raise Conflict("volume with this ID already exists", code="already_exists") from None
+        try:
+            await make_sparse_ext4(directory / "data.raw", size_gb * GIB, label=name)
+            record = VolumeRecord(
+                id=volume_id,
+                name=name,
+                size_gb=size_gb,
+                host=self.host_id,
+                created_at=datetime.now(UTC),
+            )
+            self._save(record)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return record
+
+    def delete(self, volume_id: str) -> None:
+        record = self.require(volume_id)
+        if record.attachments:
+            raise Conflict("volume is in use by an instance")
+        shutil.rmtree(self.root / volume_id)
+        self.on_change(volume_id, None)
+
+    def attach(
+        self, volume_id: str, instance_id: str, mount_path: str, readonly: bool
+    ) -> VolumeRecord:
+        record = self.require(volume_id)
+        _check_can_attach(record, instance_id, readonly)
+        attachment = VolumeAttachment(
+            instance_id=instance_id, mount_path=mount_path, readonly=readonly
+        )
+        record = msgspec.structs.replace(record, attachments=[*record.attachments, attachment])
+        self._save(record)
+        return record
+
+    def detach(self, volume_id: str, instance_id: str) -> VolumeRecord | None:
+        record = self.get(volume_id)
+        if record is None:
+            return None
+        remaining = [a for a in record.attachments if a.instance_id != instance_id]
+        record = msgspec.structs.replace(record, attachments=remaining)
+        self._save(record)
+        return record
+
+    def _save(self, record: VolumeRecord) -> None:
+        write_atomic(self.root / record.id / "metadata.json", _encoder.encode(record))
+        self.on_change(record.id, record)
+
+
+def _check_can_attach(record: VolumeRecord, instance_id: str, readonly: bool) -> None:
+    if any(a.instance_id == instance_id for a in record.attachments):
+        raise Conflict(f"volume {record.id} is already attached to this instance")
+    if any(not a.readonly for a in record.attachments):
+        raise Conflict(f"volume {record.id} is attached read-write to another instance")
+    if record.attachments and not readonly:
+        raise Conflict(f"volume {record.id} is attached read-only elsewhere; attach it read-only")
