@@ -25,3 +25,11 @@ class WorkerConfig:
     #: `vmfleet dev` owns its VMs and stops them on exit; a production worker leaves them
     #: running for the next worker process to adopt.
     stop_instances_on_exit: bool = False
+    #: Where the kernel, initrd and accelerator probe are kept (default: the data dir).
+    #: Tests share one across many data dirs.
+    assets_dir: Path | None = None
+    #: Operator-supplied guest kernel and initrd (VMFLEET_KERNEL / VMFLEET_INITRD).
+    kernel: Path | None = None
+    initrd: Path | None = None
+    #: Registries reached over plain HTTP although not on loopback.
+    insecure_registries: frozenset[str] = frozenset()

@@ -1,4 +1,13 @@
-"""Wiring of the worker daemon: NATS, provisioning, heartbeats, and their shutdown."""
+"""Wiring of the worker daemon: boot assets, NATS, the engine, and their ordered shutdown.
+
+Start-up: boot assets (kernel, initrd, accelerator) → NATS and its layout → the records
+publisher → recovery (adopt VMMs, reconcile records, publish them) → heartbeats, log
+shipping, the VMM watcher → the command consumer. Only then is the worker "started".
+
+Shutdown (cancellation): the consumer and the rest stop first; VMs keep running for the
+next worker unless ``stop_instances_on_exit`` (``vmfleet dev``); the publisher flushes what
+is queued; then the NATS connection drains.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +15,156 @@ import logging
 
 import anyio
 from anyio.abc import TaskStatus
+from nats.aio.client import Client
+from prometheus_client import CollectorRegistry
 
 from natsbus import connect, provision
+from schemas.errors import HypervisorError
 from schemas.subjects import Subjects
+from worker.accel import choose_accel
+from worker.commands import CommandConsumer
 from worker.config import WorkerConfig
+from worker.dispatch import Dispatcher
+from worker.drivers.qemu import QemuDriver
+from worker.engine import HostEngine
+from worker.guest import ensure_initrd, ensure_kernel
 from worker.heartbeat import heartbeat_loop
+from worker.images import ImageCache
+from worker.ledger import Ledger
+from worker.lifecycle.context import BootAssets, OpContext
+from worker.logs import LogShipper
+from worker.metrics import WorkerMetrics
+from worker.publisher import RecordPublisher
+from worker.storage import Storage
+from worker.volumes import VolumeStore
 
-__all__ = ["run_worker"]
+__all__ = ["prepare_boot_assets", "run_worker"]
 
 log = logging.getLogger(__name__)
 
 
+async def prepare_boot_assets(config: WorkerConfig, qemu: str) -> BootAssets:
+    assets = config.assets_dir or config.data_dir
+    kernel = await ensure_kernel(assets, kernel=config.kernel, initrd=config.initrd)
+    initrd = await ensure_initrd(assets, kernel)
+    accel = await choose_accel(assets, qemu=qemu, kernel=kernel.bzimage, initrd=initrd)
+    return BootAssets(kernel=kernel.bzimage, initrd=initrd, accel=accel)
+
+
 async def run_worker(
-    config: WorkerConfig, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    config: WorkerConfig,
+    *,
+    registry: CollectorRegistry | None = None,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until cancelled. Reports started once the host is registered in the fleet."""
+    """Run until cancelled. Reports started once the worker takes commands."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    if config.hypervisor == "cloud-hypervisor":
+        raise HypervisorError(
+            "VMFLEET_HYPERVISOR=cloud-hypervisor: its driver is not available yet"
+        )
+    metrics = WorkerMetrics(registry or CollectorRegistry())
+    driver = QemuDriver()
+    boot = await prepare_boot_assets(config, driver.binary)
+    log.info("guest kernel %s, accelerator %s", boot.kernel.name, boot.accel)
     nc = await connect(config.bus)
     try:
-        js = nc.jetstream()
-        subjects = Subjects(config.subject_prefix)
-        await provision(js, subjects, config.layout)
-        hosts = await js.key_value(subjects.hosts_bucket)
-        async with anyio.create_task_group() as tg:
-            await tg.start(heartbeat_loop, hosts, config)
-            log.info("worker %s registered", config.host_id)
-            task_status.started()
+        await _serve(nc, config, metrics, driver, boot, task_status)
     finally:
         with anyio.move_on_after(5, shield=True):
             await nc.drain()
+
+
+async def _serve(
+    nc: Client,
+    config: WorkerConfig,
+    metrics: WorkerMetrics,
+    driver: QemuDriver,
+    boot: BootAssets,
+    task_status: TaskStatus[None],
+) -> None:
+    js = nc.jetstream()
+    subjects = Subjects(config.subject_prefix)
+    await provision(js, subjects, config.layout)
+    publisher = RecordPublisher(js, subjects, config.host_id)
+    volumes = VolumeStore(config.data_dir, config.host_id, on_change=publisher.volume_changed)
+    ctx = OpContext(
+        host_id=config.host_id,
+        storage=Storage(config.data_dir),
+        driver=driver,
+        images=ImageCache(config.data_dir / "images", config.insecure_registries),
+        volumes=volumes,
+        boot=boot,
+        on_transition=lambda inst, previous: publisher.changed(inst.record, previous),
+        on_removed=publisher.deleted,
+    )
+    engine = HostEngine(ctx)
+    async with anyio.create_task_group() as infra:
+        await infra.start(publisher.run)
+        try:
+            await _run_components(nc, config, subjects, metrics, engine, publisher, task_status)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _shut_down(config, engine, publisher)
+
+
+async def _run_components(
+    nc: Client,
+    config: WorkerConfig,
+    subjects: Subjects,
+    metrics: WorkerMetrics,
+    engine: HostEngine,
+    publisher: RecordPublisher,
+    task_status: TaskStatus[None],
+) -> None:
+    js = nc.jetstream()
+    await engine.recover()
+    await _publish_everything(engine, publisher)
+    hosts = await js.key_value(subjects.hosts_bucket)
+
+    async def publish_line(subject: str, payload: bytes, msg_id: str) -> None:
+        await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+
+    shipper = LogShipper(
+        lambda: {r.id: engine.instance(r.id).guest.logs for r in engine.records()},
+        subjects,
+        publish_line,
+        max_line_bytes=config.layout.max_log_line_bytes,
+        on_line=lambda source: metrics.log_lines.labels(source=source).inc(),
+    )
+    consumer = CommandConsumer(
+        nc,
+        subjects,
+        config.host_id,
+        Dispatcher(engine, engine.ctx.volumes, publisher),
+        Ledger(config.data_dir / "commands"),
+        metrics,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(heartbeat_loop, hosts, config, engine.usage)
+        tg.start_soon(shipper.run)
+        tg.start_soon(engine.watch_vmms)
+        await tg.start(consumer.run)
+        log.info("worker %s is taking commands", config.host_id)
+        task_status.started()
+
+
+async def _publish_everything(engine: HostEngine, publisher: RecordPublisher) -> None:
+    """After recovery, the KV view is rewritten from this host's truth."""
+    for record in engine.records():
+        publisher.changed(record, None)
+    for volume in engine.ctx.volumes.list():
+        publisher.volume_changed(volume.id, volume)
+    await publisher.flush()
+
+
+async def _shut_down(config: WorkerConfig, engine: HostEngine, publisher: RecordPublisher) -> None:
+    if config.stop_instances_on_exit:
+        with anyio.move_on_after(120):
+            await engine.stop_all()
+    with anyio.move_on_after(10) as scope:
+        await publisher.flush()
+    if scope.cancelled_caught:
+        publisher.abort()
+    else:
+        publisher.stop()

@@ -29,6 +29,7 @@ from schemas.messages import (
     Stop,
 )
 from worker.drivers.base import VmSpec
+from worker.host import HostUsage
 from worker.lifecycle import create, delete, restore, standby, start, stop, volumes
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.proc import VmmProcess
@@ -122,6 +123,46 @@ class HostEngine:
             )
         except Exception as exc:
             log.warning("could not stop %s on shutdown: %s", instance_id, exc)
+
+    def usage(self) -> HostUsage:
+        """vCPUs and memory held by VMs that have a VMM (what placement must count)."""
+        holding = (InstanceState.RUNNING, InstanceState.PAUSED, InstanceState.CREATED)
+        live = [inst.record for inst in self._instances.values() if inst.state in holding]
+        return HostUsage(
+            vcpus=sum(r.vcpus for r in live),
+            memory_bytes=sum(r.size_bytes + r.hotplug_bytes for r in live),
+            instances=len(self._instances),
+            accel=self.ctx.boot.accel,
+        )
+
+    async def watch_vmms(self, interval_s: float = 1.0) -> None:
+        """Notice a VMM that exits on its own (guest power-off, crash) and record it."""
+        while True:
+            await anyio.sleep(interval_s)
+            for inst in list(self._instances.values()):
+                if self._died_unwatched(inst) and not self._lock(inst.id).locked():
+                    async with self._lock(inst.id):
+                        if self._died_unwatched(inst):
+                            self._record_vmm_exit(inst)
+
+    def _died_unwatched(self, inst: LocalInstance) -> bool:
+        return (
+            inst.process is not None
+            and inst.state is InstanceState.RUNNING
+            and not inst.process.running()
+        )
+
+    def _record_vmm_exit(self, inst: LocalInstance) -> None:
+        assert inst.process is not None
+        status = inst.process.returncode
+        inst.process = None
+        inst.guest.write_pid(None)
+        self.ctx.set_state(
+            inst,
+            InstanceState.STOPPED,
+            error=f"VMM exited on its own (exit status {status}); see the vmm and app logs",
+            stopped_at=_now(),
+        )
 
     # -- recovery ----------------------------------------------------------------------------
 

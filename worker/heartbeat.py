@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import anyio
@@ -13,7 +14,7 @@ from schemas.api import Hypervisor
 from schemas.codec import encode
 from schemas.messages import HostRecord
 from worker.config import WorkerConfig
-from worker.host import read_capacity
+from worker.host import HostUsage, read_capacity
 
 __all__ = ["heartbeat_loop", "host_record"]
 
@@ -22,19 +23,20 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 
 
-def host_record(config: WorkerConfig, started_at: datetime) -> HostRecord:
+def host_record(config: WorkerConfig, started_at: datetime, usage: HostUsage) -> HostRecord:
     capacity = read_capacity(config.data_dir)
     return HostRecord(
         id=config.host_id,
         address=config.address or config.host_id,
         hypervisors=[Hypervisor.QEMU],
         vcpus_total=capacity.vcpus,
-        vcpus_allocated=0,
+        accel="kvm" if usage.accel == "kvm" else "tcg",
+        vcpus_allocated=usage.vcpus,
         memory_total_bytes=capacity.memory_bytes,
-        memory_allocated_bytes=0,
+        memory_allocated_bytes=usage.memory_bytes,
         disk_total_bytes=capacity.disk_total_bytes,
         disk_free_bytes=capacity.disk_free_bytes,
-        instances=0,
+        instances=usage.instances,
         version=VERSION,
         labels=dict(config.labels),
         started_at=started_at,
@@ -45,17 +47,18 @@ def host_record(config: WorkerConfig, started_at: datetime) -> HostRecord:
 async def heartbeat_loop(
     hosts: KeyValue,
     config: WorkerConfig,
+    usage: Callable[[], HostUsage] = HostUsage,
     *,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Put the host record now, then every interval; a failed put is retried next beat."""
     started_at = datetime.now(UTC)
-    await hosts.put(config.host_id, encode(host_record(config, started_at)))
+    await hosts.put(config.host_id, encode(host_record(config, started_at, usage())))
     task_status.started()
     while True:
         await anyio.sleep(config.heartbeat_interval_s)
         try:
             with anyio.fail_after(config.heartbeat_interval_s):
-                await hosts.put(config.host_id, encode(host_record(config, started_at)))
+                await hosts.put(config.host_id, encode(host_record(config, started_at, usage())))
         except Exception as exc:  # NATS down: keep beating, the record ages out meanwhile
             log.warning("heartbeat failed: %s", exc)

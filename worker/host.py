@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["HostCapacity", "read_capacity"]
+__all__ = ["HostCapacity", "HostUsage", "read_capacity"]
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,16 @@ class HostCapacity:
     memory_bytes: int
     disk_total_bytes: int
     disk_free_bytes: int
+
+
+@dataclass(frozen=True)
+class HostUsage:
+    """What this host's instances hold, and how it runs them."""
+
+    vcpus: int = 0
+    memory_bytes: int = 0
+    instances: int = 0
+    accel: str = "tcg"
 
 
 def read_capacity(data_dir: Path) -> HostCapacity:

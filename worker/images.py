@@ -354,7 +354,10 @@ class ImageCache:
     # -- reads ---------------------------------------------------------------------------------
 
     def get(self, ref_or_digest: str) -> ImageInfo | None:
-        """A ready image by ``sha256:…`` digest or by reference (tags as last resolved here)."""
+        """A ready image by ``sha256:…`` digest or by reference (tags as last resolved here).
+
+        Raises ``BadRequest(code="invalid_name")`` for a malformed reference.
+        """
         if _DIGEST.fullmatch(ref_or_digest):
             return self._read_metadata(ref_or_digest)
         ref = normalize_reference(ref_or_digest)
@@ -545,7 +548,7 @@ class ImageCache:
         for entry in manifest.get("manifests") or []:
             found = entry.get("platform") or {}
             if found.get("os") == self.os_name and found.get("architecture") == self.arch:
-                return str(entry["digest"])
+                return _checked_digest(ref, entry.get("digest"))
         raise BadRequest(
             f"image {ref.name} has no {self.os_name}/{self.arch} manifest",
             code="unsupported_platform",
@@ -661,6 +664,12 @@ def _hex(digest: str) -> str:
     if not _DIGEST.fullmatch(digest):
         raise ValueError(f"not a sha256 digest: {digest!r}")
     return digest.removeprefix("sha256:")
+
+
+def _checked_digest(ref: ImageRef, digest: Any) -> str:
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise RegistryUnavailable(f"registry sent an index with a bad digest for {ref.name}")
+    return digest
 
 
 def _is_index(manifest: Any) -> bool:

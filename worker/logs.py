@@ -27,7 +27,7 @@ from schemas.messages import LogLine
 from schemas.subjects import Subjects
 from worker.storage import write_atomic
 
-__all__ = ["LogFollower", "Publish", "split_line"]
+__all__ = ["LogFollower", "LogShipper", "Publish", "split_line"]
 
 log = logging.getLogger(__name__)
 
@@ -176,3 +176,53 @@ class LogFollower:
         }
         with contextlib.suppress(FileNotFoundError):
             write_atomic(self._state_file, json.dumps(data).encode())
+
+
+class LogShipper:
+    """Keeps one :class:`LogFollower` running per instance that has a log directory."""
+
+    def __init__(
+        self,
+        guests: Callable[[], dict[str, Path]],
+        subjects: Subjects,
+        publish: Publish,
+        *,
+        max_line_bytes: int,
+        on_line: Callable[[str], None] = lambda source: None,
+        rescan_s: float = 0.25,
+    ) -> None:
+        self._guests = guests
+        self._subjects = subjects
+        self._publish = publish
+        self._max_line_bytes = max_line_bytes
+        self._on_line = on_line
+        self._rescan_s = rescan_s
+        self._running: dict[str, anyio.CancelScope] = {}
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            while True:
+                current = self._guests()
+                for instance_id, logs_dir in current.items():
+                    if instance_id not in self._running:
+                        self._running[instance_id] = scope = anyio.CancelScope()
+                        tg.start_soon(self._follow, instance_id, logs_dir, scope)
+                for instance_id in set(self._running) - set(current):
+                    self._running.pop(instance_id).cancel()
+                await anyio.sleep(self._rescan_s)
+
+    async def _follow(self, instance_id: str, logs_dir: Path, scope: anyio.CancelScope) -> None:
+        follower = LogFollower(
+            instance_id,
+            logs_dir,
+            self._subjects,
+            self._publish,
+            max_line_bytes=self._max_line_bytes,
+            on_line=self._on_line,
+        )
+        with scope:
+            try:
+                await follower.run()
+            except Exception as exc:  # a follower must not take the worker down
+                log.warning("log follower of %s stopped: %s", instance_id, exc)
+        self._running.pop(instance_id, None)

@@ -60,16 +60,24 @@ class RecordPublisher:
         self._revisions: dict[str, int] = {}
         self._seq: defaultdict[str, int] = defaultdict(int)
         self._kv: KeyValue | None = None
+        self._scope = anyio.CancelScope(shield=True)
         self._volumes: KeyValue | None = None
 
     def changed(self, record: InstanceRecord, previous: InstanceState | None) -> None:
-        self._send.send_nowait(_Change(record, previous))
+        self._enqueue(_Change(record, previous))
 
     def deleted(self, record: InstanceRecord) -> None:
-        self._send.send_nowait(_Change(record, record.state, deleted=True))
+        self._enqueue(_Change(record, record.state, deleted=True))
 
     def volume_changed(self, volume_id: str, record: VolumeRecord | None) -> None:
-        self._send.send_nowait(_VolumeChange(volume_id, record))
+        self._enqueue(_VolumeChange(volume_id, record))
+
+    def _enqueue(self, item: _Change | _VolumeChange) -> None:
+        try:
+            self._send.send_nowait(item)
+        except anyio.ClosedResourceError:
+            # After shutdown the local files hold the change; the next worker publishes it.
+            log.warning("publisher stopped; %s left for the next worker to publish", item)
 
     async def flush(self) -> None:
         """Return once every change enqueued before this call is in NATS."""
@@ -78,15 +86,29 @@ class RecordPublisher:
         await done.wait()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Publish until :meth:`stop` (after a last flush) or :meth:`abort`.
+
+        Shielded from the daemon's cancellation on purpose: while the daemon shuts down it
+        still stops VMs, and those transitions must reach NATS too.
+        """
         self._kv = await self._js.key_value(self._subjects.instances_bucket)
         self._volumes = await self._js.key_value(self._subjects.volumes_bucket)
         task_status.started()
-        async with self._receive:
-            async for item in self._receive:
-                if isinstance(item, _Flush):
-                    item.done.set()
-                    continue
-                await self._publish_until_done(item)
+        with self._scope:
+            async with self._receive:
+                async for item in self._receive:
+                    if isinstance(item, _Flush):
+                        item.done.set()
+                        continue
+                    await self._publish_until_done(item)
+
+    def stop(self) -> None:
+        """No more changes: :meth:`run` returns once the queue is empty."""
+        self._send.close()
+
+    def abort(self) -> None:
+        """Give up on what is still queued (NATS unreachable at shutdown)."""
+        self._scope.cancel()
 
     async def _publish_until_done(self, change: _Change | _VolumeChange) -> None:
         delay = 0.2

@@ -18,11 +18,12 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_worker_registers_its_host(
-    nats_url: str, subject_prefix: str, tmp_path: Path
+    nats_url: str, subject_prefix: str, tmp_path: Path, test_assets: Path
 ) -> None:
     config = WorkerConfig(
         host_id="host-a",
         data_dir=tmp_path,
+        assets_dir=test_assets,
         bus=BusOptions(urls=(nats_url,)),
         subject_prefix=subject_prefix,
         labels={"zone": "test"},

@@ -25,8 +25,8 @@ async def start(ctx: OpContext, inst: LocalInstance, cmd: Start) -> None:
             cmd=cmd.cmd or inst.record.cmd,
             entrypoint=cmd.entrypoint or inst.record.entrypoint,
         )
-    # 3. The image (re-pulled if this host lost it) and a fresh config disk, then boot.
-    image = await ctx.images.pull(inst.record.image)
+    # 3. The image (pulled again only if this host lost it), a fresh config disk, then boot.
+    image = ctx.images.get(inst.record.image_digest) or await ctx.images.pull(inst.record.image)
     ctx.set_state(inst, InstanceState.CREATED)
     try:
         await boot_vm(ctx, inst, image)
