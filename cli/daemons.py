@@ -41,6 +41,11 @@ async def run_worker_daemon(settings: Settings) -> None:
         subject_prefix=settings.subject_prefix,
         hypervisor=settings.hypervisor,
         layout=Layout(replicas=settings.replicas),
+        assets_dir=settings.assets_dir,
+        log_max_bytes=settings.log_max_bytes,
+        kernel=settings.kernel,
+        initrd=settings.initrd,
+        insecure_registries=settings.insecure_registries,
     )
     async with anyio.create_task_group() as tg:
         await tg.start(cancel_on_signal, tg.cancel_scope)

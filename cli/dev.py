@@ -7,6 +7,7 @@ the records survive for the next run.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,11 @@ async def _run_components(
         hypervisor=settings.hypervisor,
         layout=layout,
         stop_instances_on_exit=True,
+        assets_dir=settings.assets_dir,
+        log_max_bytes=settings.log_max_bytes,
+        kernel=settings.kernel,
+        initrd=settings.initrd,
+        insecure_registries=settings.insecure_registries,
     )
     gateway_config = GatewayConfig(
         bus=BusOptions(urls=(nats_url,), name="vmfleet-gateway"),
@@ -72,7 +78,7 @@ async def _run_components(
     )
     async with anyio.create_task_group() as tg:
         await tg.start(cancel_on_signal, tg.cancel_scope)
-        await tg.start(run_worker, worker_config)
+        await tg.start(functools.partial(run_worker, worker_config, registry=registry))
         await tg.start(serve, create_app(gateway_config, registry=registry), sock)
         _print_banner(options, nats_url, mint_token(secret))
 

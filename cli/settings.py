@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from schemas.sizes import parse_size
+
 __all__ = ["ConfigError", "Settings", "default_data_dir", "load_settings"]
 
 HYPERVISORS = ("auto", "qemu", "cloud-hypervisor")
@@ -33,6 +35,11 @@ class Settings:
     hypervisor: str
     subject_prefix: str
     replicas: int
+    assets_dir: Path | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    insecure_registries: frozenset[str] = frozenset()
+    log_max_bytes: int = 50 << 20
 
 
 def default_data_dir(env: Mapping[str, str]) -> Path:
@@ -58,7 +65,35 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "VMFLEET_SUBJECT_PREFIX", env.get("VMFLEET_SUBJECT_PREFIX", "vmfleet")
         ),
         replicas=_int_in("VMFLEET_REPLICAS", env.get("VMFLEET_REPLICAS", "1"), 1, 5),
+        assets_dir=Path(env["VMFLEET_ASSETS_DIR"]).expanduser()
+        if env.get("VMFLEET_ASSETS_DIR")
+        else None,
+        kernel=_existing_file("VMFLEET_KERNEL", env.get("VMFLEET_KERNEL")),
+        initrd=_existing_file("VMFLEET_INITRD", env.get("VMFLEET_INITRD")),
+        log_max_bytes=_size("VMFLEET_LOG_MAX_SIZE", env.get("VMFLEET_LOG_MAX_SIZE", "50MB")),
+        insecure_registries=frozenset(
+            r.strip() for r in env.get("VMFLEET_INSECURE_REGISTRIES", "").split(",") if r.strip()
+        ),
     )
+
+
+def _size(name: str, raw: str) -> int:
+    try:
+        value = parse_size(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a size like 50MB") from None
+    if value < 1024:
+        raise ConfigError(f"{name}: {raw!r} is too small (at least 1KB)")
+    return value
+
+
+def _existing_file(name: str, raw: str | None) -> Path | None:
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{name}: {path} is not a file")
+    return path
 
 
 def _hostname() -> str:

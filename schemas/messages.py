@@ -240,6 +240,9 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
     created_at: Timestamp
     started_at: Timestamp | None = None
     stopped_at: Timestamp | None = None
+    #: The last command applied to this instance: a redelivered command with this id has
+    #: already taken effect and is answered, not executed again.
+    last_command_id: str | None = None
 
     def to_api(self) -> api.Instance:
         """Render hypeman's Instance: sizes in HR form, empty optionals left out."""
@@ -387,6 +390,8 @@ class StateEvent(msgspec.Struct, kw_only=True):
     at: Timestamp
     seq: int = 0
     command_id: str | None = None
+    #: The instance is gone (deleted, or its create failed); ``state`` is its last state.
+    deleted: bool = False
 
 
 class LogLine(msgspec.Struct, kw_only=True):

@@ -31,5 +31,7 @@ class WorkerConfig:
     #: Operator-supplied guest kernel and initrd (VMFLEET_KERNEL / VMFLEET_INITRD).
     kernel: Path | None = None
     initrd: Path | None = None
+    #: A log file over this size is rotated (to ``<name>.1``) once shipped.
+    log_max_bytes: int = 50 << 20
     #: Registries reached over plain HTTP although not on loopback.
     insecure_registries: frozenset[str] = frozenset()

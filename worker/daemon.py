@@ -35,6 +35,7 @@ from worker.lifecycle.context import BootAssets, OpContext
 from worker.logs import LogShipper
 from worker.metrics import WorkerMetrics
 from worker.publisher import RecordPublisher
+from worker.queries import serve_queries
 from worker.storage import Storage
 from worker.volumes import VolumeStore
 
@@ -130,20 +131,23 @@ async def _run_components(
         subjects,
         publish_line,
         max_line_bytes=config.layout.max_log_line_bytes,
+        max_file_bytes=config.log_max_bytes,
         on_line=lambda source: metrics.log_lines.labels(source=source).inc(),
     )
+    ledger = Ledger(config.data_dir / "commands")
     consumer = CommandConsumer(
         nc,
         subjects,
         config.host_id,
         Dispatcher(engine, engine.ctx.volumes, publisher),
-        Ledger(config.data_dir / "commands"),
+        ledger,
         metrics,
     )
     async with anyio.create_task_group() as tg:
         await tg.start(heartbeat_loop, hosts, config, engine.usage)
         tg.start_soon(shipper.run)
         tg.start_soon(engine.watch_vmms)
+        await tg.start(serve_queries, nc, subjects, config.host_id, ledger)
         await tg.start(consumer.run)
         log.info("worker %s is taking commands", config.host_id)
         task_status.started()

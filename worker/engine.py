@@ -9,6 +9,7 @@ disk and from the VMMs still running, so a worker restart loses nothing.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -184,13 +185,28 @@ class HostEngine:
             )
             if process is not None:
                 inst.process, inst.spec = process, spec
-                state = await self._live_state(inst)
-                if state is not inst.state:
-                    self.ctx.set_state(inst, state)
-                self.ctx.oplog(inst, "adopted running VMM", pid=pid)
+                await self._adopt(inst)
                 return
         guest.write_pid(None)
         self._reconcile_without_vmm(inst)
+
+    async def _adopt(self, inst: LocalInstance) -> None:
+        """Take over a live VMM. A paused one was caught mid-standby by the worker's death:
+        the guest goes on running (the redelivered standby will pause it again), and a
+        half-written snapshot of a VM that still runs is worth nothing."""
+        assert inst.process is not None and inst.spec is not None
+        self.ctx.oplog(inst, "adopting running VMM", pid=inst.process.pid)
+        state = await self._live_state(inst)
+        if state is InstanceState.PAUSED:
+            try:
+                await self.ctx.driver.resume(inst.spec, inst.process)
+                state = InstanceState.RUNNING
+            except Exception as exc:
+                self.ctx.oplog(inst, "could not resume adopted VMM", level="WARN", error=exc)
+        if state is InstanceState.RUNNING and inst.guest.snapshot.exists():
+            shutil.rmtree(inst.guest.snapshot.parent, ignore_errors=True)
+        if state is not inst.state or inst.record.has_snapshot:
+            self.ctx.set_state(inst, state, has_snapshot=inst.guest.has_snapshot())
 
     async def _live_state(self, inst: LocalInstance) -> InstanceState:
         assert inst.spec is not None and inst.process is not None

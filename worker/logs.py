@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -71,6 +72,7 @@ class LogFollower:
         publish: Publish,
         *,
         max_line_bytes: int = 64 * 1024,
+        max_file_bytes: int = 50 << 20,
         poll_s: float = 0.02,
         on_line: Callable[[str], None] = lambda source: None,
     ) -> None:
@@ -79,6 +81,7 @@ class LogFollower:
         self.subjects = subjects
         self.publish = publish
         self.max_line_bytes = max_line_bytes
+        self.max_file_bytes = max_file_bytes
         self.poll_s = poll_s
         self.on_line = on_line
         self._state_file = logs_dir / ".positions.json"
@@ -98,6 +101,9 @@ class LogFollower:
                 if chunk:
                     await self._ship(source, position, chunk)
                     continue
+                if handle is not None and handle.tell() > self.max_file_bytes:
+                    self._rotate(path, handle, position)
+                    continue
                 # At the end of what we hold: has the file been rotated or truncated?
                 switched = await self._switch_if_rotated(source, path, handle, position)
                 if switched is handle:
@@ -106,6 +112,19 @@ class LogFollower:
         finally:
             if handle is not None:
                 handle.close()
+
+    def _rotate(self, path: Path, handle: BinaryIO, position: _Position) -> None:
+        """Keep the file bounded: everything read so far moves to ``<name>.1`` and the file
+        is truncated in place (its writer, a VMM, holds it open with O_APPEND and goes on
+        writing at the new end). Done right after reading to the end, so only what is
+        written in between those two system calls could be missed."""
+        handle.seek(0)
+        data = handle.read(position.offset)
+        write_atomic(path.with_name(path.name + ".1"), data)
+        os.truncate(path, 0)
+        handle.seek(0)
+        position.offset = len(position.partial)
+        self._save_positions()
 
     async def _switch_if_rotated(
         self, source: str, path: Path, handle: BinaryIO | None, position: _Position
@@ -188,6 +207,7 @@ class LogShipper:
         publish: Publish,
         *,
         max_line_bytes: int,
+        max_file_bytes: int = 50 << 20,
         on_line: Callable[[str], None] = lambda source: None,
         rescan_s: float = 0.25,
     ) -> None:
@@ -195,6 +215,7 @@ class LogShipper:
         self._subjects = subjects
         self._publish = publish
         self._max_line_bytes = max_line_bytes
+        self._max_file_bytes = max_file_bytes
         self._on_line = on_line
         self._rescan_s = rescan_s
         self._running: dict[str, anyio.CancelScope] = {}
@@ -218,6 +239,7 @@ class LogShipper:
             self._subjects,
             self._publish,
             max_line_bytes=self._max_line_bytes,
+            max_file_bytes=self._max_file_bytes,
             on_line=self._on_line,
         )
         with scope:

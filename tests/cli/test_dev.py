@@ -21,6 +21,7 @@ from cli.embedded_nats import free_port
 from tests.support.processes import live_children
 
 VMFLEET = str(Path(sys.executable).parent / "vmfleet")
+ASSETS = Path(__file__).parents[2] / ".cache" / "test-assets"
 
 
 class DevStack:
@@ -69,7 +70,12 @@ def _read_banner(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, str
 
 @contextmanager
 def dev_stack(data_dir: Path, port: int) -> Iterator[DevStack]:
-    env = {**os.environ, "VMFLEET_HOST_ID": "dev-host", "VMFLEET_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "VMFLEET_HOST_ID": "dev-host",
+        "VMFLEET_LOG_LEVEL": "WARNING",
+        "VMFLEET_ASSETS_DIR": os.environ.get("VMFLEET_TEST_ASSETS", str(ASSETS)),
+    }
     env.pop("JWT_SECRET", None)
     proc = subprocess.Popen(
         [VMFLEET, "dev", "--port", str(port), "--data-dir", str(data_dir)],

@@ -100,6 +100,10 @@ class Hypervisor(Protocol):
         """Start a VMM from ``snapshot_dir`` and resume the guest."""
         ...
 
+    async def resume(self, spec: VmSpec, process: VmmProcess) -> None:
+        """Continue a paused VM."""
+        ...
+
     async def power_off(self, spec: VmSpec, process: VmmProcess, timeout_s: float) -> bool:
         """Ask the VMM to power the guest off (ACPI); True if it exited within the timeout."""
         ...

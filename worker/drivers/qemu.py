@@ -207,6 +207,10 @@ class QemuDriver:
                     raise HypervisorError(f"restore failed: the VM is {status}")
                 await anyio.sleep(0.02)
 
+    async def resume(self, spec: VmSpec, process: VmmProcess) -> None:
+        async with open_qmp(self.api_socket(spec)) as qmp:
+            await qmp.execute("cont")
+
     async def power_off(self, spec: VmSpec, process: VmmProcess, timeout_s: float) -> bool:
         try:
             async with open_qmp(self.api_socket(spec)) as qmp:

@@ -1,0 +1,65 @@
+"""Sending a lifecycle command to the host that owns its subject, and awaiting the outcome.
+
+The command goes into the host's JetStream work queue with its id as ``Nats-Msg-Id``, so a
+retried HTTP call with the same idempotency key is dropped by JetStream instead of running
+twice. The result comes back on ``<p>.result.<id>``, which is subscribed to *before* the
+command is published. A duplicate publish (the command was sent before) asks the host for
+the outcome it recorded. No answer in time means 504 ``host_unavailable``: the command
+stays queued and runs when the host is back; nothing is half-done.
+"""
+
+from __future__ import annotations
+
+import anyio
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from schemas.codec import decode_command_result, encode
+from schemas.errors import HostUnavailable, OpTimeout
+from schemas.messages import AnyCommand, CommandResult
+from schemas.subjects import Subjects
+
+__all__ = ["CommandSender"]
+
+
+class CommandSender:
+    def __init__(self, nc: Client, subjects: Subjects, *, timeout_s: float = 120.0) -> None:
+        self._nc = nc
+        self._subjects = subjects
+        self.timeout_s = timeout_s
+
+    async def send(
+        self, host: str, cmd: AnyCommand, *, timeout_s: float | None = None
+    ) -> CommandResult:
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        subscription = await self._nc.subscribe(self._subjects.result(cmd.id), max_msgs=1)
+        try:
+            ack = await self._nc.jetstream().publish(
+                self._subjects.command(host, cmd.op), encode(cmd), headers={"Nats-Msg-Id": cmd.id}
+            )
+            if ack.duplicate:
+                recorded = await self._recorded_result(host, cmd.id)
+                if recorded is not None:
+                    return recorded
+            try:
+                message = await subscription.next_msg(timeout=timeout)
+            except NatsTimeoutError:
+                raise OpTimeout(
+                    f"host {host} did not finish {cmd.op} within {timeout:g}s; "
+                    "the command stays queued and runs when the host can"
+                ) from None
+            return decode_command_result(message.data)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await subscription.unsubscribe()
+
+    async def _recorded_result(self, host: str, command_id: str) -> CommandResult | None:
+        """The outcome the host recorded for a command sent before, if it has finished."""
+        try:
+            reply = await self._nc.request(
+                self._subjects.host_query(host, "result"), command_id.encode(), timeout=5
+            )
+        except (NatsTimeoutError, NoRespondersError):
+            raise HostUnavailable(f"host {host} is not answering") from None
+        return decode_command_result(reply.data) if reply.data else None
