@@ -13,8 +13,8 @@ import yaml
 
 from schemas import api, codec
 
-# CI checks out shared/ beside the repository: <root>/../shared.
-SPEC_PATH = Path(__file__).parents[2].parent / "shared" / "specs" / "hypeman-openapi.yaml"
+# hypeman's wire contract, as vendored with the gateway (which serves what it implements).
+SPEC_PATH = Path(__file__).parents[2] / "gateway" / "spec" / "hypeman-openapi.yaml"
 
 # schema name -> (our Struct, spec properties deliberately not modelled)
 MODELS: dict[str, tuple[type[msgspec.Struct], frozenset[str]]] = {
@@ -61,7 +61,7 @@ HYPEMAN_INSTANCE = """
 @pytest.fixture(scope="module")
 def schemas() -> dict[str, Any]:
     if not SPEC_PATH.is_file():
-        pytest.fail(f"hypeman spec not found at {SPEC_PATH}: shared/ must sit beside the repo")
+        pytest.fail(f"hypeman spec not found at {SPEC_PATH}")
     spec = yaml.safe_load(SPEC_PATH.read_text())
     result: dict[str, Any] = spec["components"]["schemas"]
     return result

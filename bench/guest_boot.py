@@ -1,0 +1,251 @@
+"""Guest boot, standby and restore: vmfleet's engine next to raw QEMU, in one run.
+
+vmfleet: HostEngine.execute(Create) until the app's first line is in app.log; Standby;
+Restore until the guest answers again. Raw: the same kernel, initrd and disks booted by a
+plain `qemu-system-x86_64` command line (no vmfleet code in the loop), the app's first line
+read from its console file; raw standby/restore are QMP stop+migrate / -incoming+cont
+issued directly. Prints medians and ratios. Goal ([2/9]): overhead under 10% of the raw
+boot; restore under 1.5x the raw restore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from schemas.api import Hypervisor
+from schemas.messages import Create, Delete, Restore, Standby
+from tests.support.images import build_busybox_image
+from worker.accel import choose_accel
+from worker.drivers.qemu import QemuDriver, build_args
+from worker.engine import HostEngine
+from worker.guest import ensure_initrd, ensure_kernel
+from worker.images import ImageCache
+from worker.lifecycle.context import BootAssets, OpContext
+from worker.storage import Storage
+from worker.volumes import VolumeStore
+
+MIB = 1 << 20
+APP = "echo first-line; i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def wait_for(path: Path, text: str, after: int = 0, timeout: float = 120) -> float:
+    with anyio.fail_after(timeout):
+        while True:
+            if path.exists() and text.encode() in path.read_bytes()[after:]:
+                return time.perf_counter()
+            await anyio.sleep(0.005)
+
+
+class Qmp:
+    """Raw QMP, blocking, for the baseline: no vmfleet code."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        for _ in range(400):
+            try:
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                time.sleep(0.005)
+        self.file = self.sock.makefile("rwb")
+        self.file.readline()
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name: str, **args: object) -> dict[str, object]:
+        self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        self.file.flush()
+        while True:
+            reply = json.loads(self.file.readline())
+            if "return" in reply or "error" in reply:
+                return reply  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def vmfleet_round(engine: HostEngine, image: str, n: int) -> tuple[float, float, float]:
+    iid = f"bench{n:04d}"
+    create = Create(
+        id=f"c{iid}",
+        instance_id=iid,
+        issued_at=now(),
+        name=iid,
+        image=image,
+        size_bytes=256 * MIB,
+        overlay_bytes=256 * MIB,
+        vcpus=1,
+        hypervisor=Hypervisor.QEMU,
+        cmd=["/bin/sh", "-c", APP],
+    )
+    start = time.perf_counter()
+    await engine.execute(create)
+    app_log = engine.instance(iid).guest.app_log
+    boot = await wait_for(app_log, "first-line") - start
+    await wait_for(app_log, "tick 2")
+    start = time.perf_counter()
+    await engine.execute(Standby(id=f"s{iid}", instance_id=iid, issued_at=now()))
+    standby = time.perf_counter() - start
+    size = app_log.stat().st_size
+    start = time.perf_counter()
+    await engine.execute(Restore(id=f"r{iid}", instance_id=iid, issued_at=now()))
+    await wait_for(app_log, "tick", after=size)
+    restore = time.perf_counter() - start
+    await engine.execute(Delete(id=f"d{iid}", instance_id=iid, issued_at=now()))
+    return boot, standby, restore
+
+
+async def raw_round(
+    engine: HostEngine, image_disk: str, workdir: Path
+) -> tuple[float, float, float]:
+    """The same VM without vmfleet: one instance's spec, copied, run by hand."""
+    probe = workdir / "raw"
+    shutil.rmtree(probe, ignore_errors=True)
+    probe.mkdir()
+    # Borrow a config disk and overlay the engine made, so the guest does the same work.
+    iid = "rawsrc"
+    await engine.execute(
+        Create(
+            id="craw",
+            instance_id=iid,
+            issued_at=now(),
+            name=iid,
+            image=image_disk,
+            size_bytes=256 * MIB,
+            overlay_bytes=256 * MIB,
+            vcpus=1,
+            hypervisor=Hypervisor.QEMU,
+            cmd=["/bin/sh", "-c", APP],
+        )
+    )
+    inst = engine.instance(iid)
+    spec = inst.spec
+    assert spec is not None and inst.process is not None
+    await inst.process.kill_and_reap()
+    inst.process = None
+    for disk in spec.disks:
+        if disk.id != "root":
+            shutil.copy(disk.path, probe / Path(disk.path).name)
+    disks = tuple(
+        d
+        if d.id == "root"
+        else type(d)(
+            id=d.id, path=str(probe / Path(d.path).name), readonly=d.readonly, serial=d.serial
+        )
+        for d in spec.disks
+    )
+    import msgspec
+
+    raw_spec = msgspec.structs.replace(
+        spec, disks=disks, serial_log=str(probe / "console.log"), run_dir=str(probe)
+    )
+    argv = build_args(raw_spec, binary=shutil.which("qemu-system-x86_64") or "qemu-system-x86_64")
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        boot = await wait_for(probe / "console.log", "first-line") - start
+        await wait_for(probe / "console.log", "tick 2")
+        qmp = Qmp(probe / "qmp.sock")
+        start = time.perf_counter()
+        qmp.cmd("stop")
+        qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+        qmp.cmd("migrate", uri=f"exec:cat > {probe / 'memory'}")
+        while qmp.cmd("query-migrate").get("return", {}).get("status") != "completed":  # type: ignore[union-attr]
+            time.sleep(0.005)
+        qmp.cmd("quit")
+        qmp.close()
+        proc.wait()
+        standby = time.perf_counter() - start
+        size = (probe / "console.log").stat().st_size
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            [*argv, "-incoming", "defer"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        qmp = Qmp(probe / "qmp.sock")
+        qmp.cmd("migrate-incoming", uri=f"exec:cat {probe / 'memory'}")
+        while qmp.cmd("query-status").get("return", {}).get("status") not in (
+            "paused",
+            "postmigrate",
+            "running",
+        ):  # type: ignore[union-attr]
+            time.sleep(0.005)
+        qmp.cmd("cont")
+        await wait_for(probe / "console.log", "tick", after=size)
+        restore = time.perf_counter() - start
+        qmp.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        await engine.execute(Delete(id="draw", instance_id=iid, issued_at=now()))
+    return boot, standby, restore
+
+
+async def main(runs: int) -> None:
+    assets = Path(__file__).resolve().parents[1] / ".cache" / "test-assets"
+    work = Path(tempfile.mkdtemp(prefix="vb", dir="/tmp"))
+    registry = None
+    try:
+        kernel = await ensure_kernel(assets)
+        initrd = await ensure_initrd(assets, kernel)
+        accel = await choose_accel(
+            assets,
+            qemu=shutil.which("qemu-system-x86_64") or "",
+            kernel=kernel.bzimage,
+            initrd=initrd,
+        )
+        from tests.support.images import push_image
+        from tests.support.registry import LocalRegistry
+
+        registry = LocalRegistry(work / "registry")
+        registry.start()
+        image = push_image(build_busybox_image(work / "layout"), registry.address, "bench:latest")
+        ctx = OpContext(
+            host_id="bench",
+            storage=Storage(work / "data"),
+            driver=QemuDriver(),
+            images=ImageCache(work / "data" / "images"),
+            volumes=VolumeStore(work / "data", "bench"),
+            boot=BootAssets(kernel=kernel.bzimage, initrd=initrd, accel=accel),
+        )
+        engine = HostEngine(ctx)
+        await ctx.images.pull(image)  # the cache is warm in both cases
+        results: dict[str, list[tuple[float, float, float]]] = {"vmfleet": [], "raw": []}
+        for n in range(runs):
+            results["raw"].append(await raw_round(engine, image, work))
+            results["vmfleet"].append(await vmfleet_round(engine, image, n))
+        med = {
+            k: [statistics.median(r[i] for r in v) for i in range(3)] for k, v in results.items()
+        }
+        print(f"accelerator: {accel}, runs: {runs} (medians, seconds)")
+        print(f"{'':10}{'vmfleet':>10}{'raw qemu':>10}{'ratio':>8}  goal")
+        goals = ["overhead < 10%", "", "< 1.5x"]
+        for i, label in enumerate(["boot", "standby", "restore"]):
+            v, r = med["vmfleet"][i], med["raw"][i]
+            print(f"{label:10}{v:10.3f}{r:10.3f}{v / r:8.2f}  {goals[i]}")
+    finally:
+        if registry is not None:
+            registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    anyio.run(main, parser.parse_args().runs)
