@@ -14,6 +14,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
     KeyValueConfig,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -42,6 +43,8 @@ class Layout:
     logs_max_age_s: float = 7 * DAY_S
     logs_max_bytes: int = 1 << 30
     logs_max_msgs_per_subject: int = 200_000
+    #: An uploaded volume archive not picked up by a worker within this time is dropped.
+    archive_ttl_s: float = 3600.0
     #: One log line message may be at most this big; longer lines are split by the worker.
     max_log_line_bytes: int = 64 * 1024
 
@@ -52,6 +55,16 @@ async def provision(js: JetStreamContext, subjects: Subjects, layout: Layout) ->
         await _ensure_stream(js, config)
     for kv in _buckets(subjects, layout):
         await js.create_key_value(kv)
+    await js.create_object_store(
+        subjects.archives_bucket,
+        config=ObjectStoreConfig(
+            bucket=subjects.archives_bucket,
+            description="volume archives in transit to a worker",
+            ttl=layout.archive_ttl_s,
+            storage=StorageType.FILE,
+            replicas=layout.replicas,
+        ),
+    )
 
 
 def _streams(s: Subjects, layout: Layout) -> list[StreamConfig]:

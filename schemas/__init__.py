@@ -113,6 +113,7 @@ from schemas.subjects import (
     LOG_SOURCES,
     LogSource,
     Subjects,
+    image_key,
     is_valid_prefix,
     is_valid_token,
 )
@@ -211,6 +212,7 @@ __all__ = [
     "error_from_info",
     "format_rate",
     "format_size",
+    "image_key",
     "is_valid_prefix",
     "is_valid_token",
     "parse_bandwidth",

@@ -172,6 +172,9 @@ class CreateVolume(Command, frozen=True, kw_only=True):
     volume_id: str
     name: str
     size_gb: int
+    #: A tar.gz in the archives object store to fill the volume with (None: empty volume).
+    #: The worker deletes the object once the volume exists.
+    archive: str | None = None
 
 
 class DeleteVolume(Command, frozen=True, kw_only=True):

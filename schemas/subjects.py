@@ -27,6 +27,7 @@ turn a publish subject into a wildcard).
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
@@ -36,6 +37,7 @@ __all__ = [
     "LOG_SOURCES",
     "LogSource",
     "Subjects",
+    "image_key",
     "is_valid_prefix",
     "is_valid_token",
 ]
@@ -67,6 +69,15 @@ def is_valid_token(token: str) -> bool:
 def is_valid_prefix(prefix: str) -> bool:
     """True when ``prefix`` is usable in subjects, stream names and KV bucket names."""
     return _PREFIX_RE.fullmatch(prefix) is not None
+
+
+def image_key(name: str) -> str:
+    """The images-bucket key of a normalised image reference (``docker.io/library/x:1``).
+
+    References hold ``:`` and ``@``, which KV keys may not; unpadded URL-safe base64 only
+    uses letters, digits, ``-`` and ``_``, and gateway and worker compute it the same way.
+    """
+    return base64.urlsafe_b64encode(name.encode()).decode("ascii").rstrip("=")
 
 
 def _token(kind: str, value: str) -> str:
@@ -200,6 +211,11 @@ class Subjects:
     @property
     def volumes_bucket(self) -> str:
         return f"{self.prefix}_volumes"
+
+    @property
+    def archives_bucket(self) -> str:
+        """Object store: volume archives on their way from a gateway to a worker."""
+        return f"{self.prefix}_archives"
 
     @property
     def images_bucket(self) -> str:

@@ -116,8 +116,11 @@ class CommandConsumer:
                     # slip into a queue that is about to disappear.
                     del self._queues[key]
                     return
+                # Shielded: a worker asked to stop finishes the command it is running
+                # (every operation bounds its own waits) instead of abandoning it half-way.
                 async with self._limiter:
-                    await self._handle(msg, cmd)
+                    with anyio.CancelScope(shield=True):
+                        await self._handle(msg, cmd)
 
     async def _handle(self, msg: Msg, cmd: AnyCommand) -> None:
         result = self._ledger.get(cmd.id)

@@ -11,7 +11,9 @@ is queued; then the NATS connection drains.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections import Counter
 
 import anyio
 from anyio.abc import TaskStatus
@@ -19,6 +21,7 @@ from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
 
 from natsbus import connect, provision
+from schemas.api import InstanceState
 from schemas.errors import HypervisorError
 from schemas.subjects import Subjects
 from worker.accel import choose_accel
@@ -68,7 +71,7 @@ async def run_worker(
     driver = QemuDriver()
     boot = await prepare_boot_assets(config, driver.binary)
     log.info("guest kernel %s, accelerator %s", boot.kernel.name, boot.accel)
-    nc = await connect(config.bus)
+    nc = await connect(dataclasses.replace(config.bus, on_reconnect=metrics.nats_reconnects.inc))
     try:
         await _serve(nc, config, metrics, driver, boot, task_status)
     finally:
@@ -98,6 +101,7 @@ async def _serve(
         boot=boot,
         on_transition=lambda inst, previous: publisher.changed(inst.record, previous),
         on_removed=publisher.deleted,
+        observe_pull=metrics.pull_duration.observe,
     )
     engine = HostEngine(ctx)
     async with anyio.create_task_group() as infra:
@@ -139,7 +143,12 @@ async def _run_components(
         nc,
         subjects,
         config.host_id,
-        Dispatcher(engine, engine.ctx.volumes, publisher),
+        Dispatcher(
+            engine,
+            engine.ctx.volumes,
+            publisher,
+            await js.object_store(subjects.archives_bucket),
+        ),
         ledger,
         metrics,
     )
@@ -147,10 +156,19 @@ async def _run_components(
         await tg.start(heartbeat_loop, hosts, config, engine.usage)
         tg.start_soon(shipper.run)
         tg.start_soon(engine.watch_vmms)
+        tg.start_soon(_count_instances, engine, metrics)
         await tg.start(serve_queries, nc, subjects, config.host_id, ledger)
         await tg.start(consumer.run)
         log.info("worker %s is taking commands", config.host_id)
         task_status.started()
+
+
+async def _count_instances(engine: HostEngine, metrics: WorkerMetrics) -> None:
+    while True:
+        counts = Counter(record.state for record in engine.records())
+        for state in InstanceState:
+            metrics.instances.labels(state=state.value).set(counts.get(state, 0))
+        await anyio.sleep(2)
 
 
 async def _publish_everything(engine: HostEngine, publisher: RecordPublisher) -> None:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
+
+from nats.js.errors import ObjectNotFoundError
+from nats.js.object_store import ObjectStore
 
 from schemas.errors import BadRequest, NotFound, VmfleetError
 from schemas.messages import (
@@ -12,6 +17,7 @@ from schemas.messages import (
     DeleteVolume,
     InstanceCommand,
     PullImage,
+    VolumeRecord,
 )
 from worker.engine import HostEngine
 from worker.publisher import RecordPublisher
@@ -24,11 +30,16 @@ log = logging.getLogger(__name__)
 
 class Dispatcher:
     def __init__(
-        self, engine: HostEngine, volumes: VolumeStore, publisher: RecordPublisher
+        self,
+        engine: HostEngine,
+        volumes: VolumeStore,
+        publisher: RecordPublisher,
+        archives: ObjectStore | None = None,
     ) -> None:
         self.engine = engine
         self.volumes = volumes
         self.publisher = publisher
+        self.archives = archives
 
     async def __call__(self, cmd: AnyCommand) -> CommandResult:
         try:
@@ -46,8 +57,11 @@ class Dispatcher:
 
     async def _run(self, cmd: AnyCommand) -> CommandResult:
         match cmd:
-            case CreateVolume():
+            case CreateVolume(archive=None):
                 volume = await self.volumes.create(cmd.volume_id, cmd.name, cmd.size_gb)
+                return CommandResult(command_id=cmd.id, ok=True, volume=volume)
+            case CreateVolume(archive=str(name)):
+                volume = await self._volume_from_archive(cmd, name)
                 return CommandResult(command_id=cmd.id, ok=True, volume=volume)
             case DeleteVolume():
                 self.volumes.delete(cmd.volume_id)
@@ -62,6 +76,22 @@ class Dispatcher:
                 record = await self.engine.execute(cmd)
                 return CommandResult(command_id=cmd.id, ok=True, instance=record)
         raise BadRequest(f"unknown command {cmd.op}")
+
+    async def _volume_from_archive(self, cmd: CreateVolume, name: str) -> VolumeRecord:
+        """Fetch the uploaded archive to a local file, build the volume, drop the upload."""
+        if self.archives is None:
+            raise BadRequest("this worker takes no archives")
+        with tempfile.NamedTemporaryFile(dir=self.volumes.root.parent, suffix=".tar.gz") as local:
+            try:
+                await self.archives.get(name, writeinto=local)  # type: ignore[arg-type]
+            except ObjectNotFoundError:
+                raise NotFound(f"archive {name} is not in the archive store") from None
+            local.flush()
+            volume = await self.volumes.create_from_archive(
+                cmd.volume_id, cmd.name, cmd.size_gb, Path(local.name)
+            )
+        await self.archives.delete(name)
+        return volume
 
     def _already_applied(self, cmd: InstanceCommand) -> bool:
         """A redelivered command whose effect is already in the record (the worker died

@@ -30,6 +30,7 @@ from schemas.messages import (
     Stop,
 )
 from worker.drivers.base import VmSpec
+from worker.guest.control import GuestControlError, guest_request
 from worker.host import HostUsage
 from worker.lifecycle import create, delete, restore, standby, start, stop, volumes
 from worker.lifecycle.context import LocalInstance, OpContext
@@ -137,14 +138,40 @@ class HostEngine:
         )
 
     async def watch_vmms(self, interval_s: float = 1.0) -> None:
-        """Notice a VMM that exits on its own (guest power-off, crash) and record it."""
+        """Notice a VMM that exits on its own (guest power-off, crash) and record it; note
+        in the ops log when the guest reports the app started or exited."""
         while True:
             await anyio.sleep(interval_s)
             for inst in list(self._instances.values()):
-                if self._died_unwatched(inst) and not self._lock(inst.id).locked():
-                    async with self._lock(inst.id):
-                        if self._died_unwatched(inst):
-                            self._record_vmm_exit(inst)
+                if self._lock(inst.id).locked():
+                    continue  # an operation is under way; it owns the VMM for now
+                async with self._lock(inst.id):
+                    if self._died_unwatched(inst):
+                        self._record_vmm_exit(inst)
+                    elif inst.state is InstanceState.RUNNING and inst.spec is not None:
+                        await self._note_app_status(inst)
+
+    async def _note_app_status(self, inst: LocalInstance) -> None:
+        """Ask the guest's init how the app is doing until it has started and exited."""
+        if inst.app_status is not None and inst.app_status.startswith(("exited", "failed")):
+            return
+        assert inst.spec is not None
+        try:
+            status = await guest_request(
+                self.ctx.driver.control_socket(inst.spec), "status", timeout_s=1
+            )
+        except GuestControlError:
+            return  # still booting, or busy: ask again next round
+        if status != inst.app_status and status.split()[0] in ("running", "exited", "failed"):
+            inst.app_status = status
+            word, _, detail = status.partition(" ")
+            message = {"running": "app started", "exited": "app exited", "failed": "app failed"}
+            self.ctx.oplog(
+                inst,
+                message[word],
+                level="ERROR" if word == "failed" else "INFO",
+                detail=detail or None,
+            )
 
     def _died_unwatched(self, inst: LocalInstance) -> bool:
         return (

@@ -11,16 +11,19 @@ a volume once.
 from __future__ import annotations
 
 import shutil
+import tarfile
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 import msgspec
 
 from schemas.api import VolumeAttachment
-from schemas.errors import Conflict, NotFound
+from schemas.errors import BadRequest, Conflict, NotFound
 from schemas.messages import VolumeRecord
-from worker.storage import make_sparse_ext4, write_atomic
+from worker.storage import make_ext4_from_tree, make_sparse_ext4, write_atomic
 
 __all__ = ["VolumeStore"]
 
@@ -85,6 +88,43 @@ class VolumeStore:
             raise
         return record
 
+    async def create_from_archive(
+        self,
+        volume_id: str,
+        name: str,
+        size_gb: int,
+        archive: Path,
+        *,
+        content_limit: int | None = None,
+    ) -> VolumeRecord:
+        """A volume holding a tar.gz's content, with hypeman's rules: at most ``size_gb`` GiB
+        of content; no absolute paths, ``..`` or links leading out; the disk is sized to the
+        content (x1.5, at least 10 MiB) and ``size_gb`` reports its size, rounded up."""
+        directory = self.root / volume_id
+        try:
+            directory.mkdir(parents=True)
+        except FileExistsError:
+            raise Conflict("volume with this ID already exists", code="already_exists") from None
+        try:
+            with tempfile.TemporaryDirectory(dir=self.root, prefix=".extract-") as tree:
+                content = await anyio.to_thread.run_sync(
+                    _extract_archive, archive, Path(tree), content_limit or size_gb * GIB
+                )
+                disk_bytes = max(10 << 20, -(-int(content * 1.5) // (1 << 20)) * (1 << 20))
+                await make_ext4_from_tree(Path(tree), directory / "data.raw", disk_bytes)
+            record = VolumeRecord(
+                id=volume_id,
+                name=name,
+                size_gb=max(1, -(-disk_bytes // GIB)),
+                host=self.host_id,
+                created_at=datetime.now(UTC),
+            )
+            self._save(record)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return record
+
     def delete(self, volume_id: str) -> None:
         record = self.require(volume_id)
         if record.attachments:
@@ -116,6 +156,30 @@ class VolumeStore:
     def _save(self, record: VolumeRecord) -> None:
         write_atomic(self.root / record.id / "metadata.json", _encoder.encode(record))
         self.on_change(record.id, record)
+
+
+def _extract_archive(archive: Path, into: Path, limit: int) -> int:
+    """Extract safely; return the content's size. Refuses what could escape ``into``."""
+    total = 0
+    try:
+        with tarfile.open(archive, mode="r:gz") as tar:
+            for member in tar:
+                if member.name.startswith("/") or ".." in Path(member.name).parts:
+                    raise BadRequest(
+                        f"archive entry {member.name!r} leaves the volume", code="invalid_archive"
+                    )
+                total += max(member.size, 0)
+                if total > limit:
+                    raise BadRequest(
+                        f"archive content exceeds the volume size ({limit} bytes)",
+                        code="archive_too_large",
+                    )
+                tar.extract(member, into, filter="data")
+    except tarfile.FilterError as exc:
+        raise BadRequest(f"unsafe archive entry: {exc}", code="invalid_archive") from None
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise BadRequest(f"not a valid tar.gz archive: {exc}", code="invalid_archive") from None
+    return total
 
 
 def _check_can_attach(record: VolumeRecord, instance_id: str, readonly: bool) -> None:

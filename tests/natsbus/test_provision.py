@@ -30,6 +30,7 @@ async def test_provision_is_idempotent(nats_url: str, subject_prefix: str) -> No
         assert (await hosts.status()).ttl == Layout().host_ttl_s
         for bucket in (subjects.instances_bucket, subjects.volumes_bucket, subjects.images_bucket):
             await js.key_value(bucket)
+        await js.object_store(subjects.archives_bucket)
     finally:
         await nc.close()
 

@@ -290,3 +290,48 @@ async def test_worker_rides_out_a_nats_restart(
     finally:
         await fleet.close()
         worker.cleanup()
+
+
+async def test_volume_from_uploaded_archive(
+    fleet: FleetClient, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    import io
+    import tarfile
+
+    from nats.js.errors import ObjectNotFoundError
+
+    from schemas.codec import decode_volume_record
+    from schemas.messages import CreateVolume, DeleteVolume
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo("hello.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"hi\n"))
+    js = fleet.nc.jetstream()
+    archives = await js.object_store(fleet.subjects.archives_bucket)
+    await archives.put("upload-1", buffer.getvalue())
+
+    result = await fleet.send(
+        worker.host_id,
+        CreateVolume(
+            id="cv-1",
+            issued_at=now(),
+            volume_id="vol-arc",
+            name="arc",
+            size_gb=1,
+            archive="upload-1",
+        ),
+    )
+    assert result.ok, result.error
+    assert result.volume is not None and result.volume.host == worker.host_id
+    kv = await js.key_value(fleet.subjects.volumes_bucket)
+    assert decode_volume_record((await kv.get("vol-arc")).value or b"").name == "arc"
+    with pytest.raises(ObjectNotFoundError):
+        await archives.get("upload-1")
+
+    assert (
+        await fleet.send(
+            worker.host_id, DeleteVolume(id="dv-1", issued_at=now(), volume_id="vol-arc")
+        )
+    ).ok

@@ -79,6 +79,7 @@ async def boot_vm(ctx: OpContext, inst: LocalInstance, image: ImageInfo) -> None
     await build_config_disk(inst.guest.config_disk, config)
     spec = vm_spec(ctx, inst, image, disks)
     inst.guest.write(inst.guest.vm_spec, spec)
+    inst.app_status = None
     inst.process = await ctx.driver.boot(spec, vmm_log=inst.guest.vmm_log)
     inst.spec = spec
     inst.guest.write_pid(inst.process.pid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -13,7 +14,7 @@ import msgspec
 from schemas.api import InstanceState
 from schemas.messages import InstanceRecord
 from worker.drivers.base import Hypervisor, VmSpec
-from worker.images import ImageCache
+from worker.images import ImageCache, ImageInfo
 from worker.proc import VmmProcess
 from worker.storage import GuestDir, Storage
 from worker.volumes import VolumeStore
@@ -48,6 +49,8 @@ class LocalInstance:
     guest: GuestDir
     spec: VmSpec | None = None
     process: VmmProcess | None = None
+    #: What the guest's init last said about the app ("running <pid>", "exited <code>").
+    app_status: str | None = None
 
     @property
     def id(self) -> str:
@@ -73,6 +76,8 @@ class OpContext:
     boot: BootAssets
     timeouts: Timeouts = field(default_factory=Timeouts)
     on_transition: Transitioned = lambda inst, previous: None
+    #: Told how long each image pull took (seconds), for the metrics.
+    observe_pull: Callable[[float], None] = lambda seconds: None
     #: Called once an instance's record is gone for good (deleted, or its create undone).
     on_removed: Callable[[InstanceRecord], None] = lambda record: None
 
@@ -97,6 +102,20 @@ class OpContext:
         inst.record = msgspec.structs.replace(inst.record, **changes)
         inst.guest.write(inst.guest.metadata, inst.record)
         self.on_transition(inst, None)
+
+    async def pull_image(self, inst: LocalInstance) -> ImageInfo:
+        """The instance's image: the digest it was created from if this host still has
+        it, else pulled (and timed), with progress in the ops log."""
+        if inst.record.image_digest:
+            cached = self.images.get(inst.record.image_digest)
+            if cached is not None:
+                return cached
+        started = time.monotonic()
+        image = await self.images.pull(
+            inst.record.image, on_status=lambda status: self.oplog(inst, f"image {status}")
+        )
+        self.observe_pull(time.monotonic() - started)
+        return image
 
     def oplog(
         self, inst: LocalInstance, message: str, *, level: str = "INFO", **fields: object

@@ -34,7 +34,7 @@ async def create(ctx: OpContext, cmd: Create) -> LocalInstance:
         guest.write(guest.metadata, inst.record)
         ctx.oplog(inst, "creating instance", name=cmd.name, image=cmd.image)
         # 3. The image, pulled on demand.
-        image = await ctx.images.pull(cmd.image, on_status=lambda s: ctx.oplog(inst, f"image {s}"))
+        image = await ctx.pull_image(inst)
         ctx.save(inst, image_digest=image.digest)
         # 4. Volumes: record the attachments (hypeman's sharing rules are checked here).
         for mount in cmd.volumes:

@@ -26,7 +26,7 @@ async def start(ctx: OpContext, inst: LocalInstance, cmd: Start) -> None:
             entrypoint=cmd.entrypoint or inst.record.entrypoint,
         )
     # 3. The image (pulled again only if this host lost it), a fresh config disk, then boot.
-    image = ctx.images.get(inst.record.image_digest) or await ctx.images.pull(inst.record.image)
+    image = await ctx.pull_image(inst)
     ctx.set_state(inst, InstanceState.CREATED)
     try:
         await boot_vm(ctx, inst, image)
