@@ -15,7 +15,16 @@ from nats.js.api import DeliverPolicy
 from cli.embedded_nats import NatsServerProcess
 from schemas.api import Hypervisor, InstanceState
 from schemas.codec import decode_log_line, decode_state_event, encode
-from schemas.messages import Create, Delete, Restore, Standby, Start, StateEvent, Stop
+from schemas.messages import (
+    Create,
+    Delete,
+    InstanceRecord,
+    Restore,
+    Standby,
+    Start,
+    StateEvent,
+    Stop,
+)
 from tests.support.fleet import FleetClient, WorkerProcess, now
 
 pytestmark = [pytest.mark.anyio, pytest.mark.vm]
@@ -175,32 +184,40 @@ async def test_malformed_command_is_answered_and_not_retried(
     assert info.num_pending == 0 and info.num_ack_pending == 0
 
 
+async def kill_worker_during(
+    fleet: FleetClient,
+    worker: WorkerProcess,
+    cmd: Create | Standby,
+    seen: InstanceState,
+    expected: InstanceState,
+) -> InstanceRecord:
+    """Send ``cmd`` without waiting, SIGKILL the worker once the instance reached ``seen``,
+    start a new worker, and wait until the redelivered command has left it ``expected``."""
+    await fleet.nc.jetstream().publish(
+        fleet.subjects.command(worker.host_id, cmd.op), encode(cmd), headers={"Nats-Msg-Id": cmd.id}
+    )
+    with anyio.fail_after(60):
+        while not any(e.state is seen for e in await state_events(fleet, cmd.instance_id)):
+            await anyio.sleep(0.01)
+    worker.kill()
+    worker.start()
+    with anyio.fail_after(120):
+        while True:
+            record = await fleet.record(cmd.instance_id)
+            if record and record.state is expected and record.last_command_id == cmd.id:
+                return record
+            await anyio.sleep(0.2)
+
+
 async def test_sigkill_during_standby_converges(
     fleet: FleetClient, worker: WorkerProcess, busybox_image: str
 ) -> None:
     await fleet.send(worker.host_id, create("sb", busybox_image, TICKER))
-    js = fleet.nc.jetstream()
-    await js.publish(
-        fleet.subjects.command(worker.host_id, "standby"),
-        encode(Standby(id="sb-1", instance_id="sb", issued_at=now())),
-        headers={"Nats-Msg-Id": "sb-1"},
+    standby = Standby(id="sb-1", instance_id="sb", issued_at=now())
+    record = await kill_worker_during(
+        fleet, worker, standby, InstanceState.PAUSED, InstanceState.STANDBY
     )
-    with anyio.fail_after(60):
-        while not any(e.state is InstanceState.PAUSED for e in await state_events(fleet, "sb")):
-            await anyio.sleep(0.01)
-    worker.kill()
-    worker.start()
-    # The standby is redelivered to the new worker and completes, exactly once in effect.
-    with anyio.fail_after(120):
-        while True:
-            record = await fleet.record("sb")
-            if (
-                record is not None
-                and record.state is InstanceState.STANDBY
-                and record.last_command_id == "sb-1"
-            ):
-                break
-            await anyio.sleep(0.2)
+    # Redelivered to the new worker, the standby completed, exactly once in effect.
     assert record.has_snapshot
     assert worker.qemu_processes() == []
     restored = await fleet.send(
@@ -213,28 +230,8 @@ async def test_sigkill_during_standby_converges(
 async def test_sigkill_during_create_converges(
     fleet: FleetClient, worker: WorkerProcess, busybox_image: str
 ) -> None:
-    js = fleet.nc.jetstream()
     cmd = create("cr", busybox_image, "echo created; sleep 3600")
-    await js.publish(
-        fleet.subjects.command(worker.host_id, "create"),
-        encode(cmd),
-        headers={"Nats-Msg-Id": cmd.id},
-    )
-    with anyio.fail_after(60):
-        while not any(e.state is InstanceState.CREATED for e in await state_events(fleet, "cr")):
-            await anyio.sleep(0.01)
-    worker.kill()
-    worker.start()
-    with anyio.fail_after(120):
-        while True:
-            record = await fleet.record("cr")
-            if (
-                record is not None
-                and record.state is InstanceState.RUNNING
-                and record.last_command_id == cmd.id
-            ):
-                break
-            await anyio.sleep(0.2)
+    await kill_worker_during(fleet, worker, cmd, InstanceState.CREATED, InstanceState.RUNNING)
     assert len(worker.qemu_processes()) == 1
 
 
@@ -335,3 +332,18 @@ async def test_volume_from_uploaded_archive(
             worker.host_id, DeleteVolume(id="dv-1", issued_at=now(), volume_id="vol-arc")
         )
     ).ok
+
+
+async def test_sigterm_leaves_vms_for_the_next_worker(
+    fleet: FleetClient, worker: WorkerProcess, busybox_image: str
+) -> None:
+    assert (await fleet.send(worker.host_id, create("keep", busybox_image, "sleep 3600"))).ok
+    (pid,) = worker.qemu_processes()
+    assert worker.terminate() == 0
+    assert worker.qemu_processes() == [pid]  # a production worker leaves its VMs running
+    worker.start()
+    stopped = await fleet.send(
+        worker.host_id, Stop(id="keep-stop", instance_id="keep", issued_at=now())
+    )
+    assert stopped.ok, stopped.error  # the new worker adopted the VM and stops it gracefully
+    assert worker.qemu_processes() == []

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from schemas.api import InstanceState
 from schemas.errors import BadRequest, InvalidState, NotFound
 from schemas.messages import Start, Stop
+from tests.support.images import build_busybox_image, push_image
 from tests.support.registry import LocalRegistry
 from tests.worker.conftest import create_command, now, wait_for_log
 from worker.engine import HostEngine
@@ -15,21 +18,34 @@ pytestmark = [pytest.mark.anyio, pytest.mark.vm]
 
 APP = (
     'trap "echo got SIGTERM; exit 0" TERM; '
-    'echo "greeting=$GREETING cwd=$(pwd)"; '
+    'echo "greeting=$GREETING image=$IMAGE_ONLY cwd=$(pwd)"; '
     '[ -f /root/marker ] && echo "marker: $(cat /root/marker)"; '
     "echo survived > /root/marker; "
     "while true; do sleep 1; done"
 )
 
 
-async def test_boot_env_stop_start(engine: HostEngine, busybox_image: str) -> None:
-    cmd = create_command(busybox_image, cmd=["/bin/sh", "-c", APP], env={"GREETING": "hello"})
+async def test_boot_env_stop_start(
+    engine: HostEngine, registry: LocalRegistry, tmp_path: Path
+) -> None:
+    image = push_image(
+        build_busybox_image(
+            tmp_path / "oci",
+            tag="app",
+            workdir="/app",
+            env=("PATH=/bin", "GREETING=from-image", "IMAGE_ONLY=kept"),
+        ),
+        registry.address,
+        "app:latest",
+    )
+    cmd = create_command(image, cmd=["/bin/sh", "-c", APP], env={"GREETING": "hello"})
     record = await engine.execute(cmd)
     assert record is not None and record.state is InstanceState.RUNNING
     assert record.started_at is not None
     guest = engine.instance(cmd.instance_id).guest
 
-    log = await wait_for_log(guest.app_log, "greeting=hello cwd=/")
+    # The instance env wins over the image env; the image's working dir is the app's.
+    log = await wait_for_log(guest.app_log, "greeting=hello image=kept cwd=/app")
     assert "marker: survived" not in log
 
     stopped = await engine.execute(Stop(id="stop-1", instance_id=cmd.instance_id, issued_at=now()))
