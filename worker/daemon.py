@@ -32,6 +32,7 @@ from worker.drivers.qemu import QemuDriver
 from worker.engine import HostEngine
 from worker.guest import ensure_initrd, ensure_kernel
 from worker.heartbeat import heartbeat_loop
+from worker.image_pulls import ImagePuller
 from worker.images import ImageCache
 from worker.ledger import Ledger
 from worker.lifecycle.context import BootAssets, OpContext
@@ -148,6 +149,9 @@ async def _run_components(
             engine.ctx.volumes,
             publisher,
             await js.object_store(subjects.archives_bucket),
+            ImagePuller(
+                await js.key_value(subjects.images_bucket), engine.ctx.images, config.host_id
+            ),
         ),
         ledger,
         metrics,

@@ -20,6 +20,7 @@ from schemas.messages import (
     VolumeRecord,
 )
 from worker.engine import HostEngine
+from worker.image_pulls import ImagePuller
 from worker.publisher import RecordPublisher
 from worker.volumes import VolumeStore
 
@@ -35,11 +36,13 @@ class Dispatcher:
         volumes: VolumeStore,
         publisher: RecordPublisher,
         archives: ObjectStore | None = None,
+        puller: ImagePuller | None = None,
     ) -> None:
         self.engine = engine
         self.volumes = volumes
         self.publisher = publisher
         self.archives = archives
+        self.puller = puller
 
     async def __call__(self, cmd: AnyCommand) -> CommandResult:
         try:
@@ -67,7 +70,10 @@ class Dispatcher:
                 self.volumes.delete(cmd.volume_id)
                 return CommandResult(command_id=cmd.id, ok=True)
             case PullImage():
-                raise BadRequest("image pulls are not commands of this worker yet")
+                if self.puller is None:
+                    raise BadRequest("this worker takes no image pulls")
+                image = await self.puller.pull(cmd)
+                return CommandResult(command_id=cmd.id, ok=True, image=image)
             case InstanceCommand():
                 if self._already_applied(cmd):
                     return CommandResult(

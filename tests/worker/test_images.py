@@ -15,15 +15,14 @@ import pytest
 
 from cli.embedded_nats import free_port
 from schemas.errors import BadRequest, Conflict, NotFound
+from schemas.references import ImageRef, normalize_reference
 from tests.support.images import build_busybox_image, push_image
 from tests.support.registry import LocalRegistry
 from worker.images import (
     CommandFailed,
     ImageCache,
     ImageInfo,
-    ImageRef,
     RegistryUnavailable,
-    normalize_reference,
     run_command,
     uses_plain_http,
 )
