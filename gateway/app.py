@@ -1,19 +1,32 @@
-"""Assembling the ASGI app: routes, auth, error handling, and the NATS connection's life."""
+"""Assembling the ASGI app: routes, middleware, error handling, and the lifespan that owns
+the NATS connection and the watched view of the fleet.
+
+The lifespan holds a task group for the view's watchers, open for as long as the app
+serves: Starlette enters and leaves the lifespan context in one task (it waits for
+shutdown inside it), so the group is structured, and shutting the app down cancels the
+watchers before the connection drains.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
 
+import anyio
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from gateway.auth import BearerAuth
+from gateway.commands import CommandSender
 from gateway.config import GatewayConfig
 from gateway.errors import EXCEPTION_HANDLERS
-from gateway.metrics import GatewayMetrics
-from gateway.routes import fleet, health
+from gateway.metrics import GatewayMetrics, MetricsMiddleware
+from gateway.openapi import build_spec, spec_json, spec_yaml
+from gateway.placement import Placement
+from gateway.routes import events, fleet, health, images, instances, spec, volumes
+from gateway.service import Gateway
+from gateway.view import FleetView
 from natsbus import connect, provision
 from schemas.subjects import Subjects
 
@@ -27,18 +40,49 @@ def create_app(config: GatewayConfig, *, registry: CollectorRegistry | None = No
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nc = await connect(config.bus)
         try:
-            await provision(nc.jetstream(), Subjects(config.subject_prefix), config.layout)
-            app.state.nats = nc
-            yield
+            subjects = Subjects(config.subject_prefix)
+            js = nc.jetstream()
+            await provision(js, subjects, config.layout)
+            view = FleetView(js, subjects, host_ttl_s=config.layout.host_ttl_s)
+            async with anyio.create_task_group() as tg:
+                await tg.start(view.run)
+                app.state.gateway = Gateway(
+                    config=config,
+                    subjects=subjects,
+                    js=js,
+                    view=view,
+                    sender=CommandSender(nc, subjects, timeout_s=config.command_timeout_s),
+                    placement=Placement(view, cpu_oversubscription=config.cpu_oversubscription),
+                )
+                try:
+                    yield
+                finally:
+                    del app.state.gateway
+                    tg.cancel_scope.cancel()
         finally:
-            await nc.drain()
+            with anyio.move_on_after(5, shield=True):
+                await nc.drain()
 
+    served = build_spec()
     app = Starlette(
-        routes=[*health.routes, *fleet.routes],
-        middleware=[Middleware(BearerAuth, secret=config.jwt_secret)],
+        routes=[
+            *health.routes,
+            *spec.routes,
+            *fleet.routes,
+            *events.routes,
+            *instances.routes,
+            *volumes.routes,
+            *images.routes,
+        ],
+        middleware=[
+            Middleware(MetricsMiddleware, metrics=metrics),
+            Middleware(BearerAuth, secret=config.jwt_secret),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.config = config
     app.state.metrics = metrics
+    app.state.spec_yaml = spec_yaml(served)
+    app.state.spec_json = spec_json(served)
     return app

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import time
 
-__all__ = ["GatewayMetrics"]
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["GatewayMetrics", "MetricsMiddleware"]
 
 
 class GatewayMetrics:
@@ -39,3 +42,44 @@ class GatewayMetrics:
                 60,
             ),
         )
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route template, method and status, and times it.
+
+    The route template (``/instances/{id}``), not the path, labels the series, so ids do not
+    multiply them; requests no route matched are counted under ``unmatched``. Latency is
+    measured to the end of the response, except for event streams, which are open-ended.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        streaming = False
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status, streaming
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                streaming = any(
+                    k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                    for k, v in message.get("headers", [])
+                )
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            method = scope["method"]
+            self.metrics.requests.labels(template, method, str(status)).inc()
+            if not streaming:
+                self.metrics.latency.labels(template, method).observe(time.perf_counter() - started)

@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from schemas.errors import VmfleetError
 
-__all__ = ["MsgspecResponse", "error_response"]
+__all__ = ["JSONBytesResponse", "MsgspecResponse", "error_response"]
 
 _encoder = msgspec.json.Encoder()
 
@@ -19,6 +19,12 @@ class MsgspecResponse(Response):
 
     def render(self, content: Any) -> bytes:
         return _encoder.encode(content)
+
+
+class JSONBytesResponse(Response):
+    """JSON that is already encoded (the view's cached renderings)."""
+
+    media_type = "application/json"
 
 
 def error_response(exc: VmfleetError) -> MsgspecResponse:

@@ -29,9 +29,17 @@ class _Server(uvicorn.Server):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """Bind the listening socket up front, so 'address in use' is an error we can report."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    """Bind the listening socket up front, so 'address in use' is an error we can report.
+
+    The protocol is named (IPPROTO_TCP, not 0): accepted sockets inherit it, and asyncio
+    only turns Nagle off on sockets whose protocol says TCP. Without that, a response
+    written as headers then body waits ~40 ms for the client's delayed ACK on every
+    kept-alive connection.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError:

@@ -31,6 +31,7 @@ from schemas.api import (
     Volume,
     VolumeAttachment,
     VolumeMount,
+    WaitForStateResponse,
 )
 from schemas.codec import (
     decode_attach_volume_request,
@@ -189,6 +190,7 @@ __all__ = [
     "VolumeAttachment",
     "VolumeMount",
     "VolumeRecord",
+    "WaitForStateResponse",
     "decode_attach_volume_request",
     "decode_command",
     "decode_command_result",

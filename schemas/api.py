@@ -57,6 +57,7 @@ __all__ = [
     "Volume",
     "VolumeAttachment",
     "VolumeMount",
+    "WaitForStateResponse",
 ]
 
 NAME_PATTERN: Final = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
@@ -277,3 +278,11 @@ class AttachVolumeRequest(msgspec.Struct, kw_only=True):
 
     mount_path: str
     readonly: bool = False
+
+
+class WaitForStateResponse(msgspec.Struct, kw_only=True):
+    """``GET /instances/{id}/wait`` (the newer SDK's call; a vmfleet extension)."""
+
+    state: InstanceState
+    state_error: str | None = None
+    timed_out: bool

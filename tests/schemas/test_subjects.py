@@ -93,3 +93,16 @@ def test_valid_tokens_make_four_token_subjects(host: str, instance: str) -> None
     else:
         with pytest.raises(ValueError):
             S.state(host, instance)
+
+
+def test_image_keys_are_kv_safe_and_distinct() -> None:
+    import base64
+    import re
+
+    from schemas.subjects import image_key
+
+    names = ["docker.io/library/alpine:latest", "127.0.0.1:5000/x@sha256:" + "a" * 64, "a/b:c"]
+    keys = [image_key(name) for name in names]
+    assert all(re.fullmatch(r"[-_A-Za-z0-9]+", key) for key in keys)
+    assert len(set(keys)) == len(keys)
+    assert base64.urlsafe_b64decode(keys[0] + "=" * (-len(keys[0]) % 4)).decode() == names[0]

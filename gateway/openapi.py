@@ -1,0 +1,337 @@
+"""The API description vmfleet serves at ``/spec.yaml`` and ``/spec.json``.
+
+It is hypeman's vendored ``spec/hypeman-openapi.yaml`` cut down to the operations vmfleet
+implements, plus vmfleet's extensions, each marked ``x-vmfleet-extension: true``:
+``GET /hosts``, ``GET /events``, ``GET /instances/{id}/wait``, the newer SDK's
+``POST /volumes/from-archive``, the ``host`` and
+``port_mappings`` fields, the 503/504 answers of a fleet, and the meta routes.
+Schemas of the extensions are generated from the msgspec Structs in ``schemas/``, and a
+test checks hypeman's component schemas against the Structs too, so the description and
+the code cannot drift apart. Another test checks that the routes the app serves and the
+paths described here are the same set.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import yaml
+
+from schemas.api import VOLUME_ID_PATTERN, WaitForStateResponse
+from schemas.messages import HostRecord, StateEvent
+
+__all__ = ["EXTENSION", "HYPEMAN_OPERATIONS", "build_spec", "spec_json", "spec_yaml"]
+
+EXTENSION: Final = "x-vmfleet-extension"
+VENDORED: Final = Path(__file__).parent / "spec" / "hypeman-openapi.yaml"
+
+#: hypeman's operations that vmfleet serves (path → methods).
+HYPEMAN_OPERATIONS: Final[dict[str, frozenset[str]]] = {
+    "/health": frozenset({"get"}),
+    "/images": frozenset({"get", "post"}),
+    "/images/{name}": frozenset({"get", "delete"}),
+    "/instances": frozenset({"get", "post"}),
+    "/instances/{id}": frozenset({"get", "delete"}),
+    "/instances/{id}/standby": frozenset({"post"}),
+    "/instances/{id}/restore": frozenset({"post"}),
+    "/instances/{id}/stop": frozenset({"post"}),
+    "/instances/{id}/start": frozenset({"post"}),
+    "/instances/{id}/logs": frozenset({"get"}),
+    "/instances/{id}/volumes/{volumeId}": frozenset({"post", "delete"}),
+    "/volumes": frozenset({"get", "post"}),
+    "/volumes/{id}": frozenset({"get", "delete"}),
+}
+_FLEET_ERRORS: Final = {
+    "503": "No live host can take it, or its host is not live (nothing was sent)",
+    "504": "The host did not answer in time; the command stays queued",
+}
+_WRITES: Final = (
+    ("/instances", "post"),
+    ("/instances/{id}", "delete"),
+    ("/instances/{id}/standby", "post"),
+    ("/instances/{id}/restore", "post"),
+    ("/instances/{id}/stop", "post"),
+    ("/instances/{id}/start", "post"),
+    ("/instances/{id}/volumes/{volumeId}", "post"),
+    ("/instances/{id}/volumes/{volumeId}", "delete"),
+    ("/volumes", "post"),
+    ("/volumes/from-archive", "post"),
+    ("/volumes/{id}", "delete"),
+    ("/images", "post"),
+)
+
+
+def build_spec() -> dict[str, Any]:
+    """The served description, as a dictionary."""
+    spec: dict[str, Any] = yaml.safe_load(VENDORED.read_text())
+    spec["info"]["title"] = "vmfleet API (hypeman-compatible)"
+    spec["info"]["description"] = (
+        "hypeman's API served by a fleet of hosts. Operations and fields marked "
+        f"`{EXTENSION}: true` are vmfleet's additions."
+    )
+    spec["paths"] = {
+        path: {m: op for m, op in ops.items() if m in HYPEMAN_OPERATIONS[path] or m == "parameters"}
+        for path, ops in spec["paths"].items()
+        if path in HYPEMAN_OPERATIONS
+    }
+    for operations in spec["paths"].values():
+        for method, operation in operations.items():
+            if method != "parameters":
+                operation["responses"] = {str(k): v for k, v in operation["responses"].items()}
+    _extend_schemas(spec["components"]["schemas"])
+    spec["paths"].update(_extension_paths())
+    _add_fleet_errors(spec["paths"])
+    _drop_unused_schemas(spec)
+    return spec
+
+
+def spec_yaml(spec: dict[str, Any]) -> bytes:
+    return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True).encode()
+
+
+def spec_json(spec: dict[str, Any]) -> bytes:
+    return json.dumps(spec, ensure_ascii=False).encode()
+
+
+# -- changes to hypeman's description ----------------------------------------------------------
+
+
+def _extend_schemas(schemas: dict[str, Any]) -> None:
+    instance = schemas["Instance"]["properties"]
+    instance["host"] = _ext({"type": "string", "description": "The host running the instance"})
+    instance["port_mappings"] = _ext(
+        {"type": "array", "items": {"$ref": "#/components/schemas/PortMapping"}}
+    )
+    create = schemas["CreateInstanceRequest"]["properties"]
+    create["port_mappings"] = _ext(
+        {"type": "array", "items": {"$ref": "#/components/schemas/PortMapping"}}
+    )
+    for field in ("cmd", "entrypoint"):
+        create[field] = _ext(
+            {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": f"Overrides the image's {field}",
+            }
+        )
+    _, generated = msgspec.json.schema_components(
+        [HostRecord, StateEvent, WaitForStateResponse],
+        ref_template="#/components/schemas/{name}",
+    )
+    for name, schema in generated.items():
+        schemas.setdefault(name, _ext(schema))
+
+
+def _add_fleet_errors(paths: dict[str, Any]) -> None:
+    for path, method in _WRITES:
+        responses = paths[path][method]["responses"]
+        for status, description in _FLEET_ERRORS.items():
+            responses.setdefault(status, _ext(_error_response(description)))
+
+
+def _extension_paths() -> dict[str, Any]:
+    secured: list[dict[str, list[str]]] = [{"bearerAuth": []}]
+    return {
+        "/hosts": {
+            "get": _ext(
+                {
+                    "summary": "List live hosts and their capacity",
+                    "operationId": "listHosts",
+                    "security": secured,
+                    "responses": {"200": _json_response("Live hosts", _array("HostRecord"))},
+                }
+            )
+        },
+        "/events": {"get": _ext(_events_operation(secured))},
+        "/instances/{id}/wait": {"get": _ext(_wait_operation(secured))},
+        "/volumes/from-archive": {"post": _ext(_from_archive_operation(secured))},
+        "/spec.yaml": {
+            "get": _meta(
+                "getSpecYaml", "This API description (YAML)", "application/vnd.oai.openapi"
+            )
+        },
+        "/spec.json": {
+            "get": _meta("getSpecJson", "This API description (JSON)", "application/json")
+        },
+        "/metrics": {"get": _meta("getMetrics", "Prometheus metrics", "text/plain")},
+    }
+
+
+def _events_operation(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
+    return {
+        "summary": "Stream state transitions (SSE)",
+        "description": (
+            "One event per transition: `id:` is its stream sequence, `data:` a StateEvent. "
+            "Send `Last-Event-ID` to resume after an event; without it the stream starts "
+            "with the next transition."
+        ),
+        "operationId": "streamEvents",
+        "security": secured,
+        "parameters": [
+            _query("instance", {"type": "string"}, "Instance id, name or id prefix"),
+            _query("host", {"type": "string"}, "Host id"),
+            {
+                "name": "Last-Event-ID",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+            },
+        ],
+        "responses": {
+            "200": {
+                "description": "Event stream",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            "400": _error_response("Bad parameter"),
+        },
+    }
+
+
+def _from_archive_operation(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
+    """The newer SDK's upload (``volumes.create_from_archive``)."""
+    return {
+        "summary": "Create a volume from a tar.gz archive",
+        "description": (
+            "The body is the archive (at most size_gb GiB); its content must fit in size_gb "
+            "GiB (400 archive_too_large otherwise)."
+        ),
+        "operationId": "createVolumeFromArchive",
+        "security": secured,
+        "parameters": [
+            {"name": "name", "in": "query", "required": True, "schema": {"type": "string"}},
+            {
+                "name": "size_gb",
+                "in": "query",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 1},
+            },
+            _query("id", {"type": "string", "pattern": VOLUME_ID_PATTERN}, "Custom volume id"),
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        "responses": {
+            "201": _json_response("Volume created", _ref("Volume")),
+            "400": _error_response("Bad parameter or archive"),
+            "409": _error_response("A volume with this id exists"),
+            "413": _error_response("The archive is larger than size_gb"),
+        },
+    }
+
+
+def _wait_operation(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
+    states = [
+        "Created",
+        "Initializing",
+        "Running",
+        "Paused",
+        "Shutdown",
+        "Stopped",
+        "Standby",
+        "Unknown",
+    ]
+    return {
+        "summary": "Wait for an instance to reach a state",
+        "description": (
+            "Returns when the instance is in `state`, becomes Unknown, or `timeout` "
+            "(a Go duration, default 60s, at most 5m) passes."
+        ),
+        "operationId": "waitForState",
+        "security": secured,
+        "parameters": [
+            {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}},
+            {
+                "name": "state",
+                "in": "query",
+                "required": True,
+                "schema": {"type": "string", "enum": states},
+            },
+            _query("timeout", {"type": "string"}, 'Go duration such as "30s"'),
+        ],
+        "responses": {
+            "200": _json_response("The state when the wait ended", _ref("WaitForStateResponse")),
+            "400": _error_response("Bad parameter"),
+            "404": _error_response("Instance not found"),
+            "409": _error_response("Ambiguous instance reference"),
+        },
+    }
+
+
+def _drop_unused_schemas(spec: dict[str, Any]) -> None:
+    """Leave out component schemas only the operations vmfleet does not serve use (vmfleet's
+    own stay: StateEvent describes ``/events`` data, which no ``$ref`` can point at)."""
+    schemas = spec["components"]["schemas"]
+    used: set[str] = set()
+    pending = _refs(spec["paths"])
+    while pending:
+        name = pending.pop()
+        if name not in used and name in schemas:
+            used.add(name)
+            pending |= _refs(schemas[name])
+    spec["components"]["schemas"] = {
+        k: v for k, v in schemas.items() if k in used or v.get(EXTENSION)
+    }
+
+
+def _refs(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        found = set()
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str):
+                found.add(value.rsplit("/", 1)[-1])
+            else:
+                found |= _refs(value)
+        return found
+    if isinstance(node, list):
+        return set().union(*(_refs(item) for item in node)) if node else set()
+    return set()
+
+
+# -- small builders ------------------------------------------------------------------------
+
+
+def _ext(node: dict[str, Any]) -> dict[str, Any]:
+    return {**copy.deepcopy(node), EXTENSION: True}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _array(name: str) -> dict[str, Any]:
+    return {"type": "array", "items": _ref(name)}
+
+
+def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error_response(description: str) -> dict[str, Any]:
+    return _json_response(description, _ref("Error"))
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _meta(operation_id: str, summary: str, media_type: str) -> dict[str, Any]:
+    """A public route outside hypeman's description (no ``security``)."""
+    content = {media_type: {"schema": {"type": "string"}}}
+    return _ext(
+        {
+            "summary": summary,
+            "operationId": operation_id,
+            "responses": {"200": {"description": summary, "content": content}},
+        }
+    )

@@ -1,0 +1,193 @@
+"""The gateway's in-memory copy of the fleet: instances, volumes, images and live hosts.
+
+Every GET and list is answered from here, without a round trip to a worker (the KV
+buckets are the fleet's view; workers are their only writers, except image records,
+see ``docs/api.md``). One KV watcher per bucket keeps the copy current: puts replace an
+entry, deletes and purges remove it. A value that does not decode (written by a newer
+or broken writer) is logged and left out, never served half-understood.
+
+Hosts are special: their bucket has a TTL, and JetStream drops an aged-out heartbeat
+without telling watchers. So each host carries its own expiry (the heartbeat's server
+time plus the TTL) and :meth:`FleetView.live_hosts` leaves out, and forgets, expired ones.
+
+Waiting for a change (read-your-writes after a command, ``/wait``, the end of a log
+follow) uses one :class:`anyio.Event` that is swapped on every change, so waiters are
+woken by updates, never by polling.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from schemas.codec import (
+    decode_host_record,
+    decode_image_record,
+    decode_instance_record,
+    decode_volume_record,
+    encode,
+)
+from schemas.messages import HostRecord, ImageRecord, InstanceRecord, VolumeRecord
+from schemas.subjects import Subjects
+
+__all__ = ["FleetView"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_DELETES = frozenset({"DEL", "PURGE"})
+
+
+class FleetView:
+    """A watched copy of the four buckets. Start :meth:`run` in a task group; read the
+    dictionaries directly (they are replaced entry by entry, never mutated in place)."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        subjects: Subjects,
+        *,
+        host_ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._js = js
+        self._subjects = subjects
+        self._host_ttl_s = host_ttl_s
+        self._clock = clock
+        self.instances: dict[str, InstanceRecord] = {}
+        self.volumes: dict[str, VolumeRecord] = {}
+        self.images: dict[str, ImageRecord] = {}
+        self._hosts: dict[str, tuple[HostRecord, float]] = {}
+        self._names: dict[str, set[str]] = {}
+        self._rendered: dict[str, bytes] = {}
+        self._changed = anyio.Event()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def instance_json(self, instance_id: str) -> bytes:
+        """The instance's API JSON, rendered once per version of its record (a list of
+        10,000 instances is then a join, not 10,000 renderings)."""
+        rendered = self._rendered.get(instance_id)
+        if rendered is None:
+            rendered = self._rendered[instance_id] = encode(self.instances[instance_id].to_api())
+        return rendered
+
+    def instance_ids_named(self, name: str) -> set[str]:
+        """Ids of the instances called ``name`` (several when names are reused)."""
+        return self._names.get(name, set())
+
+    def live_hosts(self) -> list[HostRecord]:
+        """Hosts whose last heartbeat is younger than the TTL, by id; forgets the others."""
+        now = self._clock()
+        for host_id in [h for h, (_, expires) in self._hosts.items() if expires <= now]:
+            del self._hosts[host_id]
+        return [record for _, (record, _) in sorted(self._hosts.items())]
+
+    def live_host(self, host_id: str) -> HostRecord | None:
+        return next((h for h in self.live_hosts() if h.id == host_id), None)
+
+    async def wait_until(self, probe: Callable[[], T | None], timeout_s: float) -> T | None:
+        """``probe()`` once it returns something truthy, or its last answer at the deadline.
+
+        Re-evaluated after every change of the view, not on a timer.
+        """
+        with anyio.move_on_after(timeout_s):
+            while not (found := probe()):
+                await self._changed.wait()
+            return found
+        return probe()
+
+    # -- watching ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Watch every bucket until cancelled; started once each one's current content is in."""
+        s = self._subjects
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._watch, s.instances_bucket, self._apply_instance)
+            await tg.start(self._watch, s.volumes_bucket, self._apply_volume)
+            await tg.start(self._watch, s.images_bucket, self._apply_image)
+            await tg.start(self._watch, s.hosts_bucket, self._apply_host)
+            task_status.started()
+
+    async def _watch(
+        self,
+        bucket: str,
+        apply: Callable[[KeyValue.Entry], None],
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        kv = await self._js.key_value(bucket)
+        watcher = await kv.watchall()
+        started = False
+        try:
+            async for entry in watcher:
+                if entry is None:  # the watcher's "initial values delivered" marker
+                    if not started:
+                        started = True
+                        task_status.started()
+                    continue
+                apply(entry)
+                self._notify()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+        raise RuntimeError(f"the watcher of KV bucket {bucket} stopped")
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    def _apply_instance(self, entry: KeyValue.Entry) -> None:
+        self._rendered.pop(entry.key, None)
+        old = self.instances.pop(entry.key, None)
+        if old is not None:
+            self._names.get(old.name, set()).discard(entry.key)
+            if not self._names.get(old.name):
+                self._names.pop(old.name, None)
+        record = _decoded(entry, decode_instance_record)
+        if record is not None:
+            self.instances[entry.key] = record
+            self._names.setdefault(record.name, set()).add(entry.key)
+
+    def _apply_volume(self, entry: KeyValue.Entry) -> None:
+        record = _decoded(entry, decode_volume_record)
+        if record is None:
+            self.volumes.pop(entry.key, None)
+        else:
+            self.volumes[entry.key] = record
+
+    def _apply_image(self, entry: KeyValue.Entry) -> None:
+        record = _decoded(entry, decode_image_record)
+        if record is None:
+            self.images.pop(entry.key, None)
+        else:
+            self.images[entry.key] = record
+
+    def _apply_host(self, entry: KeyValue.Entry) -> None:
+        record = _decoded(entry, decode_host_record)
+        if record is None:
+            self._hosts.pop(entry.key, None)
+            return
+        written = entry.created if isinstance(entry.created, datetime) else datetime.now(UTC)
+        age = max(0.0, (datetime.now(UTC) - written).total_seconds())
+        self._hosts[entry.key] = (record, self._clock() + self._host_ttl_s - age)
+
+
+def _decoded(entry: KeyValue.Entry, decode: Callable[[bytes], T]) -> T | None:
+    """The entry's value, or None for a delete, a purge, or a value that does not decode."""
+    if entry.operation in _DELETES or not entry.value:
+        return None
+    try:
+        return decode(entry.value)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        log.warning("ignoring undecodable %s entry %r: %s", entry.bucket, entry.key, exc)
+        return None
