@@ -1,0 +1,281 @@
+"""Gateway read latency and throughput, and the command round trip, next to their floors.
+
+In one run, against a real nats-server and a `vmfleet gateway` process:
+- GET /instances/{id} and GET /instances with 100 and with 10,000 instance records
+  (written straight into the instances bucket: a read benchmark needs records, not VMs);
+- floors: GET /health on the same server (constant JSON), and a bare nats-py KV get;
+- the lifecycle command round trip HTTP -> command -> worker -> record -> HTTP, measured
+  with a command the worker refuses by the state table (restore of a Running instance), so
+  no hypervisor time is in it; floor: a core NATS request/reply.
+Goals ([4/9]): GET p50 within 1.5x the HTTP floor; at least 2,000 GET/s; command round trip
+overhead under 5 ms p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import httpx
+import nats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cli.embedded_nats import NatsServerProcess, free_port
+from cli.token import mint_token
+from natsbus import Layout, provision
+from schemas.api import Hypervisor, InstanceState
+from schemas.codec import encode
+from schemas.messages import InstanceRecord
+from schemas.subjects import Subjects
+
+VMFLEET = str(Path(sys.executable).parent / "vmfleet")
+SECRET = "bench-secret-0123456789abcdef0123456789"
+PREFIX = "bench"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def latencies(client: httpx.Client, path: str, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        response = client.get(path)
+        out.append(time.perf_counter() - start)
+        assert response.status_code == 200, response.text
+    return out
+
+
+def throughput(base_url: str, path: str, seconds: float, threads: int = 4) -> float:
+    done = [0] * threads
+    stop = time.monotonic() + seconds
+
+    def run(i: int) -> None:
+        with httpx.Client(base_url=base_url, headers=auth()) as client:
+            while time.monotonic() < stop:
+                client.get(path)
+                done[i] += 1
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(done) / seconds
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {mint_token(SECRET)}"}
+
+
+def record(i: int) -> InstanceRecord:
+    return InstanceRecord(
+        id=f"b{i:023d}",
+        name=f"bench-{i}",
+        image="docker.io/library/busybox:latest",
+        host="h",
+        state=InstanceState.RUNNING,
+        size_bytes=1 << 30,
+        overlay_bytes=10 << 30,
+        vcpus=2,
+        hypervisor=Hypervisor.QEMU,
+        created_at=datetime.now(UTC),
+    )
+
+
+async def fill(nats_url: str, n: int) -> None:
+    nc = await nats.connect(nats_url)
+    kv = await nc.jetstream().key_value(Subjects(PREFIX).instances_bucket)
+    for i in range(n):
+        await kv.put(record(i).id, encode(record(i)))
+    await nc.close()
+
+
+async def kv_floor(nats_url: str, n: int) -> list[float]:
+    nc = await nats.connect(nats_url)
+    kv = await nc.jetstream().key_value(Subjects(PREFIX).instances_bucket)
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await kv.get(record(0).id)
+        out.append(time.perf_counter() - start)
+    await nc.close()
+    return out
+
+
+async def request_floor(nats_url: str, n: int) -> list[float]:
+    nc = await nats.connect(nats_url)
+    responder = await nats.connect(nats_url)
+
+    async def echo(msg: nats.aio.msg.Msg) -> None:
+        await msg.respond(b"ok")
+
+    await responder.subscribe("bench.echo", cb=echo)
+    await responder.flush()
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await nc.request("bench.echo", b"x", timeout=5)
+        out.append(time.perf_counter() - start)
+    await nc.close()
+    await responder.close()
+    return out
+
+
+def wait_for(check: object, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark setup did not converge")
+        time.sleep(0.2)
+
+
+def row(name: str, samples: list[float], floor: list[float] | None = None, goal: str = "") -> str:
+    p50, p99 = pct(samples, 0.5) * 1000, pct(samples, 0.99) * 1000
+    ratio = f"{p50 / (pct(floor, 0.5) * 1000):.2f}x" if floor else ""
+    return f"| {name} | {p50:.2f} | {p99:.2f} | {ratio} | {goal} |"
+
+
+def main(requests: int, with_worker: bool) -> None:
+    work = Path(tempfile.mkdtemp(prefix="vg", dir="/tmp"))
+    server = NatsServerProcess(work / "nats")
+    server.start()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        server.wait_ready()
+        env = {
+            **os.environ,
+            "NATS_URL": server.url,
+            "JWT_SECRET": SECRET,
+            "VMFLEET_SUBJECT_PREFIX": PREFIX,
+            "VMFLEET_LOG_LEVEL": "WARNING",
+        }
+
+        async def prepare() -> None:
+            nc = await nats.connect(server.url)
+            await provision(nc.jetstream(), Subjects(PREFIX), Layout())
+            await nc.close()
+
+        anyio.run(prepare)
+        port = free_port()
+        procs.append(
+            subprocess.Popen(
+                [VMFLEET, "gateway", "--host", "127.0.0.1", "--port", str(port)], env=env
+            )
+        )
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _ok(f"{base}/health"))
+        lines = ["| measure | p50 ms | p99 ms | vs floor | goal |", "|---|---|---|---|---|"]
+        with httpx.Client(base_url=base, headers=auth()) as client:
+            health = latencies(client, "/health", requests)
+            kv = anyio.run(kv_floor_after_fill, server.url)
+            lines.append(row("floor: GET /health (constant JSON)", health))
+            lines.append(row("floor: nats-py KV get", kv))
+            for n in (100, 10_000):
+                anyio.run(fill, server.url, n)
+                wait_for(lambda n=n: len(client.get("/instances").json()) == n)
+                one = latencies(client, f"/instances/{record(n // 2).id}", requests)
+                listing = latencies(
+                    client, "/instances", max(20, requests // (10 if n > 100 else 1))
+                )
+                lines.append(
+                    row(f"GET /instances/{{id}} ({n} instances)", one, health, "p50 <= 1.5x")
+                )
+                lines.append(row(f"GET /instances ({n} instances)", listing, health))
+        rate = throughput(base, f"/instances/{record(1).id}", 5.0)
+        health_rate = throughput(base, "/health", 5.0)
+        if with_worker:
+            lines += command_round_trip(server.url, base, env, procs, requests)
+        print("\n".join(lines))
+        print(
+            f"\nGET /instances/{{id}}: {rate:.0f}/s (goal >= 2000/s); "
+            f"GET /health: {health_rate:.0f}/s "
+            "(4 client threads in one process on the same 2-core machine)"
+        )
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=60)
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def kv_floor_after_fill(nats_url: str) -> list[float]:
+    await fill(nats_url, 1)
+    return await kv_floor(nats_url, 500)
+
+
+def command_round_trip(
+    nats_url: str, base: str, env: dict[str, str], procs: list[subprocess.Popen[bytes]], n: int
+) -> list[str]:
+    """One real VM; then a refused restore, again and again: pure control-plane time."""
+    data = Path(tempfile.mkdtemp(prefix="vgw", dir="/tmp"))
+    worker_env = {
+        **env,
+        "VMFLEET_HOST_ID": "benchhost",
+        "VMFLEET_DATA_DIR": str(data),
+        "VMFLEET_ASSETS_DIR": str(ROOT / ".cache" / "test-assets"),
+    }
+    procs.append(subprocess.Popen([VMFLEET, "worker"], env=worker_env))
+    from tests.support.images import build_busybox_image, push_image
+    from tests.support.registry import LocalRegistry
+
+    registry = LocalRegistry(data.parent / f"{data.name}-registry")
+    registry.start()
+    try:
+        image = push_image(
+            build_busybox_image(data.parent / f"{data.name}-oci"), registry.address, "b:latest"
+        )
+        with httpx.Client(base_url=base, headers=auth(), timeout=120) as client:
+            wait_for(lambda: any(h["id"] == "benchhost" for h in client.get("/hosts").json()))
+            created = client.post(
+                "/instances", json={"name": "rt", "image": image, "size": "256MB", "vcpus": 1}
+            )
+            assert created.status_code == 201, created.text
+            iid = created.json()["id"]
+            samples = []
+            for _ in range(n // 5):
+                start = time.perf_counter()
+                refused = client.post(f"/instances/{iid}/restore")
+                samples.append(time.perf_counter() - start)
+                assert refused.status_code == 409, refused.text
+            client.delete(f"/instances/{iid}")
+        floor = anyio.run(request_floor, nats_url, 500)
+        overhead = [s - statistics.median(floor) for s in samples]
+        return [
+            row("floor: NATS request/reply", floor),
+            row("command round trip (refused restore)", samples),
+            row("  minus the NATS floor", overhead, None, "p50 < 5 ms"),
+        ]
+    finally:
+        registry.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--no-worker", action="store_true", help="skip the command round trip")
+    args = parser.parse_args()
+    main(args.requests, not args.no_worker)
