@@ -42,8 +42,9 @@ async def test_instance_api_on_a_real_worker(fleet: Fleet, busybox_image: str) -
         assert [i["id"] for i in (await client.get("/instances")).json()].count(instance_id) == 1
         assert len(fleet.worker.qemu_processes()) == 1
 
-        await _volumes(client, instance_id)
         await _events_and_wait(client, instance_id)
+        # Hot-plug after a standby/restore: the restored device model takes new disks.
+        await _volumes(client, instance_id)
 
         assert (await client.delete(f"/instances/{instance_id}")).status_code == 204
         assert (await client.get(f"/instances/{instance_id}")).status_code == 404
