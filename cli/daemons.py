@@ -13,6 +13,7 @@ from gateway import GatewayConfig, create_app
 from gateway.server import bind, serve
 from natsbus import BusOptions, Layout
 from worker import WorkerConfig, run_worker
+from worker.network import NetworkSettings
 
 __all__ = ["cancel_on_signal", "run_gateway_daemon", "run_worker_daemon"]
 
@@ -43,6 +44,7 @@ async def run_worker_daemon(settings: Settings) -> None:
         layout=Layout(replicas=settings.replicas),
         assets_dir=settings.assets_dir,
         log_max_bytes=settings.log_max_bytes,
+        network=NetworkSettings(mode=settings.network, publish_addr=settings.publish_addr),
         kernel=settings.kernel,
         initrd=settings.initrd,
         insecure_registries=settings.insecure_registries,

@@ -23,6 +23,7 @@ from gateway import GatewayConfig, create_app
 from gateway.server import bind, serve
 from natsbus import BusOptions, Layout
 from worker import WorkerConfig, run_worker
+from worker.network import NetworkSettings
 
 __all__ = ["DevOptions", "run_dev"]
 
@@ -66,6 +67,7 @@ async def _run_components(
         stop_instances_on_exit=True,
         assets_dir=settings.assets_dir,
         log_max_bytes=settings.log_max_bytes,
+        network=NetworkSettings(mode=settings.network, publish_addr=settings.publish_addr),
         kernel=settings.kernel,
         initrd=settings.initrd,
         insecure_registries=settings.insecure_registries,

@@ -6,6 +6,7 @@ naming the variable, so an operator never has to guess which setting was wrong.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -40,6 +41,8 @@ class Settings:
     initrd: Path | None = None
     insecure_registries: frozenset[str] = frozenset()
     log_max_bytes: int = 50 << 20
+    network: str = "user"
+    publish_addr: str = "127.0.0.1"
 
 
 def default_data_dir(env: Mapping[str, str]) -> Path:
@@ -70,11 +73,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         else None,
         kernel=_existing_file("VMFLEET_KERNEL", env.get("VMFLEET_KERNEL")),
         initrd=_existing_file("VMFLEET_INITRD", env.get("VMFLEET_INITRD")),
+        network=_choice("VMFLEET_NETWORK", env.get("VMFLEET_NETWORK", "user"), ("user", "bridge")),
+        publish_addr=_ip("VMFLEET_PUBLISH_ADDR", env.get("VMFLEET_PUBLISH_ADDR", "127.0.0.1")),
         log_max_bytes=_size("VMFLEET_LOG_MAX_SIZE", env.get("VMFLEET_LOG_MAX_SIZE", "50MB")),
         insecure_registries=frozenset(
             r.strip() for r in env.get("VMFLEET_INSECURE_REGISTRIES", "").split(",") if r.strip()
         ),
     )
+
+
+def _ip(name: str, raw: str) -> str:
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not an IP address") from None
 
 
 def _size(name: str, raw: str) -> int:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from natsbus import BusOptions, Layout
+from worker.network import NetworkSettings
 
 __all__ = ["WorkerConfig"]
 
@@ -31,6 +32,8 @@ class WorkerConfig:
     #: Operator-supplied guest kernel and initrd (VMFLEET_KERNEL / VMFLEET_INITRD).
     kernel: Path | None = None
     initrd: Path | None = None
+    #: How instances are networked (``user``: QEMU user mode; ``bridge``: TAPs on a bridge).
+    network: NetworkSettings = field(default_factory=NetworkSettings)
     #: A log file over this size is rotated (to ``<name>.1``) once shipped.
     log_max_bytes: int = 50 << 20
     #: Registries reached over plain HTTP although not on loopback.

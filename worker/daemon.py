@@ -64,6 +64,8 @@ async def run_worker(
 ) -> None:
     """Run until cancelled. Reports started once the worker takes commands."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    if config.network.mode == "bridge":
+        raise HypervisorError("VMFLEET_NETWORK=bridge: bridge networking is not available yet")
     if config.hypervisor == "cloud-hypervisor":
         raise HypervisorError(
             "VMFLEET_HYPERVISOR=cloud-hypervisor: its driver is not available yet"
@@ -103,6 +105,7 @@ async def _serve(
         on_transition=lambda inst, previous: publisher.changed(inst.record, previous),
         on_removed=publisher.deleted,
         observe_pull=metrics.pull_duration.observe,
+        network=config.network,
     )
     engine = HostEngine(ctx)
     async with anyio.create_task_group() as infra:

@@ -68,7 +68,9 @@ class HostEngine:
             match cmd:
                 case Create():
                     if not await self._finish_interrupted_create(cmd):
-                        self._instances[instance_id] = await create.create(self.ctx, cmd)
+                        self._instances[instance_id] = await create.create(
+                            self.ctx, cmd, taken_ports=self._ports_taken()
+                        )
                 case Start():
                     await start.start(self.ctx, self._require(instance_id), cmd)
                 case Stop():
@@ -125,6 +127,14 @@ class HostEngine:
             )
         except Exception as exc:
             log.warning("could not stop %s on shutdown: %s", instance_id, exc)
+
+    def _ports_taken(self) -> set[tuple[str, int]]:
+        """Host ports held by this host's instances, whatever their state."""
+        return {
+            (str(m.protocol or "tcp"), m.host_port)
+            for inst in self._instances.values()
+            for m in inst.record.port_mappings
+        }
 
     def usage(self) -> HostUsage:
         """vCPUs and memory held by VMs that have a VMM (what placement must count)."""

@@ -15,7 +15,7 @@ import msgspec
 
 from worker.proc import VmmProcess
 
-__all__ = ["Capabilities", "DiskSpec", "Hypervisor", "VmSpec", "VmState"]
+__all__ = ["Capabilities", "DiskSpec", "Hypervisor", "NicSpec", "PortForward", "VmSpec", "VmState"]
 
 
 class VmState(enum.StrEnum):
@@ -41,6 +41,24 @@ class DiskSpec(msgspec.Struct, frozen=True, kw_only=True):
     volume_id: str | None = None
 
 
+class PortForward(msgspec.Struct, frozen=True, kw_only=True):
+    protocol: str
+    host_addr: str
+    host_port: int
+    guest_port: int
+
+
+class NicSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One virtio-net NIC. ``user``: the VMM's own network stack with port forwards;
+    ``tap``: a host TAP device (bridge mode)."""
+
+    id: str
+    mac: str
+    mode: str = "user"
+    tap: str | None = None
+    forwards: tuple[PortForward, ...] = ()
+
+
 class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     instance_id: str
     vcpus: int
@@ -54,6 +72,7 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     run_dir: str
     accel: str = "tcg"
     hotplug_slots: int = 8
+    nics: tuple[NicSpec, ...] = ()
 
     def with_disk(self, disk: DiskSpec) -> VmSpec:
         return msgspec.structs.replace(self, disks=(*self.disks, disk))

@@ -23,7 +23,7 @@ from pathlib import Path
 import anyio
 
 from schemas.errors import HypervisorError
-from worker.drivers.base import Capabilities, DiskSpec, VmSpec, VmState
+from worker.drivers.base import Capabilities, DiskSpec, NicSpec, VmSpec, VmState
 from worker.drivers.qmp import QmpClient, QmpError, open_qmp
 from worker.proc import VmmProcess, spawn_vmm
 
@@ -97,6 +97,8 @@ def build_args(spec: VmSpec, *, binary: str, incoming: bool = False) -> list[str
         args += ["-device", f"pcie-root-port,id=rp{slot},slot={slot},chassis={slot}"]
     for disk in spec.disks:
         args += _disk_args(disk)
+    for nic in spec.nics:
+        args += _nic_args(nic)
     if incoming:
         args += ["-incoming", "defer"]
     return args
@@ -107,6 +109,18 @@ def _firmware() -> list[str]:
     prints nothing, so the app's console log starts with the guest's own lines."""
     qboot = Path("/usr/share/qemu/qboot.rom")
     return ["-bios", str(qboot)] if qboot.exists() else []
+
+
+def _nic_args(nic: NicSpec) -> list[str]:
+    if nic.mode == "tap":
+        netdev = f"tap,id={nic.id},ifname={nic.tap},script=no,downscript=no"
+    else:
+        forwards = "".join(
+            f",hostfwd={f.protocol}:{f.host_addr}:{f.host_port}-:{f.guest_port}"
+            for f in nic.forwards
+        )
+        netdev = f"user,id={nic.id}{forwards}"
+    return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={nic.id},mac={nic.mac}"]
 
 
 def _disk_args(disk: DiskSpec) -> list[str]:

@@ -11,6 +11,7 @@ from worker.guest import GuestConfig, GuestNetwork, build_config_disk, merge_env
 from worker.images import ImageInfo
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.mounts import volume_disks
+from worker.network import user_nic
 from worker.storage import GuestDir, make_sparse_ext4
 
 __all__ = ["boot_vm", "ensure_volume_overlays", "guest_config", "vm_spec"]
@@ -43,7 +44,8 @@ def guest_config(inst: LocalInstance, image: ImageInfo, mounts: list[object]) ->
         workdir=image.working_dir or "/",
         env=merge_env(image.env, record.env),
         volume_mounts=tuple(mounts),  # type: ignore[arg-type]
-        network=GuestNetwork(enabled=False),
+        # user mode: QEMU's DHCP gives the guest its address, gateway and DNS.
+        network=GuestNetwork(enabled=record.network_enabled, mode="dhcp"),
         hostname=record.name,
     )
 
@@ -68,6 +70,11 @@ def vm_spec(
         serial_log=str(guest.app_log),
         run_dir=str(guest.run_dir),
         accel=ctx.boot.accel,
+        nics=(
+            (user_nic(inst.id, list(inst.record.port_mappings), ctx.network),)
+            if inst.record.network_enabled
+            else ()
+        ),
     )
 
 

@@ -15,6 +15,7 @@ from schemas.api import InstanceState
 from schemas.messages import InstanceRecord
 from worker.drivers.base import Hypervisor, VmSpec
 from worker.images import ImageCache, ImageInfo
+from worker.network import NetworkSettings
 from worker.proc import VmmProcess
 from worker.storage import GuestDir, Storage
 from worker.volumes import VolumeStore
@@ -75,6 +76,7 @@ class OpContext:
     volumes: VolumeStore
     boot: BootAssets
     timeouts: Timeouts = field(default_factory=Timeouts)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
     on_transition: Transitioned = lambda inst, previous: None
     #: Told how long each image pull took (seconds), for the metrics.
     observe_pull: Callable[[float], None] = lambda seconds: None

@@ -13,6 +13,7 @@ from schemas.messages import Create, InstanceRecord
 from worker.lifecycle.boot import boot_vm
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.mounts import check_mounts
+from worker.network import USER_GUEST_IP, check_port_mappings, claim_host_ports, mac_for
 from worker.storage import make_sparse_ext4
 
 __all__ = ["create"]
@@ -20,10 +21,14 @@ __all__ = ["create"]
 MAX_VCPUS = 16
 
 
-async def create(ctx: OpContext, cmd: Create) -> LocalInstance:
+async def create(
+    ctx: OpContext, cmd: Create, *, taken_ports: set[tuple[str, int]] | None = None
+) -> LocalInstance:
     # 1. Refuse what cannot work before anything is made.
     _check_request(cmd)
     check_mounts(cmd.volumes)
+    check_port_mappings(cmd.port_mappings)
+    claim_host_ports(cmd.port_mappings, taken_ports or set(), ctx.network.publish_addr)
     for mount in cmd.volumes:
         ctx.volumes.require(mount.volume_id)
     # 2. The instance's directory and record: from here on, a failure removes both.
@@ -77,8 +82,9 @@ def _initial_record(ctx: OpContext, cmd: Create) -> InstanceRecord:
         env=dict(cmd.env),
         volumes=list(cmd.volumes),
         port_mappings=list(cmd.port_mappings),
-        # Networking arrives with its own issue; until then an instance has no NIC, and says so.
-        network_enabled=False,
+        network_enabled=cmd.network_enabled,
+        ip=USER_GUEST_IP if cmd.network_enabled else None,
+        mac=mac_for(cmd.instance_id) if cmd.network_enabled else None,
         hypervisor=cmd.hypervisor,
         cmd=cmd.cmd,
         entrypoint=cmd.entrypoint,

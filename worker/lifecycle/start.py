@@ -10,6 +10,7 @@ from schemas.api import InstanceState
 from schemas.messages import Start
 from worker.lifecycle.boot import boot_vm
 from worker.lifecycle.context import LocalInstance, OpContext
+from worker.network import claim_host_ports
 from worker.states import Op, check_transition
 
 __all__ = ["start"]
@@ -25,7 +26,9 @@ async def start(ctx: OpContext, inst: LocalInstance, cmd: Start) -> None:
             cmd=cmd.cmd or inst.record.cmd,
             entrypoint=cmd.entrypoint or inst.record.entrypoint,
         )
-    # 3. The image (pulled again only if this host lost it), a fresh config disk, then boot.
+    # 3. Its host ports are still free (something else may have bound one meanwhile).
+    claim_host_ports(inst.record.port_mappings, set(), ctx.network.publish_addr)
+    # 4. The image (pulled again only if this host lost it), a fresh config disk, then boot.
     image = await ctx.pull_image(inst)
     ctx.set_state(inst, InstanceState.CREATED)
     try:

@@ -1,0 +1,43 @@
+"""``user`` mode: QEMU's user-mode network stack. No root, no bridge: the guest gets
+10.0.2.15 by DHCP from QEMU, egress goes through the host's sockets, and port mappings are
+forwarded from the host's loopback (or ``VMFLEET_PUBLISH_ADDR``) into the guest."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from schemas.api import PortMapping
+from worker.drivers.base import NicSpec, PortForward
+
+__all__ = ["USER_GUEST_IP", "NetworkSettings", "mac_for", "user_nic"]
+
+#: The address QEMU's user-mode DHCP hands the guest.
+USER_GUEST_IP = "10.0.2.15"
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    mode: str = "user"
+    #: Where port mappings listen on the host.
+    publish_addr: str = "127.0.0.1"
+
+
+def mac_for(instance_id: str) -> str:
+    """A stable, locally administered unicast MAC (02:…): the same across standby/restore
+    and restarts, distinct per instance."""
+    digest = hashlib.sha256(instance_id.encode()).digest()
+    return "02:" + ":".join(f"{b:02x}" for b in digest[:5])
+
+
+def user_nic(instance_id: str, mappings: list[PortMapping], settings: NetworkSettings) -> NicSpec:
+    forwards = tuple(
+        PortForward(
+            protocol=str(m.protocol or "tcp"),
+            host_addr=settings.publish_addr,
+            host_port=m.host_port,
+            guest_port=m.guest_port,
+        )
+        for m in mappings
+    )
+    return NicSpec(id="net0", mac=mac_for(instance_id), mode="user", forwards=forwards)
