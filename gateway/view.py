@@ -29,6 +29,7 @@ from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from schemas.api import InstanceState
 from schemas.codec import (
     decode_host_record,
     decode_image_record,
@@ -68,18 +69,31 @@ class FleetView:
         self.images: dict[str, ImageRecord] = {}
         self._hosts: dict[str, tuple[HostRecord, float]] = {}
         self._names: dict[str, set[str]] = {}
-        self._rendered: dict[str, bytes] = {}
+        self._rendered: dict[str, tuple[bool, bytes]] = {}
         self._changed = anyio.Event()
 
     # -- reading -------------------------------------------------------------------------------
 
     def instance_json(self, instance_id: str) -> bytes:
-        """The instance's API JSON, rendered once per version of its record (a list of
-        10,000 instances is then a join, not 10,000 renderings)."""
-        rendered = self._rendered.get(instance_id)
-        if rendered is None:
-            rendered = self._rendered[instance_id] = encode(self.instances[instance_id].to_api())
-        return rendered
+        """The instance's API JSON, rendered once per version of its record and liveness of
+        its host (a list of 10,000 instances is then a join, not 10,000 renderings)."""
+        record = self.instances[instance_id]
+        reachable = self.host_alive(record.host)
+        cached = self._rendered.get(instance_id)
+        if cached is None or cached[0] != reachable:
+            shown = record if reachable else _unreachable(record)
+            cached = self._rendered[instance_id] = (reachable, encode(shown.to_api()))
+        return cached[1]
+
+    def effective_state(self, instance_id: str) -> InstanceState:
+        """The state a client sees: ``Unknown`` while the owning host is unreachable."""
+        record = self.instances[instance_id]
+        return record.state if self.host_alive(record.host) else InstanceState.UNKNOWN
+
+    def host_alive(self, host_id: str) -> bool:
+        """Whether the host's heartbeat is younger than the TTL (one dictionary lookup)."""
+        beat = self._hosts.get(host_id)
+        return beat is not None and beat[1] > self._clock()
 
     def instance_ids_named(self, name: str) -> set[str]:
         """Ids of the instances called ``name`` (several when names are reused)."""
@@ -180,6 +194,17 @@ class FleetView:
         written = entry.created if isinstance(entry.created, datetime) else datetime.now(UTC)
         age = max(0.0, (datetime.now(UTC) - written).total_seconds())
         self._hosts[entry.key] = (record, self._clock() + self._host_ttl_s - age)
+
+
+def _unreachable(record: InstanceRecord) -> InstanceRecord:
+    """The record as the fleet can vouch for it while its host is silent: nothing is
+    deleted, and the true state comes back with the host's next heartbeat."""
+    return msgspec.structs.replace(
+        record,
+        state=InstanceState.UNKNOWN,
+        state_error=f"host {record.host} is unreachable (no heartbeat); last known state "
+        f"{record.state.value}",
+    )
 
 
 def _decoded(entry: KeyValue.Entry, decode: Callable[[bytes], T]) -> T | None:

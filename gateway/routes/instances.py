@@ -70,7 +70,7 @@ async def list_instances(request: Request) -> Response:
     keys = [
         key
         for key in sorted(view.instances)
-        if wanted is None or view.instances[key].state.value == wanted
+        if wanted is None or view.effective_state(key).value == wanted
     ]
     return JSONBytesResponse(b"[" + b",".join(view.instance_json(key) for key in keys) + b"]")
 

@@ -40,8 +40,10 @@ async def _until(client: httpx.AsyncClient, path: str, status: int) -> httpx.Res
     return response
 
 
-async def _seed(bus: Bus) -> None:
+async def _seed(bus: Bus, *, host_alive: bool = True) -> None:
     s = bus.subjects
+    if host_alive:
+        await bus.put(s.hosts_bucket, "h1", host_record("h1"))
     await bus.put(s.instances_bucket, A, instance_record(A, "web", "h1"))
     await bus.put(s.instances_bucket, B, instance_record(B, "twin", "h1"))
     await bus.put(s.instances_bucket, C, instance_record(C, "twin", "h1"))
@@ -84,7 +86,7 @@ async def test_deletes_and_undecodable_values_leave_the_view(gw: GatewayHandle, 
 
 
 async def test_command_to_a_host_that_is_not_live_is_refused(gw: GatewayHandle, bus: Bus) -> None:
-    await _seed(bus)
+    await _seed(bus, host_alive=False)
     async with gw.async_client() as client:
         await _until(client, f"/instances/{A}", 200)
         response = await client.post(f"/instances/{A}/stop")
@@ -207,3 +209,36 @@ async def test_wait_is_woken_by_record_changes(gw: GatewayHandle, bus: Bus) -> N
         assert reached.json() == {"state": "Running", "state_error": None, "timed_out": False}
         for bad in ({"state": "Flying"}, {}, {"state": "Running", "timeout": "soon"}):
             assert (await client.get(f"/instances/{A}/wait", params=bad)).status_code == 400
+
+
+async def test_instances_of_a_silent_host_read_unknown_until_it_returns(nats_url: str) -> None:
+    from natsbus import Layout
+
+    prefix = "t" + secrets.token_hex(4)
+    with running_gateway(nats_url, prefix, layout=Layout(host_ttl_s=1.5)) as gw:
+        nc = await nats.connect(nats_url)
+        try:
+            bus = Bus(nc, prefix)
+            s = bus.subjects
+            await bus.put(s.hosts_bucket, "h7", host_record("h7"))
+            await bus.put(s.instances_bucket, A, instance_record(A, "web", "h7"))
+            async with gw.async_client() as client:
+                await _until(client, f"/instances/{A}", 200)
+                assert (await client.get(f"/instances/{A}")).json()["state"] == "Running"
+                with anyio.fail_after(10):  # the heartbeat ages out; nothing is deleted
+                    while (body := (await client.get(f"/instances/{A}")).json())[
+                        "state"
+                    ] != "Unknown":
+                        await anyio.sleep(0.1)
+                assert "host h7 is unreachable" in body["state_error"]
+                listed = (await client.get("/instances", params={"state": "Unknown"})).json()
+                assert [i["id"] for i in listed] == [A]
+                await bus.put(s.hosts_bucket, "h7", host_record("h7"))  # the host is back
+                with anyio.fail_after(10):
+                    while (body := (await client.get(f"/instances/{A}")).json())[
+                        "state"
+                    ] != "Running":
+                        await anyio.sleep(0.1)
+                assert body["state_error"] is None
+        finally:
+            await nc.close()
