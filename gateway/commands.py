@@ -10,10 +10,14 @@ stays queued and runs when the host is back; nothing is half-done.
 
 from __future__ import annotations
 
+import logging
+
 import anyio
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import PubAck
+from nats.js.errors import NoStreamResponseError
 
 from schemas.codec import decode_command_result, encode
 from schemas.errors import HostUnavailable, OpTimeout
@@ -22,12 +26,22 @@ from schemas.subjects import Subjects
 
 __all__ = ["CommandSender"]
 
+log = logging.getLogger(__name__)
+
 
 class CommandSender:
-    def __init__(self, nc: Client, subjects: Subjects, *, timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        subjects: Subjects,
+        *,
+        timeout_s: float = 120.0,
+        publish_retry_s: float = 15.0,
+    ) -> None:
         self._nc = nc
         self._subjects = subjects
         self.timeout_s = timeout_s
+        self.publish_retry_s = publish_retry_s
 
     async def send(
         self, host: str, cmd: AnyCommand, *, timeout_s: float | None = None
@@ -35,9 +49,7 @@ class CommandSender:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         subscription = await self._nc.subscribe(self._subjects.result(cmd.id), max_msgs=1)
         try:
-            ack = await self._nc.jetstream().publish(
-                self._subjects.command(host, cmd.op), encode(cmd), headers={"Nats-Msg-Id": cmd.id}
-            )
+            ack = await self._publish(host, cmd)
             if ack.duplicate:
                 recorded = await self._recorded_result(host, cmd.id)
                 if recorded is not None:
@@ -53,6 +65,29 @@ class CommandSender:
         finally:
             with anyio.CancelScope(shield=True):
                 await subscription.unsubscribe()
+
+    async def _publish(self, host: str, cmd: AnyCommand) -> PubAck:
+        """Publish, retrying while the cluster fails over (a server lost, a stream leader
+        being elected). Safe to repeat: the command id is the message id, so JetStream
+        keeps one copy."""
+        delay = 0.1
+        with anyio.move_on_after(self.publish_retry_s):
+            while True:
+                try:
+                    return await self._nc.jetstream().publish(
+                        self._subjects.command(host, cmd.op),
+                        encode(cmd),
+                        headers={"Nats-Msg-Id": cmd.id},
+                        timeout=2,
+                    )
+                except (NoStreamResponseError, NatsTimeoutError, NoRespondersError) as exc:
+                    log.info("publishing %s to %s: %s; retrying", cmd.op, host, exc)
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+        raise HostUnavailable(
+            f"the fleet's message bus took no command for {self.publish_retry_s:g}s",
+            code="nats_unavailable",
+        )
 
     async def _recorded_result(self, host: str, command_id: str) -> CommandResult | None:
         """The outcome the host recorded for a command sent before, if it has finished."""

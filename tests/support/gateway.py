@@ -72,7 +72,7 @@ def running_gateway(nats_url: str, prefix: str, **config: object) -> Iterator[Ga
     """Serve a gateway of the fleet ``prefix`` until the block ends."""
     app = create_app(
         GatewayConfig(
-            bus=BusOptions(urls=(nats_url,), name="gateway-test"),
+            bus=BusOptions(urls=tuple(nats_url.split(",")), name="gateway-test"),
             jwt_secret=SECRET,
             subject_prefix=prefix,
             **config,  # type: ignore[arg-type]
