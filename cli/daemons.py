@@ -44,6 +44,7 @@ async def run_worker_daemon(settings: Settings) -> None:
         layout=Layout(replicas=settings.replicas),
         assets_dir=settings.assets_dir,
         log_max_bytes=settings.log_max_bytes,
+        labels=dict(settings.host_labels),
         network=NetworkSettings(mode=settings.network, publish_addr=settings.publish_addr),
         kernel=settings.kernel,
         initrd=settings.initrd,

@@ -67,6 +67,7 @@ async def _run_components(
         stop_instances_on_exit=True,
         assets_dir=settings.assets_dir,
         log_max_bytes=settings.log_max_bytes,
+        labels=dict(settings.host_labels),
         network=NetworkSettings(mode=settings.network, publish_addr=settings.publish_addr),
         kernel=settings.kernel,
         initrd=settings.initrd,

@@ -11,7 +11,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from schemas.sizes import parse_size
@@ -42,6 +42,7 @@ class Settings:
     insecure_registries: frozenset[str] = frozenset()
     log_max_bytes: int = 50 << 20
     network: str = "user"
+    host_labels: dict[str, str] = field(default_factory=dict)
     publish_addr: str = "127.0.0.1"
 
 
@@ -73,6 +74,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         else None,
         kernel=_existing_file("VMFLEET_KERNEL", env.get("VMFLEET_KERNEL")),
         initrd=_existing_file("VMFLEET_INITRD", env.get("VMFLEET_INITRD")),
+        host_labels=_labels("VMFLEET_HOST_LABELS", env.get("VMFLEET_HOST_LABELS", "")),
         network=_choice("VMFLEET_NETWORK", env.get("VMFLEET_NETWORK", "user"), ("user", "bridge")),
         publish_addr=_ip("VMFLEET_PUBLISH_ADDR", env.get("VMFLEET_PUBLISH_ADDR", "127.0.0.1")),
         log_max_bytes=_size("VMFLEET_LOG_MAX_SIZE", env.get("VMFLEET_LOG_MAX_SIZE", "50MB")),
@@ -80,6 +82,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             r.strip() for r in env.get("VMFLEET_INSECURE_REGISTRIES", "").split(",") if r.strip()
         ),
     )
+
+
+def _labels(name: str, raw: str) -> dict[str, str]:
+    labels = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not _TOKEN.match(key):
+            raise ConfigError(f"{name}: {item!r} is not key=value (key: letters, digits, - or _)")
+        labels[key] = value
+    return labels
 
 
 def _ip(name: str, raw: str) -> str:

@@ -53,14 +53,25 @@ class Placement:
     clock: Callable[[], float] = time.monotonic
     _reserved: dict[str, list[_Reservation]] = field(default_factory=dict)
 
-    def instance_host(self, demand: Demand, *, pinned_to: str | None = None) -> str:
+    def instance_host(
+        self,
+        demand: Demand,
+        *,
+        pinned_to: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> str:
         """The host a new instance should run on; 503 when none can take it."""
         hosts = self.view.live_hosts()
         if pinned_to is not None:
             host = next((h for h in hosts if h.id == pinned_to), None)
             if host is None:
-                raise HostUnavailable(f"host {pinned_to}, which holds the volumes, is not live")
+                raise HostUnavailable(f"host {pinned_to} is not live")
             hosts = [host]
+        if labels:
+            hosts = [h for h in hosts if labels.items() <= h.labels.items()]
+            if not hosts:
+                wanted = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+                raise NoCapacity(f"no live host has the labels {wanted}")
         fitting = [h for h in hosts if self._fits(h, demand)]
         if not fitting:
             raise NoCapacity(_no_capacity_message(demand, hosts, pinned_to))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final, TypeVar
 
@@ -207,6 +207,8 @@ class CreatePlan:
     demand: Demand
     #: The host of the instance's volumes, which the instance must run on.
     pinned_to: str | None
+    #: Labels the chosen host must advertise (a vmfleet extension of the request).
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 def plan_create(
@@ -252,7 +254,23 @@ def plan_create(
         entrypoint=req.entrypoint if isinstance(req.entrypoint, list) else None,
     )
     demand = Demand(vcpus=vcpus, memory_bytes=size + hotplug, hypervisor=hypervisor)
-    return CreatePlan(command=command, demand=demand, pinned_to=_volumes_host(mounts, view))
+    return CreatePlan(
+        command=command,
+        demand=demand,
+        pinned_to=_pinned_host(req, _volumes_host(mounts, view)),
+        labels=req.host_labels if isinstance(req.host_labels, dict) else {},
+    )
+
+
+def _pinned_host(req: CreateInstanceRequest, volumes_host: str | None) -> str | None:
+    """The request's ``host`` and its volumes' host must agree when both pin it."""
+    asked = req.host if isinstance(req.host, str) else None
+    if asked is not None and volumes_host is not None and asked != volumes_host:
+        raise Conflict(
+            f"the volumes live on host {volumes_host}, not on the requested host {asked}",
+            code="volume_on_other_host",
+        )
+    return asked or volumes_host
 
 
 def _refuse_unsupported(req: CreateInstanceRequest) -> None:

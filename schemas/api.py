@@ -178,6 +178,10 @@ class CreateInstanceRequest(msgspec.Struct, kw_only=True):
     port_mappings: list[PortMapping] | UnsetType = UNSET
     cmd: list[str] | UnsetType = UNSET
     entrypoint: list[str] | UnsetType = UNSET
+    #: Placement constraints (vmfleet extensions): run on this host, or on a host whose
+    #: advertised labels include all of these.
+    host: str | UnsetType = UNSET
+    host_labels: dict[str, str] | UnsetType = UNSET
 
 
 class InstanceNetwork(msgspec.Struct, kw_only=True):

@@ -97,7 +97,7 @@ async def create_instance(request: Request) -> Response:
     plan = plan_create(
         req, gw.view, command_id=key or new_id(), instance_id=instance_id, issued_at=now()
     )
-    host = gw.placement.instance_host(plan.demand, pinned_to=plan.pinned_to)
+    host = gw.placement.instance_host(plan.demand, pinned_to=plan.pinned_to, labels=plan.labels)
     with gw.placement.reserved(host, plan.demand):
         result = await gw.execute(
             host, plan.command, settled=_applied(gw, instance_id, plan.command.id)

@@ -242,3 +242,31 @@ async def test_instances_of_a_silent_host_read_unknown_until_it_returns(nats_url
                 assert body["state_error"] is None
         finally:
             await nc.close()
+
+
+async def test_requested_host_must_agree_with_the_volumes_host(gw: GatewayHandle, bus: Bus) -> None:
+    s = bus.subjects
+    await bus.put(s.hosts_bucket, "h1", host_record("h1"))
+    await bus.put(s.hosts_bucket, "h2", host_record("h2"))
+    await bus.put(s.volumes_bucket, "vol-x", _volume_on("h1"))
+    body = {
+        "name": "pinned",
+        "image": "busybox",
+        "host": "h2",
+        "volumes": [{"volume_id": "vol-x", "mount_path": "/data"}],
+    }
+    async with gw.async_client() as client:
+        with anyio.fail_after(10):
+            while (await client.get("/volumes/vol-x")).status_code != 200:
+                await anyio.sleep(0.05)
+        response = await client.post("/instances", json=body)
+    assert response.status_code == 409
+    assert response.json()["code"] == "volume_on_other_host"
+
+
+def _volume_on(host: str) -> object:
+    from datetime import UTC, datetime
+
+    from schemas.messages import VolumeRecord
+
+    return VolumeRecord(id="vol-x", name="x", size_gb=1, host=host, created_at=datetime.now(UTC))

@@ -107,6 +107,16 @@ def test_pinned_host_must_be_live_and_fit() -> None:
         _placement(b).instance_host(SMALL, pinned_to="a")
 
 
+def test_labels_constrain_placement() -> None:
+    gpu = host_record("gpu", labels={"zone": "a", "kind": "gpu"})
+    plain = host_record("plain", labels={"zone": "a"}, memory_total_bytes=64 * GIB)
+    placement = _placement(gpu, plain)
+    assert placement.instance_host(SMALL, labels={"kind": "gpu"}) == "gpu"
+    assert placement.instance_host(SMALL, labels={"zone": "a"}) == "plain"  # most free memory
+    with pytest.raises(NoCapacity, match="kind=tpu"):
+        placement.instance_host(SMALL, labels={"kind": "tpu"})
+
+
 def test_reservations_count_until_a_later_heartbeat() -> None:
     host = host_record("h", memory_total_bytes=2 * GIB)
     placement = _placement(host)
