@@ -118,6 +118,16 @@ def _extend_schemas(schemas: dict[str, Any]) -> None:
                 "description": f"Overrides the image's {field}",
             }
         )
+    create["host"] = _ext(
+        {"type": "string", "description": "Placement constraint: run on this host"}
+    )
+    create["host_labels"] = _ext(
+        {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "Placement constraint: labels the host must advertise",
+        }
+    )
     _, generated = msgspec.json.schema_components(
         [HostRecord, StateEvent, WaitForStateResponse],
         ref_template="#/components/schemas/{name}",
