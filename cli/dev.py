@@ -68,7 +68,9 @@ async def _run_components(
         assets_dir=settings.assets_dir,
         log_max_bytes=settings.log_max_bytes,
         labels=dict(settings.host_labels),
-        network=NetworkSettings(mode=settings.network, publish_addr=settings.publish_addr),
+        network=NetworkSettings(
+            mode=settings.network, publish_addr=settings.publish_addr, subnet=settings.subnet
+        ),
         kernel=settings.kernel,
         initrd=settings.initrd,
         insecure_registries=settings.insecure_registries,

@@ -23,6 +23,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=os.environ.get("VMFLEET_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One line per HTTP request is noise in a command's output; its errors are reported.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         settings = load_settings()
         return int(args.run(settings, args) or 0)
@@ -58,12 +60,50 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, default=None, help="where `vmfleet dev` keeps its secret"
     )
     token.set_defaults(run=_token)
+    host = sub.add_parser("host", help="fleet hosts (through the gateway)")
+    host_sub = host.add_subparsers(dest="host_command", required=True, metavar="ACTION")
+    drain = host_sub.add_parser("drain", help="no new placements on a host")
+    drain.add_argument("host_id")
+    drain.add_argument("--standby", action="store_true", help="also standby its running instances")
+    drain.add_argument("--reason", default="", help="kept with the drain record")
+    drain.set_defaults(run=_host_drain)
+    undrain = host_sub.add_parser("undrain", help="take a drained host back into placement")
+    undrain.add_argument("host_id")
+    undrain.set_defaults(run=_host_undrain)
+
     kernel = sub.add_parser("kernel", help="guest kernel assets")
     kernel_sub = kernel.add_subparsers(dest="kernel_command", required=True, metavar="ACTION")
     fetch = kernel_sub.add_parser("fetch", help="fetch Debian's cloud kernel into the data dir")
     fetch.add_argument("--data-dir", type=Path, default=None, help="default: VMFLEET_DATA_DIR")
     fetch.set_defaults(run=_kernel_fetch)
     return parser
+
+
+def _host_drain(settings: Settings, args: argparse.Namespace) -> int:
+    from cli.client import ClientError, call, fail
+
+    body = {"standby": args.standby, "reason": args.reason}
+    try:
+        result = call("POST", f"/hosts/{args.host_id}/drain", json=body)
+    except ClientError as exc:
+        return fail(str(exc))
+    print(f"host {result['host']} drained")
+    for instance_id in result["standby"]:
+        print(f"  standby: {instance_id}")
+    for instance_id, error in result["errors"].items():
+        print(f"  not in standby: {instance_id}: {error}")
+    return 1 if result["errors"] else 0
+
+
+def _host_undrain(settings: Settings, args: argparse.Namespace) -> int:
+    from cli.client import ClientError, call, fail
+
+    try:
+        call("DELETE", f"/hosts/{args.host_id}/drain")
+    except ClientError as exc:
+        return fail(str(exc))
+    print(f"host {args.host_id} takes placements again")
+    return 0
 
 
 def _kernel_fetch(settings: Settings, args: argparse.Namespace) -> int:

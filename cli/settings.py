@@ -44,6 +44,7 @@ class Settings:
     network: str = "user"
     host_labels: dict[str, str] = field(default_factory=dict)
     publish_addr: str = "127.0.0.1"
+    subnet: str = "10.100.0.0/16"
 
 
 def default_data_dir(env: Mapping[str, str]) -> Path:
@@ -77,6 +78,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         host_labels=_labels("VMFLEET_HOST_LABELS", env.get("VMFLEET_HOST_LABELS", "")),
         network=_choice("VMFLEET_NETWORK", env.get("VMFLEET_NETWORK", "user"), ("user", "bridge")),
         publish_addr=_ip("VMFLEET_PUBLISH_ADDR", env.get("VMFLEET_PUBLISH_ADDR", "127.0.0.1")),
+        subnet=_subnet("VMFLEET_SUBNET", env.get("VMFLEET_SUBNET", "10.100.0.0/16")),
         log_max_bytes=_size("VMFLEET_LOG_MAX_SIZE", env.get("VMFLEET_LOG_MAX_SIZE", "50MB")),
         insecure_registries=frozenset(
             r.strip() for r in env.get("VMFLEET_INSECURE_REGISTRIES", "").split(",") if r.strip()
@@ -99,6 +101,19 @@ def _ip(name: str, raw: str) -> str:
         return str(ipaddress.ip_address(raw))
     except ValueError:
         raise ConfigError(f"{name}: {raw!r} is not an IP address") from None
+
+
+def _subnet(name: str, raw: str) -> str:
+    """An IPv4 network with room for the gateway and at least one guest (a /30 or wider)."""
+    try:
+        network = ipaddress.IPv4Network(raw.strip(), strict=True)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{name}: {raw!r} is not an IPv4 network like 10.100.0.0/16 ({exc})"
+        ) from None
+    if network.prefixlen > 30:
+        raise ConfigError(f"{name}: {raw!r} is too small (at most /30)")
+    return str(network)
 
 
 def _size(name: str, raw: str) -> int:

@@ -10,6 +10,7 @@ watchers before the connection drains.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 
 import anyio
@@ -38,12 +39,19 @@ def create_app(config: GatewayConfig, *, registry: CollectorRegistry | None = No
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        nc = await connect(config.bus)
+        views: list[FleetView] = []
+
+        def resync_views() -> None:
+            for view in views:
+                view.resync()
+
+        nc = await connect(dataclasses.replace(config.bus, on_reconnect=resync_views))
         try:
             subjects = Subjects(config.subject_prefix)
             js = nc.jetstream()
             await provision(js, subjects, config.layout)
             view = FleetView(js, subjects, host_ttl_s=config.layout.host_ttl_s)
+            views.append(view)
             async with anyio.create_task_group() as tg:
                 await tg.start(view.run)
                 app.state.gateway = Gateway(

@@ -14,7 +14,7 @@ import logging
 
 import anyio
 from nats.aio.client import Client
-from nats.errors import NoRespondersError
+from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import PubAck
 from nats.js.errors import NoStreamResponseError
@@ -80,7 +80,13 @@ class CommandSender:
                         headers={"Nats-Msg-Id": cmd.id},
                         timeout=2,
                     )
-                except (NoStreamResponseError, NatsTimeoutError, NoRespondersError) as exc:
+                except (
+                    NoStreamResponseError,
+                    NatsTimeoutError,
+                    NoRespondersError,
+                    ConnectionClosedError,
+                    ConnectionReconnectingError,
+                ) as exc:
                     log.info("publishing %s to %s: %s; retrying", cmd.op, host, exc)
                     await anyio.sleep(delay)
                     delay = min(delay * 2, 1.0)

@@ -21,7 +21,7 @@ from typing import Any, Final
 import msgspec
 import yaml
 
-from schemas.api import VOLUME_ID_PATTERN, WaitForStateResponse
+from schemas.api import VOLUME_ID_PATTERN, DrainRequest, DrainResult, WaitForStateResponse
 from schemas.messages import HostRecord, StateEvent
 
 __all__ = ["EXTENSION", "HYPEMAN_OPERATIONS", "build_spec", "spec_json", "spec_yaml"]
@@ -129,7 +129,7 @@ def _extend_schemas(schemas: dict[str, Any]) -> None:
         }
     )
     _, generated = msgspec.json.schema_components(
-        [HostRecord, StateEvent, WaitForStateResponse],
+        [HostRecord, StateEvent, WaitForStateResponse, DrainRequest, DrainResult],
         ref_template="#/components/schemas/{name}",
     )
     for name, schema in generated.items():
@@ -156,6 +156,7 @@ def _extension_paths() -> dict[str, Any]:
                 }
             )
         },
+        "/hosts/{id}/drain": _drain_operations(secured),
         "/events": {"get": _ext(_events_operation(secured))},
         "/instances/{id}/wait": {"get": _ext(_wait_operation(secured))},
         "/volumes/from-archive": {"post": _ext(_from_archive_operation(secured))},
@@ -168,6 +169,37 @@ def _extension_paths() -> dict[str, Any]:
             "get": _meta("getSpecJson", "This API description (JSON)", "application/json")
         },
         "/metrics": {"get": _meta("getMetrics", "Prometheus metrics", "text/plain")},
+    }
+
+
+def _drain_operations(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
+    host = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    result = _json_response("The host's drain state", {"$ref": "#/components/schemas/DrainResult"})
+    not_found = _error_response("Host not found (or not drained, for DELETE)")
+    body = {
+        "required": False,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DrainRequest"}}},
+    }
+    return {
+        "post": _ext(
+            {
+                "summary": "Drain a host: no new placements; optionally standby its instances",
+                "operationId": "drainHost",
+                "security": secured,
+                "parameters": host,
+                "requestBody": body,
+                "responses": {"200": result, "404": not_found},
+            }
+        ),
+        "delete": _ext(
+            {
+                "summary": "Take a host back into placement",
+                "operationId": "undrainHost",
+                "security": secured,
+                "parameters": host,
+                "responses": {"200": result, "404": not_found},
+            }
+        ),
     }
 
 

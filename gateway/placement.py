@@ -59,9 +59,17 @@ class Placement:
         *,
         pinned_to: str | None = None,
         labels: dict[str, str] | None = None,
+        exclude: frozenset[str] = frozenset(),
     ) -> str:
-        """The host a new instance should run on; 503 when none can take it."""
-        hosts = self.view.live_hosts()
+        """The host a new instance should run on; 503 when none can take it. ``exclude``:
+        hosts that just refused it as full."""
+        hosts = [
+            h
+            for h in self.view.live_hosts()
+            if h.id not in exclude and h.id not in self.view.drains
+        ]
+        if pinned_to is not None and pinned_to in self.view.drains:
+            raise NoCapacity(f"host {pinned_to} is drained: nothing new is placed there")
         if pinned_to is not None:
             host = next((h for h in hosts if h.id == pinned_to), None)
             if host is None:
@@ -79,9 +87,9 @@ class Placement:
 
     def volume_host(self) -> str:
         """The live host with the most free disk."""
-        hosts = self.view.live_hosts()
+        hosts = [h for h in self.view.live_hosts() if h.id not in self.view.drains]
         if not hosts:
-            raise NoCapacity("no live host to create the volume on")
+            raise NoCapacity("no live, undrained host to create the volume on")
         return max(hosts, key=lambda h: (h.disk_free_bytes, h.id)).id
 
     @contextlib.contextmanager

@@ -31,13 +31,14 @@ from nats.js.kv import KeyValue
 
 from schemas.api import InstanceState
 from schemas.codec import (
+    decode_drain_record,
     decode_host_record,
     decode_image_record,
     decode_instance_record,
     decode_volume_record,
     encode,
 )
-from schemas.messages import HostRecord, ImageRecord, InstanceRecord, VolumeRecord
+from schemas.messages import DrainRecord, HostRecord, ImageRecord, InstanceRecord, VolumeRecord
 from schemas.subjects import Subjects
 
 __all__ = ["FleetView"]
@@ -67,10 +68,13 @@ class FleetView:
         self.instances: dict[str, InstanceRecord] = {}
         self.volumes: dict[str, VolumeRecord] = {}
         self.images: dict[str, ImageRecord] = {}
+        self.drains: dict[str, DrainRecord] = {}
         self._hosts: dict[str, tuple[HostRecord, float]] = {}
         self._names: dict[str, set[str]] = {}
         self._rendered: dict[str, tuple[bool, bytes]] = {}
         self._changed = anyio.Event()
+        self._resync = anyio.Event()
+        self._last_host_entry = clock()
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -122,15 +126,44 @@ class FleetView:
 
     # -- watching ------------------------------------------------------------------------------
 
+    def resync(self) -> None:
+        """Watch every bucket afresh: called when the NATS connection came back (perhaps to
+        another server of the cluster), where a watcher's consumer may have been lost."""
+        self._resync.set()
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Watch every bucket until cancelled; started once each one's current content is in."""
+        """Watch every bucket until cancelled; started once each one's current content is in.
+        After :meth:`resync`, the watchers are started again and replay the buckets."""
+        while True:
+            async with anyio.create_task_group() as tg:
+                await self._start_watchers(tg)
+                tg.start_soon(self._resync_when_heartbeats_stall)
+                task_status.started()
+                task_status = anyio.TASK_STATUS_IGNORED
+                await self._resync.wait()
+                self._resync = anyio.Event()
+                log.info("re-watching the fleet's buckets after a reconnect")
+                tg.cancel_scope.cancel()
+
+    async def _resync_when_heartbeats_stall(self) -> None:
+        """Hosts beat every few seconds. If none has been seen for two thirds of the TTL
+        while hosts are known, the watchers' consumers are presumably lost (their server
+        left the cluster without this client noticing): watch again before hosts expire."""
+        stall = self._host_ttl_s * 2 / 3
+        while True:
+            await anyio.sleep(min(2.0, stall / 2))
+            if self._hosts and self._clock() - self._last_host_entry > stall:
+                log.warning("no heartbeat for %.0fs: watching the buckets again", stall)
+                self._last_host_entry = self._clock()
+                self.resync()
+
+    async def _start_watchers(self, tg: anyio.abc.TaskGroup) -> None:
         s = self._subjects
-        async with anyio.create_task_group() as tg:
-            await tg.start(self._watch, s.instances_bucket, self._apply_instance)
-            await tg.start(self._watch, s.volumes_bucket, self._apply_volume)
-            await tg.start(self._watch, s.images_bucket, self._apply_image)
-            await tg.start(self._watch, s.hosts_bucket, self._apply_host)
-            task_status.started()
+        await tg.start(self._watch, s.instances_bucket, self._apply_instance)
+        await tg.start(self._watch, s.volumes_bucket, self._apply_volume)
+        await tg.start(self._watch, s.images_bucket, self._apply_image)
+        await tg.start(self._watch, s.hosts_bucket, self._apply_host)
+        await tg.start(self._watch, s.drains_bucket, self._apply_drain)
 
     async def _watch(
         self,
@@ -186,7 +219,15 @@ class FleetView:
         else:
             self.images[entry.key] = record
 
+    def _apply_drain(self, entry: KeyValue.Entry) -> None:
+        record = _decoded(entry, decode_drain_record)
+        if record is None:
+            self.drains.pop(entry.key, None)
+        else:
+            self.drains[entry.key] = record
+
     def _apply_host(self, entry: KeyValue.Entry) -> None:
+        self._last_host_entry = self._clock()
         record = _decoded(entry, decode_host_record)
         if record is None:
             self._hosts.pop(entry.key, None)

@@ -119,6 +119,7 @@ def _buckets(s: Subjects, layout: Layout) -> list[KeyValueConfig]:
         bucket(s.hosts_bucket, "host heartbeats and capacity", ttl=layout.host_ttl_s),
         bucket(s.volumes_bucket, "volume records, written only by the owning worker"),
         bucket(s.images_bucket, "image pull status per host"),
+        bucket(s.drains_bucket, "hosts drained by an operator: no new placements"),
     ]
 
 

@@ -40,6 +40,8 @@ __all__ = [
     "CreateImageRequest",
     "CreateInstanceRequest",
     "CreateVolumeRequest",
+    "DrainRequest",
+    "DrainResult",
     "Error",
     "GPUConfig",
     "Health",
@@ -290,3 +292,21 @@ class WaitForStateResponse(msgspec.Struct, kw_only=True):
     state: InstanceState
     state_error: str | None = None
     timed_out: bool
+
+
+# -- vmfleet extensions: draining a host ------------------------------------------------
+
+
+class DrainRequest(msgspec.Struct, kw_only=True):
+    """Body of ``POST /hosts/{id}/drain`` (all optional)."""
+
+    standby: bool | UnsetType = UNSET
+    reason: str | UnsetType = UNSET
+
+
+class DrainResult(msgspec.Struct, kw_only=True):
+    host: str
+    drained: bool
+    #: Instances put in standby by this drain, and those that could not be (id → error).
+    standby: list[str] = []
+    errors: dict[str, str] = {}

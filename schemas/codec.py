@@ -21,6 +21,7 @@ from schemas import api
 from schemas.messages import (
     AnyCommand,
     CommandResult,
+    DrainRecord,
     HostRecord,
     ImageRecord,
     InstanceRecord,
@@ -36,6 +37,7 @@ __all__ = [
     "decode_create_image_request",
     "decode_create_instance_request",
     "decode_create_volume_request",
+    "decode_drain_record",
     "decode_error",
     "decode_host_record",
     "decode_image",
@@ -60,6 +62,7 @@ _COMMAND_RESULT: Final = msgspec.json.Decoder(CommandResult)
 _STATE_EVENT: Final = msgspec.json.Decoder(StateEvent)
 _LOG_LINE: Final = msgspec.json.Decoder(LogLine)
 _HOST_RECORD: Final = msgspec.json.Decoder(HostRecord)
+_DRAIN_RECORD: Final = msgspec.json.Decoder(DrainRecord)
 _INSTANCE_RECORD: Final = msgspec.json.Decoder(InstanceRecord)
 _VOLUME_RECORD: Final = msgspec.json.Decoder(VolumeRecord)
 _IMAGE_RECORD: Final = msgspec.json.Decoder(ImageRecord)
@@ -100,6 +103,10 @@ def decode_state_event(data: bytes) -> StateEvent:
 
 def decode_log_line(data: bytes) -> LogLine:
     return _LOG_LINE.decode(data)
+
+
+def decode_drain_record(data: bytes) -> DrainRecord:
+    return _DRAIN_RECORD.decode(data)
 
 
 def decode_host_record(data: bytes) -> HostRecord:

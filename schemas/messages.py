@@ -38,6 +38,7 @@ __all__ = [
     "Delete",
     "DeleteVolume",
     "DetachVolume",
+    "DrainRecord",
     "HostRecord",
     "ImageRecord",
     "InstanceCommand",
@@ -358,6 +359,16 @@ class HostRecord(msgspec.Struct, kw_only=True):
     labels: dict[str, str] = {}
     started_at: Timestamp
     heartbeat_at: Timestamp
+    #: Set by the gateway from the drains bucket when it shows the host (workers leave it).
+    drained: bool = False
+
+
+class DrainRecord(msgspec.Struct, kw_only=True):
+    """An operator drained a host (KV ``drains``, key = host id): placement skips it."""
+
+    host: str
+    drained_at: Timestamp
+    reason: str = ""
 
 
 # --------------------------------------------------------------------------------------------

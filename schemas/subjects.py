@@ -213,6 +213,11 @@ class Subjects:
         return f"{self.prefix}_volumes"
 
     @property
+    def drains_bucket(self) -> str:
+        """KV: hosts an operator drained (key = host id): no new placements there."""
+        return f"{self.prefix}_drains"
+
+    @property
     def archives_bucket(self) -> str:
         """Object store: volume archives on their way from a gateway to a worker."""
         return f"{self.prefix}_archives"

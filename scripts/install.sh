@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(qemu-system-x86 busybox-static e2fsprogs erofs-utils skopeo umoci
-                 docker-registry cpio kmod lz4 python3-venv
+                 docker-registry cpio kmod lz4 python3-venv iproute2 nftables
                  docker-compose)  # docker-compose: only to validate compose.yaml in the tests
 VENV=.venv
 STAMP=$VENV/.installed

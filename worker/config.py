@@ -34,6 +34,10 @@ class WorkerConfig:
     initrd: Path | None = None
     #: How instances are networked (``user``: QEMU user mode; ``bridge``: TAPs on a bridge).
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    #: Overcommit: how many vCPUs per host CPU, and how much memory per byte of RAM, this
+    #: host accepts before it refuses creates.
+    cpu_overcommit: float = 4.0
+    memory_overcommit: float = 1.0
     #: A log file over this size is rotated (to ``<name>.1``) once shipped.
     log_max_bytes: int = 50 << 20
     #: Registries reached over plain HTTP although not on loopback.

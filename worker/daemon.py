@@ -32,12 +32,14 @@ from worker.drivers.qemu import QemuDriver
 from worker.engine import HostEngine
 from worker.guest import ensure_initrd, ensure_kernel
 from worker.heartbeat import heartbeat_loop
+from worker.host import HostLimits, read_capacity
 from worker.image_pulls import ImagePuller
 from worker.images import ImageCache
 from worker.ledger import Ledger
 from worker.lifecycle.context import BootAssets, OpContext
 from worker.logs import LogShipper
 from worker.metrics import WorkerMetrics
+from worker.network import BridgeNetwork, check_bridge_host
 from worker.publisher import RecordPublisher
 from worker.queries import serve_queries
 from worker.storage import Storage
@@ -65,18 +67,22 @@ async def run_worker(
     """Run until cancelled. Reports started once the worker takes commands."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     if config.network.mode == "bridge":
-        raise HypervisorError("VMFLEET_NETWORK=bridge: bridge networking is not available yet")
+        check_bridge_host()
     if config.hypervisor == "cloud-hypervisor":
         raise HypervisorError(
             "VMFLEET_HYPERVISOR=cloud-hypervisor: its driver is not available yet"
         )
+    bridge = None
+    if config.network.mode == "bridge":
+        bridge = BridgeNetwork(config.network, config.data_dir)
+        await bridge.setup()
     metrics = WorkerMetrics(registry or CollectorRegistry())
     driver = QemuDriver()
     boot = await prepare_boot_assets(config, driver.binary)
     log.info("guest kernel %s, accelerator %s", boot.kernel.name, boot.accel)
     nc = await connect(dataclasses.replace(config.bus, on_reconnect=metrics.nats_reconnects.inc))
     try:
-        await _serve(nc, config, metrics, driver, boot, task_status)
+        await _serve(nc, config, metrics, driver, boot, bridge, task_status)
     finally:
         with anyio.move_on_after(5, shield=True):
             await nc.drain()
@@ -88,6 +94,7 @@ async def _serve(
     metrics: WorkerMetrics,
     driver: QemuDriver,
     boot: BootAssets,
+    bridge: BridgeNetwork | None,
     task_status: TaskStatus[None],
 ) -> None:
     js = nc.jetstream()
@@ -106,6 +113,12 @@ async def _serve(
         on_removed=publisher.deleted,
         observe_pull=metrics.pull_duration.observe,
         network=config.network,
+        bridge=bridge,
+        limits=HostLimits.of(
+            read_capacity(config.data_dir),
+            cpu_ratio=config.cpu_overcommit,
+            memory_ratio=config.memory_overcommit,
+        ),
     )
     engine = HostEngine(ctx)
     async with anyio.create_task_group() as infra:

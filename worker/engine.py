@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import anyio
 
 from schemas.api import InstanceState
-from schemas.errors import Conflict, NotFound
+from schemas.errors import Conflict, NoCapacity, NotFound
 from schemas.messages import (
     AnyCommand,
     AttachVolume,
@@ -34,6 +34,7 @@ from worker.guest.control import GuestControlError, guest_request
 from worker.host import HostUsage
 from worker.lifecycle import create, delete, restore, standby, start, stop, volumes
 from worker.lifecycle.context import LocalInstance, OpContext
+from worker.lifecycle.network import release_network
 from worker.proc import VmmProcess
 
 __all__ = ["HostEngine"]
@@ -68,6 +69,7 @@ class HostEngine:
             match cmd:
                 case Create():
                     if not await self._finish_interrupted_create(cmd):
+                        self._check_room_for(cmd)
                         self._instances[instance_id] = await create.create(
                             self.ctx, cmd, taken_ports=self._ports_taken()
                         )
@@ -128,6 +130,22 @@ class HostEngine:
         except Exception as exc:
             log.warning("could not stop %s on shutdown: %s", instance_id, exc)
 
+    def _check_room_for(self, cmd: Create) -> None:
+        limits = self.ctx.limits
+        if limits is None:
+            return
+        usage = self.usage()
+        vcpus, memory = (
+            usage.vcpus + cmd.vcpus,
+            usage.memory_bytes + cmd.size_bytes + cmd.hotplug_bytes,
+        )
+        if vcpus > limits.vcpus or memory > limits.memory_bytes:
+            raise NoCapacity(
+                f"host {self.ctx.host_id} is full: {vcpus} of {limits.vcpus:g} vCPUs, "
+                f"{memory >> 20} of {int(limits.memory_bytes) >> 20} MiB would be in use",
+                code="host_full",
+            )
+
     def _ports_taken(self) -> set[tuple[str, int]]:
         """Host ports held by this host's instances, whatever their state."""
         return {
@@ -158,6 +176,7 @@ class HostEngine:
                 async with self._lock(inst.id):
                     if self._died_unwatched(inst):
                         self._record_vmm_exit(inst)
+                        await self._release_network_quietly(inst)
                     elif inst.state is InstanceState.RUNNING and inst.spec is not None:
                         await self._note_app_status(inst)
 
@@ -211,6 +230,42 @@ class HostEngine:
             inst = LocalInstance(record=record, guest=guest)
             self._instances[record.id] = inst
             await self._reconcile(inst)
+        if self.ctx.bridge is not None:
+            await self._recover_network()
+
+    async def _recover_network(self) -> None:
+        """bridge mode: Running instances keep TAP, lease and rules; Standby ones keep lease
+        and rules (their TAP comes back on restore); everything else goes, including what
+        instances that no longer exist left behind."""
+        bridge = self.ctx.bridge
+        assert bridge is not None
+        keep: set[str] = set()
+        keep_taps: set[str] = set()
+        for inst in self._instances.values():
+            if not inst.record.network_enabled:
+                continue
+            if inst.process is not None and inst.record.tap:
+                keep.add(inst.id)
+                keep_taps.add(inst.record.tap)
+            elif inst.state is InstanceState.STANDBY and bridge.ipam.lease(inst.id) is not None:
+                keep.add(inst.id)
+            elif inst.record.ip is not None or inst.record.tap is not None:
+                self.ctx.save(inst, ip=None, tap=None)
+        removed = await bridge.remove_leftovers(keep_taps=keep_taps, keep=keep)
+        if removed:
+            log.info("removed network leftovers: %s", ", ".join(removed))
+        for instance_id in keep:  # the rules again, should the host have lost them
+            inst = self._instances[instance_id]
+            lease = bridge.ipam.lease(instance_id)
+            ip = lease.ip if lease is not None else inst.record.ip
+            if ip is not None:
+                await bridge.nat.add(instance_id, ip, inst.record.port_mappings)
+
+    async def _release_network_quietly(self, inst: LocalInstance) -> None:
+        try:
+            await release_network(self.ctx, inst)
+        except Exception as exc:
+            self.ctx.oplog(inst, "could not release the network", level="WARN", error=exc)
 
     async def _reconcile(self, inst: LocalInstance) -> None:
         guest = inst.guest

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["HostCapacity", "HostUsage", "read_capacity"]
+__all__ = ["HostCapacity", "HostLimits", "HostUsage", "read_capacity"]
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,20 @@ class HostCapacity:
     memory_bytes: int
     disk_total_bytes: int
     disk_free_bytes: int
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """What this host accepts: its CPUs and memory times the overcommit ratios. The worker
+    refuses a create past them, so placements by several gateways at once cannot
+    over-commit the host (the gateway then places the instance elsewhere)."""
+
+    vcpus: float
+    memory_bytes: float
+
+    @classmethod
+    def of(cls, capacity: HostCapacity, *, cpu_ratio: float, memory_ratio: float) -> HostLimits:
+        return cls(capacity.vcpus * cpu_ratio, capacity.memory_bytes * memory_ratio)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from gateway.resolve import resolve_instance, resolve_volume
 from gateway.responses import JSONBytesResponse, MsgspecResponse
 from gateway.service import Gateway, gateway, now
 from gateway.validation import (
+    CreatePlan,
     bad_request,
     decode_body,
     idempotency_key,
@@ -32,9 +33,10 @@ from gateway.validation import (
 )
 from schemas.api import InstanceState, WaitForStateResponse
 from schemas.codec import decode_attach_volume_request, decode_create_instance_request
-from schemas.errors import Conflict, NotFound
+from schemas.errors import Conflict, NotFound, VmfleetError
 from schemas.messages import (
     AttachVolume,
+    CommandResult,
     Delete,
     DetachVolume,
     InstanceRecord,
@@ -97,12 +99,34 @@ async def create_instance(request: Request) -> Response:
     plan = plan_create(
         req, gw.view, command_id=key or new_id(), instance_id=instance_id, issued_at=now()
     )
-    host = gw.placement.instance_host(plan.demand, pinned_to=plan.pinned_to, labels=plan.labels)
-    with gw.placement.reserved(host, plan.demand):
-        result = await gw.execute(
-            host, plan.command, settled=_applied(gw, instance_id, plan.command.id)
-        )
+    result = await _place_and_create(gw, plan, instance_id)
     return MsgspecResponse(_rendered(gw, result.instance, instance_id), status_code=201)
+
+
+async def _place_and_create(gw: Gateway, plan: CreatePlan, instance_id: str) -> CommandResult:
+    """Place, send, and if the host refuses as full (another gateway filled it since its
+    last heartbeat), place again elsewhere, a few times, each try its own command."""
+    refused: frozenset[str] = frozenset()
+    for attempt in range(_PLACEMENT_TRIES):
+        host = gw.placement.instance_host(
+            plan.demand, pinned_to=plan.pinned_to, labels=plan.labels, exclude=refused
+        )
+        command = plan.command
+        if attempt:
+            command = msgspec.structs.replace(command, id=f"{command.id}-{attempt}")
+        try:
+            with gw.placement.reserved(host, plan.demand):
+                return await gw.execute(
+                    host, command, settled=_applied(gw, instance_id, command.id)
+                )
+        except VmfleetError as exc:
+            if exc.code != "host_full" or attempt == _PLACEMENT_TRIES - 1:
+                raise
+            refused |= {host}
+    raise AssertionError("unreachable")
+
+
+_PLACEMENT_TRIES = 3
 
 
 async def delete_instance(request: Request) -> Response:

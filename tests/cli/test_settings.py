@@ -27,6 +27,11 @@ def test_several_nats_urls() -> None:
     assert settings.nats_urls == ("nats://a:4222", "nats://b:4222")
 
 
+def test_subnet() -> None:
+    assert load_settings({}).subnet == "10.100.0.0/16"
+    assert load_settings({"VMFLEET_SUBNET": "10.200.0.0/24"}).subnet == "10.200.0.0/24"
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -38,6 +43,10 @@ def test_several_nats_urls() -> None:
         ("NATS_URL", "http://x"),
         ("JWT_SECRET", "short"),
         ("VMFLEET_REPLICAS", "0"),
+        ("VMFLEET_SUBNET", "10.100.0.0"),
+        ("VMFLEET_SUBNET", "10.100.0.1/16"),
+        ("VMFLEET_SUBNET", "10.100.0.0/31"),
+        ("VMFLEET_SUBNET", "fd00::/64"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:

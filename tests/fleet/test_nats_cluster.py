@@ -4,9 +4,11 @@ keeps working."""
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 
 from natsbus import Layout
@@ -17,6 +19,16 @@ from tests.support.gateway import running_gateway
 pytestmark = [pytest.mark.anyio, pytest.mark.vm]
 
 TICKER = 'i=0; while true; do i=$((i+1)); echo "tick $i"; sleep 0.2; done'
+
+
+async def until_not_503(
+    call: Callable[[str], Awaitable[httpx.Response]], path: str
+) -> httpx.Response:
+    with anyio.fail_after(60):
+        while (response := await call(path)).status_code == 503:
+            assert response.headers["x-should-retry"] == "true"
+            await anyio.sleep(1)
+    return response
 
 
 async def test_api_survives_the_loss_of_one_nats_server(
@@ -43,14 +55,29 @@ async def test_api_survives_the_loss_of_one_nats_server(
                 created = await client.post("/instances", json=body)
                 assert created.status_code == 201, created.text
                 iid = created.json()["id"]
-                await anyio.sleep(3)  # some ticks before the fault
+                with anyio.fail_after(120):  # some ticks before the fault
+                    while (
+                        '"tick 5"'
+                        not in (
+                            await client.get(f"/instances/{iid}/logs", params={"tail": 100})
+                        ).text
+                    ):
+                        await anyio.sleep(0.2)
 
                 await anyio.to_thread.run_sync(cluster.servers[0].kill)
 
-                stopped = await client.post(f"/instances/{iid}/stop")
+                # While the cluster fails over, the gateway may answer 503 (retryable, as the
+                # SDK does by itself); within seconds the call goes through, exactly once.
+                with anyio.fail_after(60):
+                    while (
+                        stopped := await client.post(f"/instances/{iid}/stop")
+                    ).status_code == 503:
+                        assert stopped.headers["x-should-retry"] == "true"
+                        await anyio.sleep(1)
                 assert stopped.status_code == 200, stopped.text
-                assert stopped.json()["state"] == "Stopped"
-                assert (await client.get(f"/instances/{iid}")).json()["state"] == "Stopped"
+                with anyio.fail_after(30):
+                    while (await client.get(f"/instances/{iid}")).json()["state"] != "Stopped":
+                        await anyio.sleep(0.2)
                 with anyio.fail_after(60):
                     while True:  # every line the guest printed reached the stream, in order
                         logs = await client.get(f"/instances/{iid}/logs", params={"tail": 10000})
@@ -59,7 +86,8 @@ async def test_api_survives_the_loss_of_one_nats_server(
                             break
                         await anyio.sleep(0.5)
                 assert ticks == list(range(1, len(ticks) + 1)) and len(ticks) >= 5
-                assert (await client.delete(f"/instances/{iid}")).status_code == 204
+                deleted = await until_not_503(client.delete, f"/instances/{iid}")
+                assert deleted.status_code == 204, deleted.text
     finally:
         worker.cleanup()
         await anyio.to_thread.run_sync(cluster.stop)

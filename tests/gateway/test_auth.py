@@ -25,7 +25,7 @@ def _client() -> httpx.AsyncClient:
 def _token(secret: str = SECRET, **claims: object) -> str:
     now = int(time.time())
     return jwt.encode(
-        {"sub": "t", "iat": now, "exp": now + 60, **claims}, secret, algorithm="HS256"
+        {"sub": "t", "iat": now, "exp": now + 3600, **claims}, secret, algorithm="HS256"
     )
 
 

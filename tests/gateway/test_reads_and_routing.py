@@ -270,3 +270,23 @@ def _volume_on(host: str) -> object:
     from schemas.messages import VolumeRecord
 
     return VolumeRecord(id="vol-x", name="x", size_gb=1, host=host, created_at=datetime.now(UTC))
+
+
+async def test_drain_and_undrain_a_host(gw: GatewayHandle, bus: Bus) -> None:
+    s = bus.subjects
+    await bus.put(s.hosts_bucket, "h1", host_record("h1"))
+    async with gw.async_client() as client:
+        with anyio.fail_after(10):
+            while not (await client.get("/hosts")).json():
+                await anyio.sleep(0.05)
+        drained = await client.post("/hosts/h1/drain", json={"reason": "kernel update"})
+        assert drained.status_code == 200, drained.text
+        assert drained.json() == {"host": "h1", "drained": True, "standby": [], "errors": {}}
+        assert [h["drained"] for h in (await client.get("/hosts")).json()] == [True]
+        refused = await client.post("/volumes", json={"name": "v", "size_gb": 1})
+        assert (refused.status_code, refused.json()["code"]) == (503, "no_capacity")
+        undrained = await client.delete("/hosts/h1/drain")
+        assert undrained.json()["drained"] is False
+        assert [h["drained"] for h in (await client.get("/hosts")).json()] == [False]
+        assert (await client.post("/hosts/nope/drain")).status_code == 404
+        assert (await client.delete("/hosts/h1/drain")).status_code == 404

@@ -78,6 +78,7 @@ def test_bad_durations(text: str) -> None:
 @dataclass
 class _View:
     hosts: list[HostRecord] = field(default_factory=list)
+    drains: dict[str, object] = field(default_factory=dict)
 
     def live_hosts(self) -> list[HostRecord]:
         return self.hosts
@@ -115,6 +116,16 @@ def test_labels_constrain_placement() -> None:
     assert placement.instance_host(SMALL, labels={"zone": "a"}) == "plain"  # most free memory
     with pytest.raises(NoCapacity, match="kind=tpu"):
         placement.instance_host(SMALL, labels={"kind": "tpu"})
+
+
+def test_drained_hosts_get_nothing_new() -> None:
+    a, b = host_record("a"), host_record("b", memory_total_bytes=64 * GIB)
+    placement = _placement(a, b)
+    placement.view.drains = {"b": object()}  # type: ignore[attr-defined]
+    assert placement.instance_host(SMALL) == "a"
+    assert placement.volume_host() == "a"
+    with pytest.raises(NoCapacity, match="drained"):
+        placement.instance_host(SMALL, pinned_to="b")
 
 
 def test_reservations_count_until_a_later_heartbeat() -> None:

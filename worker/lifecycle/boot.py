@@ -7,11 +7,11 @@ from collections.abc import Iterable
 from schemas.errors import BadRequest
 from schemas.messages import MountSpec
 from worker.drivers.base import DiskSpec, VmSpec
-from worker.guest import GuestConfig, GuestNetwork, build_config_disk, merge_env
+from worker.guest import GuestConfig, build_config_disk, merge_env
 from worker.images import ImageInfo
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.mounts import volume_disks
-from worker.network import user_nic
+from worker.lifecycle.network import guest_network, nics, plug
 from worker.storage import GuestDir, make_sparse_ext4
 
 __all__ = ["boot_vm", "ensure_volume_overlays", "guest_config", "vm_spec"]
@@ -30,7 +30,9 @@ async def ensure_volume_overlays(guest: GuestDir, mounts: Iterable[MountSpec]) -
             await make_sparse_ext4(path, mount.overlay_bytes)
 
 
-def guest_config(inst: LocalInstance, image: ImageInfo, mounts: list[object]) -> GuestConfig:
+def guest_config(
+    ctx: OpContext, inst: LocalInstance, image: ImageInfo, mounts: list[object]
+) -> GuestConfig:
     record = inst.record
     entrypoint = tuple(record.entrypoint if record.entrypoint is not None else image.entrypoint)
     cmd = tuple(record.cmd if record.cmd is not None else image.cmd)
@@ -44,8 +46,7 @@ def guest_config(inst: LocalInstance, image: ImageInfo, mounts: list[object]) ->
         workdir=image.working_dir or "/",
         env=merge_env(image.env, record.env),
         volume_mounts=tuple(mounts),  # type: ignore[arg-type]
-        # user mode: QEMU's DHCP gives the guest its address, gateway and DNS.
-        network=GuestNetwork(enabled=record.network_enabled, mode="dhcp"),
+        network=guest_network(ctx, inst),
         hostname=record.name,
     )
 
@@ -70,23 +71,21 @@ def vm_spec(
         serial_log=str(guest.app_log),
         run_dir=str(guest.run_dir),
         accel=ctx.boot.accel,
-        nics=(
-            (user_nic(inst.id, list(inst.record.port_mappings), ctx.network),)
-            if inst.record.network_enabled
-            else ()
-        ),
+        nics=nics(ctx, inst),
     )
 
 
 async def boot_vm(ctx: OpContext, inst: LocalInstance, image: ImageInfo) -> None:
-    """Write the config disk for the record as it is now, then start the VMM."""
+    """Write the config disk for the record as it is now, plug the NIC (bridge mode),
+    then start the VMM."""
     await ensure_volume_overlays(inst.guest, inst.record.volumes)
     disks, mounts = volume_disks(inst.record.volumes, ctx.volumes, inst.guest)
-    config = guest_config(inst, image, list(mounts))
+    config = guest_config(ctx, inst, image, list(mounts))
     await build_config_disk(inst.guest.config_disk, config)
     spec = vm_spec(ctx, inst, image, disks)
     inst.guest.write(inst.guest.vm_spec, spec)
     inst.app_status = None
+    await plug(ctx, inst)
     inst.process = await ctx.driver.boot(spec, vmm_log=inst.guest.vmm_log)
     inst.spec = spec
     inst.guest.write_pid(inst.process.pid)

@@ -14,8 +14,9 @@ import msgspec
 from schemas.api import InstanceState
 from schemas.messages import InstanceRecord
 from worker.drivers.base import Hypervisor, VmSpec
+from worker.host import HostLimits
 from worker.images import ImageCache, ImageInfo
-from worker.network import NetworkSettings
+from worker.network import BridgeNetwork, NetworkSettings
 from worker.proc import VmmProcess
 from worker.storage import GuestDir, Storage
 from worker.volumes import VolumeStore
@@ -77,6 +78,10 @@ class OpContext:
     boot: BootAssets
     timeouts: Timeouts = field(default_factory=Timeouts)
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    #: bridge mode's bridge, TAPs, leases and NAT; None in user mode.
+    bridge: BridgeNetwork | None = None
+    #: None: no limit (tests of one operation); the daemon sets the host's.
+    limits: HostLimits | None = None
     on_transition: Transitioned = lambda inst, previous: None
     #: Told how long each image pull took (seconds), for the metrics.
     observe_pull: Callable[[float], None] = lambda seconds: None

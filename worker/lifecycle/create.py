@@ -13,10 +13,11 @@ from schemas.messages import Create, InstanceRecord
 from worker.lifecycle.boot import boot_vm
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.mounts import check_mounts
+from worker.lifecycle.network import release_network, take_address
 from worker.network import USER_GUEST_IP, check_port_mappings, claim_host_ports, mac_for
 from worker.storage import make_sparse_ext4
 
-__all__ = ["create"]
+__all__ = ["create", "publish_address"]
 
 MAX_VCPUS = 16
 
@@ -28,7 +29,7 @@ async def create(
     _check_request(cmd)
     check_mounts(cmd.volumes)
     check_port_mappings(cmd.port_mappings)
-    claim_host_ports(cmd.port_mappings, taken_ports or set(), ctx.network.publish_addr)
+    claim_host_ports(cmd.port_mappings, taken_ports or set(), publish_address(ctx))
     for mount in cmd.volumes:
         ctx.volumes.require(mount.volume_id)
     # 2. The instance's directory and record: from here on, a failure removes both.
@@ -45,7 +46,9 @@ async def create(
         for mount in cmd.volumes:
             ctx.volumes.attach(mount.volume_id, inst.id, mount.mount_path, mount.readonly)
             attached.append(mount.volume_id)
-        # 5. The writable overlay, then boot.
+        # 5. bridge mode: an address (IP + MAC) and a TAP name.
+        take_address(ctx, inst)
+        # 6. The writable overlay, then boot.
         await make_sparse_ext4(guest.overlay, cmd.overlay_bytes)
         ctx.set_state(inst, InstanceState.CREATED)
         await boot_vm(ctx, inst, image)
@@ -56,6 +59,11 @@ async def create(
             await _undo(ctx, inst, attached)
         raise
     return inst
+
+
+def publish_address(ctx: OpContext) -> str:
+    """Where a mapped host port must be free: bridge mode's DNAT takes every local address."""
+    return "0.0.0.0" if ctx.bridge is not None else ctx.network.publish_addr
 
 
 def _check_request(cmd: Create) -> None:
@@ -83,8 +91,9 @@ def _initial_record(ctx: OpContext, cmd: Create) -> InstanceRecord:
         volumes=list(cmd.volumes),
         port_mappings=list(cmd.port_mappings),
         network_enabled=cmd.network_enabled,
-        ip=USER_GUEST_IP if cmd.network_enabled else None,
-        mac=mac_for(cmd.instance_id) if cmd.network_enabled else None,
+        # bridge mode: set from the lease, before boot.
+        ip=USER_GUEST_IP if cmd.network_enabled and ctx.bridge is None else None,
+        mac=mac_for(cmd.instance_id) if cmd.network_enabled and ctx.bridge is None else None,
         hypervisor=cmd.hypervisor,
         cmd=cmd.cmd,
         entrypoint=cmd.entrypoint,
@@ -98,5 +107,7 @@ async def _undo(ctx: OpContext, inst: LocalInstance, attached: list[str]) -> Non
     for volume_id in attached:
         with contextlib.suppress(Exception):
             ctx.volumes.detach(volume_id, inst.id)
+    with contextlib.suppress(Exception):
+        await release_network(ctx, inst, record=False)
     ctx.storage.remove_guest(inst.id)
     ctx.on_removed(inst.record)

@@ -6,6 +6,7 @@ import contextlib
 
 from schemas.messages import Delete
 from worker.lifecycle.context import LocalInstance, OpContext
+from worker.lifecycle.network import release_network
 
 __all__ = ["delete"]
 
@@ -19,6 +20,11 @@ async def delete(ctx: OpContext, inst: LocalInstance, cmd: Delete) -> None:
     for mount in inst.record.volumes:
         with contextlib.suppress(Exception):
             ctx.volumes.detach(mount.volume_id, inst.id)
-    # 3. Every file of the instance, then the record.
+    # 3. bridge mode: its TAP, rules and lease.
+    try:
+        await release_network(ctx, inst, record=False)
+    except Exception as exc:
+        ctx.oplog(inst, "could not release the network", level="WARN", error=exc)
+    # 4. Every file of the instance, then the record.
     ctx.storage.remove_guest(inst.id)
     ctx.on_removed(inst.record)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from datetime import UTC, datetime
+
+import anyio
 
 from schemas.api import InstanceState
 from schemas.errors import Conflict
@@ -11,6 +14,7 @@ from schemas.messages import Restore
 from worker.drivers.base import VmSpec
 from worker.guest.control import GuestControlError, guest_request
 from worker.lifecycle.context import LocalInstance, OpContext
+from worker.lifecycle.network import plug
 from worker.states import Op, check_transition
 
 __all__ = ["restore"]
@@ -24,10 +28,17 @@ async def restore(ctx: OpContext, inst: LocalInstance, cmd: Restore) -> None:
         raise Conflict("instance has no snapshot to restore", code="invalid_state")
     spec = inst.guest.read(snapshot / "vm.json", VmSpec)
     ctx.set_state(inst, InstanceState.PAUSED)
-    # 2. The same devices, then the saved memory, then continue.
+    # 2. The same devices (bridge mode: the TAP the snapshot names, on the same lease), then
+    # the saved memory, then continue.
     try:
+        for nic in spec.nics:
+            if nic.mode == "tap":
+                await plug(ctx, inst, nic.tap)
         inst.process = await ctx.driver.restore(spec, snapshot, vmm_log=inst.guest.vmm_log)
     except BaseException as exc:
+        if ctx.bridge is not None and inst.record.tap:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await ctx.bridge.remove_tap(inst.record.tap)
         ctx.set_state(inst, InstanceState.STANDBY, error=f"restore failed: {exc}")
         raise
     inst.spec = spec

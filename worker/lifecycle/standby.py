@@ -38,7 +38,13 @@ async def standby(ctx: OpContext, inst: LocalInstance, cmd: Standby) -> None:
             error=None if running else f"standby failed: {exc}",
         )
         raise
-    # 4. The VMM is gone; the snapshot is the instance now.
+    # 4. The VMM is gone; the snapshot is the instance now. bridge mode: its TAP goes, its
+    # lease and rules stay (restore brings back the same TAP, IP and MAC).
     inst.process = None
     inst.guest.write_pid(None)
+    if ctx.bridge is not None and inst.record.tap:
+        try:
+            await ctx.bridge.remove_tap(inst.record.tap)
+        except Exception as exc:
+            ctx.oplog(inst, "could not remove the TAP", level="WARN", error=exc)
     ctx.set_state(inst, InstanceState.STANDBY, has_snapshot=True, stopped_at=datetime.now(UTC))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
 
 import anyio
@@ -10,6 +11,8 @@ from schemas.api import InstanceState
 from schemas.messages import Start
 from worker.lifecycle.boot import boot_vm
 from worker.lifecycle.context import LocalInstance, OpContext
+from worker.lifecycle.create import publish_address
+from worker.lifecycle.network import release_network, take_address
 from worker.network import claim_host_ports
 from worker.states import Op, check_transition
 
@@ -27,9 +30,11 @@ async def start(ctx: OpContext, inst: LocalInstance, cmd: Start) -> None:
             entrypoint=cmd.entrypoint or inst.record.entrypoint,
         )
     # 3. Its host ports are still free (something else may have bound one meanwhile).
-    claim_host_ports(inst.record.port_mappings, set(), ctx.network.publish_addr)
-    # 4. The image (pulled again only if this host lost it), a fresh config disk, then boot.
+    claim_host_ports(inst.record.port_mappings, set(), publish_address(ctx))
+    # 4. The image (pulled again only if this host lost it), an address (bridge mode: its
+    # own old lease if one was left, else a new one), a fresh config disk, then boot.
     image = await ctx.pull_image(inst)
+    take_address(ctx, inst)
     ctx.set_state(inst, InstanceState.CREATED)
     try:
         await boot_vm(ctx, inst, image)
@@ -39,6 +44,8 @@ async def start(ctx: OpContext, inst: LocalInstance, cmd: Start) -> None:
                 await inst.process.kill_and_reap()
             inst.process = None
             inst.guest.write_pid(None)
+            with contextlib.suppress(Exception):
+                await release_network(ctx, inst)
             ctx.set_state(inst, InstanceState.STOPPED, error=f"start failed: {exc}")
         raise
     ctx.set_state(inst, InstanceState.RUNNING, started_at=datetime.now(UTC))

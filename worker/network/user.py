@@ -19,8 +19,13 @@ USER_GUEST_IP = "10.0.2.15"
 @dataclass(frozen=True)
 class NetworkSettings:
     mode: str = "user"
-    #: Where port mappings listen on the host.
+    #: Where port mappings listen on the host (user mode).
     publish_addr: str = "127.0.0.1"
+    #: bridge mode: the instances' subnet (the gateway is its first address), the bridge's
+    #: name, and the DNS server the guests are told to use.
+    subnet: str = "10.100.0.0/16"
+    bridge: str = "vmfleet0"
+    dns: str = "1.1.1.1"
 
 
 def mac_for(instance_id: str) -> str:

@@ -100,3 +100,16 @@ async def test_qemu_failing_to_start(engine: HostEngine, busybox_image: str) -> 
         await engine.execute(cmd)
     assert isinstance(info.value, VmfleetError)
     assert_nothing_left(engine, cmd.instance_id)
+
+
+async def test_a_full_host_refuses_and_makes_nothing(
+    engine: HostEngine, busybox_image: str
+) -> None:
+    from worker.host import HostLimits
+
+    engine.ctx.limits = HostLimits(vcpus=4, memory_bytes=128 * MIB)
+    cmd = create_command(busybox_image)
+    with pytest.raises(VmfleetError) as info:
+        await engine.execute(cmd)
+    assert (info.value.status, info.value.code) == (503, "host_full")
+    assert_nothing_left(engine, cmd.instance_id)

@@ -1,0 +1,175 @@
+"""Run by test_bridge_mode.py *inside* a test network namespace (``ip netns exec``): a bridge
+mode engine creates a busybox httpd VM, the probe checks what answers from the namespace,
+then prints one ``RESULT {json}`` line. Nothing here may run outside such a namespace."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import httpx
+
+from schemas.api import Hypervisor, PortMapping
+from schemas.messages import Create, Delete, Restore, Standby
+from worker.drivers.qemu import QemuDriver
+from worker.engine import HostEngine
+from worker.images import ImageCache
+from worker.lifecycle.context import BootAssets, OpContext
+from worker.network import BridgeNetwork, NetworkSettings
+from worker.storage import Storage
+from worker.volumes import VolumeStore
+
+SUBNET, GATEWAY, BRIDGE = "10.123.0.0/24", "10.123.0.1", "vftestbr0"
+HOST_PORT, EGRESS_PORT = 18080, 8099
+GUEST_CMD = (
+    "mkdir -p /www; echo hello-from-the-guest > /www/index.html; "
+    f"(until wget -q -O /www/egress.txt http://{GATEWAY}:{EGRESS_PORT}/; do sleep 1; done) & "
+    "exec httpd -f -p 80 -h /www"
+)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def get(url: str, timeout_s: float = 90) -> str:
+    async with httpx.AsyncClient() as client:
+        with anyio.fail_after(timeout_s):
+            while True:
+                try:
+                    response = await client.get(url, timeout=2)
+                    if response.status_code == 200:
+                        return response.text.strip()
+                except httpx.HTTPError:
+                    pass
+                await anyio.sleep(0.3)
+
+
+def links() -> str:
+    return subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+
+
+def nft_table() -> str:
+    done = subprocess.run(["nft", "list", "table", "inet", "vmfleet"], capture_output=True)
+    return done.stdout.decode()
+
+
+def serve_egress_target() -> None:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"egress-ok\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((GATEWAY, EGRESS_PORT), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+
+async def probe(args: dict[str, str]) -> dict[str, object]:
+    data_dir = Path(args["data_dir"])
+    result: dict[str, object] = {}
+    settings = NetworkSettings(mode="bridge", subnet=SUBNET, bridge=BRIDGE)
+    bridge = BridgeNetwork(settings, data_dir)
+    await bridge.setup()
+    serve_egress_target()
+    ctx = OpContext(
+        host_id="test-host",
+        storage=Storage(data_dir),
+        driver=QemuDriver(),
+        images=ImageCache(data_dir / "images"),
+        volumes=VolumeStore(data_dir, "test-host"),
+        boot=BootAssets(Path(args["kernel"]), Path(args["initrd"]), args["accel"]),
+        network=settings,
+        bridge=bridge,
+    )
+    engine = HostEngine(ctx)
+    instance_id = "bridgeprobe" + now().strftime("%H%M%S%f")
+    record = await engine.execute(
+        Create(
+            id="c1",
+            instance_id=instance_id,
+            issued_at=now(),
+            name="web",
+            image=args["image"],
+            size_bytes=256 << 20,
+            overlay_bytes=256 << 20,
+            vcpus=1,
+            hypervisor=Hypervisor.QEMU,
+            cmd=["/bin/sh", "-c", GUEST_CMD],
+            port_mappings=[PortMapping(host_port=HOST_PORT, guest_port=80)],
+        )
+    )
+    assert record is not None
+    result["created"] = {"ip": record.ip, "mac": record.mac, "tap": record.tap}
+    result["tap_on_bridge"] = f"{record.tap}:" in links() and f"master {BRIDGE}" in links()
+    result["guest_ip"] = await get(f"http://{record.ip}/")
+    result["dnat_gateway"] = await get(f"http://{GATEWAY}:{HOST_PORT}/", timeout_s=15)
+    result["dnat_loopback"] = await get(f"http://127.0.0.1:{HOST_PORT}/", timeout_s=15)
+    result["egress"] = await get(f"http://{record.ip}/egress.txt")
+    result["rules_while_running"] = nft_table().count(f"vmfleet:{instance_id}")
+
+    # A TCP connection opened before standby, used after restore.
+    conn = socket.create_connection((str(record.ip), 80), timeout=10)
+    await engine.execute(Standby(id="s1", instance_id=instance_id, issued_at=now()))
+    result["tap_in_standby"] = f"{record.tap}:" in links()
+    result["lease_in_standby"] = bridge.ipam.lease(instance_id) is not None
+    restored = await engine.execute(Restore(id="r1", instance_id=instance_id, issued_at=now()))
+    assert restored is not None
+    result["restored"] = {"ip": restored.ip, "mac": restored.mac, "tap": restored.tap}
+    spec = engine.instance(instance_id).spec
+    assert spec is not None
+    result["restored_nic"] = {"mac": spec.nics[0].mac, "tap": spec.nics[0].tap}
+    result["guest_ip_after_restore"] = await get(f"http://{restored.ip}/")
+    conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    reply = b""
+    with conn:
+        while chunk := conn.recv(4096):
+            reply += chunk
+    result["old_connection"] = reply.decode(errors="replace").splitlines()[0] if reply else ""
+    result["dnat_after_restore"] = await get(f"http://{GATEWAY}:{HOST_PORT}/", timeout_s=15)
+
+    await engine.execute(Delete(id="d1", instance_id=instance_id, issued_at=now()))
+    result["taps_after_delete"] = [
+        line for line in links().splitlines() if f": {record.tap}" in line or "master " in line
+    ]
+    result["rules_after_delete"] = nft_table().count("vmfleet:")
+    result["leases_after_delete"] = [lease.instance_id for lease in bridge.ipam.leases()]
+    return result
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    try:
+        result = anyio.run(probe, args)
+    except BaseException:
+        logs = {
+            str(path): path.read_text(errors="replace")[-2000:]
+            for path in Path(args["data_dir"]).glob("guests/*/**/*.log")
+        }
+        result = {"error": traceback.format_exc(), "logs": logs, "links": links()}
+        for name, argv in {
+            "neigh": ["ip", "neigh"],
+            "addr": ["ip", "-o", "addr"],
+            "ping": ["busybox", "ping", "-c", "2", "-W", "1", "10.123.0.2"],
+            "ruleset": ["nft", "list", "ruleset"],
+        }.items():
+            done = subprocess.run(argv, capture_output=True, text=True)
+            result[name] = done.stdout + done.stderr
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
