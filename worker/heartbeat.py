@@ -53,12 +53,16 @@ async def heartbeat_loop(
 ) -> None:
     """Put the host record now, then every interval; a failed put is retried next beat."""
     started_at = datetime.now(UTC)
-    await hosts.put(config.host_id, encode(host_record(config, started_at, usage())))
+
+    async def beat() -> None:
+        await hosts.put(config.host_id, encode(host_record(config, started_at, usage())))
+
+    await beat()
     task_status.started()
     while True:
         await anyio.sleep(config.heartbeat_interval_s)
         try:
             with anyio.fail_after(config.heartbeat_interval_s):
-                await hosts.put(config.host_id, encode(host_record(config, started_at, usage())))
+                await beat()
         except Exception as exc:  # NATS down: keep beating, the record ages out meanwhile
             log.warning("heartbeat failed: %s", exc)

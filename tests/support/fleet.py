@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -94,22 +95,14 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.wait()
         for pid in self.qemu_processes():
-            with _suppress():
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for pid, name in live_children():
             if name.startswith("qemu"):
-                with _suppress():
+                with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.log.unlink(missing_ok=True)
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
 
 
 class FleetClient:
