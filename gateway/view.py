@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _DELETES = frozenset({"DEL", "PURGE"})
+#: Pauses between attempts to watch the buckets again after a NATS error.
+_RETRY_MIN_S = 0.5
+_RETRY_MAX_S = 5.0
 
 
 class FleetView:
@@ -133,17 +136,32 @@ class FleetView:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Watch every bucket until cancelled; started once each one's current content is in.
-        After :meth:`resync`, the watchers are started again and replay the buckets."""
+        After :meth:`resync`, the watchers are started again and replay the buckets.
+
+        Once started, a NATS error while watching (a server leaving the cluster, a stream
+        leader being elected) never ends the view: the watchers are started again after a
+        short pause, and the copy serves what it last knew meanwhile. Only the first start
+        fails outright, so that a gateway that cannot see the fleet does not come up.
+        """
+        delay = _RETRY_MIN_S
         while True:
-            async with anyio.create_task_group() as tg:
-                await self._start_watchers(tg)
-                tg.start_soon(self._resync_when_heartbeats_stall)
-                task_status.started()
-                task_status = anyio.TASK_STATUS_IGNORED
-                await self._resync.wait()
-                self._resync = anyio.Event()
-                log.info("re-watching the fleet's buckets after a reconnect")
-                tg.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as tg:
+                    await self._start_watchers(tg)
+                    tg.start_soon(self._resync_when_heartbeats_stall)
+                    task_status.started()
+                    task_status = anyio.TASK_STATUS_IGNORED
+                    delay = _RETRY_MIN_S
+                    await self._resync.wait()
+                    log.info("re-watching the fleet's buckets after a reconnect")
+                    tg.cancel_scope.cancel()
+            except Exception as exc:
+                if task_status is not anyio.TASK_STATUS_IGNORED:
+                    raise
+                log.warning("watching the fleet's buckets failed (%r); again in %.1fs", exc, delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+            self._resync = anyio.Event()
 
     async def _resync_when_heartbeats_stall(self) -> None:
         """Hosts beat every few seconds. If none has been seen for two thirds of the TTL

@@ -4,6 +4,11 @@ Some hosts have a /dev/kvm that cannot run a stock guest kernel (a paravirtual K
 as kvm-pvm resets it in early boot). So the probe boots the real kernel and initrd under
 KVM with ``vmfleet.probe=1``, for which the init prints a marker and powers off at once.
 The answer is cached per (kernel, initrd, QEMU binary) in ``<data>/system/accel.json``.
+
+On some such hosts the KVM guest neither boots nor resets: it spins. The probe gives up
+after ``timeout_s`` (a guest that KVM really runs reaches the init within a second or two),
+and it keeps the probe QEMU's pid in ``<data>/system/accel-probe.pid`` so that a probe whose
+worker was SIGKILLed mid-way is killed by the next worker instead of spinning forever.
 """
 
 from __future__ import annotations
@@ -29,21 +34,26 @@ log = logging.getLogger(__name__)
 PROBE_MARKER = "vmfleet-probe-ok"
 
 
+PROBE_NAME = "vmfleet-probe"
+
+
 async def choose_accel(
-    data_dir: Path, *, qemu: str, kernel: Path, initrd: Path, timeout_s: float = 60.0
+    data_dir: Path, *, qemu: str, kernel: Path, initrd: Path, timeout_s: float = 20.0
 ) -> str:
     """``"kvm"`` when a probe boot under KVM reached the init, else ``"tcg"``."""
     cache = data_dir / "system" / "accel.json"
+    pid_file = data_dir / "system" / "accel-probe.pid"
+    await _kill_leftover_probe(pid_file)
     key = _cache_key(qemu, kernel, initrd)
     cached = _read_cache(cache, key)
     if cached is not None:
         return cached
+    cache.parent.mkdir(parents=True, exist_ok=True)
     accel = (
         "kvm"
-        if _kvm_device_usable() and await _probe_boot(qemu, kernel, initrd, timeout_s)
+        if _kvm_device_usable() and await _probe_boot(qemu, kernel, initrd, pid_file, timeout_s)
         else "tcg"
     )
-    cache.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(cache, json.dumps({"key": key, "accel": accel}).encode())
     log.info("accelerator: %s", accel)
     return accel
@@ -58,7 +68,21 @@ def _kvm_device_usable() -> bool:
     return True
 
 
-async def _probe_boot(qemu: str, kernel: Path, initrd: Path, timeout_s: float) -> bool:
+async def _kill_leftover_probe(pid_file: Path) -> None:
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    leftover = VmmProcess.adopt(pid, cmdline_must_contain=PROBE_NAME)
+    if leftover is not None:
+        log.warning("killing the KVM probe (pid %d) a previous worker left running", pid)
+        await leftover.kill_and_reap()
+    pid_file.unlink(missing_ok=True)
+
+
+async def _probe_boot(
+    qemu: str, kernel: Path, initrd: Path, pid_file: Path, timeout_s: float
+) -> bool:
     with tempfile.TemporaryDirectory(prefix="vmfleet-probe-") as tmp:
         run = Path(tmp)
         console = run / "console.log"
@@ -84,7 +108,11 @@ async def _probe_boot(qemu: str, kernel: Path, initrd: Path, timeout_s: float) -
         except Exception as exc:
             log.info("KVM probe: QEMU did not start under KVM (%s)", exc)
             return False
-        return await _wait_for_marker(process, console, timeout_s)
+        write_atomic(pid_file, str(process.pid).encode())
+        try:
+            return await _wait_for_marker(process, console, timeout_s)
+        finally:
+            pid_file.unlink(missing_ok=True)
 
 
 async def _wait_for_marker(process: VmmProcess, console: Path, timeout_s: float) -> bool:

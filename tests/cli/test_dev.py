@@ -60,8 +60,7 @@ def _read_banner(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, str
 
     threading.Thread(target=read, daemon=True).start()
     if not done.wait(timeout_s) or "HYPEMAN_API_KEY" not in banner:
-        proc.kill()
-        proc.wait()
+        _shut_down(proc)
         raise AssertionError(
             f"vmfleet dev printed no banner; stderr: {proc.stderr.read() if proc.stderr else ''}"
         )
@@ -85,11 +84,20 @@ def dev_stack(data_dir: Path, port: int) -> Iterator[DevStack]:
         env=env,
     )
     try:
-        yield DevStack(proc, _read_banner(proc, timeout_s=60))
+        yield DevStack(proc, _read_banner(proc, timeout_s=90))
     finally:
-        if proc.poll() is None:
+        _shut_down(proc)
+
+
+def _shut_down(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM first: a SIGKILLed `vmfleet dev` could not stop the processes it started."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
             proc.kill()
-        proc.wait()
+    proc.wait()
 
 
 def _stop(stack: DevStack) -> int:

@@ -71,8 +71,12 @@ async def test_port_mapping_reaches_the_guest(engine: HostEngine, busybox_image:
             create_command(busybox_image, port_mappings=[PortMapping(host_port=port, guest_port=1)])
         )
     await engine.execute(Delete(id="dl", instance_id=cmd.instance_id, issued_at=now()))
+    # Released: a new server can listen on it. SO_REUSEADDR as every server sets it, because
+    # the connections QEMU closed first linger in TIME_WAIT on that port for a minute.
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", port))  # released
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
 
 
 @pytest.mark.parametrize(
