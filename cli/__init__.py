@@ -1,1 +1,2 @@
-"""The ``vmfleet`` command: daemons (dev, gateway, worker) and tools (token, kernel)."""
+"""The ``vmfleet`` command: daemons (dev, gateway, worker), tools (token, kernel), and
+the client commands that use a gateway (run, ps, logs, ...: ``cli.commands``)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 
+from cli.commands import register_client_commands, run_client_command
 from cli.settings import ConfigError, Settings, load_settings
 
 __all__ = ["main"]
@@ -25,6 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # One line per HTTP request is noise in a command's output; its errors are reported.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.client is not None:
+        # A client of the gateway: HYPEMAN_* settings only, none of the daemons'.
+        return run_client_command(args.client, args)
     try:
         settings = load_settings()
         return int(args.run(settings, args) or 0)
@@ -36,7 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vmfleet", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="vmfleet",
+        description="Run OCI images as micro-VMs on a fleet of hosts. The client commands "
+        "talk to a gateway at HYPEMAN_BASE_URL with the token in HYPEMAN_API_KEY "
+        "(docs/cli.md).",
+    )
+    parser.set_defaults(client=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     dev = sub.add_parser("dev", help="run NATS, one worker and the gateway locally")
@@ -60,50 +70,16 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, default=None, help="where `vmfleet dev` keeps its secret"
     )
     token.set_defaults(run=_token)
-    host = sub.add_parser("host", help="fleet hosts (through the gateway)")
-    host_sub = host.add_subparsers(dest="host_command", required=True, metavar="ACTION")
-    drain = host_sub.add_parser("drain", help="no new placements on a host")
-    drain.add_argument("host_id")
-    drain.add_argument("--standby", action="store_true", help="also standby its running instances")
-    drain.add_argument("--reason", default="", help="kept with the drain record")
-    drain.set_defaults(run=_host_drain)
-    undrain = host_sub.add_parser("undrain", help="take a drained host back into placement")
-    undrain.add_argument("host_id")
-    undrain.set_defaults(run=_host_undrain)
 
     kernel = sub.add_parser("kernel", help="guest kernel assets")
     kernel_sub = kernel.add_subparsers(dest="kernel_command", required=True, metavar="ACTION")
     fetch = kernel_sub.add_parser("fetch", help="fetch Debian's cloud kernel into the data dir")
     fetch.add_argument("--data-dir", type=Path, default=None, help="default: VMFLEET_DATA_DIR")
     fetch.set_defaults(run=_kernel_fetch)
+
+    # pull, run, ps, logs, stop|start|standby|restore, rm, volume, image, hosts, events, host
+    register_client_commands(sub)
     return parser
-
-
-def _host_drain(settings: Settings, args: argparse.Namespace) -> int:
-    from cli.client import ClientError, call, fail
-
-    body = {"standby": args.standby, "reason": args.reason}
-    try:
-        result = call("POST", f"/hosts/{args.host_id}/drain", json=body)
-    except ClientError as exc:
-        return fail(str(exc))
-    print(f"host {result['host']} drained")
-    for instance_id in result["standby"]:
-        print(f"  standby: {instance_id}")
-    for instance_id, error in result["errors"].items():
-        print(f"  not in standby: {instance_id}: {error}")
-    return 1 if result["errors"] else 0
-
-
-def _host_undrain(settings: Settings, args: argparse.Namespace) -> int:
-    from cli.client import ClientError, call, fail
-
-    try:
-        call("DELETE", f"/hosts/{args.host_id}/drain")
-    except ClientError as exc:
-        return fail(str(exc))
-    print(f"host {args.host_id} takes placements again")
-    return 0
 
 
 def _kernel_fetch(settings: Settings, args: argparse.Namespace) -> int:

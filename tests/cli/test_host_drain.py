@@ -49,6 +49,6 @@ async def test_drain_then_undrain(nats_url: str) -> None:
             refused = await anyio.run_process(
                 [VMFLEET, "host", "drain", "h1"], env=no_key, check=False
             )
-            assert refused.returncode == 1 and b"HYPEMAN_API_KEY" in refused.stderr
+            assert refused.returncode == 2 and b"HYPEMAN_API_KEY" in refused.stderr
         finally:
             await nc.close()

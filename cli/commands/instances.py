@@ -1,0 +1,217 @@
+"""``run``, ``ps``, ``logs``, ``stop|start|standby|restore`` and ``rm``.
+
+Instances are named by id, name or unique id prefix; the gateway resolves them (404
+``not_found``, 409 ``ambiguous``), so the commands send what they were given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import secrets
+from typing import Any, Final
+
+from cli.client import GatewayClient, GatewayError, segment
+from cli.commands._common import (
+    Handler,
+    add_json_flag,
+    client_command,
+    each,
+    key_value,
+    port_mapping,
+    print_json,
+    volume_mount,
+)
+from cli.commands.images import wait_for_image
+from cli.tables import age, parse_time, render_table, short_id
+
+__all__ = ["default_name", "register"]
+
+LOG_SOURCES: Final = ("app", "vmm", "hypeman")
+#: States in which the instance's VM is alive: `rm` wants `-f` for those.
+LIVE_STATES: Final = frozenset({"Running", "Paused"})
+_LIFECYCLE: Final = {
+    "stop": "stop an instance (its overlay disk is kept)",
+    "start": "start a stopped instance",
+    "standby": "pause an instance and snapshot it to disk",
+    "restore": "resume an instance from its standby snapshot",
+}
+_NOT_NAME: Final = re.compile(r"[^a-z0-9]+")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = sub.add_parser(
+        "run",
+        help="create and start an instance (pulls its image first if needed)",
+        description="Create and start an instance of IMAGE, running CMD instead of the "
+        "image's command if given. Prints the instance id.",
+    )
+    run.add_argument("--name", help="instance name (default: the image's, a random suffix)")
+    run.add_argument(
+        "-e",
+        "--env",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set an environment variable in the guest",
+    )
+    run.add_argument(
+        "-v",
+        "--volume",
+        type=volume_mount,
+        action="append",
+        default=[],
+        metavar="VOL:/PATH[:ro]",
+        help="mount a volume (id or name), read-only with :ro",
+    )
+    run.add_argument(
+        "-p",
+        "--publish",
+        type=port_mapping,
+        action="append",
+        default=[],
+        metavar="HOST:GUEST[/udp]",
+        help="forward a host port into the guest",
+    )
+    run.add_argument("--size", help='memory, e.g. "512MB" (default: the gateway\'s, 1GB)')
+    run.add_argument("--vcpus", type=int, help="virtual CPUs (default: the gateway's, 2)")
+    run.add_argument("--overlay-size", help='writable disk, e.g. "5GB" (default 10GB)')
+    run.add_argument("--entrypoint", action="append", metavar="ARG", help="override the entrypoint")
+    run.add_argument("--host", help="run on this host")
+    run.add_argument(
+        "--label",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run on a host advertising this label",
+    )
+    run.add_argument("image", metavar="IMAGE")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD ...")
+    client_command(run, _run)
+
+    ps = sub.add_parser("ps", help="list instances (running ones unless -a)")
+    ps.add_argument("-a", "--all", action="store_true", help="every instance, in any state")
+    ps.add_argument("-q", "--quiet", action="store_true", help="only the ids")
+    add_json_flag(ps)
+    client_command(ps, _ps)
+
+    logs = sub.add_parser("logs", help="print an instance's log")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("--source", choices=LOG_SOURCES, default="app", help="default: app")
+    logs.add_argument("--tail", type=int, default=100, help="last N lines (default 100)")
+    logs.add_argument("instance", metavar="INSTANCE")
+    client_command(logs, _logs)
+
+    for op, summary in _LIFECYCLE.items():
+        parser = sub.add_parser(op, help=summary, description=f"{summary[0].upper()}{summary[1:]}.")
+        parser.add_argument("instances", nargs="+", metavar="INSTANCE")
+        client_command(parser, _lifecycle(op))
+
+    rm = sub.add_parser("rm", help="delete instances")
+    rm.add_argument("-f", "--force", action="store_true", help="also running ones")
+    rm.add_argument("instances", nargs="+", metavar="INSTANCE")
+    client_command(rm, _rm)
+
+
+def default_name(image: str) -> str:
+    """``busybox-1a2b3c`` for ``registry:5000/library/busybox:latest``."""
+    repository = image.partition("@")[0].rsplit("/", 1)[-1].partition(":")[0]
+    base = _NOT_NAME.sub("-", repository.lower()).strip("-")[:48].rstrip("-") or "vm"
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+def _run(client: GatewayClient, args: argparse.Namespace) -> int:
+    image = wait_for_image(client, args.image, quiet_if_ready=True)
+    body: dict[str, Any] = {"name": args.name or default_name(image["name"]), "image": args.image}
+    optional = {
+        "size": args.size,
+        "vcpus": args.vcpus,
+        "overlay_size": args.overlay_size,
+        "entrypoint": args.entrypoint,
+        "cmd": args.cmd or None,
+        "env": dict(args.env) or None,
+        "volumes": [_by_id(client, mount) for mount in args.volume] or None,
+        "port_mappings": args.publish or None,
+        "host": args.host,
+        "host_labels": dict(args.label) or None,
+    }
+    body.update({key: value for key, value in optional.items() if value is not None})
+    instance = client.call("POST", "/instances", json=body)
+    print(instance["id"])
+    return 0
+
+
+def _by_id(client: GatewayClient, mount: dict[str, Any]) -> dict[str, Any]:
+    """A create names volumes by exact id only: look the name (or id) up first."""
+    ref = mount["volume_id"]
+    volume = client.call("GET", f"/volumes/{segment(ref)}", what=f"volume {ref}")
+    return {**mount, "volume_id": volume["id"]}
+
+
+def _ps(client: GatewayClient, args: argparse.Namespace) -> int:
+    response = client.request(
+        "GET", "/instances", params=None if args.all else {"state": "Running"}
+    )
+    if args.json:
+        print_json(response)
+        return 0
+    instances = sorted(response.json(), key=lambda i: parse_time(i["created_at"]), reverse=True)
+    if args.quiet:
+        for instance in instances:
+            print(instance["id"])
+        return 0
+    rows = [
+        (
+            short_id(i["id"]),
+            i["name"],
+            i["image"],
+            i["state"],
+            i.get("host") or "-",
+            age(i["created_at"]),
+        )
+        for i in instances
+    ]
+    print(render_table(("ID", "NAME", "IMAGE", "STATE", "HOST", "AGE"), rows))
+    return 0
+
+
+def _logs(client: GatewayClient, args: argparse.Namespace) -> int:
+    params = {"source": args.source, "tail": str(args.tail)}
+    if args.follow:
+        params["follow"] = "true"
+    path = f"/instances/{segment(args.instance)}/logs"
+    with client.events(path, params=params, what=f"instance {args.instance}") as events:
+        for event in events:
+            line = json.loads(event.data)
+            print(line if isinstance(line, str) else event.data, flush=args.follow)
+    return 0
+
+
+def _lifecycle(op: str) -> Handler:
+    def handler(client: GatewayClient, args: argparse.Namespace) -> int:
+        def act(ref: str) -> None:
+            path = f"/instances/{segment(ref)}/{op}"
+            instance = client.call("POST", path, what=f"instance {ref}")
+            print(f"{instance['id']} {instance['state']}", flush=True)
+
+        return each(args.instances, act)
+
+    return handler
+
+
+def _rm(client: GatewayClient, args: argparse.Namespace) -> int:
+    def remove(ref: str) -> None:
+        what = f"instance {ref}"
+        instance = client.call("GET", f"/instances/{segment(ref)}", what=what)
+        if not args.force and instance["state"] in LIVE_STATES:
+            raise GatewayError(
+                "invalid_state",
+                f"instance {ref} is {instance['state']}: stop it first, or use rm -f",
+            )
+        client.request("DELETE", f"/instances/{instance['id']}", what=what)
+        print(instance["id"], flush=True)
+
+    return each(args.instances, remove)
