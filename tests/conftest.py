@@ -13,11 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from cli.embedded_nats import NatsServerProcess
 from tests.support.images import build_busybox_image, push_image
 from tests.support.processes import live_children
 from tests.support.registry import LocalRegistry
+
+# Tests write only to temporary directories: no example database in the work tree.
+settings.register_profile("vmfleet", database=None)
+settings.load_profile("vmfleet")
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,7 @@ class ImagePuller:
     async def pull(self, cmd: PullImage) -> ImageRecord:
         key = image_key(cmd.image)
         send, receive = anyio.create_memory_object_stream[tuple[ImageStatus, str | None]](math.inf)
+        failure: VmfleetError | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._follow, key, receive)
             with send:
@@ -48,7 +49,11 @@ class ImagePuller:
                     )
                 except VmfleetError as exc:
                     send.send_nowait((ImageStatus.FAILED, exc.message))
-                    raise
+                    failure = exc
+        # Raised outside the task group, so that callers see the error itself (not_found,
+        # registry_unavailable, ...) rather than an exception group around it.
+        if failure is not None:
+            raise failure
         return await self._update(key, lambda r: _ready(r, info, self._host_id)) or _ready(
             _new_record(cmd.image), info, self._host_id
         )

@@ -148,6 +148,7 @@ def test_listings_print_tables_and_the_gateways_json(stack: DevStack, busybox_im
     assert missing.returncode == 1
     *statuses, last = missing.stderr.splitlines()
     assert re.fullmatch(r"vmfleet: \S+: .+", last), missing.stderr
+    assert "not found" in last and "TaskGroup" not in last, last  # the host's own words
     assert all(
         line.startswith(f"{busybox_image.replace('busybox', 'nothing-here')}: ")
         for line in statuses

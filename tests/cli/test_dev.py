@@ -4,9 +4,11 @@ stops all of it, and what NATS stored survives for the next run."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -180,3 +182,51 @@ def test_sigterm_stops_too(tmp_path: Path, sig: signal.Signals) -> None:
     with dev_stack(tmp_path, free_port()) as stack:
         stack.proc.send_signal(sig)
         assert stack.proc.wait(timeout=60) == 0
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.vm
+def test_ctrl_c_stops_the_vms_too(busybox_image: str) -> None:
+    # Short: the guests' unix socket paths live below it (at most 107 bytes).
+    data_dir = Path(tempfile.mkdtemp(prefix="vd", dir="/tmp"))
+    try:
+        with dev_stack(data_dir, free_port()) as stack:
+            headers = {"Authorization": f"Bearer {stack.token}"}
+            body = {"name": "left-running", "image": busybox_image, "size": "256MB", "vcpus": 1}
+            created = httpx.post(
+                f"{stack.base_url}/instances", json=body, headers=headers, timeout=300
+            )
+            assert created.status_code == 201, created.text
+            assert created.json()["state"] == "Running"
+            vmms = [
+                pid
+                for pid in _processes_mentioning(str(data_dir / "guests"))
+                if "qemu" in Path(f"/proc/{pid}/comm").read_text()
+            ]
+            assert vmms, "no QEMU process found for the instance"
+            assert _stop(stack) == 0
+        for pid in vmms:
+            assert not Path(f"/proc/{pid}").exists(), f"QEMU {pid} outlived vmfleet dev"
+
+        # The record survives, as what it now is: stopped, not lost.
+        with dev_stack(data_dir, free_port()) as stack:
+            headers = {"Authorization": f"Bearer {stack.token}"}
+            shown = httpx.get(f"{stack.base_url}/instances/left-running", headers=headers)
+            assert (shown.status_code, shown.json()["state"]) == (200, "Stopped"), shown.text
+            deleted = httpx.delete(
+                f"{stack.base_url}/instances/left-running", headers=headers, timeout=120
+            )
+            assert deleted.status_code == 204, deleted.text
+            assert _stop(stack) == 0
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)

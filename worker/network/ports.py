@@ -6,10 +6,12 @@ import contextlib
 import socket
 from collections.abc import Iterable
 
+import anyio
+
 from schemas.api import PortMapping
 from schemas.errors import BadRequest, Conflict
 
-__all__ = ["check_port_mappings", "claim_host_ports"]
+__all__ = ["check_port_mappings", "claim_host_ports", "wait_until_released"]
 
 
 def check_port_mappings(mappings: Iterable[PortMapping]) -> None:
@@ -44,6 +46,27 @@ def claim_host_ports(
                 f"host port {m.host_port}/{protocol} is already in use on this host",
                 code="port_in_use",
             )
+
+
+async def wait_until_released(
+    mappings: Iterable[PortMapping], address: str, timeout_s: float = 5.0
+) -> bool:
+    """Wait until the host can bind every mapped port again; False if it still cannot.
+
+    A killed VMM's sockets linger for a moment while the kernel closes its connections;
+    a create that claims the same port right after a delete would otherwise be refused.
+    """
+    pending = [(m.host_port, str(m.protocol or "tcp")) for m in mappings]
+    with anyio.move_on_after(timeout_s):
+        # The kernel offers no event for a port coming free: poll, briefly.
+        while pending := _still_held(pending, address):  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+        return True
+    return False
+
+
+def _still_held(ports: list[tuple[int, str]], address: str) -> list[tuple[int, str]]:
+    return [(port, protocol) for port, protocol in ports if not _bindable(address, port, protocol)]
 
 
 def _bindable(address: str, port: int, protocol: str) -> bool:

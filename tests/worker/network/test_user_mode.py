@@ -12,7 +12,7 @@ import pytest
 from cli.embedded_nats import free_port
 from schemas.api import PortMapping
 from schemas.errors import BadRequest, Conflict
-from schemas.messages import Delete, Restore, Standby, Stop
+from schemas.messages import Delete, Restore, Standby, Start, Stop
 from tests.worker.conftest import create_command, now, wait_for_log
 from worker.engine import HostEngine
 from worker.network import USER_GUEST_IP
@@ -70,6 +70,9 @@ async def test_port_mapping_reaches_the_guest(engine: HostEngine, busybox_image:
         await engine.execute(
             create_command(busybox_image, port_mappings=[PortMapping(host_port=port, guest_port=1)])
         )
+    # ... and gets it back when it starts again.
+    await engine.execute(Start(id="sa", instance_id=cmd.instance_id, issued_at=now()))
+    assert (await get_page(port)).strip() == "hello-from-the-guest"
     await engine.execute(Delete(id="dl", instance_id=cmd.instance_id, issued_at=now()))
     # Released: a new server can listen on it. SO_REUSEADDR as every server sets it, because
     # the connections QEMU closed first linger in TIME_WAIT on that port for a minute.
