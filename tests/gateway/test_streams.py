@@ -188,3 +188,26 @@ async def test_events_filter_and_resume_after_last_event_id(gw: GatewayHandle, b
         for bad in ({"host": "a.b"}, {"instance": "*"}):
             assert (await client.get("/events", params=bad)).status_code == 400
         assert (await client.get("/events", headers={"Last-Event-ID": "x"})).status_code == 400
+
+
+async def test_follow_is_not_cut_after_a_minute(gw: GatewayHandle, bus: Bus) -> None:
+    """Proxies and servers often cut a response at 60 s; hypeman's follow stays open. Read
+    with hypeman's SDK and its default timeouts, as a user would."""
+    await _instance(gw, bus, A)
+    sdk = AsyncHypeman(api_key=gw.token, base_url=gw.base_url, max_retries=0)
+
+    async def publish_after_a_minute() -> None:
+        await anyio.sleep(65)
+        await _line(bus, A, "app", 1, "still here")
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publish_after_a_minute)
+            stream = await sdk.instances.logs(A, follow=True, tail=0)
+            async with stream:
+                with anyio.fail_after(120):
+                    async for line in stream:
+                        assert line == "still here"
+                        break
+    finally:
+        await sdk.close()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
+import anyio
 import pytest
 
 from schemas.api import InstanceState
-from schemas.messages import Delete, Stop
+from schemas.messages import Delete, Start, Stop
 from tests.support.processes import live_children
 from tests.worker.conftest import create_command, make_context, now, wait_for_log
 from worker.engine import HostEngine
@@ -63,3 +66,27 @@ async def test_delete_leaves_no_trace(engine: HostEngine, busybox_image: str) ->
     )
     assert not guest_dir.exists()
     assert not [name for _, name in live_children() if name.startswith("qemu")]
+
+
+async def test_vmm_crash_is_noticed_recorded_and_recoverable(
+    engine: HostEngine, busybox_image: str
+) -> None:
+    cmd = create_command(busybox_image, cmd=["/bin/sh", "-c", "while true; do sleep 1; done"])
+    await engine.execute(cmd)
+    process = engine.instance(cmd.instance_id).process
+    assert process is not None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.watch_vmms, 0.2)
+        os.kill(process.pid, signal.SIGKILL)  # QEMU dies under the running worker
+        with anyio.fail_after(60):
+            while engine.get(cmd.instance_id).state is not InstanceState.STOPPED:
+                await anyio.sleep(0.1)
+        tg.cancel_scope.cancel()
+    record = engine.get(cmd.instance_id)
+    assert record.state_error is not None, record
+    assert not Path(f"/proc/{process.pid}").exists()
+
+    restarted = await engine.execute(Start(id="s", instance_id=cmd.instance_id, issued_at=now()))
+    assert restarted is not None and restarted.state is InstanceState.RUNNING
+    assert restarted.state_error is None
+    await engine.execute(Delete(id="d", instance_id=cmd.instance_id, issued_at=now()))
