@@ -98,6 +98,10 @@ class LogFollower:
         try:
             while True:
                 chunk = handle.read(1 << 20) if handle is not None else b""
+                if chunk.startswith(b"\0"):
+                    chunk = self._skip_hole(position, chunk)
+                    if not chunk:
+                        continue
                 if chunk:
                     await self._ship(source, position, chunk)
                     continue
@@ -112,6 +116,15 @@ class LogFollower:
         finally:
             if handle is not None:
                 handle.close()
+
+    def _skip_hole(self, position: _Position, chunk: bytes) -> bytes:
+        """A writer that does not append (Cloud Hypervisor's serial file) goes on at its own
+        offset after the file is truncated, so the file starts with a hole that reads as
+        zero bytes (and takes no disk space): skip it. A VMM writing with O_APPEND leaves
+        none."""
+        data = chunk.lstrip(b"\0")
+        position.offset += len(chunk) - len(data)
+        return data
 
     def _rotate(self, path: Path, handle: BinaryIO, position: _Position) -> None:
         """Keep the file bounded: everything read so far moves to ``<name>.1`` and the file
