@@ -1,6 +1,7 @@
 """Wiring of the worker daemon: boot assets, NATS, the engine, and their ordered shutdown.
 
-Start-up: boot assets (kernel, initrd, accelerator) → NATS and its layout → the records
+Start-up: boot assets (kernel, initrd), the hypervisor (VMFLEET_HYPERVISOR, probed by
+booting them; worker.drivers.select) → NATS and its layout → the records
 publisher → recovery (adopt VMMs, reconcile records, publish them) → heartbeats, log
 shipping, the VMM watcher → the command consumer. Only then is the worker "started".
 
@@ -12,6 +13,7 @@ is queued; then the NATS connection drains.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections import Counter
 
@@ -21,14 +23,12 @@ from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
 
 from natsbus import connect, provision
-from schemas.api import InstanceState
-from schemas.errors import HypervisorError
+from schemas.api import Hypervisor, InstanceState
 from schemas.subjects import Subjects
-from worker.accel import choose_accel
 from worker.commands import CommandConsumer
 from worker.config import WorkerConfig
 from worker.dispatch import Dispatcher
-from worker.drivers.qemu import QemuDriver
+from worker.drivers.select import DriverSet, check_hypervisor_setting, choose_hypervisor
 from worker.engine import HostEngine
 from worker.guest import ensure_initrd, ensure_kernel
 from worker.heartbeat import heartbeat_loop
@@ -45,17 +45,25 @@ from worker.queries import serve_queries
 from worker.storage import Storage
 from worker.volumes import VolumeStore
 
-__all__ = ["prepare_boot_assets", "run_worker"]
+__all__ = ["prepare_host", "run_worker"]
 
 log = logging.getLogger(__name__)
 
 
-async def prepare_boot_assets(config: WorkerConfig, qemu: str) -> BootAssets:
+async def prepare_host(config: WorkerConfig) -> tuple[BootAssets, DriverSet]:
+    """The guest's kernel and initrd, then the hypervisor (whose probe boots them)."""
     assets = config.assets_dir or config.data_dir
     kernel = await ensure_kernel(assets, kernel=config.kernel, initrd=config.initrd)
     initrd = await ensure_initrd(assets, kernel)
-    accel = await choose_accel(assets, qemu=qemu, kernel=kernel.bzimage, initrd=initrd)
-    return BootAssets(kernel=kernel.bzimage, initrd=initrd, accel=accel)
+    host = await choose_hypervisor(
+        config.hypervisor,
+        network_mode=config.network.mode,
+        ch_binary=config.ch_binary,
+        assets_dir=assets,
+        kernel=kernel.bzimage,
+        initrd=initrd,
+    )
+    return BootAssets(kernel=kernel.bzimage, initrd=initrd, accel=host.accel), host.drivers
 
 
 async def run_worker(
@@ -66,20 +74,18 @@ async def run_worker(
 ) -> None:
     """Run until cancelled. Reports started once the worker takes commands."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    check_hypervisor_setting(
+        config.hypervisor, network_mode=config.network.mode, ch_binary=config.ch_binary
+    )
     if config.network.mode == "bridge":
         check_bridge_host()
-    if config.hypervisor == "cloud-hypervisor":
-        raise HypervisorError(
-            "VMFLEET_HYPERVISOR=cloud-hypervisor: its driver is not available yet"
-        )
     bridge = None
     if config.network.mode == "bridge":
         bridge = BridgeNetwork(config.network, config.data_dir)
         await bridge.setup()
     metrics = WorkerMetrics(registry or CollectorRegistry())
-    driver = QemuDriver()
-    boot = await prepare_boot_assets(config, driver.binary)
-    log.info("guest kernel %s, accelerator %s", boot.kernel.name, boot.accel)
+    boot, driver = await prepare_host(config)
+    log.info("guest kernel %s, %s, accelerator %s", boot.kernel.name, driver.name, boot.accel)
     nc = await connect(dataclasses.replace(config.bus, on_reconnect=metrics.nats_reconnects.inc))
     try:
         await _serve(nc, config, metrics, driver, boot, bridge, task_status)
@@ -92,7 +98,7 @@ async def _serve(
     nc: Client,
     config: WorkerConfig,
     metrics: WorkerMetrics,
-    driver: QemuDriver,
+    driver: DriverSet,
     boot: BootAssets,
     bridge: BridgeNetwork | None,
     task_status: TaskStatus[None],
@@ -173,7 +179,8 @@ async def _run_components(
         metrics,
     )
     async with anyio.create_task_group() as tg:
-        await tg.start(heartbeat_loop, hosts, config, engine.usage)
+        beat = functools.partial(heartbeat_loop, hypervisors=[Hypervisor(engine.ctx.driver.name)])
+        await tg.start(beat, hosts, config, engine.usage)
         tg.start_soon(shipper.run)
         tg.start_soon(engine.watch_vmms)
         tg.start_soon(_count_instances, engine, metrics)
@@ -197,7 +204,10 @@ async def _publish_everything(engine: HostEngine, publisher: RecordPublisher) ->
         publisher.changed(record, None)
     for volume in engine.ctx.volumes.list():
         publisher.volume_changed(volume.id, volume)
-    await publisher.flush()
+    await publisher.forget_vanished(
+        {record.id for record in engine.records()},
+        {volume.id for volume in engine.ctx.volumes.list()},
+    )
 
 
 async def _shut_down(config: WorkerConfig, engine: HostEngine, publisher: RecordPublisher) -> None:

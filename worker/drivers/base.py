@@ -73,6 +73,11 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     accel: str = "tcg"
     hotplug_slots: int = 8
     nics: tuple[NicSpec, ...] = ()
+    #: The hypervisor this device model belongs to; specs saved before there was a choice
+    #: were all QEMU's. A VM (and its snapshot) stays with the hypervisor that made it.
+    hypervisor: str = "qemu"
+    #: Memory the VM may be given later (Cloud Hypervisor: a virtio-mem region; QEMU: none).
+    hotplug_bytes: int = 0
 
     def with_disk(self, disk: DiskSpec) -> VmSpec:
         return msgspec.structs.replace(self, disks=(*self.disks, disk))

@@ -1,4 +1,5 @@
-"""Guest boot assets: the kernel, vmfleet's initrd (busybox, modules, init.sh), the config disk."""
+"""Guest boot assets: the kernel (and its PVH vmlinux for Cloud Hypervisor), vmfleet's initrd
+(busybox, modules, init.sh), the config disk."""
 
 from .config_disk import (
     DEFAULT_HOME,
@@ -23,6 +24,7 @@ from .initrd import (
     resolve_load_order,
 )
 from .kernel import DEFAULT_KERNEL_PACKAGE, KernelAssets, ensure_kernel, read_bzimage_version
+from .vmlinux import ensure_vmlinux
 
 __all__ = [
     "DEFAULT_HOME",
@@ -37,6 +39,7 @@ __all__ = [
     "build_config_disk",
     "ensure_initrd",
     "ensure_kernel",
+    "ensure_vmlinux",
     "initrd_cache_key",
     "merge_env",
     "parse_modules_dep",

@@ -26,15 +26,16 @@ async def run(
     *,
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
+    input: bytes | None = None,
 ) -> bytes:
-    """Run ``argv`` to completion and return its stdout.
+    """Run ``argv`` to completion (``input`` on its stdin) and return its stdout.
 
     anyio.run_process always reaps the child, also when the caller is cancelled.
     A missing program or a non-zero exit raises GuestAssetError with the stderr tail.
     """
     cmd = [str(a) for a in argv]
     try:
-        result = await anyio.run_process(cmd, cwd=cwd, env=env, check=False)
+        result = await anyio.run_process(cmd, input=input, cwd=cwd, env=env, check=False)
     except OSError as exc:
         raise GuestAssetError(f"cannot run {cmd[0]}: {exc}") from exc
     if result.returncode != 0:

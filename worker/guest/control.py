@@ -1,18 +1,24 @@
 """The host side of the guest control channel: one line out, one line back.
 
-The guest's init answers on a serial port whose host end is a unix socket. Bytes sent
-before the guest opened its end are lost in the UART, so every conversation starts with
-``ping`` until ``pong`` comes back; only then is the real request sent.
+The guest's init answers on a serial port whose host end is a unix socket (QEMU), or on a
+virtio console whose host end is a pty (Cloud Hypervisor; the path given is then a symlink
+to that pty). Bytes sent before the guest opened its end are lost in the UART, so every
+conversation starts with ``ping`` until ``pong`` comes back; only then is the real request
+sent. A pty keeps what the guest wrote while nobody listened (answers to an abandoned
+conversation), so that is flushed first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import termios
+import tty
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
-from anyio.abc import SocketStream
+from anyio.abc import ByteStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from schemas.errors import HypervisorError
@@ -24,8 +30,65 @@ class GuestControlError(HypervisorError):
     """The guest did not answer, or answered ``err ...``."""
 
 
+class _PtyStream(ByteStream):
+    """A pty's host end as a byte stream (non-blocking reads and writes on its fd)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    @classmethod
+    def open(cls, path: Path) -> _PtyStream:
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            tty.setraw(fd)  # no echo, no line editing: the guest's bytes as they are
+            termios.tcflush(fd, termios.TCIFLUSH)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd)
+
+    def _require_fd(self) -> int:
+        if self._fd is None:
+            raise anyio.ClosedResourceError
+        return self._fd
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        fd = self._require_fd()
+        while True:
+            try:
+                data = os.read(fd, max_bytes)
+            except BlockingIOError:
+                await anyio.wait_readable(fd)
+                continue
+            except OSError as exc:  # EIO: the VMM holding the other end is gone
+                raise anyio.BrokenResourceError from exc
+            if not data:
+                raise anyio.EndOfStream
+            return data
+
+    async def send(self, item: bytes) -> None:
+        fd = self._require_fd()
+        view = memoryview(item)
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                await anyio.wait_writable(fd)
+            except OSError as exc:
+                raise anyio.BrokenResourceError from exc
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            anyio.notify_closing(fd)
+            os.close(fd)
+
+
 class _Channel:
-    def __init__(self, stream: SocketStream) -> None:
+    def __init__(self, stream: ByteStream) -> None:
         self._stream = stream
         self._reader = BufferedByteReceiveStream(stream)
 
@@ -51,9 +114,13 @@ class _Channel:
 
 @contextlib.asynccontextmanager
 async def _open(path: Path, timeout_s: float) -> AsyncIterator[_Channel]:
+    stream: ByteStream
     try:
-        with anyio.fail_after(min(timeout_s, 5)):
-            stream = await anyio.connect_unix(path)
+        if path.is_char_device():
+            stream = _PtyStream.open(path)
+        else:
+            with anyio.fail_after(min(timeout_s, 5)):
+                stream = await anyio.connect_unix(path)
     except (OSError, TimeoutError) as exc:
         raise GuestControlError(f"guest control channel unreachable: {exc}") from exc
     async with stream:

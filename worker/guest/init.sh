@@ -6,8 +6,9 @@
 #   /init --udhcpc <event>   udhcpc lease handler
 #
 # Disks: vda image (ext4, ro), vdb overlay (ext4, rw), vdc config (ext4, ro: config.sh, env.sh,
-# config.json), vdd.. volumes. Console: ttyS0 (= app.log). Control channel: ttyS1, one reply
-# line per command line:
+# config.json), vdd.. volumes. Console: ttyS0 (= app.log). Control channel: vmfleet.ctl= on the
+# kernel command line (ttyS1 under QEMU, the virtio console hvc0 under Cloud Hypervisor), one
+# reply line per command line:
 #   ping                         -> pong
 #   status                       -> booting | running <pid> | exited <code> | failed <message>
 #   shutdown <timeout_s>         -> ok, then the VM powers off
@@ -60,6 +61,16 @@ wait_dev() {
 		*) WAITED_DEV=$1 ;;
 		esac
 		[ -n "$WAITED_DEV" ] && [ -b "$WAITED_DEV" ] && return 0
+		[ "$_n" -gt 0 ] || return 1
+		_n=$((_n - 1))
+		sleep 0.05
+	done
+}
+
+# wait_char DEVICE SECONDS: wait for a character device node (a console made by a module).
+wait_char() {
+	_n=$(($2 * 20))
+	while [ ! -c "$1" ]; do
 		[ "$_n" -gt 0 ] || return 1
 		_n=$((_n - 1))
 		sleep 0.05
@@ -149,7 +160,7 @@ umount_volume() {
 	fi
 }
 
-# --- control channel (ttyS1) --------------------------------------------------------------------
+# --- control channel (ttyS1 or hvc0) ------------------------------------------------------------
 
 status_line() {
 	if [ -e "$RUN/app.exit" ]; then
@@ -292,9 +303,25 @@ write_resolv() { # nameservers...
 	for _ns in "$@"; do echo "nameserver $_ns"; done >"$NEWROOT/etc/resolv.conf"
 }
 
+write_hosts() { # ADDRESS: where this guest's own hostname resolves
+	mkdir -p "$NEWROOT/etc"
+	rm -f "$NEWROOT/etc/hosts"
+	{
+		printf '127.0.0.1\tlocalhost\n'
+		printf '::1\tlocalhost ip6-localhost ip6-loopback\n'
+		[ -z "$VMFLEET_HOSTNAME" ] || printf '%s\t%s\n' "$1" "$VMFLEET_HOSTNAME"
+	} >"$NEWROOT/etc/hosts"
+}
+
 setup_network() {
 	ip link set lo up
 	[ -n "$VMFLEET_HOSTNAME" ] && hostname "$VMFLEET_HOSTNAME"
+	# The instance's own address when it has a fixed one; else Debian's 127.0.1.1.
+	if [ "$VMFLEET_NET_ENABLED" = 1 ] && [ "$VMFLEET_NET_MODE" != dhcp ]; then
+		write_hosts "$VMFLEET_NET_IP"
+	else
+		write_hosts 127.0.1.1
+	fi
 	if [ "$VMFLEET_NET_ENABLED" != 1 ]; then
 		log INFO network "disabled"
 		return 0
@@ -422,12 +449,21 @@ boot() {
 		poweroff -f
 	fi
 	log INFO boot "vmfleet init on kernel $(uname -r) at $(uptime_s)s"
+	_ctl_up=
 	if [ -c "$CTL" ]; then
 		control_loop &
-	else
-		log WARN control "no $CTL: control channel disabled"
+		_ctl_up=1
 	fi
 	load_modules
+	# A control channel on a virtio console (hvc0, Cloud Hypervisor) appears only once
+	# virtio_console is loaded; a serial one (ttyS1, QEMU) was there from the start.
+	if [ -z "$_ctl_up" ]; then
+		if wait_char "$CTL" 5; then
+			control_loop &
+		else
+			log WARN control "no $CTL: control channel disabled"
+		fi
+	fi
 	if [ -d /sys/class/input ]; then
 		acpid -c /etc/acpi -l /var/log/acpid.log 2>/dev/null || log WARN acpi "acpid did not start"
 	fi

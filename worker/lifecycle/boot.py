@@ -72,6 +72,8 @@ def vm_spec(
         run_dir=str(guest.run_dir),
         accel=ctx.boot.accel,
         nics=nics(ctx, inst),
+        hypervisor=inst.record.hypervisor.value,
+        hotplug_bytes=inst.record.hotplug_bytes,
     )
 
 

@@ -103,12 +103,17 @@ async def test_invalid_port_mappings(
 
 @pytest.mark.vm
 async def test_network_disabled_means_no_nic(engine: HostEngine, busybox_image: str) -> None:
-    script = "ls /sys/class/net; sleep 3600"
-    cmd = create_command(busybox_image, cmd=["/bin/sh", "-c", script], network_enabled=False)
+    script = "ls /sys/class/net; cat /etc/hosts; echo listed-$((6*7)); sleep 3600"
+    cmd = create_command(
+        busybox_image, cmd=["/bin/sh", "-c", script], network_enabled=False, name="loner"
+    )
     record = await engine.execute(cmd)
     assert record is not None and (record.ip, record.mac) == (None, None)
     log = await wait_for_log(
         engine.instance(cmd.instance_id).guest.app_log, "[vmfleet] app started"
     )
-    log = await wait_for_log(engine.instance(cmd.instance_id).guest.app_log, "lo")
-    assert "eth0" not in log.split("[vmfleet] app started", 1)[1]
+    log = await wait_for_log(engine.instance(cmd.instance_id).guest.app_log, "listed-42")
+    output = log.split("[vmfleet] app started", 1)[1]
+    assert "eth0" not in output
+    # Its own name resolves, as on any Linux machine, network or not.
+    assert "127.0.0.1\tlocalhost" in output and "127.0.1.1\tloner" in output, output
