@@ -12,18 +12,26 @@ from pathlib import Path
 import anyio
 
 from cli.commands import register_client_commands, run_client_command
+from cli.nats_config import register_nats_config
 from cli.settings import ConfigError, Settings, load_settings
 
 __all__ = ["main"]
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("VMFLEET_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    level = os.environ.get("VMFLEET_LOG_LEVEL", "INFO").strip().upper()
+    if level not in LOG_LEVELS:
+        print(
+            f"vmfleet: configuration error: VMFLEET_LOG_LEVEL: {level!r} must be one of "
+            f"{', '.join(LOG_LEVELS)}",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per HTTP request is noise in a command's output; its errors are reported.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.client is not None:
@@ -76,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     fetch = kernel_sub.add_parser("fetch", help="fetch Debian's cloud kernel into the data dir")
     fetch.add_argument("--data-dir", type=Path, default=None, help="default: VMFLEET_DATA_DIR")
     fetch.set_defaults(run=_kernel_fetch)
+
+    # nats-config: the nats-server accounts, users and permissions of a fleet
+    register_nats_config(sub)
 
     # pull, run, ps, logs, stop|start|standby|restore, rm, volume, image, hosts, events, host
     register_client_commands(sub)

@@ -9,26 +9,37 @@ client never sees "done" before the fleet can read the outcome.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import (
+    KeyDeletedError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+)
 from nats.js.kv import KeyValue
 
 from schemas.api import InstanceState
-from schemas.codec import encode
+from schemas.codec import decode_instance_record, decode_volume_record, encode
 from schemas.messages import InstanceRecord, StateEvent, VolumeRecord
 from schemas.subjects import Subjects
 
 __all__ = ["RecordPublisher"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,28 @@ class RecordPublisher:
         done = anyio.Event()
         self._send.send_nowait(_Flush(done))
         await done.wait()
+
+    async def forget_vanished(self, instances: set[str], volumes: set[str]) -> None:
+        """Delete this host's records of instances and volumes that are no longer on disk.
+
+        A worker killed between removing an instance's files and publishing the removal
+        leaves a record of something that no longer exists; at start, before any command
+        runs, this host's truth is what is on disk. Records of other hosts are left alone.
+        """
+        assert self._kv is not None and self._volumes is not None
+        for key, value in await _entries(self._kv):
+            if key not in instances:
+                record = _decoded(value, decode_instance_record)
+                if record is not None and record.host == self._host_id:
+                    log.warning("instance %s is no longer on this host: record removed", key)
+                    self.deleted(record)
+        for key, value in await _entries(self._volumes):
+            if key not in volumes:
+                volume = _decoded(value, decode_volume_record)
+                if volume is not None and volume.host == self._host_id:
+                    log.warning("volume %s is no longer on this host: record removed", key)
+                    self.volume_changed(key, None)
+        await self.flush()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Publish until :meth:`stop` (after a last flush) or :meth:`abort`.
@@ -181,3 +214,24 @@ class RecordPublisher:
             deleted=change.deleted,
         )
         await self._js.publish(self._subjects.state(self._host_id, record.id), encode(event))
+
+
+async def _entries(kv: KeyValue) -> list[tuple[str, bytes]]:
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return []
+    entries = []
+    for key in keys:
+        with contextlib.suppress(KeyNotFoundError, KeyDeletedError):
+            entry = await kv.get(key)
+            if entry.value:
+                entries.append((key, entry.value))
+    return entries
+
+
+def _decoded(value: bytes, decode: Callable[[bytes], T]) -> T | None:
+    try:
+        return decode(value)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None  # a newer writer's record: not ours to judge

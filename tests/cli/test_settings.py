@@ -32,6 +32,16 @@ def test_subnet() -> None:
     assert load_settings({"VMFLEET_SUBNET": "10.200.0.0/24"}).subnet == "10.200.0.0/24"
 
 
+def test_worker_metrics_listener() -> None:
+    assert load_settings({}).metrics_addr == ("0.0.0.0", 9464)
+    assert load_settings({"VMFLEET_METRICS_ADDR": "127.0.0.1:9100"}).metrics_addr == (
+        "127.0.0.1",
+        9100,
+    )
+    assert load_settings({"VMFLEET_METRICS_ADDR": "[::1]:9100"}).metrics_addr == ("::1", 9100)
+    assert load_settings({"VMFLEET_METRICS_ADDR": "off"}).metrics_addr is None
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -47,6 +57,9 @@ def test_subnet() -> None:
         ("VMFLEET_SUBNET", "10.100.0.1/16"),
         ("VMFLEET_SUBNET", "10.100.0.0/31"),
         ("VMFLEET_SUBNET", "fd00::/64"),
+        ("VMFLEET_METRICS_ADDR", "9464"),
+        ("VMFLEET_METRICS_ADDR", "localhost:9464"),
+        ("VMFLEET_METRICS_ADDR", "127.0.0.1:0"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
@@ -66,4 +79,19 @@ def test_cli_reports_bad_config_in_one_line() -> None:
     assert done.stderr.strip().splitlines() == [
         "vmfleet: configuration error: "
         "VMFLEET_HYPERVISOR: 'xen' must be one of auto, qemu, cloud-hypervisor"
+    ]
+
+
+def test_bad_log_level_is_one_clear_line_too() -> None:
+    done = subprocess.run(
+        [VMFLEET, "token"],
+        env={"VMFLEET_LOG_LEVEL": "chatty", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "vmfleet: configuration error: "
+        "VMFLEET_LOG_LEVEL: 'CHATTY' must be one of DEBUG, INFO, WARNING, ERROR"
     ]

@@ -18,6 +18,7 @@ import nats
 from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError
 
+from cli.embedded_nats import free_port
 from gateway.commands import CommandSender
 from schemas.codec import decode_instance_record
 from schemas.messages import AnyCommand, CommandResult, Delete, InstanceRecord
@@ -48,10 +49,15 @@ class WorkerProcess:
             "VMFLEET_ASSETS_DIR": str(assets),
             "VMFLEET_SUBJECT_PREFIX": prefix,
             "VMFLEET_LOG_LEVEL": "INFO",
+            "VMFLEET_METRICS_ADDR": f"127.0.0.1:{free_port()}",
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.data_dir.parent / f"{self.data_dir.name}-worker.log"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.env['VMFLEET_METRICS_ADDR']}/metrics"
 
     def start(self) -> None:
         with open(self.log, "ab") as out:

@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
+import httpx
 import nats
 import pytest
 from nats.js.api import DeliverPolicy
+from nats.js.errors import KeyNotFoundError
 
 from cli.embedded_nats import NatsServerProcess
 from schemas.api import Hypervisor, InstanceState
@@ -24,8 +26,10 @@ from schemas.messages import (
     Start,
     StateEvent,
     Stop,
+    VolumeRecord,
 )
 from tests.support.fleet import FleetClient, WorkerProcess, now
+from tests.support.gateway import instance_record
 
 pytestmark = [pytest.mark.anyio, pytest.mark.vm]
 
@@ -151,6 +155,15 @@ async def test_lifecycle_over_nats(
     assert await fleet.record("web") is None
     assert (await state_events(fleet, "web"))[-1].deleted
     assert worker.qemu_processes() == []
+
+    # The worker's own scrape target counts what it did.
+    async with httpx.AsyncClient() as client:
+        scraped = (await client.get(worker.metrics_url)).text
+    for op in ("create", "standby", "restore", "stop", "start", "delete"):
+        assert f'vmfleet_worker_commands_total{{op="{op}",outcome="ok"}} 1.0' in scraped, op
+    assert 'vmfleet_worker_commands_total{op="restore",outcome="invalid_state"} 1.0' in scraped
+    assert 'vmfleet_worker_op_seconds_count{op="create"} 1.0' in scraped
+    assert 'vmfleet_worker_log_lines_total{source="app"}' in scraped
 
 
 async def test_same_command_id_runs_once(
@@ -347,3 +360,30 @@ async def test_sigterm_leaves_vms_for_the_next_worker(
     )
     assert stopped.ok, stopped.error  # the new worker adopted the VM and stops it gracefully
     assert worker.qemu_processes() == []
+
+
+async def test_records_of_what_vanished_from_the_host_are_removed_at_start(
+    fleet: FleetClient, worker: WorkerProcess
+) -> None:
+    """A worker killed between removing an instance's files and publishing the removal
+    leaves a record of nothing; the next worker of that host removes it (and only it)."""
+    assert worker.terminate() == 0
+    js = fleet.nc.jetstream()
+    instances = await js.key_value(fleet.subjects.instances_bucket)
+    volumes = await js.key_value(fleet.subjects.volumes_bucket)
+    await instances.put("ghost", encode(instance_record("ghost", "ghost", worker.host_id)))
+    await instances.put("elsewhere", encode(instance_record("elsewhere", "other", "h-other")))
+    ghost_volume = VolumeRecord(
+        id="vghost", name="vg", size_gb=1, host=worker.host_id, created_at=now()
+    )
+    await volumes.put("vghost", encode(ghost_volume))
+
+    worker.start()
+    with anyio.fail_after(120):
+        while await fleet.record("ghost") is not None:
+            await anyio.sleep(0.2)
+    assert await fleet.record("elsewhere") is not None
+    with pytest.raises(KeyNotFoundError):
+        await volumes.get("vghost")
+    assert (await state_events(fleet, "ghost"))[-1].deleted
+    await instances.delete("elsewhere")
