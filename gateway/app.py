@@ -26,6 +26,7 @@ from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.openapi import build_spec, spec_json, spec_yaml
 from gateway.placement import Placement
 from gateway.routes import events, fleet, health, images, instances, spec, volumes
+from gateway.routes.ui import UiPages
 from gateway.service import Gateway
 from gateway.view import FleetView
 from natsbus import connect, provision
@@ -60,7 +61,11 @@ def create_app(config: GatewayConfig, *, registry: CollectorRegistry | None = No
                     js=js,
                     view=view,
                     sender=CommandSender(nc, subjects, timeout_s=config.command_timeout_s),
-                    placement=Placement(view, cpu_oversubscription=config.cpu_oversubscription),
+                    placement=Placement(
+                        view,
+                        cpu_oversubscription=config.cpu_oversubscription,
+                        memory_oversubscription=config.memory_oversubscription,
+                    ),
                 )
                 try:
                     yield
@@ -84,6 +89,8 @@ def create_app(config: GatewayConfig, *, registry: CollectorRegistry | None = No
         ],
         middleware=[
             Middleware(MetricsMiddleware, metrics=metrics),
+            # Ahead of the bearer check: a browser cannot send a token to load the page.
+            Middleware(UiPages, enabled=config.ui),
             Middleware(BearerAuth, secret=config.jwt_secret),
         ],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -31,5 +31,10 @@ class GatewayConfig:
     #: How long ``POST /images`` waits for the host to refuse the pull outright (unknown
     #: image, bad reference) before answering 202 ``pending``; hypeman resolves in 2 s too.
     image_early_answer_s: float = 2.0
-    #: vCPUs placed per host CPU (hypeman's default CPU oversubscription is 4).
+    #: Overcommit (VMFLEET_CPU_OVERCOMMIT, VMFLEET_MEMORY_OVERCOMMIT; set them as on the
+    #: workers, which refuse what is past their own): vCPUs placed per host CPU (hypeman's
+    #: default is 4), and memory per byte of a host's RAM.
     cpu_oversubscription: float = 4.0
+    memory_oversubscription: float = 1.0
+    #: Serve the browser view at ``/ui`` (``VMFLEET_UI``); off, ``/ui`` is a 404.
+    ui: bool = False

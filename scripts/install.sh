@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(qemu-system-x86 busybox-static e2fsprogs erofs-utils skopeo umoci
                  docker-registry cpio kmod lz4 python3-venv iproute2 nftables
-                 docker-compose)  # docker-compose: only to validate compose.yaml in the tests
+                 docker-compose chromium)  # only for the tests: docker-compose validates
+                                           # compose.yaml, chromium renders /ui
 VENV=.venv
 STAMP=$VENV/.installed
 
