@@ -1,14 +1,27 @@
 """Choosing the host for a new instance or volume, from the live hosts' heartbeats.
 
-Instances go to the live host with the most free memory that fits the request (memory:
-size + hotplug, as the workers count it; vCPUs: with an oversubscription ratio, as
-hypeman's default of 4). A volume mount pins the instance to the volume's host. Volumes go
-to the live host with the most free disk. [6/9] refines this; the interface stays.
+An instance goes to a live, undrained host that fits it:
+
+* capacity: vCPUs and memory (size + hotplug, as the workers count them) within the host's
+  totals times the overcommit ratios (``VMFLEET_CPU_OVERCOMMIT``, default 4 as hypeman's;
+  ``VMFLEET_MEMORY_OVERCOMMIT``, default 1), and its disk (overlay and volume overlays)
+  within the host's free disk less what its sparse disks may still take;
+* ports: none of its host ports held on that host (``HostRecord.ports``);
+* the request's host (``host``, or the host of its volumes) and labels.
+
+Among the hosts that fit, one that already has the image ready is preferred (a pull takes
+far longer than any imbalance costs); among those, or among all when none has it, the one
+with the most free memory (then vCPUs) wins, which spreads instances over the fleet. A
+host that refuses the create anyway (``host_full``, ``port_in_use``: another gateway got
+there first) is left out of the next try (``exclude``). Volumes go to the live host with
+the most free disk.
 
 Heartbeats lag: a host reports what it holds every few seconds. So this gateway remembers
 what it placed itself and counts it against the host until a heartbeat written after the
 command finished shows it (or a minute passes); two quick creates do not both take the
-last free gigabyte. Other replicas' placements are not seen until the heartbeat.
+last free gigabyte. Other replicas' placements are not seen until the heartbeat; that
+is why the worker checks again, counting the creates it is running, and refuses what
+would over-commit it: two gateways placing at once never over-commit a host.
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ from datetime import UTC, datetime
 
 from gateway.view import FleetView
 from schemas.api import Hypervisor
-from schemas.errors import HostUnavailable, NoCapacity
+from schemas.errors import Conflict, HostUnavailable, NoCapacity
 from schemas.messages import HostRecord
 
 __all__ = ["Demand", "Placement"]
@@ -36,6 +49,10 @@ class Demand:
     vcpus: int
     memory_bytes: int
     hypervisor: Hypervisor
+    #: Disk its sparse files may take: the overlay and the volume mounts' overlays.
+    disk_bytes: int = 0
+    #: The host ports it maps, as ``schemas.messages.host_port_key`` names them.
+    ports: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -50,6 +67,7 @@ class _Reservation:
 class Placement:
     view: FleetView
     cpu_oversubscription: float = 4.0
+    memory_oversubscription: float = 1.0
     clock: Callable[[], float] = time.monotonic
     _reserved: dict[str, list[_Reservation]] = field(default_factory=dict)
 
@@ -60,9 +78,12 @@ class Placement:
         pinned_to: str | None = None,
         labels: dict[str, str] | None = None,
         exclude: frozenset[str] = frozenset(),
+        images: frozenset[str] = frozenset(),
     ) -> str:
-        """The host a new instance should run on; 503 when none can take it. ``exclude``:
-        hosts that just refused it as full."""
+        """The host a new instance should run on; 503 when none can take it, 409
+        ``port_in_use`` when some could but all hold one of its host ports. ``exclude``:
+        hosts that just refused it; ``images``: the image's name and digest (hosts that
+        list one of them in their heartbeat have it ready)."""
         hosts = [
             h
             for h in self.view.live_hosts()
@@ -82,15 +103,23 @@ class Placement:
                 raise NoCapacity(f"no live host has the labels {wanted}")
         fitting = [h for h in hosts if self._fits(h, demand)]
         if not fitting:
-            raise NoCapacity(_no_capacity_message(demand, hosts, pinned_to))
-        return max(fitting, key=lambda h: (self._free_memory(h), h.id)).id
+            raise NoCapacity(_no_capacity_message(demand, hosts, pinned_to, len(exclude)))
+        free_ports = [h for h in fitting if not demand.ports & self._ports_taken(h)]
+        if not free_ports:
+            taken = sorted({p for h in fitting for p in demand.ports & self._ports_taken(h)})
+            where = f"host {pinned_to}" if pinned_to else "every host that could run it"
+            raise Conflict(
+                f"host port {', '.join(taken)} is already in use on {where}", code="port_in_use"
+            )
+        warm = [h for h in free_ports if images & set(h.images)]
+        return max(warm or free_ports, key=self._spread_key).id
 
     def volume_host(self) -> str:
-        """The live host with the most free disk."""
+        """The live host with the most free disk (less what its sparse disks may take)."""
         hosts = [h for h in self.view.live_hosts() if h.id not in self.view.drains]
         if not hosts:
             raise NoCapacity("no live, undrained host to create the volume on")
-        return max(hosts, key=lambda h: (h.disk_free_bytes, h.id)).id
+        return max(hosts, key=lambda h: (h.disk_free_bytes - h.disk_promised_bytes, h.id)).id
 
     @contextlib.contextmanager
     def reserved(self, host_id: str, demand: Demand) -> Iterator[None]:
@@ -109,11 +138,23 @@ class Placement:
         return (
             self._free_memory(host) >= demand.memory_bytes
             and self._free_vcpus(host) >= demand.vcpus
+            and self._free_disk(host) >= demand.disk_bytes
         )
 
-    def _free_memory(self, host: HostRecord) -> int:
+    def _spread_key(self, host: HostRecord) -> tuple[float, float, str]:
+        return (self._free_memory(host), self._free_vcpus(host), host.id)
+
+    def _free_memory(self, host: HostRecord) -> float:
         reserved = sum(r.demand.memory_bytes for r in self._pending(host))
-        return host.memory_total_bytes - host.memory_allocated_bytes - reserved
+        total = host.memory_total_bytes * self.memory_oversubscription
+        return total - host.memory_allocated_bytes - reserved
+
+    def _free_disk(self, host: HostRecord) -> int:
+        reserved = sum(r.demand.disk_bytes for r in self._pending(host))
+        return host.disk_free_bytes - host.disk_promised_bytes - reserved
+
+    def _ports_taken(self, host: HostRecord) -> set[str]:
+        return set(host.ports).union(*(r.demand.ports for r in self._pending(host)))
 
     def _free_vcpus(self, host: HostRecord) -> float:
         reserved = sum(r.demand.vcpus for r in self._pending(host))
@@ -136,11 +177,15 @@ class Placement:
         return pending
 
 
-def _no_capacity_message(demand: Demand, hosts: list[HostRecord], pinned_to: str | None) -> str:
-    where = f"host {pinned_to}" if pinned_to else f"any of the {len(hosts)} live hosts"
+def _no_capacity_message(
+    demand: Demand, hosts: list[HostRecord], pinned_to: str | None, refused: int
+) -> str:
+    """``hosts``: the live, undrained candidates, less the ``refused`` that turned it down."""
+    others = f" ({refused} more refused it just now)" if refused else ""
     if not hosts:
-        return "no live host can run instances"
+        return f"no live, undrained host can run instances{others}"
+    where = f"host {pinned_to}" if pinned_to else f"any of the {len(hosts)} live hosts{others}"
     return (
-        f"no capacity: {demand.vcpus} vCPUs and {demand.memory_bytes >> 20} MiB of memory "
-        f"({demand.hypervisor.value}) do not fit on {where}"
+        f"no capacity: {demand.vcpus} vCPUs, {demand.memory_bytes >> 20} MiB of memory and "
+        f"{demand.disk_bytes >> 20} MiB of disk ({demand.hypervisor.value}) do not fit on {where}"
     )

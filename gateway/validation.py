@@ -30,7 +30,7 @@ from gateway.placement import Demand
 from gateway.view import FleetView
 from schemas.api import CreateInstanceRequest, Hypervisor, ImageStatus, NetworkRequest
 from schemas.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
-from schemas.messages import Create, MountSpec
+from schemas.messages import Create, MountSpec, host_port_key
 
 # The one reference parser of the project lives with the image cache; the gateway needs
 # the same normalised names to find image records (see the report: it belongs in schemas).
@@ -209,6 +209,9 @@ class CreatePlan:
     pinned_to: str | None
     #: Labels the chosen host must advertise (a vmfleet extension of the request).
     labels: dict[str, str] = field(default_factory=dict)
+    #: The image's normalised name and, when the fleet knows it, its digest: placement
+    #: prefers a host whose heartbeat lists one of them.
+    images: frozenset[str] = frozenset()
 
 
 def plan_create(
@@ -221,7 +224,7 @@ def plan_create(
 ) -> CreatePlan:
     """Every handler-level check of hypeman's create, then the Create command."""
     _refuse_unsupported(req)
-    _check_image(req.image, view)
+    images = _check_image(req.image, view)
     size = _size("size", req.size, DEFAULT_SIZE)
     hotplug = _size("hotplug_size", req.hotplug_size, 0)
     overlay = _size("overlay_size", req.overlay_size, DEFAULT_OVERLAY_SIZE)
@@ -253,12 +256,19 @@ def plan_create(
         cmd=req.cmd if isinstance(req.cmd, list) else None,
         entrypoint=req.entrypoint if isinstance(req.entrypoint, list) else None,
     )
-    demand = Demand(vcpus=vcpus, memory_bytes=size + hotplug, hypervisor=hypervisor)
+    demand = Demand(
+        vcpus=vcpus,
+        memory_bytes=size + hotplug,
+        hypervisor=hypervisor,
+        disk_bytes=command.disk_bytes,
+        ports=frozenset(host_port_key(m.host_port, m.protocol) for m in command.port_mappings),
+    )
     return CreatePlan(
         command=command,
         demand=demand,
         pinned_to=_pinned_host(req, _volumes_host(mounts, view)),
         labels=req.host_labels if isinstance(req.host_labels, dict) else {},
+        images=images,
     )
 
 
@@ -280,14 +290,18 @@ def _refuse_unsupported(req: CreateInstanceRequest) -> None:
         raise BadRequest("vGPU profiles are not supported by vmfleet", code="not_supported")
 
 
-def _check_image(reference: str, view: FleetView) -> None:
+def _check_image(reference: str, view: FleetView) -> frozenset[str]:
     """hypeman needs a ready image; vmfleet's hosts pull on demand, so only an image the
-    fleet knows and that is *not* ready (pulling, failed) is refused."""
-    record = view.images.get(image_key(normalize_image(reference)))
+    fleet knows and that is *not* ready (pulling, failed) is refused. Returns the names a
+    host that has the image ready lists it by: its name, and its digest if known."""
+    ref = normalize_reference(reference)
+    record = view.images.get(image_key(ref.name))
     if record is not None and record.status is not ImageStatus.READY:
         raise BadRequest(
             f"image not ready: image status is {record.status.value}", code="image_not_ready"
         )
+    digests = {ref.digest, record.digest if record is not None else None}
+    return frozenset({ref.name, *(d for d in digests if d)})
 
 
 def _size(field: str, raw: str | msgspec.UnsetType, default: int) -> int:

@@ -52,6 +52,7 @@ __all__ = [
     "StateEvent",
     "Stop",
     "VolumeRecord",
+    "host_port_key",
 ]
 
 
@@ -126,6 +127,11 @@ class Create(InstanceCommand, frozen=True, kw_only=True):
     hypervisor: Hypervisor
     cmd: list[str] | None = None
     entrypoint: list[str] | None = None
+
+    @property
+    def disk_bytes(self) -> int:
+        """Disk the instance's own files may take: its overlay and its volumes' overlays."""
+        return self.overlay_bytes + sum(m.overlay_bytes for m in self.volumes if m.overlay)
 
 
 class Start(InstanceCommand, frozen=True, kw_only=True):
@@ -354,13 +360,25 @@ class HostRecord(msgspec.Struct, kw_only=True):
     memory_allocated_bytes: int = 0
     disk_total_bytes: int = 0
     disk_free_bytes: int = 0
+    #: What this host's disks may still take of ``disk_free_bytes``: instance overlays and
+    #: volumes are sparse files, each counted at its size less what it holds already.
+    disk_promised_bytes: int = 0
     instances: int = 0
     version: str = ""
     labels: dict[str, str] = {}
+    #: Host ports held by this host's instances, whatever their state (``host_port_key``).
+    ports: list[str] = []
+    #: Images ready on this host: each one's digest and the name it was pulled as.
+    images: list[str] = []
     started_at: Timestamp
     heartbeat_at: Timestamp
     #: Set by the gateway from the drains bucket when it shows the host (workers leave it).
     drained: bool = False
+
+
+def host_port_key(host_port: int, protocol: str | None = "tcp") -> str:
+    """``"8080/tcp"``: how a host port in use is named in ``HostRecord.ports``."""
+    return f"{host_port}/{protocol or 'tcp'}"
 
 
 class DrainRecord(msgspec.Struct, kw_only=True):

@@ -17,7 +17,10 @@ class WorkerConfig:
     data_dir: Path
     bus: BusOptions
     subject_prefix: str = "vmfleet"
+    #: VMFLEET_HYPERVISOR: ``auto``, ``qemu`` or ``cloud-hypervisor`` (worker.drivers.select).
     hypervisor: str = "auto"
+    #: VMFLEET_CH_BINARY: the Cloud Hypervisor binary (default: ``cloud-hypervisor`` on PATH).
+    ch_binary: Path | None = None
     layout: Layout = field(default_factory=Layout)
     heartbeat_interval_s: float = 5.0
     #: The address other hosts and operators know this host by (shown in GET /hosts).
@@ -34,8 +37,9 @@ class WorkerConfig:
     initrd: Path | None = None
     #: How instances are networked (``user``: QEMU user mode; ``bridge``: TAPs on a bridge).
     network: NetworkSettings = field(default_factory=NetworkSettings)
-    #: Overcommit: how many vCPUs per host CPU, and how much memory per byte of RAM, this
-    #: host accepts before it refuses creates.
+    #: Overcommit (VMFLEET_CPU_OVERCOMMIT, VMFLEET_MEMORY_OVERCOMMIT): how many vCPUs per
+    #: host CPU, and how much memory per byte of RAM, this host accepts before it refuses
+    #: creates (``host_full``). Disk is not overcommitted: see HostEngine._check_room_for.
     cpu_overcommit: float = 4.0
     memory_overcommit: float = 1.0
     #: A log file over this size is rotated (to ``<name>.1``) once shipped.

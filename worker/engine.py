@@ -28,10 +28,12 @@ from schemas.messages import (
     Standby,
     Start,
     Stop,
+    host_port_key,
 )
+from schemas.sizes import GIB
 from worker.drivers.base import VmSpec
 from worker.guest.control import GuestControlError, guest_request
-from worker.host import HostUsage
+from worker.host import HostUsage, read_capacity, unwritten_bytes
 from worker.lifecycle import create, delete, restore, standby, start, stop, volumes
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.network import release_network
@@ -47,6 +49,10 @@ class HostEngine:
         self.ctx = ctx
         self._instances: dict[str, LocalInstance] = {}
         self._locks: dict[str, anyio.Lock] = {}
+        #: Creates under way: in ``_instances`` only once they return, but holding their
+        #: share of the host from the moment they pass the check, so that creates running
+        #: side by side (sent by several gateways) cannot together over-commit it.
+        self._creating: dict[str, Create] = {}
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -70,9 +76,14 @@ class HostEngine:
                 case Create():
                     if not await self._finish_interrupted_create(cmd):
                         self._check_room_for(cmd)
-                        self._instances[instance_id] = await create.create(
-                            self.ctx, cmd, taken_ports=self._ports_taken()
-                        )
+                        taken = self._ports_taken()
+                        self._creating[instance_id] = cmd
+                        try:
+                            self._instances[instance_id] = await create.create(
+                                self.ctx, cmd, taken_ports=taken
+                            )
+                        finally:
+                            del self._creating[instance_id]
                 case Start():
                     await start.start(self.ctx, self._require(instance_id), cmd)
                 case Stop():
@@ -131,39 +142,85 @@ class HostEngine:
             log.warning("could not stop %s on shutdown: %s", instance_id, exc)
 
     def _check_room_for(self, cmd: Create) -> None:
+        """Refuse (503 ``host_full``) a create that would take the host past its vCPU or
+        memory limit, or promise more disk than is free; the gateway then places it on
+        another host."""
         limits = self.ctx.limits
         if limits is None:
             return
-        usage = self.usage()
-        vcpus, memory = (
-            usage.vcpus + cmd.vcpus,
-            usage.memory_bytes + cmd.size_bytes + cmd.hotplug_bytes,
-        )
-        if vcpus > limits.vcpus or memory > limits.memory_bytes:
+        held_vcpus, held_memory = self._held()
+        vcpus = held_vcpus + cmd.vcpus
+        memory = held_memory + cmd.size_bytes + cmd.hotplug_bytes
+        disk = self._disk_promised() + cmd.disk_bytes
+        disk_free = read_capacity(self.ctx.storage.guests.parent).disk_free_bytes
+        if vcpus > limits.vcpus or memory > limits.memory_bytes or disk > disk_free:
             raise NoCapacity(
                 f"host {self.ctx.host_id} is full: {vcpus} of {limits.vcpus:g} vCPUs, "
-                f"{memory >> 20} of {int(limits.memory_bytes) >> 20} MiB would be in use",
+                f"{memory >> 20} of {int(limits.memory_bytes) >> 20} MiB of memory, and "
+                f"{disk >> 20} MiB of disk of {disk_free >> 20} MiB free would be in use",
                 code="host_full",
             )
 
     def _ports_taken(self) -> set[tuple[str, int]]:
-        """Host ports held by this host's instances, whatever their state."""
-        return {
-            (str(m.protocol or "tcp"), m.host_port)
-            for inst in self._instances.values()
-            for m in inst.record.port_mappings
-        }
+        """Host ports held by this host's instances, whatever their state, and by the
+        creates under way."""
+        mappings = [m for inst in self._instances.values() for m in inst.record.port_mappings]
+        mappings += [m for cmd in self._creating.values() for m in cmd.port_mappings]
+        return {(str(m.protocol or "tcp"), m.host_port) for m in mappings}
 
     def usage(self) -> HostUsage:
-        """vCPUs and memory held by VMs that have a VMM (what placement must count)."""
+        """What placement must count (the heartbeat carries it): vCPUs and memory of the
+        VMs that have a VMM and of the creates under way, the disk the instances and
+        volumes may still take, the host ports held, and the images ready here."""
+        vcpus, memory = self._held()
+        return HostUsage(
+            vcpus=vcpus,
+            memory_bytes=memory,
+            instances=len(self._instances) + len(self._creating),
+            accel=self.ctx.boot.accel,
+            disk_promised_bytes=self._disk_promised(),
+            ports=tuple(sorted(host_port_key(port, proto) for proto, port in self._ports_taken())),
+            images=self._ready_images(),
+        )
+
+    def _held(self) -> tuple[int, int]:
+        """vCPUs and memory (size + hotplug) of the VMs that have a VMM, as hypeman counts
+        them, and of the creates under way."""
         holding = (InstanceState.RUNNING, InstanceState.PAUSED, InstanceState.CREATED)
         live = [inst.record for inst in self._instances.values() if inst.state in holding]
-        return HostUsage(
-            vcpus=sum(r.vcpus for r in live),
-            memory_bytes=sum(r.size_bytes + r.hotplug_bytes for r in live),
-            instances=len(self._instances),
-            accel=self.ctx.boot.accel,
+        creating = list(self._creating.values())
+        return (
+            sum(r.vcpus for r in live) + sum(c.vcpus for c in creating),
+            sum(r.size_bytes + r.hotplug_bytes for r in live)
+            + sum(c.size_bytes + c.hotplug_bytes for c in creating),
         )
+
+    def _disk_promised(self) -> int:
+        """What the sparse disks here may still take: every instance's overlay and volume
+        overlays (any state: they live until the instance is deleted), every volume, and
+        the creates under way in full."""
+        total = sum(cmd.disk_bytes for cmd in self._creating.values())
+        for inst in list(self._instances.values()):
+            record, guest = inst.record, inst.guest
+            total += unwritten_bytes(guest.overlay, record.overlay_bytes)
+            total += sum(
+                unwritten_bytes(guest.volume_overlay(m.volume_id), m.overlay_bytes)
+                for m in record.volumes
+                if m.overlay
+            )
+        volumes = self.ctx.volumes
+        for volume in volumes.list():
+            total += unwritten_bytes(volumes.data_path(volume.id), volume.size_gb * GIB)
+        return total
+
+    def _ready_images(self) -> tuple[str, ...]:
+        """Digest and pulled-as name of every image ready on this host."""
+        try:
+            ready = self.ctx.images.list()
+        except (OSError, ValueError) as exc:  # a disk dir going away, a torn metadata file
+            log.warning("could not list the ready images: %s", exc)
+            return ()
+        return tuple(sorted({ref for info in ready for ref in (info.digest, info.name)}))
 
     async def watch_vmms(self, interval_s: float = 1.0) -> None:
         """Notice a VMM that exits on its own (guest power-off, crash) and record it; note

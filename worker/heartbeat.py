@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import anyio
@@ -23,12 +23,19 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 
 
-def host_record(config: WorkerConfig, started_at: datetime, usage: HostUsage) -> HostRecord:
+def host_record(
+    config: WorkerConfig,
+    started_at: datetime,
+    usage: HostUsage,
+    hypervisors: Sequence[Hypervisor] = (Hypervisor.QEMU,),
+) -> HostRecord:
+    """``hypervisors``: what new instances here boot under (placement matches requests
+    against it), not VMFLEET_HYPERVISOR's ``auto``."""
     capacity = read_capacity(config.data_dir)
     return HostRecord(
         id=config.host_id,
         address=config.address or config.host_id,
-        hypervisors=[Hypervisor.QEMU],
+        hypervisors=list(hypervisors),
         vcpus_total=capacity.vcpus,
         accel="kvm" if usage.accel == "kvm" else "tcg",
         vcpus_allocated=usage.vcpus,
@@ -36,9 +43,12 @@ def host_record(config: WorkerConfig, started_at: datetime, usage: HostUsage) ->
         memory_allocated_bytes=usage.memory_bytes,
         disk_total_bytes=capacity.disk_total_bytes,
         disk_free_bytes=capacity.disk_free_bytes,
+        disk_promised_bytes=usage.disk_promised_bytes,
         instances=usage.instances,
         version=VERSION,
         labels=dict(config.labels),
+        ports=list(usage.ports),
+        images=list(usage.images),
         started_at=started_at,
         heartbeat_at=datetime.now(UTC),
     )
@@ -49,13 +59,15 @@ async def heartbeat_loop(
     config: WorkerConfig,
     usage: Callable[[], HostUsage] = HostUsage,
     *,
+    hypervisors: Sequence[Hypervisor] = (Hypervisor.QEMU,),
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Put the host record now, then every interval; a failed put is retried next beat."""
     started_at = datetime.now(UTC)
 
     async def beat() -> None:
-        await hosts.put(config.host_id, encode(host_record(config, started_at, usage())))
+        record = host_record(config, started_at, usage(), hypervisors)
+        await hosts.put(config.host_id, encode(record))
 
     await beat()
     task_status.started()

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["HostCapacity", "HostLimits", "HostUsage", "read_capacity"]
+__all__ = ["HostCapacity", "HostLimits", "HostUsage", "read_capacity", "unwritten_bytes"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,13 @@ class HostUsage:
     memory_bytes: int = 0
     instances: int = 0
     accel: str = "tcg"
+    #: Disk the instances' sparse overlays and the volumes may still take (see
+    #: :func:`unwritten_bytes`); creates in progress count in full.
+    disk_promised_bytes: int = 0
+    #: Host ports the instances hold, as ``schemas.messages.host_port_key`` names them.
+    ports: tuple[str, ...] = ()
+    #: Digests and names of the images ready here (placement prefers hosts that have one).
+    images: tuple[str, ...] = ()
 
 
 def read_capacity(data_dir: Path) -> HostCapacity:
@@ -49,6 +56,16 @@ def read_capacity(data_dir: Path) -> HostCapacity:
         disk_total_bytes=disk.f_blocks * disk.f_frsize,
         disk_free_bytes=disk.f_bavail * disk.f_frsize,
     )
+
+
+def unwritten_bytes(path: Path, size_bytes: int) -> int:
+    """How much more a sparse file of ``size_bytes`` may take from the disk: its size less
+    the blocks it holds already (all of it while the file does not exist yet)."""
+    try:
+        held = path.stat().st_blocks * 512
+    except FileNotFoundError:
+        held = 0
+    return max(0, size_bytes - held)
 
 
 def _mem_total() -> int:

@@ -104,12 +104,18 @@ async def create_instance(request: Request) -> Response:
 
 
 async def _place_and_create(gw: Gateway, plan: CreatePlan, instance_id: str) -> CommandResult:
-    """Place, send, and if the host refuses as full (another gateway filled it since its
-    last heartbeat), place again elsewhere, a few times, each try its own command."""
+    """Place, send, and if the host refuses as full or its host port as taken (another
+    gateway got there since its last heartbeat, or something else bound the port), place
+    again elsewhere, a few times, each try its own command. A create pinned to a host
+    (``host``, or its volumes' host) has nowhere else to go: the refusal is the answer."""
     refused: frozenset[str] = frozenset()
     for attempt in range(_PLACEMENT_TRIES):
         host = gw.placement.instance_host(
-            plan.demand, pinned_to=plan.pinned_to, labels=plan.labels, exclude=refused
+            plan.demand,
+            pinned_to=plan.pinned_to,
+            labels=plan.labels,
+            exclude=refused,
+            images=plan.images,
         )
         command = plan.command
         if attempt:
@@ -120,13 +126,16 @@ async def _place_and_create(gw: Gateway, plan: CreatePlan, instance_id: str) -> 
                     host, command, settled=_applied(gw, instance_id, command.id)
                 )
         except VmfleetError as exc:
-            if exc.code != "host_full" or attempt == _PLACEMENT_TRIES - 1:
+            last_try = attempt == _PLACEMENT_TRIES - 1
+            if exc.code not in _TRY_ELSEWHERE or plan.pinned_to is not None or last_try:
                 raise
             refused |= {host}
     raise AssertionError("unreachable")
 
 
 _PLACEMENT_TRIES = 3
+#: A host's refusals that another host may not share.
+_TRY_ELSEWHERE: Final = frozenset({"host_full", "port_in_use"})
 
 
 async def delete_instance(request: Request) -> Response:
@@ -200,7 +209,7 @@ async def attach_volume(request: Request) -> Response:
         raise Conflict(
             f"volume {volume.id} is on host {volume.host}, instance {record.id} on host "
             f"{record.host}; a volume can only be attached on its own host",
-            code="volumes_on_different_hosts",
+            code="volume_on_other_host",
         )
     cmd = AttachVolume(
         id=_command_id(request),

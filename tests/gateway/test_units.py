@@ -3,6 +3,7 @@ translation (no NATS, no server)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from gateway.placement import Demand, Placement
 from gateway.sse import go_json_string
 from gateway.validation import parse_duration
 from schemas.api import Hypervisor
-from schemas.errors import HostUnavailable, NoCapacity
+from schemas.errors import Conflict, HostUnavailable, NoCapacity
 from schemas.messages import HostRecord
 from tests.support.gateway import host_record
 
@@ -146,8 +147,73 @@ def test_volumes_go_to_the_most_free_disk() -> None:
     a = host_record("a", disk_free_bytes=10 * GIB)
     b = host_record("b", disk_free_bytes=20 * GIB)
     assert _placement(a, b).volume_host() == "b"
+    promised = host_record("b", disk_free_bytes=20 * GIB, disk_promised_bytes=15 * GIB)
+    assert _placement(a, promised).volume_host() == "a"  # b's sparse disks may take 15 GiB
     with pytest.raises(NoCapacity):
         _placement().volume_host()
+
+
+def test_disk_counts_what_the_sparse_disks_may_still_take() -> None:
+    big = Demand(1, GIB, Hypervisor.QEMU, disk_bytes=10 * GIB)
+    promised = host_record("promised", disk_free_bytes=20 * GIB, disk_promised_bytes=15 * GIB)
+    small = host_record("small", disk_free_bytes=10 * GIB, memory_total_bytes=2 * GIB)
+    assert _placement(promised, small).instance_host(big) == "small"  # 10 GiB fit exactly
+    with pytest.raises(NoCapacity, match="10240 MiB of disk"):
+        _placement(promised).instance_host(big)
+    placement = _placement(small)
+    with placement.reserved("small", big), pytest.raises(NoCapacity):
+        placement.instance_host(Demand(1, GIB, Hypervisor.QEMU, disk_bytes=1))
+
+
+def test_overcommit_ratios_scale_the_hosts_totals() -> None:
+    host = host_record(
+        "h", vcpus_total=2, memory_total_bytes=8 * GIB, memory_allocated_bytes=8 * GIB
+    )
+    with pytest.raises(NoCapacity):
+        _placement(host).instance_host(SMALL)  # memory is not overcommitted by default
+    doubled = Placement(_View([host]), memory_oversubscription=2.0)  # type: ignore[arg-type]
+    assert doubled.instance_host(SMALL) == "h"
+    one_cpu = Placement(_View([host]), cpu_oversubscription=0.5, memory_oversubscription=2.0)  # type: ignore[arg-type]
+    assert one_cpu.instance_host(SMALL) == "h"
+    with pytest.raises(NoCapacity):
+        one_cpu.instance_host(Demand(2, GIB, Hypervisor.QEMU))
+
+
+def test_a_host_with_the_image_ready_is_preferred() -> None:
+    image = frozenset({"reg/app:1", "sha256:" + "cd" * 32})
+    roomy = host_record("roomy", memory_total_bytes=64 * GIB)
+    warm = host_record("warm", images=["sha256:" + "cd" * 32])
+    full = host_record("full", images=["reg/app:1"], memory_allocated_bytes=8 * GIB)
+    placement = _placement(roomy, warm, full)
+    assert placement.instance_host(SMALL, images=image) == "warm"  # has it, and fits
+    assert placement.instance_host(SMALL, images=frozenset({"reg/other:1"})) == "roomy"
+    assert placement.instance_host(SMALL) == "roomy"  # nobody has it: most free memory
+    assert _placement(roomy, full).instance_host(SMALL, images=image) == "roomy"
+
+
+def test_instances_spread_over_hosts_that_fit() -> None:
+    placement = _placement(host_record("a"), host_record("b"))
+    chosen = []
+    with contextlib.ExitStack() as creates_under_way:
+        for _ in range(4):
+            chosen.append(host := placement.instance_host(SMALL))
+            creates_under_way.enter_context(placement.reserved(host, SMALL))
+    assert sorted(chosen) == ["a", "a", "b", "b"]
+
+
+def test_hosts_holding_a_requested_port_are_skipped() -> None:
+    web = Demand(1, GIB, Hypervisor.QEMU, ports=frozenset({"8080/tcp"}))
+    roomy = host_record("roomy", memory_total_bytes=64 * GIB, ports=["8080/tcp", "53/udp"])
+    other = host_record("other", ports=["8080/udp"])
+    assert _placement(roomy, other).instance_host(web) == "other"
+    with pytest.raises(Conflict, match="8080/tcp") as info:
+        _placement(roomy).instance_host(web)
+    assert info.value.code == "port_in_use"
+    with pytest.raises(Conflict, match="in use on host roomy"):
+        _placement(roomy, other).instance_host(web, pinned_to="roomy")
+    placement = _placement(other)  # a create of this gateway still under way holds it too
+    with placement.reserved("other", web), pytest.raises(Conflict):
+        placement.instance_host(web)
 
 
 @pytest.mark.anyio
