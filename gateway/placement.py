@@ -48,7 +48,8 @@ class Demand:
 
     vcpus: int
     memory_bytes: int
-    hypervisor: Hypervisor
+    #: None: any hypervisor will do.
+    hypervisor: Hypervisor | None
     #: Disk its sparse files may take: the overlay and the volume mounts' overlays.
     disk_bytes: int = 0
     #: The host ports it maps, as ``schemas.messages.host_port_key`` names them.
@@ -133,7 +134,7 @@ class Placement:
             reservation.done_at = datetime.now(UTC)
 
     def _fits(self, host: HostRecord, demand: Demand) -> bool:
-        if host.hypervisors and demand.hypervisor not in host.hypervisors:
+        if demand.hypervisor and host.hypervisors and demand.hypervisor not in host.hypervisors:
             return False
         return (
             self._free_memory(host) >= demand.memory_bytes
@@ -185,7 +186,8 @@ def _no_capacity_message(
     if not hosts:
         return f"no live, undrained host can run instances{others}"
     where = f"host {pinned_to}" if pinned_to else f"any of the {len(hosts)} live hosts{others}"
+    under = f" under {demand.hypervisor.value}" if demand.hypervisor else ""
     return (
         f"no capacity: {demand.vcpus} vCPUs, {demand.memory_bytes >> 20} MiB of memory and "
-        f"{demand.disk_bytes >> 20} MiB of disk ({demand.hypervisor.value}) do not fit on {where}"
+        f"{demand.disk_bytes >> 20} MiB of disk{under} do not fit on {where}"
     )

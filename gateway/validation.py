@@ -39,7 +39,6 @@ from schemas.sizes import GIB, SizeError, parse_bandwidth, parse_rate, parse_siz
 from schemas.subjects import image_key, is_valid_token
 
 __all__ = [
-    "DEFAULT_HYPERVISOR",
     "MAX_VCPUS",
     "CreatePlan",
     "bad_request",
@@ -61,7 +60,6 @@ DEFAULT_VCPUS: Final = 2
 MAX_VCPUS: Final = 16
 MAX_MEMORY: Final = 32 * GIB
 MAX_OVERLAY_SIZE: Final = 100 * GIB
-DEFAULT_HYPERVISOR: Final = Hypervisor.QEMU
 _MAX_IDEMPOTENCY_KEY: Final = 128
 
 
@@ -232,7 +230,9 @@ def plan_create(
     vcpus = _vcpus(req.vcpus)
     network = req.network if isinstance(req.network, NetworkRequest) else NetworkRequest()
     mounts = _mounts(req)
-    hypervisor = req.hypervisor if isinstance(req.hypervisor, Hypervisor) else DEFAULT_HYPERVISOR
+    # A request that names no hypervisor runs under the one its host has (QEMU or Cloud
+    # Hypervisor): both run every image the same way.
+    hypervisor = req.hypervisor if isinstance(req.hypervisor, Hypervisor) else None
     command = Create(
         id=command_id,
         instance_id=instance_id,

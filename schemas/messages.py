@@ -124,7 +124,8 @@ class Create(InstanceCommand, frozen=True, kw_only=True):
     network_enabled: bool = True
     bandwidth_download_bps: int = 0
     bandwidth_upload_bps: int = 0
-    hypervisor: Hypervisor
+    #: None: whichever the chosen host runs (the request named none).
+    hypervisor: Hypervisor | None = None
     cmd: list[str] | None = None
     entrypoint: list[str] | None = None
 

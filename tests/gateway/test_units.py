@@ -102,6 +102,15 @@ def test_most_free_memory_that_fits_wins() -> None:
         _placement(tight).instance_host(Demand(1, 2 * GIB, Hypervisor.QEMU))
 
 
+def test_a_request_naming_no_hypervisor_fits_any_host() -> None:
+    qemu = host_record("qemu", memory_total_bytes=16 * GIB)
+    chp = host_record("chp", memory_total_bytes=64 * GIB, hypervisors=[Hypervisor.CLOUD_HYPERVISOR])
+    assert _placement(qemu, chp).instance_host(Demand(1, GIB, None)) == "chp"
+    assert _placement(qemu, chp).instance_host(Demand(1, GIB, Hypervisor.QEMU)) == "qemu"
+    with pytest.raises(NoCapacity, match="under qemu"):
+        _placement(chp).instance_host(Demand(1, GIB, Hypervisor.QEMU))
+
+
 def test_pinned_host_must_be_live_and_fit() -> None:
     a, b = host_record("a"), host_record("b", memory_total_bytes=64 * GIB)
     assert _placement(a, b).instance_host(SMALL, pinned_to="a") == "a"

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import anyio
 
-from schemas.api import InstanceState
+from schemas.api import Hypervisor, InstanceState
 from schemas.errors import BadRequest
 from schemas.messages import Create, InstanceRecord
 from worker.lifecycle.boot import boot_vm
@@ -94,7 +94,7 @@ def _initial_record(ctx: OpContext, cmd: Create) -> InstanceRecord:
         # bridge mode: set from the lease, before boot.
         ip=USER_GUEST_IP if cmd.network_enabled and ctx.bridge is None else None,
         mac=mac_for(cmd.instance_id) if cmd.network_enabled and ctx.bridge is None else None,
-        hypervisor=cmd.hypervisor,
+        hypervisor=cmd.hypervisor or Hypervisor(ctx.driver.name),
         cmd=cmd.cmd,
         entrypoint=cmd.entrypoint,
         created_at=datetime.now(UTC),
