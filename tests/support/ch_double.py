@@ -55,9 +55,10 @@ from typing import Any
 import jsonschema_rs
 import yaml
 
+from worker.probe import PROBE_MARKER
+
 SPEC = Path(__file__).resolve().parents[2] / ".." / "shared" / "specs" / "cloud-hypervisor-api.yaml"
 PREFIX = "/api/v1/"
-PROBE_MARKER = "vmfleet-probe-ok"
 VIRTIO_MEM_ALIGN = 128 << 20
 
 Json = Any

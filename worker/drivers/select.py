@@ -19,7 +19,6 @@ to Cloud Hypervisor (and the reverse), or refused in one line if that hypervisor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -27,15 +26,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import anyio
-
 from schemas.errors import HypervisorError
-from worker.accel import PROBE_MARKER, choose_accel
+from worker.accel import choose_accel
 from worker.drivers import cloud_hypervisor, qemu
 from worker.drivers.base import Capabilities, DiskSpec, Hypervisor, VmSpec, VmState
 from worker.drivers.cloud_hypervisor import NAME as CLOUD_HYPERVISOR
 from worker.drivers.cloud_hypervisor import CloudHypervisorDriver, find_ch_binary
 from worker.drivers.qemu import QemuDriver
+from worker.probe import (
+    cache_key,
+    kill_leftover_probe,
+    marked,
+    probe_spec,
+    tracked_probe,
+    wait_for_marker,
+)
 from worker.proc import VmmProcess, log_tail
 from worker.storage import write_atomic
 
@@ -52,7 +57,6 @@ log = logging.getLogger(__name__)
 
 QEMU = "qemu"
 #: Boots the init to its probe marker, under CH's 8250 serial port like every CH guest.
-PROBE_CMDLINE = "console=ttyS0 quiet panic=-1 vmfleet.probe=1"
 PROBE_NAME = "vmfleet-chprobe"
 
 #: (API socket, guest control channel) in a VM's run directory, per hypervisor.
@@ -245,8 +249,8 @@ async def probe_cloud_hypervisor(
     """None when a probe guest boots to the init under ``driver``; else why not (one line)."""
     system = assets_dir / "system"
     cache, pid_file = system / "ch-probe.json", system / "ch-probe.pid"
-    await _kill_leftover_probe(pid_file)
-    key = _cache_key(Path(driver.binary), kernel, initrd)
+    await kill_leftover_probe(pid_file, cmdline_must_contain=PROBE_NAME)
+    key = cache_key(Path(driver.binary), kernel, initrd)
     cached = _read_cache(cache, key)
     if cached is not None and (cached[0] or trust_cached_failure):
         return None if cached[0] else cached[1]
@@ -263,75 +267,21 @@ async def _probe_boot(
 ) -> str | None:
     with tempfile.TemporaryDirectory(prefix=f"{PROBE_NAME}-") as tmp:
         run = Path(tmp)
-        console, vmm_log = run / "console.log", run / "vmm.log"
-        spec = VmSpec(
-            instance_id="probe",
-            vcpus=1,
-            memory_bytes=256 << 20,
-            kernel=str(kernel),
-            initrd=str(initrd),
-            cmdline=PROBE_CMDLINE,
-            disks=(),
-            serial_log=str(console),
-            run_dir=str(run),
-            accel="kvm",
-            hotplug_slots=0,
-            hypervisor=CLOUD_HYPERVISOR,
-        )
+        spec = probe_spec(kernel, initrd, run, hypervisor=CLOUD_HYPERVISOR)
+        console, vmm_log = Path(spec.serial_log), run / "vmm.log"
         try:
             process = await driver.boot(spec, vmm_log=vmm_log)
         except HypervisorError as exc:
             # A quick guest may be done (and CH gone) before boot() has finished asking.
-            return None if _marked(console) else f"the probe guest did not start: {exc}"
-        write_atomic(pid_file, str(process.pid).encode())
-        try:
-            if await _wait_for_marker(process, console, timeout_s):
+            return None if marked(console) else f"the probe guest did not start: {exc}"
+        async with tracked_probe(process, pid_file):
+            if await wait_for_marker(process, console, timeout_s):
                 return None
-        finally:
-            await process.kill_and_reap()
-            pid_file.unlink(missing_ok=True)
         return (
             f"a probe guest did not boot under {driver.binary} within {timeout_s:g}s "
             f"(does KVM run guests here?); console: {log_tail(console)}; "
             f"vmm.log: {log_tail(vmm_log)}"
         )
-
-
-async def _wait_for_marker(process: VmmProcess, console: Path, timeout_s: float) -> bool:
-    with anyio.move_on_after(timeout_s):
-        while process.running():  # a guest writes to a file: there is no event to wait for
-            if _marked(console):
-                return True
-            await anyio.sleep(0.05)
-    return _marked(console)
-
-
-def _marked(console: Path) -> bool:
-    try:
-        return PROBE_MARKER in console.read_text(errors="replace")
-    except OSError:
-        return False
-
-
-async def _kill_leftover_probe(pid_file: Path) -> None:
-    """A probe whose worker was SIGKILLed may still spin on a broken KVM."""
-    try:
-        pid = int(pid_file.read_text())
-    except (OSError, ValueError):
-        return
-    leftover = VmmProcess.adopt(pid, cmdline_must_contain=PROBE_NAME)
-    if leftover is not None:
-        log.warning("killing the cloud-hypervisor probe (pid %d) a previous worker left", pid)
-        await leftover.kill_and_reap()
-    pid_file.unlink(missing_ok=True)
-
-
-def _cache_key(*paths: Path) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        stat = path.stat()
-        digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
 
 
 def _read_cache(path: Path, key: str) -> tuple[bool, str] | None:
