@@ -25,15 +25,19 @@ _REST: Final = string.digits + string.ascii_lowercase
 
 def new_id() -> str:
     """A fresh random id: a letter, then 23 base-36 characters (about 119 bits)."""
-    return secrets.choice(_FIRST) + "".join(secrets.choice(_REST) for _ in range(ID_LENGTH - 1))
+    return _encoded(int.from_bytes(secrets.token_bytes(32), "big"))
 
 
 def derived_id(namespace: str, key: str) -> str:
     """The id a given idempotency key always maps to, within ``namespace`` (e.g. "instance")."""
-    digest = int.from_bytes(hashlib.sha256(f"{namespace}\0{key}".encode()).digest(), "big")
-    first, digest = _FIRST[digest % 26], digest // 26
+    return _encoded(int.from_bytes(hashlib.sha256(f"{namespace}\0{key}".encode()).digest(), "big"))
+
+
+def _encoded(number: int) -> str:
+    """256 random bits as an id (one draw, not one per character: ids are minted per create)."""
+    first, number = _FIRST[number % 26], number // 26
     rest = []
     for _ in range(ID_LENGTH - 1):
-        digest, index = divmod(digest, 36)
+        number, index = divmod(number, 36)
         rest.append(_REST[index])
     return first + "".join(rest)

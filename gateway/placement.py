@@ -64,6 +64,26 @@ class _Reservation:
     done_at: datetime | None = None
 
 
+@dataclass(frozen=True)
+class _Room:
+    """What a host can still take: its heartbeat less this gateway's pending reservations."""
+
+    memory: float
+    vcpus: float
+    disk: int
+    ports: frozenset[str]
+
+
+def _fits(host: HostRecord, room: _Room, demand: Demand) -> bool:
+    if demand.hypervisor and host.hypervisors and demand.hypervisor not in host.hypervisors:
+        return False
+    return (
+        room.memory >= demand.memory_bytes
+        and room.vcpus >= demand.vcpus
+        and room.disk >= demand.disk_bytes
+    )
+
+
 @dataclass
 class Placement:
     view: FleetView
@@ -102,18 +122,21 @@ class Placement:
             if not hosts:
                 wanted = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
                 raise NoCapacity(f"no live host has the labels {wanted}")
-        fitting = [h for h in hosts if self._fits(h, demand)]
+        # Each host's room is worked out once per placement: the reservations to count
+        # grow with the rate of creates, and every criterion below needs them.
+        room = {h.id: self._room(h) for h in hosts}
+        fitting = [h for h in hosts if _fits(h, room[h.id], demand)]
         if not fitting:
             raise NoCapacity(_no_capacity_message(demand, hosts, pinned_to, len(exclude)))
-        free_ports = [h for h in fitting if not demand.ports & self._ports_taken(h)]
+        free_ports = [h for h in fitting if not demand.ports & room[h.id].ports]
         if not free_ports:
-            taken = sorted({p for h in fitting for p in demand.ports & self._ports_taken(h)})
+            taken = sorted({p for h in fitting for p in demand.ports & room[h.id].ports})
             where = f"host {pinned_to}" if pinned_to else "every host that could run it"
             raise Conflict(
                 f"host port {', '.join(taken)} is already in use on {where}", code="port_in_use"
             )
         warm = [h for h in free_ports if images & set(h.images)]
-        return max(warm or free_ports, key=self._spread_key).id
+        return max(warm or free_ports, key=lambda h: (room[h.id].memory, room[h.id].vcpus, h.id)).id
 
     def volume_host(self) -> str:
         """The live host with the most free disk (less what its sparse disks may take)."""
@@ -133,34 +156,20 @@ class Placement:
         finally:
             reservation.done_at = datetime.now(UTC)
 
-    def _fits(self, host: HostRecord, demand: Demand) -> bool:
-        if demand.hypervisor and host.hypervisors and demand.hypervisor not in host.hypervisors:
-            return False
-        return (
-            self._free_memory(host) >= demand.memory_bytes
-            and self._free_vcpus(host) >= demand.vcpus
-            and self._free_disk(host) >= demand.disk_bytes
+    def _room(self, host: HostRecord) -> _Room:
+        pending = self._pending(host)
+        return _Room(
+            memory=host.memory_total_bytes * self.memory_oversubscription
+            - host.memory_allocated_bytes
+            - sum(r.demand.memory_bytes for r in pending),
+            vcpus=host.vcpus_total * self.cpu_oversubscription
+            - host.vcpus_allocated
+            - sum(r.demand.vcpus for r in pending),
+            disk=host.disk_free_bytes
+            - host.disk_promised_bytes
+            - sum(r.demand.disk_bytes for r in pending),
+            ports=frozenset(host.ports).union(*(r.demand.ports for r in pending)),
         )
-
-    def _spread_key(self, host: HostRecord) -> tuple[float, float, str]:
-        return (self._free_memory(host), self._free_vcpus(host), host.id)
-
-    def _free_memory(self, host: HostRecord) -> float:
-        reserved = sum(r.demand.memory_bytes for r in self._pending(host))
-        total = host.memory_total_bytes * self.memory_oversubscription
-        return total - host.memory_allocated_bytes - reserved
-
-    def _free_disk(self, host: HostRecord) -> int:
-        reserved = sum(r.demand.disk_bytes for r in self._pending(host))
-        return host.disk_free_bytes - host.disk_promised_bytes - reserved
-
-    def _ports_taken(self, host: HostRecord) -> set[str]:
-        return set(host.ports).union(*(r.demand.ports for r in self._pending(host)))
-
-    def _free_vcpus(self, host: HostRecord) -> float:
-        reserved = sum(r.demand.vcpus for r in self._pending(host))
-        total = host.vcpus_total * self.cpu_oversubscription
-        return total - host.vcpus_allocated - reserved
 
     def _pending(self, host: HostRecord) -> list[_Reservation]:
         """The reservations the host's last heartbeat does not include yet."""

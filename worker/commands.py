@@ -20,7 +20,6 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from schemas.codec import decode_command, encode
@@ -80,7 +79,9 @@ class CommandConsumer:
             while True:
                 try:
                     messages = await subscription.fetch(batch=16, timeout=2)
-                except NatsTimeoutError:
+                except TimeoutError:
+                    # An empty fetch. nats-py raises its own TimeoutError (a subclass) or,
+                    # now and then, asyncio's; either must not read as a failure.
                     continue
                 except Exception as exc:  # NATS reconnecting: the consumer is durable, wait
                     log.warning("fetching commands failed: %s", exc)

@@ -60,7 +60,12 @@ class VmmProcess:
         self._reap_nowait()
         if self.returncode is not None:
             return False
-        return Path(f"/proc/{self.pid}").exists() and not _is_zombie(self.pid)
+        alive = Path(f"/proc/{self.pid}").exists() and not _is_zombie(self.pid)
+        if not alive:
+            # It exited between the waitpid above and the look at /proc: reap it now, or
+            # it stays a zombie for as long as this worker runs.
+            self._reap_nowait()
+        return alive
 
     async def wait(self) -> int | None:
         """Wait for the process to exit; return its exit status when it was our child."""
