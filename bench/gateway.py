@@ -31,6 +31,7 @@ import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.support import Summary
 from cli.embedded_nats import NatsServerProcess, free_port
 from cli.token import mint_token
 from natsbus import Layout, provision
@@ -150,7 +151,7 @@ def row(name: str, samples: list[float], floor: list[float] | None = None, goal:
     return f"| {name} | {p50:.2f} | {p99:.2f} | {ratio} | {goal} |"
 
 
-def main(requests: int, with_worker: bool) -> None:
+def main(requests: int, with_worker: bool, as_json: bool = False) -> None:
     work = Path(tempfile.mkdtemp(prefix="vg", dir="/tmp"))
     server = NatsServerProcess(work / "nats")
     server.start()
@@ -180,6 +181,7 @@ def main(requests: int, with_worker: bool) -> None:
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: _ok(f"{base}/health"))
         lines = ["| measure | p50 ms | p99 ms | vs floor | goal |", "|---|---|---|---|---|"]
+        summary = Summary("gateway", {"requests": requests})
         with httpx.Client(base_url=base, headers=auth()) as client:
             health = latencies(client, "/health", requests)
             kv = anyio.run(kv_floor_after_fill, server.url)
@@ -195,17 +197,42 @@ def main(requests: int, with_worker: bool) -> None:
                 lines.append(
                     row(f"GET /instances/{{id}} ({n} instances)", one, health, "p50 <= 1.5x")
                 )
+                ratio = pct(one, 0.5) / pct(health, 0.5)
+                summary.add(
+                    f"GET /instances/{{id}} p50 ({n} records)",
+                    round(pct(one, 0.5) * 1000, 2),
+                    unit="ms",
+                    baseline=round(pct(health, 0.5) * 1000, 2),
+                    baseline_name="GET /health",
+                    ratio=round(ratio, 2),
+                    goal="p50 <= 1.5x GET /health",
+                    met=ratio <= 1.5,
+                    issue="4/9",
+                )
                 lines.append(row(f"GET /instances ({n} instances)", listing, health))
         rate = throughput(base, f"/instances/{record(1).id}", 5.0)
         health_rate = throughput(base, "/health", 5.0)
+        summary.add(
+            "GET /instances/{id} per second (4 threads)",
+            round(rate),
+            unit="/s",
+            baseline=round(health_rate),
+            baseline_name="GET /health per second",
+            ratio=round(rate / health_rate, 2),
+            goal=">= 2000/s",
+            met=rate >= 2000,
+            issue="4/9",
+        )
         if with_worker:
-            lines += command_round_trip(server.url, base, env, procs, requests)
+            lines += command_round_trip(server.url, base, env, procs, requests, summary)
         print("\n".join(lines))
         print(
             f"\nGET /instances/{{id}}: {rate:.0f}/s (goal >= 2000/s); "
             f"GET /health: {health_rate:.0f}/s "
             "(4 client threads in one process on the same 2-core machine)"
         )
+        if as_json:
+            summary.emit()
     finally:
         for proc in procs:
             proc.terminate()
@@ -220,7 +247,12 @@ async def kv_floor_after_fill(nats_url: str) -> list[float]:
 
 
 def command_round_trip(
-    nats_url: str, base: str, env: dict[str, str], procs: list[subprocess.Popen[bytes]], n: int
+    nats_url: str,
+    base: str,
+    env: dict[str, str],
+    procs: list[subprocess.Popen[bytes]],
+    n: int,
+    summary: Summary,
 ) -> list[str]:
     """One real VM; then a refused restore, again and again: pure control-plane time."""
     data = Path(tempfile.mkdtemp(prefix="vgw", dir="/tmp"))
@@ -256,6 +288,17 @@ def command_round_trip(
             client.delete(f"/instances/{iid}")
         floor = anyio.run(request_floor, nats_url, 500)
         overhead = [s - statistics.median(floor) for s in samples]
+        summary.add(
+            "command round trip overhead p50",
+            round(pct(overhead, 0.5) * 1000, 2),
+            unit="ms",
+            baseline=round(pct(floor, 0.5) * 1000, 2),
+            baseline_name="NATS request/reply p50",
+            ratio=round(pct(samples, 0.5) / pct(floor, 0.5), 2),
+            goal="< 5 ms",
+            met=pct(overhead, 0.5) * 1000 < 5,
+            issue="4/9",
+        )
         return [
             row("floor: NATS request/reply", floor),
             row("command round trip (refused restore)", samples),
@@ -263,7 +306,8 @@ def command_round_trip(
         ]
     finally:
         registry.stop()
-        shutil.rmtree(data, ignore_errors=True)
+        for path in (data, data.parent / f"{data.name}-registry", data.parent / f"{data.name}-oci"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _ok(url: str) -> bool:
@@ -277,5 +321,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--no-worker", action="store_true", help="skip the command round trip")
+    parser.add_argument("--json", action="store_true", help="also print a JSON summary line")
     args = parser.parse_args()
-    main(args.requests, not args.no_worker)
+    main(args.requests, not args.no_worker, args.json)

@@ -26,6 +26,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.support import Summary
 from schemas.api import Hypervisor
 from schemas.messages import Create, Delete, Restore, Standby
 from tests.support.images import build_busybox_image
@@ -197,7 +198,7 @@ async def raw_round(
     return boot, standby, restore
 
 
-async def main(runs: int) -> None:
+async def main(runs: int, as_json: bool = False) -> None:
     assets = Path(__file__).resolve().parents[1] / ".cache" / "test-assets"
     work = Path(tempfile.mkdtemp(prefix="vb", dir="/tmp"))
     registry = None
@@ -236,9 +237,25 @@ async def main(runs: int) -> None:
         print(f"accelerator: {accel}, runs: {runs} (medians, seconds)")
         print(f"{'':10}{'vmfleet':>10}{'raw qemu':>10}{'ratio':>8}  goal")
         goals = ["overhead < 10%", "", "< 1.5x"]
+        limits = [1.10, None, 1.5]
+        summary = Summary("guest_boot", {"runs": runs, "accel": accel})
         for i, label in enumerate(["boot", "standby", "restore"]):
             v, r = med["vmfleet"][i], med["raw"][i]
             print(f"{label:10}{v:10.3f}{r:10.3f}{v / r:8.2f}  {goals[i]}")
+            limit = limits[i]
+            summary.add(
+                f"{label} (median of {runs})",
+                round(v, 3),
+                unit="s",
+                baseline=round(r, 3),
+                baseline_name="raw qemu-system-x86_64 over QMP",
+                ratio=round(v / r, 3),
+                goal=goals[i],
+                met=None if limit is None else v / r < limit,
+                issue="2/9",
+            )
+        if as_json:
+            summary.emit()
     finally:
         if registry is not None:
             registry.stop()
@@ -248,4 +265,6 @@ async def main(runs: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
-    anyio.run(main, parser.parse_args().runs)
+    parser.add_argument("--json", action="store_true", help="also print a JSON summary line")
+    args = parser.parse_args()
+    anyio.run(main, args.runs, args.json)
