@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import logging
 import signal
+from collections.abc import Iterator
 
 import anyio
 from anyio.abc import TaskStatus
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-from cli.settings import Settings
+from cli.settings import ConfigError, Settings
 from gateway import GatewayConfig, create_app
 from gateway.server import bind, serve
-from natsbus import BusOptions, Layout
+from natsbus import BusOptions, BusRefused, Layout, connect, inbox_prefix
+from schemas.subjects import Subjects
 from worker import WorkerConfig, run_worker
+from worker.drivers.select import HypervisorUnavailable
 from worker.network import NetworkSettings
 
-__all__ = ["cancel_on_signal", "run_gateway_daemon", "run_worker_daemon"]
+__all__ = [
+    "bus_options",
+    "cancel_on_signal",
+    "hypervisor_refusals",
+    "metrics_app",
+    "reach_nats",
+    "run_gateway_daemon",
+    "run_worker_daemon",
+]
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +42,15 @@ log = logging.getLogger(__name__)
 async def run_gateway_daemon(settings: Settings, host: str, port: int) -> None:
     assert settings.jwt_secret is not None
     config = GatewayConfig(
-        bus=BusOptions(urls=settings.nats_urls, name="vmfleet-gateway"),
+        bus=bus_options(settings, "vmfleet-gateway"),
         jwt_secret=settings.jwt_secret,
         subject_prefix=settings.subject_prefix,
         layout=Layout(replicas=settings.replicas),
+        ui=settings.ui,
+        cpu_oversubscription=settings.cpu_overcommit,
+        memory_oversubscription=settings.memory_overcommit,
     )
+    await reach_nats(config.bus)
     sock = bind(host, port)
     async with anyio.create_task_group() as tg:
         await tg.start(cancel_on_signal, tg.cancel_scope)
@@ -38,7 +61,7 @@ async def run_worker_daemon(settings: Settings) -> None:
     config = WorkerConfig(
         host_id=settings.host_id,
         data_dir=settings.data_dir,
-        bus=BusOptions(urls=settings.nats_urls, name=f"vmfleet-worker-{settings.host_id}"),
+        bus=bus_options(settings, f"vmfleet-worker-{settings.host_id}", host=settings.host_id),
         subject_prefix=settings.subject_prefix,
         hypervisor=settings.hypervisor,
         layout=Layout(replicas=settings.replicas),
@@ -50,11 +73,74 @@ async def run_worker_daemon(settings: Settings) -> None:
         ),
         kernel=settings.kernel,
         initrd=settings.initrd,
+        ch_binary=settings.ch_binary,
         insecure_registries=settings.insecure_registries,
+        cpu_overcommit=settings.cpu_overcommit,
+        memory_overcommit=settings.memory_overcommit,
     )
-    async with anyio.create_task_group() as tg:
-        await tg.start(cancel_on_signal, tg.cancel_scope)
-        await tg.start(run_worker, config)
+    registry = CollectorRegistry()
+    await reach_nats(config.bus)
+    with hypervisor_refusals():
+        async with anyio.create_task_group() as tg:
+            await tg.start(cancel_on_signal, tg.cancel_scope)
+            if settings.metrics_addr is not None:
+                # Bound before the worker starts: a taken port is one clear error at once.
+                await tg.start(serve, metrics_app(registry), bind(*settings.metrics_addr))
+            await tg.start(functools.partial(run_worker, config, registry=registry))
+
+
+def bus_options(settings: Settings, name: str, *, host: str | None = None) -> BusOptions:
+    """How a gateway (``host`` None) or the worker on ``host`` connects: NATS_* settings,
+    and the reply inbox its NATS user is allowed to read (natsbus.inbox_prefix)."""
+    nats = settings.nats
+    return BusOptions(
+        urls=settings.nats_urls,
+        name=name,
+        user=nats.user,
+        password=nats.password,
+        token=nats.token,
+        credentials_file=str(nats.creds) if nats.creds else None,
+        tls_ca_file=str(nats.tls_ca) if nats.tls_ca else None,
+        tls_cert_file=str(nats.tls_cert) if nats.tls_cert else None,
+        tls_key_file=str(nats.tls_key) if nats.tls_key else None,
+        inbox_prefix=inbox_prefix(Subjects(settings.subject_prefix), host),
+    )
+
+
+async def reach_nats(bus: BusOptions, *, wait_s: float = 5.0) -> None:
+    """Connect once before starting anything: NATS refusing the credentials or the TLS
+    setup stops start-up with one line naming the setting (exit 2), not a traceback.
+
+    A NATS that does not answer within ``wait_s`` is not an error here: the component's
+    own connection waits for it, as it always has.
+    """
+    try:
+        nc = await connect(dataclasses.replace(bus, first_connect_timeout_s=wait_s))
+    except BusRefused as exc:
+        raise ConfigError(str(exc)) from None
+    except TimeoutError:
+        log.info("NATS does not answer yet; starting, and connecting when it does")
+        return
+    await nc.close()
+
+
+def metrics_app(registry: CollectorRegistry) -> Starlette:
+    """The worker's own Prometheus scrape target (the gateway serves its own /metrics)."""
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])
+
+
+@contextlib.contextmanager
+def hypervisor_refusals() -> Iterator[None]:
+    """A hypervisor that cannot run here stops start-up with its one line (exit 2, as a
+    configuration error), not with a traceback out of the task group."""
+    try:
+        yield
+    except* HypervisorUnavailable as group:
+        raise ConfigError(str(group.exceptions[0])) from None
 
 
 async def cancel_on_signal(

@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 from prometheus_client import CollectorRegistry
 
-from cli.daemons import cancel_on_signal
+from cli.daemons import cancel_on_signal, hypervisor_refusals
 from cli.embedded_nats import NatsServerProcess
 from cli.settings import Settings
 from cli.token import load_or_create_secret, mint_token
@@ -73,26 +73,36 @@ async def _run_components(
         ),
         kernel=settings.kernel,
         initrd=settings.initrd,
+        ch_binary=settings.ch_binary,
         insecure_registries=settings.insecure_registries,
+        cpu_overcommit=settings.cpu_overcommit,
+        memory_overcommit=settings.memory_overcommit,
     )
     gateway_config = GatewayConfig(
         bus=BusOptions(urls=(nats_url,), name="vmfleet-gateway"),
         jwt_secret=secret,
         subject_prefix=settings.subject_prefix,
         layout=layout,
+        ui=settings.ui,
+        cpu_oversubscription=settings.cpu_overcommit,
+        memory_oversubscription=settings.memory_overcommit,
     )
-    async with anyio.create_task_group() as tg:
-        await tg.start(cancel_on_signal, tg.cancel_scope)
-        await tg.start(functools.partial(run_worker, worker_config, registry=registry))
-        await tg.start(serve, create_app(gateway_config, registry=registry), sock)
-        _print_banner(options, nats_url, mint_token(secret))
+    with hypervisor_refusals():
+        async with anyio.create_task_group() as tg:
+            await tg.start(cancel_on_signal, tg.cancel_scope)
+            await tg.start(functools.partial(run_worker, worker_config, registry=registry))
+            await tg.start(serve, create_app(gateway_config, registry=registry), sock)
+            _print_banner(options, nats_url, mint_token(secret), ui=settings.ui)
 
 
-def _print_banner(options: DevOptions, nats_url: str, token: str) -> None:
+def _print_banner(options: DevOptions, nats_url: str, token: str, *, ui: bool) -> None:
     base_url = f"http://{options.host}:{options.port}"
+    # The token rides in the fragment, which a browser never sends; the page removes it.
+    ui_line = f"  UI:    {base_url}/ui#token={token}\n" if ui else ""
     print(
         f"vmfleet dev is up (Ctrl-C stops it, VMs included)\n"
         f"  API:   {base_url}\n"
+        f"{ui_line}"
         f"  NATS:  {nats_url}\n"
         f"  data:  {options.data_dir}\n"
         f"  token: {token}\n"

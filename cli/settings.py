@@ -6,17 +6,19 @@ naming the variable, so an operator never has to guess which setting was wrong.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
 import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from schemas.sizes import parse_size
 
-__all__ = ["ConfigError", "Settings", "default_data_dir", "load_settings"]
+__all__ = ["ConfigError", "NatsClient", "Settings", "default_data_dir", "load_settings"]
 
 HYPERVISORS = ("auto", "qemu", "cloud-hypervisor")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -24,6 +26,20 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 class ConfigError(Exception):
     """A setting has a value vmfleet cannot use; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class NatsClient:
+    """How the daemons prove who they are to NATS, and how they check its TLS certificate
+    (docs/security.md). At most one of ``creds``, ``user`` (with ``password``), ``token``."""
+
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    creds: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -39,12 +55,20 @@ class Settings:
     assets_dir: Path | None = None
     kernel: Path | None = None
     initrd: Path | None = None
+    ch_binary: Path | None = None
     insecure_registries: frozenset[str] = frozenset()
     log_max_bytes: int = 50 << 20
     network: str = "user"
     host_labels: dict[str, str] = field(default_factory=dict)
     publish_addr: str = "127.0.0.1"
     subnet: str = "10.100.0.0/16"
+    cpu_overcommit: float = 4.0
+    memory_overcommit: float = 1.0
+    ui: bool = False
+    #: ``vmfleet worker``'s own /metrics listener (host, port); None: not served.
+    metrics_addr: tuple[str, int] | None = ("0.0.0.0", 9464)
+    #: NATS_USER / NATS_PASSWORD / NATS_TOKEN / NATS_CREDS / NATS_TLS_*.
+    nats: NatsClient = field(default_factory=NatsClient)
 
 
 def default_data_dir(env: Mapping[str, str]) -> Path:
@@ -59,6 +83,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     return Settings(
         nats_urls=_nats_urls(env.get("NATS_URL", "nats://127.0.0.1:4222")),
+        nats=_nats_client(env),
         port=_port("PORT", env.get("PORT", "8080")),
         jwt_secret=_jwt_secret(env.get("JWT_SECRET")),
         data_dir=_data_dir(env),
@@ -75,11 +100,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         else None,
         kernel=_existing_file("VMFLEET_KERNEL", env.get("VMFLEET_KERNEL")),
         initrd=_existing_file("VMFLEET_INITRD", env.get("VMFLEET_INITRD")),
+        ch_binary=_executable("VMFLEET_CH_BINARY", env.get("VMFLEET_CH_BINARY")),
         host_labels=_labels("VMFLEET_HOST_LABELS", env.get("VMFLEET_HOST_LABELS", "")),
         network=_choice("VMFLEET_NETWORK", env.get("VMFLEET_NETWORK", "user"), ("user", "bridge")),
         publish_addr=_ip("VMFLEET_PUBLISH_ADDR", env.get("VMFLEET_PUBLISH_ADDR", "127.0.0.1")),
         subnet=_subnet("VMFLEET_SUBNET", env.get("VMFLEET_SUBNET", "10.100.0.0/16")),
         log_max_bytes=_size("VMFLEET_LOG_MAX_SIZE", env.get("VMFLEET_LOG_MAX_SIZE", "50MB")),
+        cpu_overcommit=_ratio("VMFLEET_CPU_OVERCOMMIT", env.get("VMFLEET_CPU_OVERCOMMIT", "4")),
+        memory_overcommit=_ratio(
+            "VMFLEET_MEMORY_OVERCOMMIT", env.get("VMFLEET_MEMORY_OVERCOMMIT", "1")
+        ),
+        ui=_flag("VMFLEET_UI", env.get("VMFLEET_UI", "")),
+        metrics_addr=_listen_addr(
+            "VMFLEET_METRICS_ADDR", env.get("VMFLEET_METRICS_ADDR", "0.0.0.0:9464")
+        ),
         insecure_registries=frozenset(
             r.strip() for r in env.get("VMFLEET_INSECURE_REGISTRIES", "").split(",") if r.strip()
         ),
@@ -94,6 +128,27 @@ def _labels(name: str, raw: str) -> dict[str, str]:
             raise ConfigError(f"{name}: {item!r} is not key=value (key: letters, digits, - or _)")
         labels[key] = value
     return labels
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def _flag(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in _TRUE | _FALSE:
+        raise ConfigError(f"{name}: {raw!r} must be 1 or 0 (true/false, yes/no, on/off)")
+    return value in _TRUE
+
+
+def _listen_addr(name: str, raw: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (``[::]:9464`` for IPv6), or ``off``."""
+    if raw.strip().lower() in ("off", "none", ""):
+        return None
+    host, sep, port = raw.strip().rpartition(":")
+    if not sep:
+        raise ConfigError(f"{name}: {raw!r} is not HOST:PORT (or off)")
+    return _ip(name, host.strip("[]")), _port(name, port)
 
 
 def _ip(name: str, raw: str) -> str:
@@ -126,12 +181,31 @@ def _size(name: str, raw: str) -> int:
     return value
 
 
+def _ratio(name: str, raw: str) -> float:
+    """An overcommit ratio: a number above 0 (below 1 keeps part of the host back), at most
+    100."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a number like 4 or 1.5") from None
+    if not 0 < value <= 100:  # also refuses nan
+        raise ConfigError(f"{name}: {raw!r} is out of range (above 0, at most 100)")
+    return value
+
+
 def _existing_file(name: str, raw: str | None) -> Path | None:
     if not raw:
         return None
     path = Path(raw).expanduser()
     if not path.is_file():
         raise ConfigError(f"{name}: {path} is not a file")
+    return path
+
+
+def _executable(name: str, raw: str | None) -> Path | None:
+    path = _existing_file(name, raw)
+    if path is not None and not os.access(path, os.X_OK):
+        raise ConfigError(f"{name}: {path} is not executable")
     return path
 
 
@@ -199,3 +273,59 @@ def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
     if raw not in choices:
         raise ConfigError(f"{name}: {raw!r} must be one of {', '.join(choices)}")
     return raw
+
+
+def _nats_client(env: Mapping[str, str]) -> NatsClient:
+    """NATS credentials (one kind at most) and TLS files, each checked to be usable."""
+    user, password, token = env.get("NATS_USER"), env.get("NATS_PASSWORD"), env.get("NATS_TOKEN")
+    creds = _existing_file("NATS_CREDS", env.get("NATS_CREDS"))
+    if user and not password:
+        raise ConfigError("NATS_PASSWORD: required with NATS_USER")
+    if password and not user:
+        raise ConfigError("NATS_USER: required with NATS_PASSWORD")
+    kinds = [name for name, value in (("NATS_CREDS", creds), ("NATS_USER", user)) if value]
+    kinds += ["NATS_TOKEN"] if token else []
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"{kinds[-1]}: set only one of NATS_CREDS, NATS_USER (with NATS_PASSWORD) or "
+            f"NATS_TOKEN (also set: {', '.join(kinds[:-1])})"
+        )
+    if creds is not None and importlib.util.find_spec("nkeys") is None:
+        raise ConfigError("NATS_CREDS: needs the Python package nkeys (pip install nkeys)")
+    tls_ca = _existing_file("NATS_TLS_CA", env.get("NATS_TLS_CA"))
+    tls_cert = _existing_file("NATS_TLS_CERT", env.get("NATS_TLS_CERT"))
+    tls_key = _existing_file("NATS_TLS_KEY", env.get("NATS_TLS_KEY"))
+    if (tls_cert is None) != (tls_key is None):
+        missing = "NATS_TLS_KEY" if tls_key is None else "NATS_TLS_CERT"
+        raise ConfigError(f"{missing}: required with {_other_tls(missing)}")
+    _check_tls(tls_ca, tls_cert, tls_key)
+    return NatsClient(
+        user=user or None,
+        password=password or None,
+        token=token or None,
+        creds=creds,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+    )
+
+
+def _other_tls(name: str) -> str:
+    return "NATS_TLS_CERT" if name == "NATS_TLS_KEY" else "NATS_TLS_KEY"
+
+
+def _check_tls(ca: Path | None, cert: Path | None, key: Path | None) -> None:
+    """Load the files as the connection will, so a wrong one is reported now, by name."""
+    if ca is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"NATS_TLS_CA: {ca} is not a PEM CA certificate ({exc})") from None
+    if cert is not None and key is not None:
+        try:
+            ssl.create_default_context().load_cert_chain(str(cert), str(key))
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(
+                f"NATS_TLS_CERT: {cert} with NATS_TLS_KEY {key} is not a PEM certificate and "
+                f"its private key ({exc})"
+            ) from None

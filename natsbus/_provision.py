@@ -1,15 +1,27 @@
 """Creating the streams and buckets of vmfleet's NATS layout, idempotently.
 
 Every component calls :func:`provision` at start-up, so the order in which gateways and
-workers come up does not matter. Creating an object that exists with the same config is a
-no-op in JetStream; one that exists with another config is updated where JetStream allows.
+workers come up does not matter. Each object is looked up first and left alone when it
+already has this version's settings; a missing one is created, and one with other
+settings (a changed limit or replica count) is updated in place.
+
+Only a gateway's NATS user may create or update streams when permissions are in force
+(docs/security.md); a worker only looks them up. A worker that finds an object missing
+waits for a gateway to create it, and one that finds it different carries on with it as
+it is. A request NATS does not permit gets no answer, so both show up as timeouts here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import Enum
 
+import anyio
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -19,7 +31,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from schemas.subjects import Subjects
 
@@ -28,6 +40,8 @@ __all__ = ["Layout", "provision"]
 log = logging.getLogger(__name__)
 
 DAY_S = 86_400.0
+#: How often a component that may not create a missing object looks for it again.
+_WAIT_FOR_CREATOR_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -49,22 +63,57 @@ class Layout:
     max_log_line_bytes: int = 64 * 1024
 
 
+@dataclass(frozen=True)
+class _Wanted:
+    """One object of the layout: its stream, the stream settings this version wants, and
+    how to create it (streams, KV buckets and object stores are created differently)."""
+
+    stream: str
+    settings: dict[str, object]
+    create: Callable[[], Awaitable[object]]
+
+
 async def provision(js: JetStreamContext, subjects: Subjects, layout: Layout) -> None:
-    """Create (or update) every stream and KV bucket vmfleet uses."""
-    for config in _streams(subjects, layout):
-        await _ensure_stream(js, config)
-    for kv in _buckets(subjects, layout):
-        await js.create_key_value(kv)
-    await js.create_object_store(
-        subjects.archives_bucket,
-        config=ObjectStoreConfig(
-            bucket=subjects.archives_bucket,
-            description="volume archives in transit to a worker",
-            ttl=layout.archive_ttl_s,
-            storage=StorageType.FILE,
-            replicas=layout.replicas,
-        ),
+    """Create (or update) every stream, KV bucket and object store vmfleet uses."""
+    for wanted in _layout(js, subjects, layout):
+        await _ensure(js, wanted)
+
+
+def _layout(js: JetStreamContext, s: Subjects, layout: Layout) -> list[_Wanted]:
+    wanted = [
+        _Wanted(
+            config.name or "", _stream_settings(config), functools.partial(js.add_stream, config)
+        )
+        for config in _streams(s, layout)
+    ]
+    for kv in _buckets(s, layout):
+        settings: dict[str, object] = {
+            "description": kv.description,
+            "max_msgs_per_subject": kv.history,
+            "max_age": kv.ttl,
+            "storage": kv.storage,
+            "num_replicas": kv.replicas,
+        }
+        wanted.append(
+            _Wanted(f"KV_{kv.bucket}", settings, functools.partial(js.create_key_value, kv))
+        )
+    archives = ObjectStoreConfig(
+        bucket=s.archives_bucket,
+        description="volume archives in transit to a worker",
+        ttl=layout.archive_ttl_s,
+        storage=StorageType.FILE,
+        replicas=layout.replicas,
     )
+    settings = {
+        "description": archives.description,
+        "max_age": archives.ttl,
+        "storage": archives.storage,
+        "num_replicas": archives.replicas,
+    }
+
+    create = functools.partial(js.create_object_store, s.archives_bucket, config=archives)
+    wanted.append(_Wanted(f"OBJ_{s.archives_bucket}", settings, create))
+    return wanted
 
 
 def _streams(s: Subjects, layout: Layout) -> list[StreamConfig]:
@@ -123,11 +172,79 @@ def _buckets(s: Subjects, layout: Layout) -> list[KeyValueConfig]:
     ]
 
 
-async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+def _stream_settings(config: StreamConfig) -> dict[str, object]:
+    """The settings a stream config sets; the others are left to the server's defaults."""
+    return {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name != "name" and getattr(config, f.name) not in (None, f.default)
+    }
+
+
+async def _ensure(js: JetStreamContext, wanted: _Wanted) -> None:
+    told = False
+    while True:
+        existing = await _current(js, wanted.stream)
+        if existing is not None:
+            await _reconcile(js, wanted, existing)
+            return
+        try:
+            await wanted.create()
+            log.info("created stream %s", wanted.stream)
+            return
+        except BadRequestError as exc:
+            # Created meanwhile by another component, with other settings: reconcile.
+            log.info("creating stream %s: %s", wanted.stream, exc.description)
+        except NatsTimeoutError:
+            if not told:
+                log.warning(
+                    "stream %s does not exist and creating it got no answer; waiting for it "
+                    "(if this component's NATS user may not create streams, a gateway does)",
+                    wanted.stream,
+                )
+                told = True
+            await anyio.sleep(_WAIT_FOR_CREATOR_S)
+
+
+async def _current(js: JetStreamContext, stream: str) -> StreamConfig | None:
     try:
-        await js.add_stream(config)
-    except BadRequestError as exc:
-        # "stream name already in use with a different configuration": update it instead,
-        # which is how a changed replica count or limit reaches a running cluster.
-        log.info("updating stream %s: %s", config.name, exc.description)
-        await js.update_stream(config)
+        info = await js.stream_info(stream)
+    except NotFoundError:
+        return None
+    return info.config
+
+
+async def _reconcile(js: JetStreamContext, wanted: _Wanted, existing: StreamConfig) -> None:
+    changed = {
+        name: value
+        for name, value in wanted.settings.items()
+        if value is not None and not _same(getattr(existing, name, None), value)
+    }
+    if not changed:
+        return
+    # "stream name already in use with a different configuration": update it instead,
+    # which is how a changed replica count or limit reaches a running cluster.
+    log.info("updating stream %s: %s", wanted.stream, ", ".join(sorted(changed)))
+    try:
+        await js.update_stream(dataclasses.replace(existing, **changed))  # type: ignore[arg-type]
+    except NatsTimeoutError:
+        log.warning(
+            "stream %s differs from this version's layout (%s) but updating it got no answer "
+            "(this component's NATS user may not update streams; a gateway does); using it "
+            "as it is",
+            wanted.stream,
+            ", ".join(sorted(changed)),
+        )
+
+
+def _same(current: object, wanted: object) -> bool:
+    """Equal as settings: enums by value, durations within a microsecond, 0 as unset."""
+    if isinstance(current, Enum):
+        current = current.value
+    if isinstance(wanted, Enum):
+        wanted = wanted.value
+    if current is None:
+        current = 0 if isinstance(wanted, int | float) else current
+    if isinstance(current, int | float) and isinstance(wanted, int | float):
+        return abs(current - wanted) < 1e-6
+    return current == wanted
