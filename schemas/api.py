@@ -26,6 +26,7 @@ vmfleet extensions (ignored by hypeman clients): ``port_mappings`` on create and
 from __future__ import annotations
 
 import enum
+import re
 from datetime import datetime
 from typing import Annotated, Final, Literal
 
@@ -67,6 +68,16 @@ NAME_MAX_LENGTH: Final = 63
 # hypeman does not validate custom volume ids; vmfleet uses them as KV keys, subject tokens
 # and directory names, so it restricts them to a safe alphabet (no dots, no slashes).
 VOLUME_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+
+
+def _matches_whole(pattern: str, value: str, path: str) -> None:
+    """msgspec checks a ``pattern`` with ``re.search``, where ``$`` also matches before a
+    final newline, so ``"web\\n"`` would pass. hypeman's validator (Go) refuses it, and
+    vmfleet makes KV keys, subject tokens and directories of these values: a volume id
+    ending in a newline once wedged its host's NATS connection. Same message as msgspec's."""
+    if re.fullmatch(pattern, value) is None:
+        raise ValueError(f"Expected `str` matching regex {pattern!r} - at `{path}`")
+
 
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 """An aware datetime (RFC 3339 on the wire); naive values are rejected when decoding."""
@@ -185,6 +196,9 @@ class CreateInstanceRequest(msgspec.Struct, kw_only=True):
     host: str | UnsetType = UNSET
     host_labels: dict[str, str] | UnsetType = UNSET
 
+    def __post_init__(self) -> None:
+        _matches_whole(NAME_PATTERN, self.name, "$.name")
+
 
 class InstanceNetwork(msgspec.Struct, kw_only=True):
     """``network`` of an Instance: ``name`` only when enabled, ``ip``/``mac`` always (null when
@@ -259,6 +273,10 @@ class CreateVolumeRequest(msgspec.Struct, kw_only=True):
     id: Annotated[str, msgspec.Meta(pattern=VOLUME_ID_PATTERN)] | UnsetType = UNSET
     name: str
     size_gb: Annotated[int, msgspec.Meta(ge=1)]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.id, str):
+            _matches_whole(VOLUME_ID_PATTERN, self.id, "$.id")
 
 
 class VolumeAttachment(msgspec.Struct, kw_only=True):

@@ -7,22 +7,30 @@ prefix, so tests sharing one server never see each other's streams and buckets.
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from cli.embedded_nats import NatsServerProcess
 from tests.support.images import build_busybox_image, push_image
 from tests.support.processes import live_children
 from tests.support.registry import LocalRegistry
 
-# Tests write only to temporary directories: no example database in the work tree.
+# Tests write only to temporary directories: no example database, and hypothesis's own
+# caches in a directory of this run's, not in the work tree.
 settings.register_profile("vmfleet", database=None)
 settings.load_profile("vmfleet")
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="vmfleet-hypothesis-")
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

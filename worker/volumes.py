@@ -177,7 +177,8 @@ def _extract_archive(archive: Path, into: Path, limit: int) -> int:
                 tar.extract(member, into, filter="data")
     except tarfile.FilterError as exc:
         raise BadRequest(f"unsafe archive entry: {exc}", code="invalid_archive") from None
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    # KeyError: a hard link to a member the archive does not hold.
+    except (tarfile.TarError, EOFError, OSError, KeyError) as exc:
         raise BadRequest(f"not a valid tar.gz archive: {exc}", code="invalid_archive") from None
     return total
 
