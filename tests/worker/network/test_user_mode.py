@@ -24,6 +24,21 @@ HTTPD = (
 )
 
 
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def udp_bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 async def get_page(port: int, timeout_s: float = 60) -> str:
     async with httpx.AsyncClient() as client:
         with anyio.fail_after(timeout_s):
@@ -39,14 +54,19 @@ async def get_page(port: int, timeout_s: float = 60) -> str:
 
 @pytest.mark.vm
 async def test_port_mapping_reaches_the_guest(engine: HostEngine, busybox_image: str) -> None:
-    port = free_port()
+    port, udp_port = free_port(), free_udp_port()
     cmd = create_command(
         busybox_image,
         cmd=["/bin/sh", "-c", HTTPD],
-        port_mappings=[PortMapping(host_port=port, guest_port=80)],
+        port_mappings=[
+            PortMapping(host_port=port, guest_port=80),
+            PortMapping(host_port=udp_port, guest_port=5353, protocol="udp"),
+        ],
     )
     record = await engine.execute(cmd)
     assert record is not None and record.network_enabled
+    # busybox has no UDP server to answer through it; the VMM holds the host side.
+    assert not udp_bindable(udp_port)
     assert record.ip == USER_GUEST_IP and record.mac is not None and record.mac.startswith("02:")
     assert (await get_page(port)).strip() == "hello-from-the-guest"
 
@@ -80,6 +100,7 @@ async def test_port_mapping_reaches_the_guest(engine: HostEngine, busybox_image:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))
         sock.listen()
+    assert udp_bindable(udp_port)
 
 
 @pytest.mark.parametrize(

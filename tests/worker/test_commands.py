@@ -1,0 +1,128 @@
+"""The command consumer's promises, against a real nats-server: one instance's commands run
+one at a time and in order, different instances' run side by side, and a worker asked to
+stop finishes (and acks) the command it is running.
+
+The executor here records what it is asked to do instead of driving VMs: what is under
+test is the consumer's scheduling, which the VM-backed tests in test_daemon.py cannot
+observe. The real executor is wired in by worker/daemon.py and tested there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import nats
+import pytest
+from nats.aio.client import Client
+from prometheus_client import CollectorRegistry
+
+from natsbus import Layout, provision
+from schemas.codec import decode_command_result, encode
+from schemas.messages import AnyCommand, CommandResult, Stop
+from schemas.subjects import Subjects
+from tests.support.fleet import now
+from worker.commands import CommandConsumer
+from worker.ledger import Ledger
+from worker.metrics import WorkerMetrics
+
+pytestmark = pytest.mark.anyio
+
+HOST = "h1"
+
+
+class RecordingExecutor:
+    """Takes ``hold_s`` per command and notes when each started and ended."""
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
+        self.spans: dict[str, tuple[float, float]] = {}
+        self.running = 0
+        self.most_at_once = 0
+
+    async def __call__(self, cmd: AnyCommand) -> CommandResult:
+        start = anyio.current_time()
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            await anyio.sleep(self.hold_s)
+        finally:
+            self.running -= 1
+        self.spans[cmd.id] = (start, anyio.current_time())
+        return CommandResult(command_id=cmd.id, ok=True)
+
+
+@pytest.fixture
+async def nc(nats_url: str, subject_prefix: str) -> AsyncIterator[Client]:
+    client = await nats.connect(nats_url)
+    await provision(client.jetstream(), Subjects(subject_prefix), Layout())
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def consumer(
+    nc: Client, prefix: str, tmp_path: Path, execute: RecordingExecutor
+) -> CommandConsumer:
+    return CommandConsumer(
+        nc,
+        Subjects(prefix),
+        HOST,
+        execute,
+        Ledger(tmp_path / "ledger"),
+        WorkerMetrics(CollectorRegistry()),
+    )
+
+
+async def send(nc: Client, prefix: str, command_id: str, instance_id: str) -> None:
+    cmd = Stop(id=command_id, instance_id=instance_id, issued_at=now())
+    await nc.jetstream().publish(
+        Subjects(prefix).command(HOST, cmd.op), encode(cmd), headers={"Nats-Msg-Id": cmd.id}
+    )
+
+
+async def test_one_instance_in_order_several_side_by_side(
+    nc: Client, subject_prefix: str, tmp_path: Path
+) -> None:
+    execute = RecordingExecutor(hold_s=0.3)
+    for n in range(3):  # queued before the consumer starts: it gets them in one fetch
+        await send(nc, subject_prefix, f"a{n}", "inst-a")
+        await send(nc, subject_prefix, f"b{n}", "inst-b")
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer(nc, subject_prefix, tmp_path, execute).run)
+        with anyio.fail_after(60):
+            while len(execute.spans) < 6:
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+
+    for instance in "ab":
+        spans = [execute.spans[f"{instance}{n}"] for n in range(3)]
+        # In the order sent, each one after the previous one ended.
+        assert all(spans[n][1] <= spans[n + 1][0] for n in range(2)), spans
+    # The two instances' commands overlapped: at most one per instance at any moment.
+    assert execute.most_at_once == 2
+
+
+async def test_a_stopping_worker_finishes_and_acks_the_command_it_runs(
+    nc: Client, subject_prefix: str, tmp_path: Path
+) -> None:
+    subjects = Subjects(subject_prefix)
+    execute = RecordingExecutor(hold_s=1.0)
+    results = await nc.subscribe(subjects.result("long"), max_msgs=1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer(nc, subject_prefix, tmp_path, execute).run)
+        await send(nc, subject_prefix, "long", "inst-a")
+        with anyio.fail_after(30):
+            while execute.running == 0:
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()  # SIGTERM arrives mid-command
+
+    assert "long" in execute.spans  # it ran to its end
+    result = decode_command_result((await results.next_msg(timeout=10)).data)
+    assert result.ok and result.command_id == "long"
+    info = await nc.jetstream().consumer_info(
+        subjects.commands_stream, subjects.command_consumer(HOST)
+    )
+    assert info.num_pending == 0 and info.num_ack_pending == 0  # acked: not run again
