@@ -147,6 +147,23 @@ async def probe(args: dict[str, str]) -> dict[str, object]:
     ]
     result["rules_after_delete"] = nft_table().count("vmfleet:")
     result["leases_after_delete"] = [lease.instance_id for lease in bridge.ipam.leases()]
+
+    # What a worker killed mid-delete leaves behind (a TAP, rules and a lease of an instance
+    # whose files are gone) is removed by the next worker when it starts.
+    ghost, ghost_tap = "ghost" + now().strftime("%H%M%S%f"), "vfghost0"
+    bridge.lease(ghost)
+    await bridge.plug(ghost, ghost_tap, [PortMapping(host_port=HOST_PORT + 1, guest_port=80)])
+    result["ghost_left"] = {
+        "tap": f"{ghost_tap}:" in links(),
+        "rules": nft_table().count(f"vmfleet:{ghost}"),
+        "lease": bridge.ipam.lease(ghost) is not None,
+    }
+    await HostEngine(ctx).recover()
+    result["ghost_after_restart"] = {
+        "tap": f"{ghost_tap}:" in links(),
+        "rules": nft_table().count(f"vmfleet:{ghost}"),
+        "lease": bridge.ipam.lease(ghost) is not None,
+    }
     return result
 
 

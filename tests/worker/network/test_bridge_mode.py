@@ -97,3 +97,6 @@ async def test_bridge_mode_in_a_namespace(
     assert result["taps_after_delete"] == []
     assert result["rules_after_delete"] == 0
     assert result["leases_after_delete"] == []
+    # A dead instance's leftovers are gone once a new worker has started.
+    assert result["ghost_left"] == {"tap": True, "rules": 2, "lease": True}
+    assert result["ghost_after_restart"] == {"tap": False, "rules": 0, "lease": False}
