@@ -141,7 +141,9 @@ def main(args: argparse.Namespace) -> None:
     summary = Summary("log_latency", {"seconds": args.seconds})
     try:
         image = push_image(build_busybox_image(work / "oci"), registry.address, "ticks:latest")
-        with dev_stack(work / "dev", free_port(), host_id="bench-logs") as stack:
+        with dev_stack(
+            work / "dev", free_port(), host_id="bench-logs", banner_timeout_s=180
+        ) as stack:
             client = httpx.Client(base_url=stack.base_url, headers=stack.headers, timeout=300)
             started = time.monotonic()
             created = client.post(

@@ -337,7 +337,7 @@ def main(args: argparse.Namespace) -> None:
         image = push_image(build_busybox_image(work / "oci"), registry.address, "soak:latest")
         hosts = [f"soak-{i}" for i in range(args.hosts)]
         data_dirs = [work / "h0"] + [work / f"h{i}" for i in range(1, args.hosts)]
-        with dev_stack(data_dirs[0], free_port(), host_id=hosts[0]) as stack:
+        with dev_stack(data_dirs[0], free_port(), host_id=hosts[0], banner_timeout_s=180) as stack:
             soak: Soak | None = None
             try:
                 for host, data in zip(hosts[1:], data_dirs[1:], strict=True):

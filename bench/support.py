@@ -9,12 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,8 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-VMFLEET = str(Path(sys.executable).parent / "vmfleet")
-ASSETS = Path(os.environ.get("VMFLEET_TEST_ASSETS", ROOT / ".cache" / "test-assets"))
+# Re-exported: the benchmarks start the stack the way the tests do.
+from tests.support.dev import ASSETS as ASSETS  # noqa: E402
+from tests.support.dev import VMFLEET as VMFLEET  # noqa: E402
+from tests.support.dev import DevStack as DevStack  # noqa: E402
+from tests.support.dev import dev_stack as dev_stack  # noqa: E402
+from tests.support.dev import stop_process as stop_process  # noqa: E402
+
 #: The prefix of the one line per run that `bench/run_all.py` reads.
 JSON_MARK = "BENCH-JSON "
 
@@ -179,97 +181,4 @@ def disk_usage(path: Path) -> int:
     return total
 
 
-# -- a `vmfleet dev` stack -----------------------------------------------------------------------
-
-
-@dataclass
-class DevStack:
-    proc: subprocess.Popen[str]
-    base_url: str
-    token: str
-    nats_url: str
-    data_dir: Path
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-
-@contextlib.contextmanager
-def dev_stack(
-    data_dir: Path, port: int, *, host_id: str = "bench-host", env: dict[str, str] | None = None
-) -> Iterator[DevStack]:
-    """`vmfleet dev` as a child process (as tests/cli/test_dev.py starts it), stopped with
-    SIGTERM (which stops its VMs too) when the block ends."""
-    full_env = {
-        **os.environ,
-        "VMFLEET_HOST_ID": host_id,
-        "VMFLEET_LOG_LEVEL": "WARNING",
-        "VMFLEET_ASSETS_DIR": str(ASSETS),
-        **(env or {}),
-    }
-    full_env.pop("JWT_SECRET", None)
-    proc = subprocess.Popen(
-        [VMFLEET, "dev", "--port", str(port), "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=full_env,
-    )
-    try:
-        banner = _read_banner(proc, timeout_s=180)
-        yield DevStack(
-            proc,
-            banner["HYPEMAN_BASE_URL"],
-            banner["HYPEMAN_API_KEY"],
-            banner["NATS"],
-            data_dir,
-        )
-    finally:
-        stop_process(proc)
-
-
-def _read_banner(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, str]:
-    banner: dict[str, str] = {}
-    done = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            key, _, value = line.strip().removeprefix("export ").partition("=")
-            if key.startswith("HYPEMAN_"):
-                banner[key] = value
-            elif line.strip().startswith("NATS:"):
-                banner["NATS"] = line.split(":", 1)[1].strip()
-            if "HYPEMAN_API_KEY" in banner:
-                break
-        done.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not done.wait(timeout_s) or "HYPEMAN_API_KEY" not in banner:
-        stop_process(proc)
-        err = proc.stderr.read() if proc.stderr else ""
-        raise RuntimeError(f"vmfleet dev printed no banner; stderr: {err[-2000:]}")
-    # stderr is a pipe: drain it, or a chatty stack would block on a full pipe.
-    for stream in (proc.stdout, proc.stderr):
-        threading.Thread(target=_drain, args=(stream,), daemon=True).start()
-    return banner
-
-
-def _drain(stream: object) -> None:
-    with contextlib.suppress(ValueError, OSError, TypeError):
-        for _ in stream:  # type: ignore[attr-defined]
-            pass
-
-
-def stop_process(
-    proc: subprocess.Popen[str] | subprocess.Popen[bytes], timeout_s: float = 90
-) -> None:
-    """SIGTERM (a daemon stops what it started), then SIGKILL if it does not go in time."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait()
+# -- a `vmfleet dev` stack: the tests' own launcher (tests/support/dev.py) --------------------

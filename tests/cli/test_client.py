@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from cli.embedded_nats import free_port
-from tests.cli.test_dev import VMFLEET, DevStack, dev_stack
+from tests.support.dev import VMFLEET, DevStack, dev_stack
 
 HOST = "dev-host"  # the host id `dev_stack` gives its worker
 #: Generous: a TCG guest on a busy 2-core machine (never asserted as a timing).

@@ -7,11 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
@@ -20,86 +16,8 @@ import nats
 import pytest
 
 from cli.embedded_nats import free_port
+from tests.support.dev import VMFLEET, DevStack, dev_stack
 from tests.support.processes import live_children
-
-VMFLEET = str(Path(sys.executable).parent / "vmfleet")
-ASSETS = Path(__file__).parents[2] / ".cache" / "test-assets"
-
-
-class DevStack:
-    def __init__(self, proc: subprocess.Popen[str], banner: dict[str, str]) -> None:
-        self.proc = proc
-        self.banner = banner
-
-    @property
-    def base_url(self) -> str:
-        return self.banner["HYPEMAN_BASE_URL"]
-
-    @property
-    def token(self) -> str:
-        return self.banner["HYPEMAN_API_KEY"]
-
-    @property
-    def nats_url(self) -> str:
-        return self.banner["NATS"]
-
-
-def _read_banner(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, str]:
-    banner: dict[str, str] = {}
-    done = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            key, _, value = line.strip().removeprefix("export ").partition("=")
-            if key.startswith("HYPEMAN_"):
-                banner[key] = value
-            elif line.strip().startswith("NATS:"):
-                banner["NATS"] = line.split(":", 1)[1].strip()
-            if "HYPEMAN_API_KEY" in banner:
-                break
-        done.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not done.wait(timeout_s) or "HYPEMAN_API_KEY" not in banner:
-        _shut_down(proc)
-        raise AssertionError(
-            f"vmfleet dev printed no banner; stderr: {proc.stderr.read() if proc.stderr else ''}"
-        )
-    return banner
-
-
-@contextmanager
-def dev_stack(data_dir: Path, port: int) -> Iterator[DevStack]:
-    env = {
-        **os.environ,
-        "VMFLEET_HOST_ID": "dev-host",
-        "VMFLEET_LOG_LEVEL": "WARNING",
-        "VMFLEET_ASSETS_DIR": os.environ.get("VMFLEET_TEST_ASSETS", str(ASSETS)),
-    }
-    env.pop("JWT_SECRET", None)
-    proc = subprocess.Popen(
-        [VMFLEET, "dev", "--port", str(port), "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        yield DevStack(proc, _read_banner(proc, timeout_s=90))
-    finally:
-        _shut_down(proc)
-
-
-def _shut_down(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM first: a SIGKILLed `vmfleet dev` could not stop the processes it started."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait()
 
 
 def _stop(stack: DevStack) -> int:

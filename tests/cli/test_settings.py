@@ -67,31 +67,29 @@ def test_bad_value_names_the_variable(name: str, value: str) -> None:
         load_settings({name: value})
 
 
-def test_cli_reports_bad_config_in_one_line() -> None:
+@pytest.mark.parametrize(
+    ("name", "value", "line"),
+    [
+        (
+            "VMFLEET_HYPERVISOR",
+            "xen",
+            "VMFLEET_HYPERVISOR: 'xen' must be one of auto, qemu, cloud-hypervisor",
+        ),
+        # Read before the others (to log their errors), and refused the same way.
+        (
+            "VMFLEET_LOG_LEVEL",
+            "chatty",
+            "VMFLEET_LOG_LEVEL: 'CHATTY' must be one of DEBUG, INFO, WARNING, ERROR",
+        ),
+    ],
+)
+def test_cli_reports_bad_config_in_one_line(name: str, value: str, line: str) -> None:
     done = subprocess.run(
         [VMFLEET, "token"],
-        env={"VMFLEET_HYPERVISOR": "xen", "PATH": "/usr/bin:/bin"},
+        env={name: value, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         check=False,
     )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "vmfleet: configuration error: "
-        "VMFLEET_HYPERVISOR: 'xen' must be one of auto, qemu, cloud-hypervisor"
-    ]
-
-
-def test_bad_log_level_is_one_clear_line_too() -> None:
-    done = subprocess.run(
-        [VMFLEET, "token"],
-        env={"VMFLEET_LOG_LEVEL": "chatty", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "vmfleet: configuration error: "
-        "VMFLEET_LOG_LEVEL: 'CHATTY' must be one of DEBUG, INFO, WARNING, ERROR"
-    ]
+    assert done.stderr.strip().splitlines() == [f"vmfleet: configuration error: {line}"]
