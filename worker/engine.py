@@ -8,15 +8,16 @@ disk and from the VMMs still running, so a worker restart loses nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 
 import anyio
 
 from schemas.api import InstanceState
-from schemas.errors import Conflict, NoCapacity, NotFound
+from schemas.errors import Conflict, HypervisorError, NoCapacity, NotFound
 from schemas.messages import (
     AnyCommand,
     AttachVolume,
@@ -37,7 +38,8 @@ from worker.host import HostUsage, read_capacity, unwritten_bytes
 from worker.lifecycle import create, delete, restore, standby, start, stop, volumes
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.network import release_network
-from worker.proc import VmmProcess
+from worker.proc import VmmProcess, find_vmms
+from worker.states import TRANSITIONS, Op
 
 __all__ = ["HostEngine"]
 
@@ -53,6 +55,8 @@ class HostEngine:
         #: share of the host from the moment they pass the check, so that creates running
         #: side by side (sent by several gateways) cannot together over-commit it.
         self._creating: dict[str, Create] = {}
+        #: instance id -> the command a previous worker died in (its ``command`` mark).
+        self._interrupted: dict[str, str] = {}
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -71,8 +75,10 @@ class HostEngine:
         """Run one lifecycle command; return the record after it (None once deleted)."""
         assert hasattr(cmd, "instance_id")
         instance_id: str = cmd.instance_id
-        async with self._lock(instance_id):
+        async with self._lock(instance_id), self._under_way(cmd):
             match cmd:
+                case Start() | Stop() | Standby() | Restore() if self._done_before_restart(cmd):
+                    pass  # only its record was left to write
                 case Create():
                     if not await self._finish_interrupted_create(cmd):
                         self._check_room_for(cmd)
@@ -106,6 +112,36 @@ class HostEngine:
             inst = self._instances[instance_id]
             self.ctx.save(inst, last_command_id=cmd.id)
             return inst.record
+
+    @contextlib.asynccontextmanager
+    async def _under_way(self, cmd: AnyCommand) -> AsyncIterator[None]:
+        """Mark the instance with the command it runs, so that a worker dying in it leaves
+        word for the next one (a create has its own way: _finish_interrupted_create)."""
+        inst = self._instances.get(getattr(cmd, "instance_id", ""))
+        if inst is None:
+            yield
+            return
+        inst.guest.mark_command(cmd.id)
+        try:
+            yield
+        finally:
+            inst.guest.mark_command(None)
+
+    def _done_before_restart(self, cmd: Start | Stop | Standby | Restore) -> bool:
+        """The command the previous worker died in, redelivered, finds its effect already
+        there (the VM stopped, started, went to standby or was restored; only the record
+        was not written): it completes, instead of being refused for the very state it
+        asked for."""
+        if self._interrupted.get(cmd.instance_id) != cmd.id:
+            return False
+        del self._interrupted[cmd.instance_id]
+        inst = self._require(cmd.instance_id)
+        if TRANSITIONS[Op(cmd.op)].result is not inst.state:
+            return False  # not done: it runs again
+        self.ctx.oplog(inst, f"{cmd.op} had taken effect before the worker restarted")
+        if inst.state is InstanceState.STOPPED and inst.record.state_error:
+            self.ctx.save(inst, state_error=None)  # that VMM exit was the one asked for
+        return True
 
     async def _finish_interrupted_create(self, cmd: Create) -> bool:
         """A create redelivered after a worker crash finds its own half-made instance (no
@@ -286,9 +322,27 @@ class HostEngine:
             record = guest.read(guest.metadata, InstanceRecord)
             inst = LocalInstance(record=record, guest=guest)
             self._instances[record.id] = inst
+            if (interrupted := guest.read_command()) is not None:
+                self._interrupted[record.id] = interrupted
             await self._reconcile(inst)
+        await self._kill_unrecorded_vmms()
         if self.ctx.bridge is not None:
             await self._recover_network()
+
+    async def _kill_unrecorded_vmms(self) -> None:
+        """A VMM that no adopted pid file names was started by an operation the previous
+        worker died in before recording it (create, start, restore: each is redone when its
+        command is redelivered), or belongs to no instance: it must not run on beside the VMM
+        the redone operation starts, so it is killed."""
+        adopted = {inst.process.pid for inst in self._instances.values() if inst.process}
+        for pid in set(find_vmms(self.ctx.storage.guests)) - adopted:
+            process = VmmProcess.adopt(pid, cmdline_must_contain=f"{self.ctx.storage.guests}/")
+            if process is not None:
+                log.warning("killing VMM pid %d: no instance record accounts for it", pid)
+                try:
+                    await process.kill_and_reap()
+                except HypervisorError as exc:
+                    log.error("could not kill VMM pid %d: %s", pid, exc)
 
     async def _recover_network(self) -> None:
         """bridge mode: Running instances keep TAP, lease and rules; Standby ones keep lease

@@ -81,8 +81,12 @@ _INDEX_TYPES = frozenset(
     }
 )
 _REF_NAME = "org.opencontainers.image.ref.name"
-# What skopeo prints when the registry answered but has no such repository or tag.
-_NOT_FOUND_MARKERS = ("manifest unknown", "name unknown", "not found", "404")
+# What skopeo prints when the registry answered but has no such repository or tag (a
+# status code "404" only as a word of its own: skopeo's messages hold paths and temp names).
+_NOT_FOUND_MARKERS = ("manifest unknown", "name unknown", "not found")
+_NOT_FOUND_STATUS = re.compile(r"\b404\b")
+# What skopeo prints when this host, not the registry, failed it.
+_LOCAL_MARKERS = ("no space left on device", "disk quota exceeded")
 _DENIED_MARKERS = ("denied", "unauthorized", "authentication required")
 
 
@@ -602,9 +606,11 @@ def _registry_error(ref: ImageRef, failure: CommandFailed) -> VmfleetError:
             f"registry {ref.registry} did not answer for {ref.name}: {failure.stderr}"
         )
     reason = _skopeo_reason(failure.stderr)
+    if any(marker in reason.lower() for marker in _LOCAL_MARKERS):
+        return VmfleetError(f"pulling {ref.name} failed on this host: {reason}")
     # The registry's own address must not pass for a 404 (think of port 40404).
     text = reason.replace(ref.registry, "<registry>").lower()
-    if any(marker in text for marker in _NOT_FOUND_MARKERS):
+    if any(marker in text for marker in _NOT_FOUND_MARKERS) or _NOT_FOUND_STATUS.search(text):
         return NotFound("image not found")
     if any(marker in text for marker in _DENIED_MARKERS):
         return NotFound(f"image not found: {ref.registry} denied access to {ref.repository}")

@@ -25,7 +25,7 @@ import anyio
 
 from schemas.errors import HypervisorError
 
-__all__ = ["VmmProcess", "log_tail", "spawn_vmm"]
+__all__ = ["VmmProcess", "find_vmms", "log_tail", "spawn_vmm"]
 
 #: sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -146,6 +146,23 @@ async def spawn_vmm(
             ) from exc
         raise
     return process
+
+
+def find_vmms(guests_dir: Path) -> list[int]:
+    """Live VMMs of the instances under ``guests_dir``, whatever records say: every VMM gets
+    its control sockets in ``<guests_dir>/<id>/run/``, so its command line names that."""
+    marker = f"{guests_dir}/".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = entry.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        pid = int(entry.parent.name)
+        mentions = (arg for arg in argv[1:] if marker in arg)
+        if any(b"/run/" in arg.partition(marker)[2] for arg in mentions) and not _is_zombie(pid):
+            found.append(pid)
+    return found
 
 
 def log_tail(path: Path, lines: int = 8) -> str:

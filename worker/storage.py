@@ -4,6 +4,7 @@
         metadata.json        the instance record as this host knows it (survives restarts)
         vm.json              the VMM device model currently in effect (worker.drivers.VmSpec)
         vmm.pid              pid of the running VMM, for adoption by the next worker
+        command              id of the command under way (a worker that dies in it leaves it)
         overlay.raw          sparse ext4: the writable layer over the image
         config.ext4          read-only: the app's command, env, mounts
         vol-overlays/<vol>.raw
@@ -116,12 +117,39 @@ class GuestDir:
         except (FileNotFoundError, ValueError):
             return None
 
+    def mark_command(self, command_id: str | None) -> None:
+        """Note the command under way (None: it ended). Best effort: a full disk must not
+        stop a command, it only costs the next worker this hint."""
+        path = self.root / "command"
+        try:
+            if command_id is None:
+                path.unlink(missing_ok=True)
+            else:
+                write_atomic(path, command_id.encode())
+        except OSError:
+            pass
+
+    def read_command(self) -> str | None:
+        try:
+            return (self.root / "command").read_text() or None
+        except OSError:
+            return None
+
     def write_pid(self, pid: int | None) -> None:
+        """Record the running VMM's pid; None: the VMM is gone, and so are its sockets
+        (a VMM that was killed leaves them behind, and a stale socket reads as a live VM)."""
         if pid is None:
             with contextlib.suppress(FileNotFoundError):
                 self.pid_file.unlink()
+            self._remove_sockets()
         else:
             write_atomic(self.pid_file, str(pid).encode())
+
+    def _remove_sockets(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            for entry in self.run_dir.iterdir():
+                if entry.is_socket():
+                    entry.unlink(missing_ok=True)
 
 
 class Storage:

@@ -16,6 +16,7 @@ Decisions (What / Why):
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import shutil
 from pathlib import Path
@@ -173,8 +174,13 @@ class QemuDriver:
                 await qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(memory))}"})
                 await self._wait_for_migration(qmp)
             except BaseException:
-                # The state was not saved: the guest goes on running as if nothing happened.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                # The state was not saved: the guest goes on running as if nothing happened
+                # (unless QEMU itself is gone; then the original error is the one to report).
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(5),
+                    contextlib.suppress(QmpError),
+                ):
                     await qmp.execute("cont")
                 raise
             await qmp.execute("quit")

@@ -41,7 +41,10 @@ class QmpClient:
         request: dict[str, Any] = {"execute": command, "id": self._next_id}
         if arguments:
             request["arguments"] = arguments
-        await self._stream.send(json.dumps(request).encode() + b"\n")
+        try:
+            await self._stream.send(json.dumps(request).encode() + b"\n")
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            raise QmpError(f"QMP {command}: connection closed by QEMU") from exc
         while True:
             message = await self._read()
             if "event" in message:

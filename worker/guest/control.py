@@ -87,20 +87,32 @@ class _PtyStream(ByteStream):
             os.close(fd)
 
 
+#: What the channel's stream raises once the VMM holding its other end is gone.
+_CLOSED = (
+    anyio.EndOfStream,
+    anyio.IncompleteRead,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+)
+
+
 class _Channel:
     def __init__(self, stream: ByteStream) -> None:
         self._stream = stream
         self._reader = BufferedByteReceiveStream(stream)
 
     async def ask(self, line: str, timeout_s: float) -> str:
-        await self._stream.send(line.encode() + b"\n")
-        with anyio.fail_after(timeout_s):
-            while True:
-                raw = await self._reader.receive_until(b"\n", 65536)
-                reply = raw.decode(errors="replace").strip("\r\n ")
-                # A late answer to an earlier handshake ping is not this request's reply.
-                if line == "ping" or reply != "pong":
-                    return reply
+        try:
+            await self._stream.send(line.encode() + b"\n")
+            with anyio.fail_after(timeout_s):
+                while True:
+                    raw = await self._reader.receive_until(b"\n", 65536)
+                    reply = raw.decode(errors="replace").strip("\r\n ")
+                    # A late answer to an earlier handshake ping is not this request's reply.
+                    if line == "ping" or reply != "pong":
+                        return reply
+        except _CLOSED as exc:  # the VMM holding the other end exited
+            raise GuestControlError("guest control channel closed by the VMM") from exc
 
     async def handshake(self, timeout_s: float) -> None:
         wait = 0.5

@@ -39,6 +39,8 @@ async def restore(ctx: OpContext, inst: LocalInstance, cmd: Restore) -> None:
         if ctx.bridge is not None and inst.record.tap:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await ctx.bridge.remove_tap(inst.record.tap)
+        inst.process = None  # the driver killed the new VMM; the snapshot is still there
+        inst.guest.write_pid(None)
         ctx.set_state(inst, InstanceState.STANDBY, error=f"restore failed: {exc}")
         raise
     inst.spec = spec

@@ -32,6 +32,9 @@ async def standby(ctx: OpContext, inst: LocalInstance, cmd: Standby) -> None:
     except BaseException as exc:
         shutil.rmtree(snapshot, ignore_errors=True)
         running = inst.process.running()
+        if not running:  # the VMM died under the snapshot: nothing of it is left to use
+            inst.process = None
+            inst.guest.write_pid(None)
         ctx.set_state(
             inst,
             InstanceState.RUNNING if running else InstanceState.STOPPED,

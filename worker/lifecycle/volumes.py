@@ -7,7 +7,7 @@ import contextlib
 import anyio
 
 from schemas.api import InstanceState
-from schemas.errors import NotFound
+from schemas.errors import HypervisorError, NotFound
 from schemas.messages import AttachVolume, DetachVolume, MountSpec
 from worker.guest.control import guest_request
 from worker.lifecycle.boot import ensure_volume_overlays
@@ -29,6 +29,7 @@ async def attach_volume(ctx: OpContext, inst: LocalInstance, cmd: AttachVolume) 
         overlay_bytes=cmd.overlay_bytes,
     )
     check_mounts([*inst.record.volumes, mount])
+    await _undo_interrupted_attach(ctx, inst, mount)
     ctx.volumes.attach(cmd.volume_id, inst.id, cmd.mount_path, cmd.readonly)
     try:
         # 2. Running: plug the disk(s) in and mount them in the guest.
@@ -40,6 +41,31 @@ async def attach_volume(ctx: OpContext, inst: LocalInstance, cmd: AttachVolume) 
         ctx.volumes.detach(cmd.volume_id, inst.id)
         raise
     ctx.oplog(inst, "volume attached", volume=cmd.volume_id, path=cmd.mount_path)
+
+
+async def _undo_interrupted_attach(ctx: OpContext, inst: LocalInstance, mount: MountSpec) -> None:
+    """The volume lists this instance but its record does not: an attach of it was cut
+    short (the worker died in it, and this is its command again). What of it reached the
+    VM is taken out (the guest's mount, the disks on the slots it took), so the attach
+    starts clean instead of being refused, or leaving a disk no record knows of."""
+    if any(m.volume_id == mount.volume_id for m in inst.record.volumes):
+        return  # attached for real: the attach refuses it
+    volume = ctx.volumes.get(mount.volume_id)
+    if volume is None or all(a.instance_id != inst.id for a in volume.attachments):
+        return
+    ctx.oplog(inst, "undoing an interrupted attach", volume=mount.volume_id)
+    if inst.state is InstanceState.RUNNING and inst.spec is not None and inst.process:
+        with contextlib.suppress(HypervisorError):
+            await guest_request(
+                ctx.driver.control_socket(inst.spec),
+                f"umount {mount.mount_path}",
+                timeout_s=ctx.timeouts.mount_s,
+            )
+        disks, _ = volume_disks([mount], ctx.volumes, inst.guest, inst.spec.free_slots())
+        for disk in disks:
+            with contextlib.suppress(HypervisorError):
+                await ctx.driver.detach_disk(inst.spec.with_disk(disk), inst.process, disk)
+    ctx.volumes.detach(mount.volume_id, inst.id)
 
 
 async def _hot_attach(ctx: OpContext, inst: LocalInstance, mount: MountSpec) -> None:
