@@ -9,6 +9,7 @@
     ├── PayloadTooLarge (413 payload_too_large)
     ├── HostUnavailable (503 host_unavailable) / NoCapacity (503 no_capacity)
     ├── OpTimeout (504 host_unavailable: the command stays queued)
+    ├── InsufficientStorage (507 insufficient_storage: the host's disk is full)
     └── HypervisorError (500 hypervisor_error)
 
 Worker and gateway raise these; the gateway maps them to responses in one handler, and a
@@ -27,6 +28,7 @@ __all__ = [
     "ErrorInfo",
     "HostUnavailable",
     "HypervisorError",
+    "InsufficientStorage",
     "InvalidState",
     "NoCapacity",
     "NotFound",
@@ -108,6 +110,14 @@ class OpTimeout(VmfleetError):
     retryable = True
 
 
+class InsufficientStorage(VmfleetError):
+    """The host ran out of disk doing it; what was half-made is removed. Not a bug of
+    vmfleet's (500) nor of the request's (4xx): it says what an operator must fix."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
 class HypervisorError(VmfleetError):
     status = 500
     code = "hypervisor_error"
@@ -121,6 +131,7 @@ _BY_STATUS: dict[int, type[VmfleetError]] = {
     413: PayloadTooLarge,
     503: HostUnavailable,
     504: OpTimeout,
+    507: InsufficientStorage,
 }
 
 

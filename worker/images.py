@@ -52,9 +52,9 @@ import anyio.to_thread
 import msgspec
 
 from schemas.api import ImageStatus
-from schemas.errors import BadRequest, Conflict, NotFound, VmfleetError
+from schemas.errors import BadRequest, Conflict, InsufficientStorage, NotFound, VmfleetError
 from schemas.references import ImageRef, normalize_reference
-from worker.storage import write_atomic
+from worker.storage import disk_full, write_atomic
 
 __all__ = [
     "CommandFailed",
@@ -86,7 +86,6 @@ _REF_NAME = "org.opencontainers.image.ref.name"
 _NOT_FOUND_MARKERS = ("manifest unknown", "name unknown", "not found")
 _NOT_FOUND_STATUS = re.compile(r"\b404\b")
 # What skopeo prints when this host, not the registry, failed it.
-_LOCAL_MARKERS = ("no space left on device", "disk quota exceeded")
 _DENIED_MARKERS = ("denied", "unauthorized", "authentication required")
 
 
@@ -606,8 +605,8 @@ def _registry_error(ref: ImageRef, failure: CommandFailed) -> VmfleetError:
             f"registry {ref.registry} did not answer for {ref.name}: {failure.stderr}"
         )
     reason = _skopeo_reason(failure.stderr)
-    if any(marker in reason.lower() for marker in _LOCAL_MARKERS):
-        return VmfleetError(f"pulling {ref.name} failed on this host: {reason}")
+    if disk_full(reason):
+        return InsufficientStorage(f"pulling {ref.name} failed on this host: {reason}")
     # The registry's own address must not pass for a 404 (think of port 40404).
     text = reason.replace(ref.registry, "<registry>").lower()
     if any(marker in text for marker in _NOT_FOUND_MARKERS) or _NOT_FOUND_STATUS.search(text):

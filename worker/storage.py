@@ -28,13 +28,32 @@ from typing import TypeVar
 import anyio
 import msgspec
 
-from schemas.errors import VmfleetError
+from schemas.errors import InsufficientStorage, VmfleetError
 
-__all__ = ["GuestDir", "Storage", "make_sparse_ext4", "write_atomic"]
+__all__ = [
+    "GuestDir",
+    "Storage",
+    "disk_full",
+    "make_sparse_ext4",
+    "storage_error",
+    "write_atomic",
+]
+
+#: How the tools (mkfs, skopeo, umoci) say the host's disk is full.
+_DISK_FULL_MARKERS = ("no space left on device", "disk quota exceeded")
 
 T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
+
+
+def disk_full(message: str) -> bool:
+    return any(marker in message.lower() for marker in _DISK_FULL_MARKERS)
+
+
+def storage_error(message: str) -> VmfleetError:
+    """A failure to write on this host: 507 when the disk is full, else 500."""
+    return InsufficientStorage(message) if disk_full(message) else VmfleetError(message)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -186,7 +205,7 @@ async def make_ext4_from_tree(tree: Path, path: Path, size_bytes: int) -> None:
     result = await anyio.run_process([*argv, str(tmp), f"{size_bytes // 1024}k"], check=False)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise VmfleetError(f"mkfs.ext4 failed for {path.name}: {result.stderr.decode().strip()}")
+        raise storage_error(f"mkfs.ext4 failed for {path.name}: {result.stderr.decode().strip()}")
     tmp.replace(path)
 
 
@@ -201,5 +220,5 @@ async def make_sparse_ext4(path: Path, size_bytes: int, *, label: str = "") -> N
     result = await anyio.run_process([*argv, str(tmp)], check=False)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise VmfleetError(f"mkfs.ext4 failed for {path.name}: {result.stderr.decode().strip()}")
+        raise storage_error(f"mkfs.ext4 failed for {path.name}: {result.stderr.decode().strip()}")
     tmp.replace(path)

@@ -25,7 +25,7 @@ def test_a_full_disk_is_named_and_not_blamed_on_the_registry() -> None:
             "no space left on device"
         ),
     )
-    assert (error.status, error.code) == (500, "internal_error")
+    assert (error.status, error.code) == (507, "insufficient_storage")
     assert "no space left on device" in error.message
 
 

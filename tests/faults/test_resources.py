@@ -145,7 +145,7 @@ def _disk_full_on(stack: Stack, small: WorkerProcess, lines: list[str]) -> None:
     assert refused.status == 503 and refused.code == "no_capacity", refused.body
     volume = stack.call("POST", "/volumes", json={"name": "full", "size_gb": 1})
     lines.append(f"- volume create on the full host: `{error_shape(volume)}`")
-    assert volume.status is not None and volume.status >= 500
+    assert (volume.status, volume.body["code"]) == (507, "insufficient_storage"), volume.body
     assert "no space left on device" in volume.body["message"].lower(), volume.body
     nothing_left(stack, small, instances=0, volumes=0)
     filler.unlink()
@@ -163,7 +163,7 @@ def _disk_full_on(stack: Stack, small: WorkerProcess, lines: list[str]) -> None:
     filler = fill(small.data_dir, leave_bytes=64 << 10)
     failed = call.result()
     lines.append(f"- create while the disk fills up: `{error_shape(failed)}`")
-    assert failed.status is not None and failed.status >= 500, failed.body
+    assert (failed.status, failed.body["code"]) == (507, "insufficient_storage"), failed.body
     assert "no space left on device" in failed.body["message"].lower(), failed.body
     nothing_left(stack, small, instances=0, volumes=0)
     filler.unlink()
