@@ -189,9 +189,6 @@ def _bad_authorization() -> dict[str, str | None]:
     }
 
 
-BAD_AUTHORIZATION: Final = _bad_authorization()
-
-
 def _described_operations() -> list[tuple[str, str]]:
     """(method, path) of every operation ``GET /spec.json`` describes, read without NATS."""
     from gateway import GatewayConfig, create_app
@@ -242,7 +239,8 @@ def test_every_guarded_operation_refuses_every_bad_token(
     hostless: Fleet, method: str, path: str
 ) -> None:
     with httpx.Client(base_url=hostless.api.base_url, timeout=10) as client:
-        for kind, authorization in BAD_AUTHORIZATION.items():
+        # Minted now, not at import: "not yet valid" must still be in the future when sent.
+        for kind, authorization in _bad_authorization().items():
             headers = {} if authorization is None else {"Authorization": authorization}
             response = client.request(method, _concrete(path), headers=headers, json={})
             assert response.status_code == 401, (kind, response.status_code, response.text)
