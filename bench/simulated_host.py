@@ -204,26 +204,7 @@ class SimulatedEngine:
 
     async def _create(self, cmd: Create) -> InstanceRecord:
         """The record changes of worker.lifecycle.create, without what they stand for."""
-        record = InstanceRecord(
-            id=cmd.instance_id,
-            name=cmd.name,
-            image=cmd.image,
-            host=self.host_id,
-            state=InstanceState.STOPPED,
-            size_bytes=cmd.size_bytes,
-            hotplug_bytes=cmd.hotplug_bytes,
-            overlay_bytes=cmd.overlay_bytes,
-            disk_io_bps=cmd.disk_io_bps,
-            vcpus=cmd.vcpus,
-            env=dict(cmd.env),
-            volumes=list(cmd.volumes),
-            port_mappings=list(cmd.port_mappings),
-            network_enabled=cmd.network_enabled,
-            hypervisor=cmd.hypervisor or Hypervisor.QEMU,
-            cmd=cmd.cmd,
-            entrypoint=cmd.entrypoint,
-            created_at=_now(),
-        )
+        record = cmd.new_record(host=self.host_id, hypervisor=Hypervisor.QEMU, created_at=_now())
         record = self._save(record, image_digest=IMAGE_DIGEST)  # the image is "pulled"
         await self._work()  # the overlay is "made", the VM "boots"
         record = self._set_state(record, InstanceState.CREATED)

@@ -134,6 +134,39 @@ class Create(InstanceCommand, frozen=True, kw_only=True):
         """Disk the instance's own files may take: its overlay and its volumes' overlays."""
         return self.overlay_bytes + sum(m.overlay_bytes for m in self.volumes if m.overlay)
 
+    def new_record(
+        self,
+        *,
+        host: str,
+        hypervisor: Hypervisor,
+        created_at: Timestamp,
+        ip: str | None = None,
+        mac: str | None = None,
+    ) -> InstanceRecord:
+        """The record of the instance this command makes, before anything is made."""
+        return InstanceRecord(
+            id=self.instance_id,
+            name=self.name,
+            image=self.image,
+            host=host,
+            state=InstanceState.STOPPED,
+            size_bytes=self.size_bytes,
+            hotplug_bytes=self.hotplug_bytes,
+            overlay_bytes=self.overlay_bytes,
+            disk_io_bps=self.disk_io_bps,
+            vcpus=self.vcpus,
+            env=dict(self.env),
+            volumes=list(self.volumes),
+            port_mappings=list(self.port_mappings),
+            network_enabled=self.network_enabled,
+            ip=ip,
+            mac=mac,
+            hypervisor=self.hypervisor or hypervisor,
+            cmd=self.cmd,
+            entrypoint=self.entrypoint,
+            created_at=created_at,
+        )
+
 
 class Start(InstanceCommand, frozen=True, kw_only=True):
     """Boot a stopped instance (optionally overriding cmd/entrypoint, as the newer SDK can)."""

@@ -76,28 +76,14 @@ def _check_request(cmd: Create) -> None:
 
 
 def _initial_record(ctx: OpContext, cmd: Create) -> InstanceRecord:
-    return InstanceRecord(
-        id=cmd.instance_id,
-        name=cmd.name,
-        image=cmd.image,
+    user_mode = cmd.network_enabled and ctx.bridge is None
+    return cmd.new_record(
         host=ctx.host_id,
-        state=InstanceState.STOPPED,
-        size_bytes=cmd.size_bytes,
-        hotplug_bytes=cmd.hotplug_bytes,
-        overlay_bytes=cmd.overlay_bytes,
-        disk_io_bps=cmd.disk_io_bps,
-        vcpus=cmd.vcpus,
-        env=dict(cmd.env),
-        volumes=list(cmd.volumes),
-        port_mappings=list(cmd.port_mappings),
-        network_enabled=cmd.network_enabled,
-        # bridge mode: set from the lease, before boot.
-        ip=USER_GUEST_IP if cmd.network_enabled and ctx.bridge is None else None,
-        mac=mac_for(cmd.instance_id) if cmd.network_enabled and ctx.bridge is None else None,
-        hypervisor=cmd.hypervisor or Hypervisor(ctx.driver.name),
-        cmd=cmd.cmd,
-        entrypoint=cmd.entrypoint,
+        hypervisor=Hypervisor(ctx.driver.name),
         created_at=datetime.now(UTC),
+        # bridge mode: set from the lease, before boot.
+        ip=USER_GUEST_IP if user_mode else None,
+        mac=mac_for(cmd.instance_id) if user_mode else None,
     )
 
 
