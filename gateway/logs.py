@@ -19,6 +19,7 @@ from anyio.abc import ObjectSendStream
 from nats.errors import TimeoutError as NatsTimeoutError
 from starlette.requests import Request
 
+from gateway.requests import bad_request, query_bool, query_int
 from gateway.service import Gateway
 from gateway.sse import EventStream, data_event, go_json_string
 from gateway.streams import (
@@ -28,7 +29,6 @@ from gateway.streams import (
     find_tail_start,
     open_ordered,
 )
-from gateway.validation import bad_request, query_bool, query_int
 from gateway.view import FleetView
 from schemas.codec import decode_log_line
 

@@ -34,6 +34,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 __all__ = [
+    "MAX_VCPUS",
     "NAME_MAX_LENGTH",
     "NAME_PATTERN",
     "VOLUME_ID_PATTERN",
@@ -56,6 +57,7 @@ __all__ = [
     "InstanceState",
     "NetworkRequest",
     "PortMapping",
+    "StartInstanceRequest",
     "Timestamp",
     "Volume",
     "VolumeAttachment",
@@ -68,6 +70,9 @@ NAME_MAX_LENGTH: Final = 63
 # hypeman does not validate custom volume ids; vmfleet uses them as KV keys, subject tokens
 # and directory names, so it restricts them to a safe alphabet (no dots, no slashes).
 VOLUME_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+#: hypeman's per-instance vCPU limit: the gateway refuses more, and the worker checks it
+#: again for a command that did not come through a gateway.
+MAX_VCPUS: Final = 16
 
 
 def _matches_whole(pattern: str, value: str, path: str) -> None:
@@ -302,6 +307,13 @@ class AttachVolumeRequest(msgspec.Struct, kw_only=True):
 
     mount_path: str
     readonly: bool = False
+
+
+class StartInstanceRequest(msgspec.Struct, kw_only=True):
+    """Optional body of ``POST /instances/{id}/start`` (newer SDK): overrides for this boot."""
+
+    cmd: list[str] | UnsetType = UNSET
+    entrypoint: list[str] | UnsetType = UNSET
 
 
 class WaitForStateResponse(msgspec.Struct, kw_only=True):

@@ -38,6 +38,7 @@ __all__ = [
     "decode_create_instance_request",
     "decode_create_volume_request",
     "decode_drain_record",
+    "decode_drain_request",
     "decode_error",
     "decode_host_record",
     "decode_image",
@@ -47,6 +48,7 @@ __all__ = [
     "decode_instance_record",
     "decode_instances",
     "decode_log_line",
+    "decode_start_instance_request",
     "decode_state_event",
     "decode_volume",
     "decode_volume_record",
@@ -72,6 +74,8 @@ _CREATE_INSTANCE: Final = msgspec.json.Decoder(api.CreateInstanceRequest)
 _CREATE_VOLUME: Final = msgspec.json.Decoder(api.CreateVolumeRequest)
 _ATTACH_VOLUME: Final = msgspec.json.Decoder(api.AttachVolumeRequest)
 _CREATE_IMAGE: Final = msgspec.json.Decoder(api.CreateImageRequest)
+_START_INSTANCE: Final = msgspec.json.Decoder(api.StartInstanceRequest)
+_DRAIN: Final = msgspec.json.Decoder(api.DrainRequest)
 
 # HTTP responses (CLI, tests)
 _INSTANCE: Final = msgspec.json.Decoder(api.Instance)
@@ -139,6 +143,14 @@ def decode_attach_volume_request(data: bytes) -> api.AttachVolumeRequest:
 
 def decode_create_image_request(data: bytes) -> api.CreateImageRequest:
     return _CREATE_IMAGE.decode(data)
+
+
+def decode_start_instance_request(data: bytes) -> api.StartInstanceRequest:
+    return _START_INSTANCE.decode(data)
+
+
+def decode_drain_request(data: bytes) -> api.DrainRequest:
+    return _DRAIN.decode(data)
 
 
 def decode_instance(data: bytes) -> api.Instance:

@@ -14,11 +14,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.requests import bad_request
 from gateway.resolve import resolve_instance
 from gateway.service import Gateway, gateway
 from gateway.sse import EventStream, data_event
 from gateway.streams import close_quietly, open_ordered, start_after
-from gateway.validation import bad_request
 from schemas.errors import NotFound
 from schemas.subjects import is_valid_token
 

@@ -7,18 +7,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.requests import decode_body, read_body
 from gateway.responses import MsgspecResponse
 from gateway.service import Gateway, gateway, now
-from gateway.validation import decode_body, read_body
 from schemas.api import DrainRequest, DrainResult, InstanceState
-from schemas.codec import encode
+from schemas.codec import decode_drain_request, encode
 from schemas.errors import NotFound, VmfleetError
 from schemas.messages import DrainRecord, HostRecord, Standby
 
 __all__ = ["routes"]
-
-
-_decode_drain = msgspec.json.Decoder(DrainRequest).decode
 
 
 def shown(gw: Gateway, host: HostRecord) -> HostRecord:
@@ -40,7 +37,7 @@ async def drain_host(request: Request) -> Response:
     if gw.view.live_host(host_id) is None and host_id not in gw.view.drains:
         raise NotFound(f"host {host_id} not found")
     body = await read_body(request, gw.config.max_json_body_bytes)
-    req = decode_body(_decode_drain, body) if body.strip() else DrainRequest()
+    req = decode_body(decode_drain_request, body) if body.strip() else DrainRequest()
     reason = req.reason if isinstance(req.reason, str) else ""
     record = DrainRecord(host=host_id, drained_at=now(), reason=reason)
     kv = await gw.js.key_value(gw.subjects.drains_bucket)

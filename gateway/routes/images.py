@@ -24,9 +24,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.ids import new_id
+from gateway.requests import decode_body, normalize_image, read_body
 from gateway.responses import MsgspecResponse
 from gateway.service import Gateway, gateway, now
-from gateway.validation import decode_body, normalize_image, read_body
 from schemas.api import ImageStatus
 from schemas.codec import decode_create_image_request, encode
 from schemas.errors import BadRequest, NotFound, OpTimeout, VmfleetError

@@ -12,27 +12,29 @@ from collections.abc import Callable
 from typing import Final
 
 import msgspec
-from msgspec import UNSET, UnsetType
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.ids import derived_id, new_id
 from gateway.logs import logs_stream
-from gateway.resolve import resolve_instance, resolve_volume
-from gateway.responses import JSONBytesResponse, MsgspecResponse
-from gateway.service import Gateway, gateway, now
-from gateway.validation import (
-    CreatePlan,
+from gateway.plan import CreatePlan, plan_create
+from gateway.requests import (
     bad_request,
     decode_body,
     idempotency_key,
     parse_duration,
-    plan_create,
     read_body,
 )
-from schemas.api import InstanceState, WaitForStateResponse
-from schemas.codec import decode_attach_volume_request, decode_create_instance_request
+from gateway.resolve import resolve_instance, resolve_volume
+from gateway.responses import JSONBytesResponse, MsgspecResponse
+from gateway.service import Gateway, gateway, now
+from schemas.api import InstanceState, StartInstanceRequest, WaitForStateResponse
+from schemas.codec import (
+    decode_attach_volume_request,
+    decode_create_instance_request,
+    decode_start_instance_request,
+)
 from schemas.errors import Conflict, NotFound, VmfleetError
 from schemas.messages import (
     AttachVolume,
@@ -50,16 +52,6 @@ __all__ = ["routes"]
 
 #: The states ``/wait`` accepts: hypeman's, and the newer SDK's ``Initializing``.
 _WAIT_STATES: Final = (*(s.value for s in InstanceState), "Initializing")
-
-
-class _StartRequest(msgspec.Struct, kw_only=True):
-    """Optional body of ``start`` (newer SDK): overrides for this boot."""
-
-    cmd: list[str] | UnsetType = UNSET
-    entrypoint: list[str] | UnsetType = UNSET
-
-
-_decode_start = msgspec.json.Decoder(_StartRequest).decode
 
 
 # -- reads -----------------------------------------------------------------------------------
@@ -153,7 +145,9 @@ async def start_instance(request: Request) -> Response:
     gw = gateway(request)
     record = resolve_instance(gw.view, request.path_params["id"])
     body = await read_body(request, gw.config.max_json_body_bytes)
-    overrides = decode_body(_decode_start, body) if body.strip() else _StartRequest()
+    overrides = (
+        decode_body(decode_start_instance_request, body) if body.strip() else StartInstanceRequest()
+    )
     cmd = Start(
         id=_command_id(request),
         instance_id=record.id,

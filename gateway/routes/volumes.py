@@ -19,10 +19,10 @@ from gateway.archives import (
     store_archive,
 )
 from gateway.ids import new_id
+from gateway.requests import decode_body, idempotency_key, read_body
 from gateway.resolve import resolve_volume
 from gateway.responses import MsgspecResponse
 from gateway.service import Gateway, gateway, now
-from gateway.validation import decode_body, idempotency_key, read_body
 from schemas.codec import decode_create_volume_request
 from schemas.errors import Conflict, OpTimeout, VmfleetError
 from schemas.messages import CreateVolume, DeleteVolume

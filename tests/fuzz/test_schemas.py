@@ -137,6 +137,8 @@ CODEC: Final[list[tuple[Any, Any]]] = [
     (codec.decode_create_volume_request, api.CreateVolumeRequest),
     (codec.decode_attach_volume_request, api.AttachVolumeRequest),
     (codec.decode_create_image_request, api.CreateImageRequest),
+    (codec.decode_start_instance_request, api.StartInstanceRequest),
+    (codec.decode_drain_request, api.DrainRequest),
     (codec.decode_instance, api.Instance),
     (codec.decode_instances, list[api.Instance]),
     (codec.decode_image, api.Image),
@@ -176,13 +178,14 @@ def test_codec_decoders_read_what_encode_writes(
 
 # -- request bodies from the outside ---------------------------------------------------------
 
-#: What the gateway decodes request bodies with (``schemas.codec``, and the drain body).
+#: What the gateway decodes request bodies with (all in ``schemas.codec``).
 REQUESTS: Final[list[tuple[Any, type[msgspec.Struct]]]] = [
     (codec.decode_create_instance_request, api.CreateInstanceRequest),
     (codec.decode_create_volume_request, api.CreateVolumeRequest),
     (codec.decode_attach_volume_request, api.AttachVolumeRequest),
     (codec.decode_create_image_request, api.CreateImageRequest),
-    (msgspec.json.Decoder(api.DrainRequest).decode, api.DrainRequest),
+    (codec.decode_start_instance_request, api.StartInstanceRequest),
+    (codec.decode_drain_request, api.DrainRequest),
 ]
 
 JSON: Final = st.recursive(

@@ -22,8 +22,8 @@ from starlette.routing import Route
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.ids import derived_id, new_id
 from gateway.placement import Demand, Placement
+from gateway.requests import parse_duration
 from gateway.sse import go_json_string
-from gateway.validation import parse_duration
 from schemas.api import Hypervisor
 from schemas.errors import Conflict, HostUnavailable, NoCapacity
 from schemas.messages import HostRecord

@@ -1,12 +1,9 @@
-"""Checking requests and turning them into commands, with hypeman's error codes.
+"""Planning a create: hypeman's handler-level checks, then the Create command and where it
+may run.
 
-Two layers, as in hypeman (reference §1.3):
-
-* What hypeman's OpenAPI validator rejects (malformed JSON, wrong types, the name pattern,
-  enums, bad query parameters) is a 400 with code ``"Bad Request"`` and a message that
-  names the field. msgspec's decoders enforce the schema; this module words the errors.
-* What hypeman's handlers check (size strings, limits, image readiness) gets the handler's
-  specific code: ``invalid_size``, ``invalid_hotplug_size``, ``image_not_ready``, ...
+What hypeman's handlers check (size strings, limits, image readiness) gets the handler's
+specific code: ``invalid_size``, ``invalid_hotplug_size``, ``image_not_ready``, ... Unlike
+``gateway.requests`` this reads the fleet view (images, volumes and their hosts).
 
 Sizes are parsed here, once: a command carries bytes, and a worker never parses a size
 string. Mount paths are the worker's to check (it owns hypeman's list of forbidden roots);
@@ -15,186 +12,36 @@ its 400 comes back through the command result before anything is made.
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final, TypeVar
+from typing import Final
 
 import msgspec
 from msgspec import UNSET
-from starlette.requests import Request
 
 from gateway.placement import Demand
 from gateway.view import FleetView
-from schemas.api import CreateInstanceRequest, Hypervisor, ImageStatus, NetworkRequest
-from schemas.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
+from schemas.api import (
+    MAX_VCPUS,
+    CreateInstanceRequest,
+    Hypervisor,
+    ImageStatus,
+    NetworkRequest,
+)
+from schemas.errors import BadRequest, Conflict, NotFound
 from schemas.messages import Create, MountSpec, host_port_key
-
-# The one reference parser of the project lives with the image cache; the gateway needs
-# the same normalised names to find image records (see the report: it belongs in schemas).
 from schemas.references import normalize_reference
 from schemas.sizes import GIB, SizeError, parse_bandwidth, parse_rate, parse_size
-from schemas.subjects import image_key, is_valid_token
+from schemas.subjects import image_key
 
-__all__ = [
-    "MAX_VCPUS",
-    "CreatePlan",
-    "bad_request",
-    "decode_body",
-    "idempotency_key",
-    "normalize_image",
-    "parse_duration",
-    "plan_create",
-    "query_bool",
-    "query_int",
-    "read_body",
-]
-
-T = TypeVar("T")
+__all__ = ["CreatePlan", "plan_create"]
 
 DEFAULT_SIZE: Final = 1 * GIB
 DEFAULT_OVERLAY_SIZE: Final = 10 * GIB
 DEFAULT_VCPUS: Final = 2
-MAX_VCPUS: Final = 16
 MAX_MEMORY: Final = 32 * GIB
 MAX_OVERLAY_SIZE: Final = 100 * GIB
-_MAX_IDEMPOTENCY_KEY: Final = 128
-
-
-def bad_request(message: str) -> BadRequest:
-    """hypeman's validator error: code ``"Bad Request"``."""
-    return BadRequest(message, code="Bad Request")
-
-
-# -- bodies ------------------------------------------------------------------------------------
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) one larger than ``limit`` before and while reading."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not (declared.isascii() and declared.isdigit()):
-            raise bad_request("invalid Content-Length header")
-        if int(declared) > limit:
-            raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"request body is larger than {limit} bytes")
-
-
-def decode_body(decode: Callable[[bytes], T], body: bytes) -> T:
-    """Decode a JSON body; a missing, malformed or mistyped one is a 400 naming the field."""
-    if not body.strip():
-        raise bad_request("request body has an error: value is required but missing")
-    try:
-        return decode(body)
-    except msgspec.ValidationError as exc:
-        raise bad_request(f"request body has an error: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise bad_request(
-            f"request body has an error: failed to decode request body: {exc}"
-        ) from None
-
-
-def idempotency_key(request: Request) -> str | None:
-    """The client's ``Idempotency-Key``; it becomes a command id, so one NATS token."""
-    key = request.headers.get("idempotency-key")
-    if key is None:
-        return None
-    if not is_valid_token(key) or len(key) > _MAX_IDEMPOTENCY_KEY or not key.isascii():
-        raise BadRequest(
-            "Idempotency-Key must be 1-128 printable ASCII characters without spaces, "
-            "'.', '*' or '>'",
-            code="invalid_idempotency_key",
-        )
-    return key
-
-
-# -- query parameters ----------------------------------------------------------------------
-
-_TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})
-_FALSE: Final = frozenset({"0", "f", "F", "FALSE", "false", "False"})
-
-
-def _query_error(name: str, value: str, why: str) -> BadRequest:
-    return bad_request(f'parameter "{name}" in query has an error: value {value}: {why}')
-
-
-def query_bool(request: Request, name: str, default: bool) -> bool:
-    """A boolean query parameter, with Go's ``strconv.ParseBool`` spellings."""
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise _query_error(name, raw, "an invalid boolean: invalid syntax")
-
-
-def query_int(request: Request, name: str, default: int, *, minimum: int = 0) -> int:
-    """A whole-number query parameter of at least ``minimum``."""
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    if not re.fullmatch(r"[+-]?[0-9]{1,18}", raw):
-        raise _query_error(name, raw, "an invalid integer: invalid syntax")
-    value = int(raw)
-    if value < minimum:
-        raise _query_error(name, raw, f"number must be at least {minimum}")
-    return value
-
-
-_DURATION_PART: Final = re.compile(r"([0-9]*\.?[0-9]*)(ns|us|µs|μs|ms|s|m|h)")
-_DURATION_UNITS: Final = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in a Go duration (``"30s"``, ``"1m30s"``, ``"500ms"``) or a bare number of
-    seconds; ValueError otherwise."""
-    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
-        return float(text)
-    position, total = 0, 0.0
-    while position < len(text):
-        match = _DURATION_PART.match(text, position)
-        if match is None or match.group(1) in ("", "."):
-            raise ValueError(f"invalid duration {text!r}")
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        position = match.end()
-    if position == 0 or not math.isfinite(total):
-        raise ValueError(f"invalid duration {text!r}")
-    return total
-
-
-# -- images --------------------------------------------------------------------------------
-
-
-def normalize_image(reference: str) -> str:
-    """``alpine`` → ``docker.io/library/alpine:latest``; 400 ``invalid_name`` if malformed."""
-    return normalize_reference(reference).name
-
-
-# -- create ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
