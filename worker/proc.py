@@ -6,16 +6,21 @@ output to ``vmm.log``, and waits for its control socket. If anything fails befor
 is ready, the whole process group is killed and reaped and the socket unlinked, so a
 failed start never leaves an orphan; the error quotes the tail of ``vmm.log``.
 
-A process is watched through a pidfd, which works the same for our own children and for
-VMMs adopted from a previous worker process (those are no longer our children, so the init
-process reaps them, not us).
+A process is watched through a pidfd registered with the event loop, which works the same
+for our own children and for VMMs adopted from a previous worker process (those are no
+longer our children, so the init process reaps them, not us). Liveness and exit come from
+the pidfd and waitid, never from a look at /proc: a multi-threaded VMM's main thread shows
+as a zombie in /proc while its other threads still exit, and a wait that trusted that look
+returned before the process could be reaped, leaving it a zombie for good.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
+import select
 import signal
 import socket
 from collections.abc import Sequence
@@ -32,13 +37,25 @@ MAX_SOCKET_PATH = 107
 
 
 class VmmProcess:
-    """A running (or exited) VMM, identified by pid, watched through a pidfd."""
+    """A running (or exited) VMM, identified by pid, watched through a pidfd.
+
+    The pidfd is registered with the event loop when the process is taken on, so the
+    moment the process exits it is reaped (our child) or noted (an adopted VMM, which the
+    init process reaps), whether or not anyone is waiting for it at that moment, and
+    however the rest of the worker lost track of it: no VMM ever lingers as a zombie.
+    """
 
     def __init__(self, pid: int, *, is_child: bool) -> None:
         self.pid = pid
         self.is_child = is_child
-        self._pidfd: int | None = _pidfd_open(pid)
         self.returncode: int | None = None
+        self._exited = asyncio.Event()
+        self._pidfd: int | None = _pidfd_open(pid)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        if self._pidfd is None:
+            self._note_exit(self._reap_gone_child())
+        else:
+            self._watch()
 
     @classmethod
     def adopt(cls, pid: int, *, cmdline_must_contain: str) -> VmmProcess | None:
@@ -50,34 +67,22 @@ class VmmProcess:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             return None
-        if cmdline_must_contain.encode() not in cmdline or _is_zombie(pid):
+        if cmdline_must_contain.encode() not in cmdline:
             return None
-        return cls(pid, is_child=_is_our_child(pid))
+        process = cls(pid, is_child=_is_our_child(pid))
+        return process if process.running() else None
 
     def running(self) -> bool:
-        if self.returncode is not None:
+        if self._exited.is_set():
             return False
-        self._reap_nowait()
-        if self.returncode is not None:
-            return False
-        alive = Path(f"/proc/{self.pid}").exists() and not _is_zombie(self.pid)
-        if not alive:
-            # It exited between the waitpid above and the look at /proc: reap it now, or
-            # it stays a zombie for as long as this worker runs.
-            self._reap_nowait()
-        return alive
+        if self._pidfd is not None and _readable(self._pidfd):
+            self._on_exit()  # the loop has not run its callback yet
+        return not self._exited.is_set()
 
     async def wait(self) -> int | None:
         """Wait for the process to exit; return its exit status when it was our child."""
-        while self.running():
-            if self._pidfd is None:
-                await anyio.sleep(0.05)
-                continue
-            await anyio.wait_readable(self._pidfd)
-            self._reap_nowait()
-            if not self.is_child:
-                break
-        self._close_pidfd()
+        if self.running():
+            await self._exited.wait()
         return self.returncode
 
     async def wait_for(self, timeout_s: float) -> bool:
@@ -87,6 +92,8 @@ class VmmProcess:
         return not self.running()
 
     def kill_group(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        if not self.running():
+            return  # its pid (and group id) may belong to another process by now
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
         with contextlib.suppress(ProcessLookupError):
@@ -99,24 +106,58 @@ class VmmProcess:
             if not await self.wait_for(timeout_s):
                 raise HypervisorError(f"VMM pid {self.pid} did not exit after SIGKILL")
 
-    def _reap_nowait(self) -> None:
-        if not self.is_child or self.returncode is not None:
-            return
+    def _watch(self) -> None:
+        """Have the event loop call :meth:`_on_exit` once the pidfd turns readable (the
+        whole process has exited). The loop holds this object until then."""
+        assert self._pidfd is not None
         try:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            self.is_child = False
-            return
-        if pid == self.pid:
-            self.returncode = os.waitstatus_to_exitcode(status)
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a synchronous caller): running() looks at the pidfd itself
+        self._loop.add_reader(self._pidfd, self._on_exit)
 
-    def _close_pidfd(self) -> None:
+    def _on_exit(self) -> None:
+        fd = self._pidfd
+        if fd is None:
+            return
+        status: int | None = None
+        if self.is_child:
+            try:
+                info = os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                info = None  # reaped by someone else: no status to report
+            else:
+                if info is None:
+                    return  # not reapable yet (cannot happen once readable): next time
+            status = _exit_status(info)
+        self._stop_watching()
+        self._note_exit(status)
+
+    def _note_exit(self, status: int | None) -> None:
+        self.returncode = status
+        self._exited.set()
+
+    def _reap_gone_child(self) -> int | None:
+        """No pidfd could be opened: the pid is gone, or (if ours) already reaped."""
+        if not self.is_child:
+            return None
+        with contextlib.suppress(ChildProcessError):
+            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG)
+            return _exit_status(info) if info is not None else None
+        return None
+
+    def _stop_watching(self) -> None:
         fd, self._pidfd = self._pidfd, None
-        if fd is not None:
-            os.close(fd)
+        if fd is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(fd)
+        os.close(fd)
 
     def __del__(self) -> None:
-        self._close_pidfd()
+        fd, self._pidfd = getattr(self, "_pidfd", None), None
+        if fd is not None:
+            os.close(fd)
 
 
 async def spawn_vmm(
@@ -229,9 +270,23 @@ def _pidfd_open(pid: int) -> int | None:
     try:
         return os.pidfd_open(pid)
     except OSError as exc:
-        if exc.errno in (errno.ESRCH, errno.ENOSYS):
+        if exc.errno == errno.ESRCH:
             return None
         raise
+
+
+def _readable(fd: int) -> bool:
+    """A pidfd is readable once its process has exited."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _exit_status(info: os.waitid_result | None) -> int | None:
+    """As subprocess reports it: the exit code, or minus the signal that killed it."""
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
 
 def _is_zombie(pid: int) -> bool:
@@ -243,8 +298,9 @@ def _is_zombie(pid: int) -> bool:
 
 
 def _is_our_child(pid: int) -> bool:
+    """Whether ``pid`` is this process's child (asked of the kernel, reaping nothing)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
         return False
-    return int(stat[stat.rindex(")") + 2 :].split()[1]) == os.getpid()
+    return True
