@@ -1,10 +1,16 @@
-"""API tokens: HS256 JWTs like hypeman's, and where the signing secret comes from."""
+"""API tokens: HS256 JWTs like hypeman's, and where the signing secret comes from.
+
+A token may be limited to some of the scopes ``read``, ``write`` and ``exec`` (the
+``scopes`` claim; ``gateway.auth`` says which route needs which). A token minted without
+scopes has every right, as hypeman's tokens do.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jwt
@@ -14,9 +20,18 @@ __all__ = ["SECRET_FILE", "load_or_create_secret", "mint_token", "read_secret"]
 SECRET_FILE = "jwt_secret"
 
 
-def mint_token(secret: str, *, subject: str = "vmfleet-user", ttl_s: int = 24 * 3600) -> str:
+def mint_token(
+    secret: str,
+    *,
+    subject: str = "vmfleet-user",
+    ttl_s: int = 24 * 3600,
+    scopes: Sequence[str] | None = None,
+) -> str:
     now = int(time.time())
-    return jwt.encode({"sub": subject, "iat": now, "exp": now + ttl_s}, secret, algorithm="HS256")
+    claims: dict[str, object] = {"sub": subject, "iat": now, "exp": now + ttl_s}
+    if scopes is not None:
+        claims["scopes"] = list(scopes)
+    return jwt.encode(claims, secret, algorithm="HS256")
 
 
 def read_secret(jwt_secret: str | None, data_dir: Path) -> str | None:

@@ -14,6 +14,7 @@ command results        ``p.result.<command id>``                  core NATS (gat
 state transitions      ``p.state.<host>.<instance>``              stream ``P_STATES``
 log lines              ``p.logs.<instance>.<app|vmm|ops>``        stream ``P_LOGS``
 host-local queries     ``p.host.<host>.<method>``                 core request/reply
+guest sessions         ``p.sess.<host>.<session>.in|out``         core NATS (schemas.sessions)
 instance records       key = instance id                          KV ``p_instances``
 host heartbeats        key = host id                              KV ``p_hosts``
 volumes / images       key = volume id / image digest or name     KV ``p_volumes``/``p_images``
@@ -198,6 +199,31 @@ class Subjects:
     def host_query_filter(self, host: str) -> str:
         """What the worker on ``host`` subscribes to for queries."""
         return f"{self.prefix}.host.{_token('host id', host)}.*"
+
+    # -- guest sessions (core NATS; schemas.sessions) ----------------------------------------
+    def session_open(self, host: str) -> str:
+        """Where a gateway asks ``host`` to open an exec or cp session (a host query)."""
+        return self.host_query(host, "session")
+
+    def stat_query(self, host: str) -> str:
+        """Where a gateway asks ``host`` to stat a path in one of its guests."""
+        return self.host_query(host, "stat")
+
+    def session_in(self, host: str, session: str) -> str:
+        """Frames gateway → worker of one session; the host token lets NATS permissions
+        confine a worker to its own sessions."""
+        return f"{self._session(host, session)}.in"
+
+    def session_out(self, host: str, session: str) -> str:
+        """Frames worker → gateway of one session."""
+        return f"{self._session(host, session)}.out"
+
+    def session_filter(self, host: str | None, direction: Literal["in", "out"]) -> str:
+        """Every session of ``host`` (or of any host when None) in one direction."""
+        return f"{self.prefix}.sess.{_wild('host id', host)}.*.{direction}"
+
+    def _session(self, host: str, session: str) -> str:
+        return f"{self.prefix}.sess.{_token('host id', host)}.{_token('session id', session)}"
 
     # -- KV buckets --------------------------------------------------------------------------
     @property
