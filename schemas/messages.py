@@ -36,6 +36,7 @@ __all__ = [
     "Create",
     "CreateVolume",
     "Delete",
+    "DeleteImage",
     "DeleteVolume",
     "DetachVolume",
     "DrainRecord",
@@ -231,6 +232,14 @@ class PullImage(Command, frozen=True, kw_only=True):
     digest: str = ""
 
 
+class DeleteImage(Command, frozen=True, kw_only=True):
+    """Remove the image of ``digest`` (its disk, tags and unshared blobs) from the host the
+    command is addressed to; the fleet has forgotten every name of it by then. A host that
+    does not have it answers ``not_found``, one whose instances use it ``conflict``."""
+
+    digest: str
+
+
 AnyCommand = (
     Create
     | Start
@@ -243,6 +252,7 @@ AnyCommand = (
     | CreateVolume
     | DeleteVolume
     | PullImage
+    | DeleteImage
 )
 """Every concrete command; the type ``schemas.codec.decode_command`` returns."""
 

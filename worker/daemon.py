@@ -33,8 +33,7 @@ from worker.engine import HostEngine
 from worker.guest import ensure_initrd, ensure_kernel
 from worker.heartbeat import heartbeat_loop
 from worker.host import HostLimits, read_capacity
-from worker.image_pulls import ImagePuller
-from worker.images import ImageCache
+from worker.images import ImageCache, ImagePuller
 from worker.ledger import Ledger
 from worker.lifecycle.context import BootAssets, OpContext
 from worker.logs import LogShipper

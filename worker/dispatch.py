@@ -14,13 +14,14 @@ from schemas.messages import (
     AnyCommand,
     CommandResult,
     CreateVolume,
+    DeleteImage,
     DeleteVolume,
     InstanceCommand,
     PullImage,
     VolumeRecord,
 )
 from worker.engine import HostEngine
-from worker.image_pulls import ImagePuller
+from worker.images import ImagePuller
 from worker.publisher import RecordPublisher
 from worker.volumes import VolumeStore
 
@@ -74,6 +75,11 @@ class Dispatcher:
                     raise BadRequest("this worker takes no image pulls")
                 image = await self.puller.pull(cmd)
                 return CommandResult(command_id=cmd.id, ok=True, image=image)
+            case DeleteImage():
+                if self.puller is None:
+                    raise BadRequest("this worker keeps no images")
+                await self.puller.remove(cmd, self._image_in_use)
+                return CommandResult(command_id=cmd.id, ok=True)
             case InstanceCommand():
                 if self._already_applied(cmd):
                     return CommandResult(
@@ -98,6 +104,9 @@ class Dispatcher:
             )
         await self.archives.delete(name)
         return volume
+
+    def _image_in_use(self, digest: str) -> bool:
+        return any(record.image_digest == digest for record in self.engine.records())
 
     def _already_applied(self, cmd: InstanceCommand) -> bool:
         """A redelivered command whose effect is already in the record (the worker died

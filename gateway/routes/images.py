@@ -16,7 +16,9 @@ server decodes the path, so ``{name:path}`` receives them whole.
 from __future__ import annotations
 
 import contextlib
+import logging
 
+import anyio
 import msgspec
 from nats.js.errors import KeyWrongLastSequenceError
 from starlette.requests import Request
@@ -30,10 +32,12 @@ from gateway.service import Gateway, gateway, now
 from schemas.api import ImageStatus
 from schemas.codec import decode_create_image_request, encode
 from schemas.errors import BadRequest, NotFound, OpTimeout, VmfleetError
-from schemas.messages import ImageRecord, PullImage
+from schemas.messages import DeleteImage, ImageRecord, PullImage
 from schemas.subjects import image_key
 
 __all__ = ["routes"]
+
+log = logging.getLogger(__name__)
 
 
 async def list_images(request: Request) -> Response:
@@ -48,14 +52,41 @@ async def get_image(request: Request) -> Response:
 
 
 async def delete_image(request: Request) -> Response:
-    """Forget the name (hypeman removes the tag; the hosts' disks stay until collected)."""
+    """Forget the name, or every name of a ``repo@sha256:…`` reference's digest (hypeman
+    removes the tag); then a digest that no name refers to any more is removed from the
+    hosts that have it."""
     gw = gateway(request)
-    record = _find(gw, request.path_params["name"])
-    key = image_key(record.name)
+    forgotten = _records_of(gw, request.path_params["name"])
+    keys = {image_key(record.name) for record in forgotten}
     kv = await gw.js.key_value(gw.subjects.images_bucket)
-    await kv.delete(key)
-    await gw.view.wait_until(lambda: key not in gw.view.images, 2.0)
+    for key in keys:
+        await kv.delete(key)
+    await gw.view.wait_until(lambda: keys.isdisjoint(gw.view.images), 2.0)
+    named = {record.digest for record in gw.view.images.values()}
+    for digest in sorted({r.digest for r in forgotten if r.digest} - named):
+        pulled_by = {host for r in forgotten if r.digest == digest for host in r.hosts}
+        await _remove_from_hosts(gw, digest, pulled_by)
     return Response(status_code=204)
+
+
+async def _remove_from_hosts(gw: Gateway, digest: str, pulled_by: set[str]) -> None:
+    """Ask every live host that has the image (it pulled it for the record, or its
+    heartbeat lists it) to drop its disk. The names are gone already, so a host's refusal
+    (an instance there runs from the image) is logged, not answered."""
+
+    async def remove(host: str) -> None:
+        cmd = DeleteImage(id=new_id(), issued_at=now(), digest=digest)
+        try:
+            await gw.execute(host, cmd)
+        except NotFound:
+            pass  # the host dropped it meanwhile
+        except VmfleetError as exc:
+            log.warning("image %s stays on host %s: %s", digest, host, exc.message)
+
+    async with anyio.create_task_group() as tg:
+        for host in gw.view.live_hosts():
+            if host.id in pulled_by or digest in host.images:
+                tg.start_soon(remove, host.id)
 
 
 async def create_image(request: Request) -> Response:
@@ -94,21 +125,36 @@ async def _pull(gw: Gateway, host: str, key: str, record: ImageRecord, revision:
 
 def _find(gw: Gateway, raw: str) -> ImageRecord:
     """The record of a name, or of a ``repo@digest`` reference to a pulled tag's digest."""
+    found = _records_of(gw, raw)[0]
+    name = normalize_image(raw)
+    return found if image_key(found.name) == image_key(name) else _renamed(found, name)
+
+
+def _records_of(gw: Gateway, raw: str) -> list[ImageRecord]:
+    """The record of a name; for ``repo@digest``, every record of the repository's tags
+    that resolved to that digest. 404 if there is none."""
     try:
         name = normalize_image(raw)
     except BadRequest:
         raise BadRequest("invalid image reference", code="invalid_name") from None
     record = gw.view.images.get(image_key(name))
     if record is not None:
-        return record
+        return [record]
     repository, _, digest = name.partition("@")
-    if digest:
-        for candidate in gw.view.images.values():
-            if candidate.digest == digest and _repository(candidate.name) == _repository(
-                repository
-            ):
-                return msgspec.structs.replace(candidate, name=name)
-    raise NotFound("image not found")
+    found = [
+        candidate
+        for candidate in gw.view.images.values()
+        if digest
+        and candidate.digest == digest
+        and _repository(candidate.name) == _repository(repository)
+    ]
+    if not found:
+        raise NotFound("image not found")
+    return sorted(found, key=lambda r: r.name)
+
+
+def _renamed(record: ImageRecord, name: str) -> ImageRecord:
+    return msgspec.structs.replace(record, name=name)
 
 
 def _repository(name: str) -> str:

@@ -8,7 +8,8 @@ without a VM.
 from __future__ import annotations
 
 from schemas.references import normalize_reference
-from worker.images import CommandFailed, _registry_error
+from worker.images.registry import registry_error
+from worker.run import CommandFailed
 
 REF = normalize_reference("127.0.0.1:5000/busybox:latest")
 
@@ -18,7 +19,7 @@ def skopeo_failed(message: str) -> CommandFailed:
 
 
 def test_a_full_disk_is_named_and_not_blamed_on_the_registry() -> None:
-    error = _registry_error(
+    error = registry_error(
         REF,
         skopeo_failed(
             "writing blob: write /d/images/tmp/ab-x/layout/oci-put-blob3404017: "
@@ -30,12 +31,12 @@ def test_a_full_disk_is_named_and_not_blamed_on_the_registry() -> None:
 
 
 def test_digits_in_names_are_no_404() -> None:
-    error = _registry_error(REF, skopeo_failed("reading blob sha256:a404b: connection reset"))
+    error = registry_error(REF, skopeo_failed("reading blob sha256:a404b: connection reset"))
     assert error.code == "registry_unavailable"
 
 
 def test_the_registrys_404_is_still_not_found() -> None:
-    error = _registry_error(
+    error = registry_error(
         REF, skopeo_failed("reading manifest latest: invalid status code from registry 404")
     )
     assert (error.status, error.code) == (404, "not_found")

@@ -5,6 +5,8 @@ worker's pull is exercised end to end in test_vm_sdk.py."""
 
 from __future__ import annotations
 
+import json
+import time
 from urllib.parse import quote
 
 import anyio
@@ -12,6 +14,7 @@ import httpx
 import pytest
 
 from schemas.subjects import image_key
+from tests.gateway.conftest import Fleet
 from tests.support.gateway import Bus, FakeHost, GatewayHandle
 
 pytestmark = pytest.mark.anyio
@@ -107,3 +110,52 @@ async def test_image_without_a_host_is_no_capacity(gw: GatewayHandle) -> None:
     async with gw.async_client() as client:
         response = await client.post("/images", json={"name": "alpine"})
     assert (response.status_code, response.json()["code"]) == (503, "no_capacity")
+
+
+async def test_delete_by_digest_forgets_every_tag_of_it(gw: GatewayHandle, bus: Bus) -> None:
+    """``repo@sha256:…`` names the tags of the repository that resolved to that digest:
+    deleting it forgets them all, and the host that pulled it is asked to remove it (not
+    while another tag still names the digest)."""
+    host = FakeHost(bus.nc, bus.subjects.prefix, "puller")
+    host.pull_delay_s = 0.05
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        async with gw.async_client() as client:
+            for tag in ("alpine:latest", "alpine:3"):
+                assert (await client.post("/images", json={"name": tag})).status_code == 202
+                ready = await _until_status(client, f"docker.io/library/{tag}", "ready")
+            digest = ready["digest"]
+            assert (await client.delete(_path("alpine:3"))).status_code == 204
+            assert host.deleted == []  # alpine:latest still names the digest
+            assert (await client.delete(_path(f"alpine@{digest}"))).status_code == 204
+            assert host.deleted == [digest]
+            assert (await client.get("/images")).json() == []
+            assert (await client.get("/images/alpine")).status_code == 404
+            gone = await client.get(_path(f"alpine@{digest}"))
+            assert gone.json() == {"code": "not_found", "message": "image not found"}
+            again = await client.delete(_path(f"alpine@{digest}"))
+            assert (again.status_code, again.json()["code"]) == (404, "not_found")
+        tg.cancel_scope.cancel()
+
+
+def test_delete_by_digest_removes_the_image_from_the_host(fleet: Fleet, busybox_image: str) -> None:
+    """On a real worker: the image's disk and its tag in the host's OCI layout go too."""
+    images = fleet.worker.data_dir / "images"
+    repository = busybox_image.rpartition(":")[0]
+    with fleet.api.client() as client:
+        assert client.post("/images", json={"name": busybox_image}).status_code == 202
+        deadline = time.monotonic() + 180
+        while (found := client.get(_path(busybox_image))).json().get("status") != "ready":
+            assert found.status_code == 200 and time.monotonic() < deadline, found.text
+            time.sleep(0.2)
+        digest = found.json()["digest"]
+        disk = images / "disks" / digest.removeprefix("sha256:")
+        assert (disk / "rootfs.ext4").exists()
+
+        assert client.delete(_path(f"{repository}@{digest}")).status_code == 204
+
+        assert busybox_image not in [i["name"] for i in client.get("/images").json()]
+        assert client.get(_path(busybox_image)).status_code == 404
+    assert not disk.exists()
+    index = json.loads((images / "oci-cache" / "index.json").read_text())
+    assert digest.removeprefix("sha256:") not in json.dumps(index)

@@ -12,12 +12,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import anyio
 import anyio.from_thread
 import httpx
 import jwt
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -28,7 +29,7 @@ from natsbus import BusOptions
 from schemas.api import Hypervisor, ImageStatus, InstanceState
 from schemas.codec import decode_command, decode_image_record, encode
 from schemas.errors import ErrorInfo
-from schemas.messages import CommandResult, HostRecord, InstanceRecord, PullImage
+from schemas.messages import CommandResult, DeleteImage, HostRecord, InstanceRecord, PullImage
 from schemas.subjects import Subjects, image_key
 
 __all__ = [
@@ -108,8 +109,9 @@ def host_record(host_id: str, **fields: object) -> HostRecord:
 
 class FakeHost:
     """A host that heartbeats, and answers PullImage commands as the worker contract of
-    ``docs/api.md`` says (statuses in the images bucket, then a result). Every other
-    command stays in its queue, unanswered, like a host that hangs."""
+    ``docs/api.md`` says (statuses in the images bucket, then a result) and DeleteImage
+    commands (noting the digest in ``deleted``). Every other command stays in its queue,
+    unanswered, like a host that hangs."""
 
     def __init__(self, nc: Client, prefix: str, host_id: str, **record: object) -> None:
         self.nc = nc
@@ -119,30 +121,42 @@ class FakeHost:
         self.pull_delay_s = 0.3
         #: An image name whose pull fails at once with 404 (a registry without it).
         self.missing = "registry.invalid/nothing:here"
+        #: The digests DeleteImage commands asked this host to remove.
+        self.deleted: list[str] = []
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         js = self.nc.jetstream()
         hosts = await js.key_value(self.subjects.hosts_bucket)
         await hosts.put(self.host_id, encode(host_record(self.host_id, **self.record)))
-        subscription = await js.pull_subscribe(
-            self.subjects.command(self.host_id, "pullimage"),
-            durable=f"fake_{self.host_id}",
-            stream=self.subjects.commands_stream,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
-        )
+        subscriptions = [
+            await js.pull_subscribe(
+                self.subjects.command(self.host_id, op),
+                durable=f"fake_{self.host_id}_{op}",
+                stream=self.subjects.commands_stream,
+                config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
+            )
+            for op in ("pullimage", "deleteimage")
+        ]
         task_status.started()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._heartbeat, hosts)
-            while True:
-                try:
-                    messages = await subscription.fetch(1, timeout=1)
-                except NatsTimeoutError:
-                    continue
-                for msg in messages:
-                    cmd = decode_command(msg.data)
-                    await msg.ack()
-                    if isinstance(cmd, PullImage):
-                        tg.start_soon(self._pull, cmd)
+            for subscription in subscriptions:
+                tg.start_soon(self._take, subscription, tg)
+
+    async def _take(self, subscription: Any, tg: TaskGroup) -> None:
+        while True:
+            try:
+                messages = await subscription.fetch(1, timeout=1)
+            except NatsTimeoutError:
+                continue
+            for msg in messages:
+                cmd = decode_command(msg.data)
+                await msg.ack()
+                if isinstance(cmd, PullImage):
+                    tg.start_soon(self._pull, cmd)
+                elif isinstance(cmd, DeleteImage):
+                    self.deleted.append(cmd.digest)
+                    await self._answer(CommandResult(command_id=cmd.id, ok=True))
 
     async def _heartbeat(self, hosts: object) -> None:
         while True:

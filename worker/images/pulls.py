@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 import anyio
 import msgspec
@@ -17,11 +16,13 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 
 from schemas.api import ImageStatus
+from schemas.clock import utc_now
 from schemas.codec import decode_image_record, encode
 from schemas.errors import VmfleetError
-from schemas.messages import ImageRecord, PullImage
+from schemas.messages import DeleteImage, ImageRecord, PullImage
 from schemas.subjects import image_key
-from worker.images import ImageCache, ImageInfo
+from worker.images.cache import ImageCache
+from worker.images.disk import ImageInfo
 
 __all__ = ["ImagePuller"]
 
@@ -57,6 +58,11 @@ class ImagePuller:
         return await self._update(key, lambda r: _ready(r, info, self._host_id)) or _ready(
             _new_record(cmd.image), info, self._host_id
         )
+
+    async def remove(self, cmd: DeleteImage, in_use: Callable[[str], bool]) -> None:
+        """Drop the image's disk, tags and unshared blobs from this host; ``conflict`` while
+        ``in_use(digest)`` (an instance here runs from it), ``not_found`` if it is not here."""
+        await self._cache.delete(cmd.digest, in_use=in_use)
 
     async def _follow(
         self, key: str, statuses: MemoryObjectReceiveStream[tuple[ImageStatus, str | None]]
@@ -116,6 +122,4 @@ def _ready(record: ImageRecord, info: ImageInfo, host_id: str) -> ImageRecord:
 
 
 def _new_record(name: str) -> ImageRecord:
-    return ImageRecord(
-        name=name, digest="", status=ImageStatus.PENDING, created_at=datetime.now(UTC)
-    )
+    return ImageRecord(name=name, digest="", status=ImageStatus.PENDING, created_at=utc_now())
