@@ -86,12 +86,12 @@ async def run_command(
     return bytes(done.stdout)
 
 
-def tail(text: str | bytes, lines: int = _TAIL_LINES) -> str:
-    """The last ``lines`` non-blank lines of ``text``, joined by spaces."""
+def tail(text: str | bytes, lines: int = _TAIL_LINES, *, sep: str = " ") -> str:
+    """The last ``lines`` non-blank lines of ``text``, joined by ``sep``."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     kept = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return " ".join(kept[-lines:])
+    return sep.join(kept[-lines:])
 
 
 def _outcome(returncode: int | None) -> str:

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import anyio
 import msgspec
 
 from schemas.errors import InsufficientStorage, VmfleetError
+from worker.run import CommandFailed, run_command
 
 __all__ = [
     "GuestDir",
@@ -38,6 +38,9 @@ __all__ = [
     "storage_error",
     "write_atomic",
 ]
+
+#: Bound of one mkfs.ext4: writing a volume from a large archive is the slowest.
+_MKFS_TIMEOUT_S = 900.0
 
 #: How the tools (mkfs, skopeo, umoci) say the host's disk is full.
 _DISK_FULL_MARKERS = ("no space left on device", "disk quota exceeded")
@@ -202,11 +205,7 @@ async def make_ext4_from_tree(tree: Path, path: Path, size_bytes: int) -> None:
     """An ext4 image of ``tree`` (mkfs.ext4 -d needs no mount, and no root)."""
     tmp = path.with_name(f".{path.name}.tmp")
     argv = ["mkfs.ext4", "-q", "-F", "-b", "4096", "-O", "^has_journal", "-d", str(tree)]
-    result = await anyio.run_process([*argv, str(tmp), f"{size_bytes // 1024}k"], check=False)
-    if result.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise storage_error(f"mkfs.ext4 failed for {path.name}: {result.stderr.decode().strip()}")
-    tmp.replace(path)
+    await _mkfs([*argv, str(tmp), f"{size_bytes // 1024}k"], tmp, path)
 
 
 async def make_sparse_ext4(path: Path, size_bytes: int, *, label: str = "") -> None:
@@ -217,8 +216,14 @@ async def make_sparse_ext4(path: Path, size_bytes: int, *, label: str = "") -> N
     argv = ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1"]
     if label:
         argv += ["-L", label[:16]]
-    result = await anyio.run_process([*argv, str(tmp)], check=False)
-    if result.returncode != 0:
+    await _mkfs([*argv, str(tmp)], tmp, path)
+
+
+async def _mkfs(argv: list[str], tmp: Path, path: Path) -> None:
+    """Format ``tmp``, then rename it to ``path``; on failure nothing is left behind."""
+    try:
+        await run_command(argv, _MKFS_TIMEOUT_S)
+    except CommandFailed as exc:
         tmp.unlink(missing_ok=True)
-        raise storage_error(f"mkfs.ext4 failed for {path.name}: {result.stderr.decode().strip()}")
+        raise storage_error(f"mkfs.ext4 failed for {path.name}: {exc.stderr.strip()}") from exc
     tmp.replace(path)

@@ -1,24 +1,21 @@
-"""Run one external command for asset preparation; failures become GuestAssetError."""
+"""Run one external command for asset preparation (``worker.run.run_command``); a failure
+becomes GuestAssetError with the command's stderr tail."""
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Final
 
-import anyio
+from worker.run import CommandFailed, run_command, tail
 
 from .errors import GuestAssetError
 
-__all__ = ["run", "tail"]
+__all__ = ["run"]
 
-_TAIL_LINES = 20
-
-
-def tail(data: bytes, lines: int = _TAIL_LINES) -> str:
-    """The last ``lines`` lines of ``data``, decoded leniently."""
-    text = data.decode("utf-8", "replace").rstrip()
-    return "\n".join(text.splitlines()[-lines:])
+_TAIL_LINES: Final = 20
+#: Bound of one step: the slowest are downloading a kernel package and packing an initrd.
+_TIMEOUT_S: Final = 900.0
 
 
 async def run(
@@ -28,19 +25,13 @@ async def run(
     env: Mapping[str, str] | None = None,
     input: bytes | None = None,
 ) -> bytes:
-    """Run ``argv`` to completion (``input`` on its stdin) and return its stdout.
-
-    anyio.run_process always reaps the child, also when the caller is cancelled.
-    A missing program or a non-zero exit raises GuestAssetError with the stderr tail.
-    """
-    cmd = [str(a) for a in argv]
+    """Run ``argv`` to completion (``input`` on its stdin) and return its stdout."""
     try:
-        result = await anyio.run_process(cmd, input=input, cwd=cwd, env=env, check=False)
-    except OSError as exc:
-        raise GuestAssetError(f"cannot run {cmd[0]}: {exc}") from exc
-    if result.returncode != 0:
+        return await run_command(argv, _TIMEOUT_S, input=input, cwd=cwd, env=env)
+    except CommandFailed as exc:
+        if exc.returncode is None:
+            raise GuestAssetError(f"{exc.command}: {exc.stderr}") from exc
         raise GuestAssetError(
-            f"command failed with exit code {result.returncode}: {shlex.join(cmd)}",
-            stderr_tail=tail(result.stderr),
-        )
-    return result.stdout
+            f"command failed with exit code {exc.returncode}: {exc.command}",
+            stderr_tail=tail(exc.stderr, _TAIL_LINES, sep="\n"),
+        ) from exc
