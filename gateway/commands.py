@@ -19,6 +19,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import PubAck
 from nats.js.errors import NoStreamResponseError
 
+from natsbus.backoff import Backoff
 from schemas.codec import decode_command_result, encode
 from schemas.errors import HostUnavailable, OpTimeout
 from schemas.messages import AnyCommand, CommandResult
@@ -70,7 +71,7 @@ class CommandSender:
         """Publish, retrying while the cluster fails over (a server lost, a stream leader
         being elected). Safe to repeat: the command id is the message id, so JetStream
         keeps one copy."""
-        delay = 0.1
+        backoff = Backoff(first_s=0.1, max_s=1.0)
         with anyio.move_on_after(self.publish_retry_s):
             while True:
                 try:
@@ -88,8 +89,7 @@ class CommandSender:
                     ConnectionReconnectingError,
                 ) as exc:
                     log.info("publishing %s to %s: %s; retrying", cmd.op, host, exc)
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
+                    await backoff.sleep()
         raise HostUnavailable(
             f"the fleet's message bus took no command for {self.publish_retry_s:g}s",
             code="nats_unavailable",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TypeVar
 
 import anyio
@@ -29,7 +29,9 @@ from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from natsbus.backoff import Backoff
 from schemas.api import InstanceState
+from schemas.clock import utc_now
 from schemas.codec import (
     decode_drain_record,
     decode_host_record,
@@ -143,7 +145,7 @@ class FleetView:
         short pause, and the copy serves what it last knew meanwhile. Only the first start
         fails outright, so that a gateway that cannot see the fleet does not come up.
         """
-        delay = _RETRY_MIN_S
+        backoff = Backoff(first_s=_RETRY_MIN_S, max_s=_RETRY_MAX_S)
         while True:
             try:
                 async with anyio.create_task_group() as tg:
@@ -151,16 +153,17 @@ class FleetView:
                     tg.start_soon(self._resync_when_heartbeats_stall)
                     task_status.started()
                     task_status = anyio.TASK_STATUS_IGNORED
-                    delay = _RETRY_MIN_S
+                    backoff.reset()
                     await self._resync.wait()
                     log.info("re-watching the fleet's buckets after a reconnect")
                     tg.cancel_scope.cancel()
             except Exception as exc:
                 if task_status is not anyio.TASK_STATUS_IGNORED:
                     raise
-                log.warning("watching the fleet's buckets failed (%r); again in %.1fs", exc, delay)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX_S)
+                log.warning(
+                    "watching the fleet's buckets failed (%r); again in %.1fs", exc, backoff.delay
+                )
+                await backoff.sleep()
             self._resync = anyio.Event()
 
     async def _resync_when_heartbeats_stall(self) -> None:
@@ -250,8 +253,8 @@ class FleetView:
         if record is None:
             self._hosts.pop(entry.key, None)
             return
-        written = entry.created if isinstance(entry.created, datetime) else datetime.now(UTC)
-        age = max(0.0, (datetime.now(UTC) - written).total_seconds())
+        written = entry.created if isinstance(entry.created, datetime) else utc_now()
+        age = max(0.0, (utc_now() - written).total_seconds())
         self._hosts[entry.key] = (record, self._clock() + self._host_ttl_s - age)
 
 
