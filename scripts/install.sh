@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what vmfleet needs and is missing: Debian packages, the virtualenv, the guest
-# kernel. Idempotent: a second run checks and installs nothing.
+# agent (built from guest-agent/ when its sources changed), the guest kernel. Idempotent: a
+# second run checks and builds nothing.
 #   scripts/install.sh [KERNEL_DIR]
 # KERNEL_DIR: the data dir the guest kernel is fetched into (default: vmfleet's data dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(qemu-system-x86 busybox-static e2fsprogs erofs-utils skopeo umoci
-                 docker-registry cpio kmod lz4 python3-venv iproute2 nftables
+                 docker-registry cpio kmod lz4 python3-venv iproute2 nftables golang-go
                  docker-compose chromium)  # only for the tests: docker-compose validates
                                            # compose.yaml, chromium renders /ui
 VENV=.venv
@@ -58,10 +59,28 @@ install_virtualenv() {
     echo "$want" > "$STAMP"
 }
 
+# The guest agent: a static Go binary (standard library only, so no module downloads),
+# rebuilt when a source file changed. The worker finds it there (VMFLEET_AGENT_BINARY).
+AGENT_DIR=.cache/guest-agent
+build_guest_agent() {
+    local want
+    want=$(cat guest-agent/go.mod guest-agent/*.go | sha256sum | cut -d' ' -f1)
+    if [ -x "$AGENT_DIR/vmfleet-agent" ] && [ "$(cat "$AGENT_DIR/.sources" 2>/dev/null)" = "$want" ]; then
+        return 0
+    fi
+    say "building the guest agent into $AGENT_DIR/vmfleet-agent"
+    mkdir -p "$AGENT_DIR"
+    (cd guest-agent && CGO_ENABLED=0 go build -buildvcs=false -trimpath -ldflags='-s -w' \
+        -o "../$AGENT_DIR/vmfleet-agent.tmp" .)
+    mv "$AGENT_DIR/vmfleet-agent.tmp" "$AGENT_DIR/vmfleet-agent"
+    echo "$want" > "$AGENT_DIR/.sources"
+}
+
 fetch_guest_kernel() {
     "$VENV/bin/vmfleet" kernel fetch ${1:+--data-dir "$1"}
 }
 
 install_debian_packages
 install_virtualenv
+build_guest_agent
 fetch_guest_kernel "${1:-}"

@@ -62,6 +62,9 @@ class NicSpec(msgspec.Struct, frozen=True, kw_only=True):
 class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     instance_id: str
     vcpus: int
+    #: All the memory the guest has, from boot (the instance's size + hotplug_size). Specs
+    #: saved before this held a ``hotplug_bytes`` field too (decoding skips it): a Cloud
+    #: Hypervisor snapshot keeps its own memory config, a QEMU one never had a region.
     memory_bytes: int
     kernel: str
     initrd: str
@@ -76,8 +79,8 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     #: The hypervisor this device model belongs to; specs saved before there was a choice
     #: were all QEMU's. A VM (and its snapshot) stays with the hypervisor that made it.
     hypervisor: str = "qemu"
-    #: Memory the VM may be given later (Cloud Hypervisor: a virtio-mem region; QEMU: none).
-    hotplug_bytes: int = 0
+    #: Each disk's bandwidth limit in bytes/s (reads and writes together); 0: unlimited.
+    disk_io_bps: int = 0
 
     def with_disk(self, disk: DiskSpec) -> VmSpec:
         return msgspec.structs.replace(self, disks=(*self.disks, disk))

@@ -25,6 +25,7 @@ __all__ = [
     "VmRemoveDevice",
     "VmSnapshotConfig",
     "VmmPingResponse",
+    "VsockConfig",
 ]
 
 
@@ -69,6 +70,13 @@ class ConsoleConfig(_Request, frozen=True):
     file: str | None = None
 
 
+class VsockConfig(_Request, frozen=True):
+    """A virtio-vsock device whose host side is a unix socket (hybrid vsock)."""
+
+    cid: int
+    socket: str
+
+
 class VmConfig(_Request, frozen=True):
     payload: PayloadConfig
     cpus: CpusConfig
@@ -77,6 +85,7 @@ class VmConfig(_Request, frozen=True):
     console: ConsoleConfig
     disks: tuple[DiskConfig, ...] = ()
     net: tuple[NetConfig, ...] = ()
+    vsock: VsockConfig | None = None
 
 
 class VmSnapshotConfig(_Request, frozen=True):

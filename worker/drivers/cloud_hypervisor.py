@@ -18,6 +18,10 @@ Decisions (What / Why):
   :mod:`worker.guest.control` talks to a pty as it talks to a socket. The guest is told
   ``vmfleet.ctl=hvc0`` on the kernel command line; its init starts the control loop once
   ``virtio_console`` is loaded (ttyS1 under QEMU exists from the start, as before).
+- The guest agent's channel (specs with ``agent_channel``): CH's vsock device (guest CID
+  3) whose host side is ``run/agent.vsock``; the host connects there and asks for the
+  agent's port with ``CONNECT <port>``. The guest is told ``vmfleet.agent=vsock``. CH binds
+  that socket itself at boot and restore, so a stale one is removed first.
 - Memory: ``size`` plus, when the instance has ``hotplug_size``, a virtio-mem region of
   that size (rounded up to CH's 128 MiB alignment). Nothing is plugged at boot: the guest
   gets ``size``, as under QEMU.
@@ -55,7 +59,15 @@ import anyio
 import msgspec
 
 from schemas.errors import HypervisorError
-from worker.drivers.base import Capabilities, DiskSpec, NicSpec, VmSpec, VmState
+from worker.drivers.base import (
+    AGENT_VSOCK_PORT,
+    AgentEndpoint,
+    Capabilities,
+    DiskSpec,
+    NicSpec,
+    VmSpec,
+    VmState,
+)
 from worker.drivers.ch_api import ChApi, ChApiError, open_ch_api
 from worker.drivers.ch_wire import (
     ConsoleConfig,
@@ -68,6 +80,7 @@ from worker.drivers.ch_wire import (
     VmConfig,
     VmRemoveDevice,
     VmSnapshotConfig,
+    VsockConfig,
 )
 from worker.guest.errors import GuestAssetError
 from worker.guest.vmlinux import ensure_vmlinux
@@ -75,11 +88,13 @@ from worker.proc import VmmProcess, spawn_vmm
 from worker.storage import write_atomic
 
 __all__ = [
+    "AGENT_SOCKET",
     "API_SOCKET",
     "CONTROL_DEVICE",
     "CONTROL_LINK",
     "NAME",
     "CloudHypervisorDriver",
+    "agent_endpoint",
     "build_vm_config",
     "find_ch_binary",
     "guest_cmdline",
@@ -91,6 +106,10 @@ API_SOCKET = "ch.sock"
 CONTROL_LINK = "ctl.pty"
 #: The guest's name for that console.
 CONTROL_DEVICE = "hvc0"
+#: The host side of the guest's vsock device (the agent's channel).
+AGENT_SOCKET = "agent.vsock"
+#: The guest's vsock CID (any number from 3 works: each VM has its own device).
+GUEST_CID = 3
 #: Beside a snapshot: which CH version wrote it.
 ORIGIN_FILE = "hypervisor.json"
 #: virtio-mem regions are multiples of Linux's memory block size.
@@ -105,17 +124,30 @@ def find_ch_binary(configured: str | Path | None = None) -> str | None:
     return shutil.which(NAME)
 
 
-def guest_cmdline(cmdline: str) -> str:
-    """The kernel command line with the control channel on the virtio console."""
-    words = [w for w in cmdline.split() if not w.startswith("vmfleet.ctl=")]
-    return " ".join([*words, f"vmfleet.ctl={CONTROL_DEVICE}"])
+def guest_cmdline(cmdline: str, *, agent_vsock: bool = False) -> str:
+    """The kernel command line with the control channel on the virtio console (and the
+    agent on vsock)."""
+    words = [w for w in cmdline.split() if not w.startswith(("vmfleet.ctl=", "vmfleet.agent="))]
+    words.append(f"vmfleet.ctl={CONTROL_DEVICE}")
+    if agent_vsock:
+        words.append("vmfleet.agent=vsock")
+    return " ".join(words)
+
+
+def agent_endpoint(spec: VmSpec) -> AgentEndpoint | None:
+    """The hybrid-vsock socket of the agent's channel (None: a VM made without one)."""
+    if not spec.agent_channel:
+        return None
+    return AgentEndpoint(socket=str(Path(spec.run_dir) / AGENT_SOCKET), vsock_port=AGENT_VSOCK_PORT)
 
 
 def build_vm_config(spec: VmSpec, *, kernel: Path) -> VmConfig:
     """``vm.create``'s body: a function of the spec (and the extracted kernel) alone."""
     return VmConfig(
         payload=PayloadConfig(
-            kernel=str(kernel), cmdline=guest_cmdline(spec.cmdline), initramfs=spec.initrd
+            kernel=str(kernel),
+            cmdline=guest_cmdline(spec.cmdline, agent_vsock=spec.agent_channel),
+            initramfs=spec.initrd,
         ),
         cpus=CpusConfig(boot_vcpus=spec.vcpus, max_vcpus=spec.vcpus),
         memory=_memory(spec),
@@ -123,6 +155,11 @@ def build_vm_config(spec: VmSpec, *, kernel: Path) -> VmConfig:
         net=tuple(_nic(n) for n in spec.nics),
         serial=ConsoleConfig(mode="File", file=spec.serial_log),
         console=ConsoleConfig(mode="Pty"),
+        vsock=(
+            VsockConfig(cid=GUEST_CID, socket=str(Path(spec.run_dir) / AGENT_SOCKET))
+            if spec.agent_channel
+            else None
+        ),
     )
 
 
@@ -180,6 +217,9 @@ class CloudHypervisorDriver:
     def control_socket(self, spec: VmSpec) -> Path:
         return Path(spec.run_dir) / CONTROL_LINK
 
+    def agent_endpoint(self, spec: VmSpec) -> AgentEndpoint | None:
+        return agent_endpoint(spec)
+
     # -- boot, restore -----------------------------------------------------------------------
 
     async def boot(self, spec: VmSpec, *, vmm_log: Path) -> VmmProcess:
@@ -220,6 +260,7 @@ class CloudHypervisorDriver:
         """A CH process whose API answers; returns it and CH's version."""
         socket = self.api_socket(spec)
         self.control_socket(spec).unlink(missing_ok=True)  # it named the previous VMM's pty
+        (Path(spec.run_dir) / AGENT_SOCKET).unlink(missing_ok=True)  # CH binds it anew
         process = await spawn_vmm(
             [self.binary, "--api-socket", str(socket)],
             log_path=vmm_log,

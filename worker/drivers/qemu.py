@@ -8,6 +8,9 @@ Decisions (What / Why):
   which would lose the app's log history on every start and restore.
 - The guest control channel is a second 8250 serial port on a unix socket (ttyS1 in the
   guest); virtio-serial did not work with a shell reader in the guest on these machines.
+- The guest agent's channel is a virtio-serial port named ``vmfleet.agent`` on a unix
+  socket (``agent.sock``): no vhost-vsock on these hosts, and it never touches the guest
+  network. Only for specs with ``agent_channel`` (older snapshots have no such device).
 - Snapshots use ``migrate exec:cat > FILE`` (QEMU 7.2 has no ``file:`` URI) with the
   bandwidth cap lifted, and restores use ``-incoming defer`` + ``migrate-incoming``.
 - ``-no-reboot``: a guest that reboots or powers off ends the QEMU process, so a stopped
@@ -24,11 +27,11 @@ from pathlib import Path
 import anyio
 
 from schemas.errors import HypervisorError
-from worker.drivers.base import Capabilities, DiskSpec, NicSpec, VmSpec, VmState
+from worker.drivers.base import AgentEndpoint, Capabilities, DiskSpec, NicSpec, VmSpec, VmState
 from worker.drivers.qmp import QmpClient, QmpError, open_qmp
 from worker.proc import VmmProcess, spawn_vmm
 
-__all__ = ["QemuDriver", "build_args", "qemu_binary"]
+__all__ = ["QemuDriver", "agent_endpoint", "build_args", "qemu_binary"]
 
 _STATUS_TO_STATE = {
     "running": VmState.RUNNING,
@@ -43,6 +46,8 @@ _STATUS_TO_STATE = {
 
 QMP_SOCKET = "qmp.sock"
 CONTROL_SOCKET = "ctl.sock"
+AGENT_SOCKET = "agent.sock"
+AGENT_PORT_NAME = "vmfleet.agent"
 
 
 def qemu_binary() -> str:
@@ -94,6 +99,8 @@ def build_args(spec: VmSpec, *, binary: str, incoming: bool = False) -> list[str
         "-serial",
         "chardev:ctl",
     ]
+    if spec.agent_channel:
+        args += _agent_args(run / AGENT_SOCKET)
     for slot in range(1, spec.hotplug_slots + 1):
         args += ["-device", f"pcie-root-port,id=rp{slot},slot={slot},chassis={slot}"]
     for disk in spec.disks:
@@ -103,6 +110,24 @@ def build_args(spec: VmSpec, *, binary: str, incoming: bool = False) -> list[str
     if incoming:
         args += ["-incoming", "defer"]
     return args
+
+
+def agent_endpoint(spec: VmSpec) -> AgentEndpoint | None:
+    """The host end of the agent's virtio-serial port (None: a VM made without one)."""
+    if not spec.agent_channel:
+        return None
+    return AgentEndpoint(socket=str(Path(spec.run_dir) / AGENT_SOCKET))
+
+
+def _agent_args(socket: Path) -> list[str]:
+    return [
+        "-device",
+        "virtio-serial-pci,id=vser",
+        "-chardev",
+        f"socket,id=agent,path={socket},server=on,wait=off",
+        "-device",
+        f"virtserialport,bus=vser.0,chardev=agent,name={AGENT_PORT_NAME}",
+    ]
 
 
 def _firmware() -> list[str]:
@@ -152,6 +177,9 @@ class QemuDriver:
 
     def control_socket(self, spec: VmSpec) -> Path:
         return Path(spec.run_dir) / CONTROL_SOCKET
+
+    def agent_endpoint(self, spec: VmSpec) -> AgentEndpoint | None:
+        return agent_endpoint(spec)
 
     async def boot(self, spec: VmSpec, *, vmm_log: Path) -> VmmProcess:
         return await spawn_vmm(

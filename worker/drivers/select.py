@@ -29,7 +29,7 @@ from pathlib import Path
 from schemas.errors import HypervisorError
 from worker.accel import choose_accel
 from worker.drivers import cloud_hypervisor, qemu
-from worker.drivers.base import Capabilities, DiskSpec, Hypervisor, VmSpec, VmState
+from worker.drivers.base import AgentEndpoint, Capabilities, DiskSpec, Hypervisor, VmSpec, VmState
 from worker.drivers.cloud_hypervisor import NAME as CLOUD_HYPERVISOR
 from worker.drivers.cloud_hypervisor import CloudHypervisorDriver, find_ch_binary
 from worker.drivers.qemu import QemuDriver
@@ -103,6 +103,11 @@ class DriverSet:
 
     def control_socket(self, spec: VmSpec) -> Path:
         return Path(spec.run_dir) / _SOCKETS.get(spec.hypervisor, _SOCKETS[QEMU])[1]
+
+    def agent_endpoint(self, spec: VmSpec) -> AgentEndpoint | None:
+        if spec.hypervisor == CLOUD_HYPERVISOR:
+            return cloud_hypervisor.agent_endpoint(spec)
+        return qemu.agent_endpoint(spec)
 
     async def boot(self, spec: VmSpec, *, vmm_log: Path) -> VmmProcess:
         return await self.driver_for(spec).boot(spec, vmm_log=vmm_log)

@@ -14,7 +14,8 @@
 #   shutdown <timeout_s>         -> ok, then the VM powers off
 #   mount <dev> <path> <rw|ro>   -> ok | err <message>   (also: mount <dev> <path> overlay <dev2>)
 #   umount <path>                -> ok | err <message>
-# Markers on the console: "[vmfleet] app started pid=N", "[vmfleet] app exited with code N".
+# Markers on the console: "[vmfleet] app started pid=N", "[vmfleet] app exited with code N",
+# "[vmfleet] agent ready ..." (from the agent: /bin/vmfleet-agent, docs/agent-protocol.md).
 
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 RUN=/run/vmfleet
@@ -377,6 +378,42 @@ unset SHLVL PWD OLDPWD
 . /cfg/env.sh
 exec /bin/busybox setsid /bin/busybox nsenter -F "$@"'
 
+# The guest agent: the app's environment (env.sh) and root (it chroots itself into /newroot
+# once its channel is open). vmfleet.agent=vsock on the kernel command line (Cloud
+# Hypervisor) makes it listen on vsock; else it serves the virtio-serial port vmfleet.agent.
+# shellcheck disable=SC2016
+AGENT_SCRIPT='unset SHLVL PWD OLDPWD
+. /cfg/env.sh
+exec /bin/vmfleet-agent -root /newroot -channel "$1"'
+AGENT=/bin/vmfleet-agent
+AGENT_CHANNEL=virtio
+# What the host's side realigns on, then a GONE frame (docs/agent-protocol.md).
+AGENT_GONE='\251\000vmfleet-agent-sync\000\251\251\004\000\000\000\000\000\000\000\000'
+
+agent_port() { # the /dev node of the virtio-serial port named vmfleet.agent
+	for _n in /sys/class/virtio-ports/*/name; do
+		[ -f "$_n" ] && [ "$(cat "$_n")" = vmfleet.agent ] && { _d=${_n%/name}; echo "/dev/${_d##*/}"; return 0; }
+	done
+	return 1
+}
+
+start_agent() {
+	if [ ! -x "$AGENT" ]; then
+		log WARN agent "no $AGENT in the initrd: exec, cp and stat will not work"
+		return 0
+	fi
+	(
+		env -i /bin/busybox sh -c "$AGENT_SCRIPT" vmfleet-agent "$AGENT_CHANNEL" \
+			</dev/null >"$CONSOLE" 2>&1
+		log ERROR agent "the agent exited with status $?"
+		# A virtio-serial port keeps no connection state: say so on it, so the host ends the
+		# agent's sessions at once (a vsock connection closes by itself).
+		if [ "$AGENT_CHANNEL" = virtio ] && _port=$(agent_port); then
+			printf "$AGENT_GONE" >"$_port" 2>/dev/null
+		fi
+	) &
+}
+
 resolve_argv0() { # NAME: the image's path of NAME, found in the app's PATH
 	case $1 in */*) echo "$1"; return 0 ;; esac
 	set -f
@@ -421,13 +458,15 @@ run_app() {
 	mv "$RUN/app.exit.tmp" "$RUN/app.exit"
 }
 
-# read_cmdline: vmfleet.ctl=DEV (the control channel's device), vmfleet.probe=1
+# read_cmdline: vmfleet.ctl=DEV (the control channel's device), vmfleet.probe=1,
+# vmfleet.agent=virtio|vsock (the agent's channel)
 read_cmdline() {
 	PROBE=0
 	for _arg in $(cat /proc/cmdline); do
 		case $_arg in
 		vmfleet.ctl=*) CTL=/dev/${_arg#vmfleet.ctl=} ;;
 		vmfleet.probe=1) PROBE=1 ;;
+		vmfleet.agent=*) AGENT_CHANNEL=${_arg#vmfleet.agent=} ;;
 		esac
 	done
 }
@@ -471,6 +510,7 @@ boot() {
 	setup_volumes
 	bind_system
 	setup_network
+	start_agent
 	run_app
 	park
 }

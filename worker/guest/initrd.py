@@ -1,14 +1,17 @@
-"""vmfleet's initrd: busybox-static, the kernel's virtio/overlay modules, and init.sh as /init.
+"""vmfleet's initrd: busybox-static, the kernel's virtio/overlay modules, init.sh as /init,
+and the guest agent (built from guest-agent/ by scripts/install.sh).
 
 The image is an uncompressed newc cpio written directly by this module (no staging tree, no
 root-only mknod), cached as ``<data_dir>/system/initrd/<key>/initrd.img``. ``key`` is a sha256
-over every input: init.sh, the helper scripts, the busybox binary, the kernel version and each
-module file that goes in. Inputs unchanged means the cached file is returned untouched.
+over every input: init.sh, the helper scripts, the busybox binary, the kernel version, each
+module file that goes in and the agent binary. Inputs unchanged means the cached file is
+returned untouched.
 
 Inside the initrd:
 
     /init                       init.sh (busybox ash, PID 1)
     /bin/busybox + applet links (from ``busybox --list-full`` at build time)
+    /bin/vmfleet-agent          the guest agent, when it was built (docs/agent-protocol.md)
     /lib/modules/<ver>/...      the modules, uncompressed, at their modules.dep paths
     /etc/vmfleet/modules        absolute module paths in load order, one per line
     /etc/acpi/PWRF/00000080     ACPI power button handler -> ``/init --shutdown``
@@ -36,6 +39,7 @@ from .errors import GuestAssetError
 from .kernel import KernelAssets
 
 __all__ = [
+    "DEFAULT_AGENT",
     "DEFAULT_BUSYBOX",
     "INIT_SCRIPT",
     "OPTIONAL_MODULES",
@@ -54,6 +58,9 @@ __all__ = [
 _FORMAT = b"vmfleet-initrd-v1"
 
 DEFAULT_BUSYBOX = Path("/bin/busybox")
+#: Where scripts/install.sh builds the agent: the repository's git-ignored .cache/.
+DEFAULT_AGENT = Path(__file__).resolve().parents[2] / ".cache" / "guest-agent" / "vmfleet-agent"
+_AGENT_IN_GUEST = "bin/vmfleet-agent"
 
 # Module names (modules.dep names, '-' folded to '_'). Dependencies are pulled in from
 # modules.dep; built-in ones (modules.builtin) are skipped.
@@ -61,7 +68,8 @@ REQUIRED_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_blk", "overlay")
 OPTIONAL_MODULES: tuple[str, ...] = (
     "virtio_net",  # + failover, net_failover
     "virtio_rng",
-    "virtio_console",
+    "virtio_console",  # the control channel (CH) and the agent's port (QEMU)
+    "vmw_vsock_virtio_transport",  # the agent's channel under Cloud Hypervisor (+ vsock)
     "button",  # ACPI power button -> acpid -> graceful shutdown
     "evdev",
 )
@@ -225,10 +233,12 @@ class _Inputs:
     applets: tuple[str, ...]
     version: str
     modules: tuple[tuple[str, Path], ...]  # (path relative to lib/modules/<ver>, host file)
+    agent: bytes | None = None
 
     def key(self) -> str:
         h = hashlib.sha256()
-        for part in (_FORMAT, self.init, self.busybox, self.version.encode()):
+        agent = b"no-agent" if self.agent is None else b"agent:" + self.agent
+        for part in (_FORMAT, self.init, self.busybox, self.version.encode(), agent):
             h.update(len(part).to_bytes(8, "little") + part)
         for rel, host in self.modules:
             h.update(rel.encode() + b"\0" + hashlib.sha256(host.read_bytes()).digest())
@@ -271,6 +281,8 @@ def _entries(inputs: _Inputs, module_data: Mapping[str, bytes]) -> list[_Entry]:
         load_order.append("/" + stored)
     files.append(_Entry("init", stat.S_IFREG | 0o755, inputs.init))
     files.append(_Entry("bin/busybox", stat.S_IFREG | 0o755, inputs.busybox))
+    if inputs.agent is not None:
+        files.append(_Entry(_AGENT_IN_GUEST, stat.S_IFREG | 0o755, inputs.agent))
     files.append(
         _Entry(
             "etc/vmfleet/modules",
@@ -327,7 +339,7 @@ async def _applets(busybox: Path) -> tuple[str, ...]:
     return tuple(line for line in out.decode().split() if line)
 
 
-async def _collect(kernel: KernelAssets, busybox: Path, init: bytes) -> _Inputs:
+async def _collect(kernel: KernelAssets, busybox: Path, init: bytes, agent: Path | None) -> _Inputs:
     if not busybox.is_file():
         raise GuestAssetError(f"busybox binary {busybox} not found (install busybox-static)")
     return _Inputs(
@@ -336,15 +348,20 @@ async def _collect(kernel: KernelAssets, busybox: Path, init: bytes) -> _Inputs:
         applets=await _applets(busybox),
         version=kernel.version,
         modules=await _module_list(kernel),
+        agent=agent.read_bytes() if agent is not None and agent.is_file() else None,
     )
 
 
 async def initrd_cache_key(
-    kernel: KernelAssets, *, busybox: Path = DEFAULT_BUSYBOX, init_script: bytes | None = None
+    kernel: KernelAssets,
+    *,
+    busybox: Path = DEFAULT_BUSYBOX,
+    init_script: bytes | None = None,
+    agent: Path | None = DEFAULT_AGENT,
 ) -> str:
     """The cache key ensure_initrd would use for these inputs."""
     inputs = await _collect(
-        kernel, busybox, INIT_SCRIPT.read_bytes() if init_script is None else init_script
+        kernel, busybox, INIT_SCRIPT.read_bytes() if init_script is None else init_script, agent
     )
     return await anyio.to_thread.run_sync(inputs.key)
 
@@ -378,15 +395,17 @@ async def ensure_initrd(
     *,
     busybox: Path = DEFAULT_BUSYBOX,
     init_script: bytes | None = None,
+    agent: Path | None = DEFAULT_AGENT,
 ) -> Path:
     """The initrd for ``kernel``, built on first use and whenever an input changes.
 
-    An operator initrd (``kernel.initrd``) is returned as it is.
+    ``agent``: the guest agent binary; a missing file (or None) makes an initrd without
+    one. An operator initrd (``kernel.initrd``) is returned as it is.
     """
     if kernel.initrd is not None:
         return kernel.initrd
     inputs = await _collect(
-        kernel, busybox, INIT_SCRIPT.read_bytes() if init_script is None else init_script
+        kernel, busybox, INIT_SCRIPT.read_bytes() if init_script is None else init_script, agent
     )
     key = await anyio.to_thread.run_sync(inputs.key)
     target = initrd_dir(data_dir) / key / "initrd.img"

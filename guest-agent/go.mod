@@ -1,0 +1,3 @@
+module vmfleet/guest-agent
+
+go 1.19
