@@ -15,7 +15,20 @@ import msgspec
 
 from worker.proc import VmmProcess
 
-__all__ = ["Capabilities", "DiskSpec", "Hypervisor", "NicSpec", "PortForward", "VmSpec", "VmState"]
+__all__ = [
+    "AGENT_VSOCK_PORT",
+    "AgentEndpoint",
+    "Capabilities",
+    "DiskSpec",
+    "Hypervisor",
+    "NicSpec",
+    "PortForward",
+    "VmSpec",
+    "VmState",
+]
+
+#: The vsock port the guest agent listens on (Cloud Hypervisor).
+AGENT_VSOCK_PORT = 5170
 
 
 class VmState(enum.StrEnum):
@@ -79,6 +92,9 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     #: The hypervisor this device model belongs to; specs saved before there was a choice
     #: were all QEMU's. A VM (and its snapshot) stays with the hypervisor that made it.
     hypervisor: str = "qemu"
+    #: The guest agent's channel device (QEMU: a virtio-serial port; CH: vsock). False in
+    #: specs saved before there was an agent: a restore recreates the devices as they were.
+    agent_channel: bool = False
     #: Each disk's bandwidth limit in bytes/s (reads and writes together); 0: unlimited.
     disk_io_bps: int = 0
 
@@ -91,6 +107,14 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     def free_slots(self) -> list[int]:
         taken = {d.slot for d in self.disks if d.slot is not None}
         return [s for s in range(1, self.hotplug_slots + 1) if s not in taken]
+
+
+class AgentEndpoint(msgspec.Struct, frozen=True):
+    """Where the host reaches a VM's guest agent: a unix socket, and for a hybrid vsock
+    (Cloud Hypervisor) the port to ask for with ``CONNECT <port>``."""
+
+    socket: str
+    vsock_port: int | None = None
 
 
 class Capabilities(msgspec.Struct, frozen=True):
@@ -110,6 +134,10 @@ class Hypervisor(Protocol):
 
     def api_socket(self, spec: VmSpec) -> Path:
         """The VMM's own control socket (QMP, or Cloud Hypervisor's REST API)."""
+        ...
+
+    def agent_endpoint(self, spec: VmSpec) -> AgentEndpoint | None:
+        """The guest agent's channel; None for a VM made without one."""
         ...
 
     async def boot(self, spec: VmSpec, *, vmm_log: Path) -> VmmProcess:

@@ -77,6 +77,7 @@ def vm_spec(
         accel=ctx.boot.accel,
         nics=nics(ctx, inst),
         hypervisor=inst.record.hypervisor.value,
+        agent_channel=True,
         disk_io_bps=inst.record.disk_io_bps,
     )
 
