@@ -162,6 +162,8 @@ class Create(InstanceCommand, frozen=True, kw_only=True):
             network_enabled=self.network_enabled,
             ip=ip,
             mac=mac,
+            bandwidth_download_bps=self.bandwidth_download_bps,
+            bandwidth_upload_bps=self.bandwidth_upload_bps,
             hypervisor=self.hypervisor or hypervisor,
             cmd=self.cmd,
             entrypoint=self.entrypoint,

@@ -37,7 +37,7 @@ from worker.guest.control import GuestControlError, guest_request
 from worker.host import HostUsage, read_capacity, unwritten_bytes
 from worker.lifecycle import create, delete, restore, standby, start, stop, volumes
 from worker.lifecycle.context import LocalInstance, OpContext
-from worker.lifecycle.network import release_network
+from worker.lifecycle.network import unplug
 from worker.proc import VmmProcess, find_vmms
 from worker.states import TRANSITIONS, Op
 
@@ -269,7 +269,7 @@ class HostEngine:
                 async with self._lock(inst.id):
                     if self._died_unwatched(inst):
                         self._record_vmm_exit(inst)
-                        await self._release_network_quietly(inst)
+                        await self._unplug_quietly(inst)
                     elif inst.state is InstanceState.RUNNING and inst.spec is not None:
                         await self._note_app_status(inst)
 
@@ -346,23 +346,26 @@ class HostEngine:
 
     async def _recover_network(self) -> None:
         """bridge mode: Running instances keep TAP, lease and rules; Standby ones keep lease
-        and rules (their TAP comes back on restore); everything else goes, including what
+        and rules (their TAP comes back on restore); every other instance keeps its lease
+        (its address is its own until deleted); everything else goes, including what
         instances that no longer exist left behind."""
         bridge = self.ctx.bridge
         assert bridge is not None
         keep: set[str] = set()
         keep_taps: set[str] = set()
+        keep_leases: set[str] = set()
         for inst in self._instances.values():
             if not inst.record.network_enabled:
                 continue
+            keep_leases.add(inst.id)
             if inst.process is not None and inst.record.tap:
                 keep.add(inst.id)
                 keep_taps.add(inst.record.tap)
             elif inst.state is InstanceState.STANDBY and bridge.ipam.lease(inst.id) is not None:
                 keep.add(inst.id)
-            elif inst.record.ip is not None or inst.record.tap is not None:
-                self.ctx.save(inst, ip=None, tap=None)
-        removed = await bridge.remove_leftovers(keep_taps=keep_taps, keep=keep)
+        removed = await bridge.remove_leftovers(
+            keep_taps=keep_taps, keep=keep, keep_leases=keep_leases
+        )
         if removed:
             log.info("removed network leftovers: %s", ", ".join(removed))
         for instance_id in keep:  # the rules again, should the host have lost them
@@ -372,9 +375,9 @@ class HostEngine:
             if ip is not None:
                 await bridge.nat.add(instance_id, ip, inst.record.port_mappings)
 
-    async def _release_network_quietly(self, inst: LocalInstance) -> None:
+    async def _unplug_quietly(self, inst: LocalInstance) -> None:
         try:
-            await release_network(self.ctx, inst)
+            await unplug(self.ctx, inst)
         except Exception as exc:
             self.ctx.oplog(inst, "could not release the network", level="WARN", error=exc)
 

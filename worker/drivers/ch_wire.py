@@ -19,7 +19,9 @@ __all__ = [
     "NetConfig",
     "PayloadConfig",
     "PciDeviceInfo",
+    "RateLimiterConfig",
     "RestoreConfig",
+    "TokenBucket",
     "VmConfig",
     "VmInfo",
     "VmRemoveDevice",
@@ -46,8 +48,18 @@ class CpusConfig(_Request, frozen=True):
 
 class MemoryConfig(_Request, frozen=True):
     size: int
-    hotplug_size: int | None = None
-    hotplug_method: str | None = None
+
+
+class TokenBucket(_Request, frozen=True):
+    """``size`` tokens (bytes) refilled every ``refill_time`` ms, plus a one-time burst."""
+
+    size: int
+    refill_time: int
+    one_time_burst: int | None = None
+
+
+class RateLimiterConfig(_Request, frozen=True):
+    bandwidth: TokenBucket
 
 
 class DiskConfig(_Request, frozen=True):
@@ -55,6 +67,7 @@ class DiskConfig(_Request, frozen=True):
     readonly: bool = False
     id: str | None = None
     serial: str | None = None
+    rate_limiter_config: RateLimiterConfig | None = None
 
 
 class NetConfig(_Request, frozen=True):

@@ -22,9 +22,12 @@ Decisions (What / Why):
   3) whose host side is ``run/agent.vsock``; the host connects there and asks for the
   agent's port with ``CONNECT <port>``. The guest is told ``vmfleet.agent=vsock``. CH binds
   that socket itself at boot and restore, so a stale one is removed first.
-- Memory: ``size`` plus, when the instance has ``hotplug_size``, a virtio-mem region of
-  that size (rounded up to CH's 128 MiB alignment). Nothing is plugged at boot: the guest
-  gets ``size``, as under QEMU.
+- Memory: ``size`` is the spec's ``memory_bytes`` (the instance's size + hotplug_size),
+  all of it from boot, as under QEMU; no virtio-mem region (see :mod:`worker.lifecycle.boot`).
+- ``disk_io_bps``: a ``rate_limiter_config`` token bucket on every disk (hot-plugged ones
+  too), as hypeman sets it. Network bandwidth is shaped with ``tc`` on the TAP by
+  :mod:`worker.network.shaping`, as under QEMU: CH's own net limiter takes one bucket for
+  both directions, and download and upload are limited separately.
 - Networking: bridge mode only. A TAP NIC is ``{tap, mac}``; ``ip``/``mask`` are left out
   on purpose: they are the *host* side of the TAP, CH ignores them for a TAP that exists
   (vmfleet always makes it first, on the bridge), and would put them on a TAP it had to
@@ -76,7 +79,9 @@ from worker.drivers.ch_wire import (
     MemoryConfig,
     NetConfig,
     PayloadConfig,
+    RateLimiterConfig,
     RestoreConfig,
+    TokenBucket,
     VmConfig,
     VmRemoveDevice,
     VmSnapshotConfig,
@@ -112,8 +117,6 @@ AGENT_SOCKET = "agent.vsock"
 GUEST_CID = 3
 #: Beside a snapshot: which CH version wrote it.
 ORIGIN_FILE = "hypervisor.json"
-#: virtio-mem regions are multiples of Linux's memory block size.
-VIRTIO_MEM_ALIGN = 128 << 20
 
 
 def find_ch_binary(configured: str | Path | None = None) -> str | None:
@@ -150,8 +153,8 @@ def build_vm_config(spec: VmSpec, *, kernel: Path) -> VmConfig:
             initramfs=spec.initrd,
         ),
         cpus=CpusConfig(boot_vcpus=spec.vcpus, max_vcpus=spec.vcpus),
-        memory=_memory(spec),
-        disks=tuple(_disk(d) for d in spec.disks),
+        memory=MemoryConfig(size=spec.memory_bytes),
+        disks=tuple(_disk(d, spec.disk_io_bps) for d in spec.disks),
         net=tuple(_nic(n) for n in spec.nics),
         serial=ConsoleConfig(mode="File", file=spec.serial_log),
         console=ConsoleConfig(mode="Pty"),
@@ -163,15 +166,24 @@ def build_vm_config(spec: VmSpec, *, kernel: Path) -> VmConfig:
     )
 
 
-def _memory(spec: VmSpec) -> MemoryConfig:
-    if spec.hotplug_bytes <= 0:
-        return MemoryConfig(size=spec.memory_bytes)
-    region = -(-spec.hotplug_bytes // VIRTIO_MEM_ALIGN) * VIRTIO_MEM_ALIGN
-    return MemoryConfig(size=spec.memory_bytes, hotplug_size=region, hotplug_method="VirtioMem")
+def _disk(disk: DiskSpec, disk_io_bps: int = 0) -> DiskConfig:
+    return DiskConfig(
+        path=disk.path,
+        readonly=disk.readonly,
+        id=disk.id,
+        serial=disk.serial,
+        rate_limiter_config=_disk_limiter(disk_io_bps),
+    )
 
 
-def _disk(disk: DiskSpec) -> DiskConfig:
-    return DiskConfig(path=disk.path, readonly=disk.readonly, id=disk.id, serial=disk.serial)
+def _disk_limiter(disk_io_bps: int) -> RateLimiterConfig | None:
+    """hypeman's token bucket: ``disk_io_bps`` a second, and a one-time burst of three
+    seconds' worth more (a burst of four times the rate), on each disk of its own."""
+    if disk_io_bps <= 0:
+        return None
+    return RateLimiterConfig(
+        bandwidth=TokenBucket(size=disk_io_bps, refill_time=1000, one_time_burst=3 * disk_io_bps)
+    )
 
 
 def _nic(nic: NicSpec) -> NetConfig:
@@ -339,7 +351,7 @@ class CloudHypervisorDriver:
 
     async def attach_disk(self, spec: VmSpec, process: VmmProcess, disk: DiskSpec) -> None:
         async with self._api(spec) as api:
-            await api.put("vm.add-disk", _disk(disk))
+            await api.put("vm.add-disk", _disk(disk, spec.disk_io_bps))
 
     async def detach_disk(self, spec: VmSpec, process: VmmProcess, disk: DiskSpec) -> None:
         async with self._api(spec) as api:

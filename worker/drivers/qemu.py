@@ -20,6 +20,7 @@ Decisions (What / Why):
 from __future__ import annotations
 
 import contextlib
+import json
 import shlex
 import shutil
 from pathlib import Path
@@ -104,7 +105,7 @@ def build_args(spec: VmSpec, *, binary: str, incoming: bool = False) -> list[str
     for slot in range(1, spec.hotplug_slots + 1):
         args += ["-device", f"pcie-root-port,id=rp{slot},slot={slot},chassis={slot}"]
     for disk in spec.disks:
-        args += _disk_args(disk)
+        args += _disk_args(disk, spec.disk_io_bps)
     for nic in spec.nics:
         args += _nic_args(nic)
     if incoming:
@@ -149,19 +150,56 @@ def _nic_args(nic: NicSpec) -> list[str]:
     return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={nic.id},mac={nic.mac}"]
 
 
-def _disk_args(disk: DiskSpec) -> list[str]:
+def _disk_args(disk: DiskSpec, disk_io_bps: int = 0) -> list[str]:
+    """file -> raw (-> throttle, when the instance has ``disk_io_bps``) -> virtio-blk.
+    The device always names ``disk.id``: the top node, whichever it is."""
     readonly = ",read-only=on" if disk.readonly else ""
     device = f"virtio-blk-pci,drive={disk.id},id=dev-{disk.id},serial={disk.serial}"
     if disk.slot is not None:
         device += f",bus=rp{disk.slot}"
-    return [
+    raw = _raw_node(disk, disk_io_bps)
+    args = [
         "-blockdev",
         f"driver=file,filename={disk.path},node-name=file-{disk.id}{readonly}",
         "-blockdev",
-        f"driver=raw,file=file-{disk.id},node-name={disk.id}{readonly}",
-        "-device",
-        device,
+        f"driver=raw,file=file-{disk.id},node-name={raw}{readonly}",
     ]
+    if disk_io_bps > 0:
+        group = json.dumps(_throttle_group(disk, disk_io_bps), separators=(",", ":"))
+        args += [
+            "-object",
+            group,
+            "-blockdev",
+            f"driver=throttle,throttle-group={_group_id(disk)},file={raw},"
+            f"node-name={disk.id}{readonly}",
+        ]
+    return [*args, "-device", device]
+
+
+#: hypeman's burst: four times the rate, for one second.
+DISK_BURST_FACTOR = 4
+
+
+def _raw_node(disk: DiskSpec, disk_io_bps: int) -> str:
+    return f"raw-{disk.id}" if disk_io_bps > 0 else disk.id
+
+
+def _group_id(disk: DiskSpec) -> str:
+    return f"tg-{disk.id}"
+
+
+def _throttle_group(disk: DiskSpec, disk_io_bps: int) -> dict[str, object]:
+    """One throttle group per disk, as hypeman gives each disk its own limiter. The JSON form
+    of ``-object``: QEMU 7.2's key=value form refuses ``limits.bps-total-max-length``."""
+    return {
+        "qom-type": "throttle-group",
+        "id": _group_id(disk),
+        "limits": {
+            "bps-total": disk_io_bps,
+            "bps-total-max": disk_io_bps * DISK_BURST_FACTOR,
+            "bps-total-max-length": 1,
+        },
+    }
 
 
 class QemuDriver:
@@ -280,37 +318,25 @@ class QemuDriver:
     async def attach_disk(self, spec: VmSpec, process: VmmProcess, disk: DiskSpec) -> None:
         assert disk.slot is not None, "hot-plugged disks sit on a root port"
         async with open_qmp(self.api_socket(spec)) as qmp:
-            file_node = {
-                "driver": "file",
-                "filename": disk.path,
-                "node-name": f"file-{disk.id}",
-                "read-only": disk.readonly,
-            }
-            await qmp.execute("blockdev-add", file_node)
+            added: list[tuple[str, dict[str, object]]] = []  # what to undo, newest last
             try:
-                raw = {
-                    "driver": "raw",
-                    "file": f"file-{disk.id}",
-                    "node-name": disk.id,
-                    "read-only": disk.readonly,
-                }
-                await qmp.execute("blockdev-add", raw)
-                try:
-                    await qmp.execute(
-                        "device_add",
-                        {
-                            "driver": "virtio-blk-pci",
-                            "drive": disk.id,
-                            "id": f"dev-{disk.id}",
-                            "serial": disk.serial,
-                            "bus": f"rp{disk.slot}",
-                        },
-                    )
-                except QmpError:
-                    await qmp.execute("blockdev-del", {"node-name": disk.id})
-                    raise
+                for command, arguments, undo in _hotplug_steps(disk, spec.disk_io_bps):
+                    await qmp.execute(command, arguments)
+                    added.append(undo)
+                await qmp.execute(
+                    "device_add",
+                    {
+                        "driver": "virtio-blk-pci",
+                        "drive": disk.id,
+                        "id": f"dev-{disk.id}",
+                        "serial": disk.serial,
+                        "bus": f"rp{disk.slot}",
+                    },
+                )
             except QmpError:
-                await qmp.execute("blockdev-del", {"node-name": f"file-{disk.id}"})
+                for command, arguments in reversed(added):
+                    with contextlib.suppress(QmpError):
+                        await qmp.execute(command, arguments)
                 raise
 
     async def detach_disk(self, spec: VmSpec, process: VmmProcess, disk: DiskSpec) -> None:
@@ -321,5 +347,56 @@ class QemuDriver:
                 timeout_s=30,
                 match=lambda data: data.get("device") == f"dev-{disk.id}",
             )
-            await qmp.execute("blockdev-del", {"node-name": disk.id})
-            await qmp.execute("blockdev-del", {"node-name": f"file-{disk.id}"})
+            for _, _, (command, arguments) in reversed(_hotplug_steps(disk, spec.disk_io_bps)):
+                await qmp.execute(command, arguments)
+
+
+Step = tuple[str, dict[str, object], tuple[str, dict[str, object]]]
+
+
+def _hotplug_steps(disk: DiskSpec, disk_io_bps: int) -> list[Step]:
+    """The QMP commands that build a disk's node stack (as :func:`_disk_args` does on the
+    command line), each with the command that takes it away again."""
+    raw = _raw_node(disk, disk_io_bps)
+    steps: list[Step] = [
+        (
+            "blockdev-add",
+            {
+                "driver": "file",
+                "filename": disk.path,
+                "node-name": f"file-{disk.id}",
+                "read-only": disk.readonly,
+            },
+            ("blockdev-del", {"node-name": f"file-{disk.id}"}),
+        ),
+        (
+            "blockdev-add",
+            {
+                "driver": "raw",
+                "file": f"file-{disk.id}",
+                "node-name": raw,
+                "read-only": disk.readonly,
+            },
+            ("blockdev-del", {"node-name": raw}),
+        ),
+    ]
+    if disk_io_bps > 0:
+        steps += [
+            (
+                "object-add",
+                _throttle_group(disk, disk_io_bps),
+                ("object-del", {"id": _group_id(disk)}),
+            ),
+            (
+                "blockdev-add",
+                {
+                    "driver": "throttle",
+                    "throttle-group": _group_id(disk),
+                    "file": raw,
+                    "node-name": disk.id,
+                    "read-only": disk.readonly,
+                },
+                ("blockdev-del", {"node-name": disk.id}),
+            ),
+        ]
+    return steps

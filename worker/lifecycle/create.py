@@ -13,7 +13,7 @@ from schemas.messages import Create, InstanceRecord
 from worker.lifecycle.boot import boot_vm
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.mounts import check_mounts
-from worker.lifecycle.network import release_network, take_address
+from worker.lifecycle.network import check_network_limits, release_network, take_address
 from worker.network import USER_GUEST_IP, check_port_mappings, claim_host_ports, mac_for
 from worker.storage import make_sparse_ext4
 
@@ -29,6 +29,7 @@ async def create(
     _check_request(cmd)
     check_mounts(cmd.volumes)
     check_port_mappings(cmd.port_mappings)
+    check_network_limits(ctx, cmd)
     claim_host_ports(cmd.port_mappings, taken_ports or set(), publish_address(ctx))
     for mount in cmd.volumes:
         ctx.volumes.require(mount.volume_id)

@@ -1,18 +1,50 @@
 """An instance's network across operations (bridge mode; user mode needs nothing here).
 
-- :func:`take_address`: the lease (IP + MAC) and TAP name, recorded; before a boot.
+- :func:`take_address`: the lease (IP + MAC) and TAP name, recorded; before a boot. An
+  instance keeps its lease for as long as it exists: a start boots on the same address.
 - :func:`guest_network` / :func:`nics`: what the config disk and the VMM are given.
-- :func:`release_network`: TAP, rules and lease gone (stop, delete, a failed create/start).
+- :func:`plug`: the TAP, shaped to the instance's bandwidth limits, and its DNAT rules.
+- :func:`unplug`: TAP and rules gone, the address kept (stop, a VMM that exited, a failed
+  start).
+- :func:`release_network`: everything gone, the lease too (delete, a failed create).
+- :func:`check_network_limits`: a bandwidth limit this host cannot enforce is refused.
 """
 
 from __future__ import annotations
 
+from schemas.errors import BadRequest
+from schemas.messages import Create
 from worker.drivers.base import NicSpec
 from worker.guest import GuestNetwork
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.network import tap_name, user_nic
+from worker.network.shaping import Bandwidth
 
-__all__ = ["guest_network", "nics", "plug", "release_network", "take_address"]
+__all__ = [
+    "check_network_limits",
+    "guest_network",
+    "nics",
+    "plug",
+    "release_network",
+    "take_address",
+    "unplug",
+]
+
+
+def check_network_limits(ctx: OpContext, cmd: Create) -> None:
+    """User mode has no device to shape: QEMU's own network stack moves the packets."""
+    if ctx.bridge is not None or not cmd.network_enabled:
+        return
+    for field, value in (
+        ("bandwidth_download", cmd.bandwidth_download_bps),
+        ("bandwidth_upload", cmd.bandwidth_upload_bps),
+    ):
+        if value > 0:
+            raise BadRequest(
+                f"network.{field} cannot be enforced in the user network mode of host "
+                f"{ctx.host_id}: leave it out, or use a host in bridge mode",
+                code="not_supported",
+            )
 
 
 def take_address(ctx: OpContext, inst: LocalInstance) -> None:
@@ -48,12 +80,24 @@ def nics(ctx: OpContext, inst: LocalInstance) -> tuple[NicSpec, ...]:
 
 
 async def plug(ctx: OpContext, inst: LocalInstance, tap: str | None = None) -> None:
-    """The TAP (``tap``: the one a snapshot's device model names) and the DNAT rules."""
+    """The TAP (``tap``: the one a snapshot's device model names), its shapers, and the
+    DNAT rules."""
     if ctx.bridge is None or not inst.record.network_enabled:
         return
     tap = tap or inst.record.tap
     assert tap is not None
-    await ctx.bridge.plug(inst.id, tap, inst.record.port_mappings)
+    record = inst.record
+    limits = Bandwidth(
+        download_bps=record.bandwidth_download_bps, upload_bps=record.bandwidth_upload_bps
+    )
+    await ctx.bridge.plug(inst.id, tap, record.port_mappings, limits)
+
+
+async def unplug(ctx: OpContext, inst: LocalInstance) -> None:
+    """Give up the TAP and the rules; the lease (and the record's ip and mac) stay."""
+    if ctx.bridge is None or not inst.record.network_enabled:
+        return
+    await ctx.bridge.unplug(inst.id, inst.record.tap)
 
 
 async def release_network(ctx: OpContext, inst: LocalInstance, *, record: bool = True) -> None:

@@ -12,7 +12,7 @@ from schemas.messages import Start
 from worker.lifecycle.boot import boot_vm
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.create import publish_address
-from worker.lifecycle.network import release_network, take_address
+from worker.lifecycle.network import take_address, unplug
 from worker.network import claim_host_ports
 from worker.states import Op, check_transition
 
@@ -31,8 +31,9 @@ async def start(ctx: OpContext, inst: LocalInstance, cmd: Start) -> None:
         )
     # 3. Its host ports are still free (something else may have bound one meanwhile).
     claim_host_ports(inst.record.port_mappings, set(), publish_address(ctx))
-    # 4. The image (pulled again only if this host lost it), an address (bridge mode: its
-    # own old lease if one was left, else a new one), a fresh config disk, then boot.
+    # 4. The image (pulled again only if this host lost it), its address (bridge mode: its
+    # own lease, kept since create; a new one only if the host lost it), a fresh config
+    # disk, then boot.
     image = await ctx.pull_image(inst)
     take_address(ctx, inst)
     ctx.set_state(inst, InstanceState.CREATED)
@@ -45,7 +46,7 @@ async def start(ctx: OpContext, inst: LocalInstance, cmd: Start) -> None:
             inst.process = None
             inst.guest.write_pid(None)
             with contextlib.suppress(Exception):
-                await release_network(ctx, inst)
+                await unplug(ctx, inst)
             ctx.set_state(inst, InstanceState.STOPPED, error=f"start failed: {exc}")
         raise
     ctx.set_state(inst, InstanceState.RUNNING, started_at=datetime.now(UTC))

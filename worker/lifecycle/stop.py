@@ -10,7 +10,7 @@ from schemas.api import InstanceState
 from schemas.messages import Stop
 from worker.guest.control import GuestControlError, guest_request
 from worker.lifecycle.context import LocalInstance, OpContext
-from worker.lifecycle.network import release_network
+from worker.lifecycle.network import unplug
 from worker.states import Op, check_transition
 
 __all__ = ["stop", "stop_vmm"]
@@ -19,8 +19,8 @@ __all__ = ["stop", "stop_vmm"]
 async def stop(ctx: OpContext, inst: LocalInstance, cmd: Stop) -> None:
     check_transition(Op.STOP, inst.state)
     await stop_vmm(ctx, inst)
-    # bridge mode: nothing is kept that could block the next start (it takes a new lease).
-    await release_network(ctx, inst)
+    # bridge mode: the TAP and rules go; the address stays the instance's (start reuses it).
+    await unplug(ctx, inst)
     ctx.set_state(inst, InstanceState.STOPPED, stopped_at=datetime.now(UTC))
 
 

@@ -2,10 +2,13 @@
 
 What exists when (instance by instance):
 
-- Running: lease (IP + MAC), TAP ``vf<first 10 chars of the id>`` on the bridge, DNAT rules.
-- Standby: lease and rules; no TAP (QEMU is gone). Restore recreates the TAP with the same
+- Running: lease (IP + MAC), TAP ``vf<first 10 chars of the id>`` on the bridge, DNAT rules,
+  and the bandwidth shapers of :mod:`worker.network.shaping` when it has limits.
+- Standby: lease and rules; no TAP (the VMM is gone). Restore recreates the TAP with the same
   name, and the lease gives the same IP and MAC: the snapshot holds the guest's network.
-- Stopped or deleted: nothing. A start takes a new lease (or its own, if one was left).
+- Stopped: the lease only. An instance keeps its address for as long as it exists, as in
+  hypeman's API: a stopped instance still reports it, and a start boots on it again.
+- Deleted: nothing.
 
 Needs root, ``ip`` (iproute2) and ``nft`` (nftables). Only the bridge, the ``vf*`` TAPs on
 it and vmfleet's own nftables table are ever touched.
@@ -26,6 +29,7 @@ from worker.drivers.base import NicSpec
 from worker.network._cmd import run_tool
 from worker.network.ipam import Ipam, Lease
 from worker.network.nat import Nat
+from worker.network.shaping import Bandwidth, ifb_name, ifbs, shape, unshape
 from worker.network.user import NetworkSettings
 
 __all__ = ["TAP_PREFIX", "BridgeNetwork", "check_bridge_host", "tap_name"]
@@ -80,8 +84,15 @@ class BridgeNetwork:
         assert lease is not None, f"{instance_id} has no lease"
         return NicSpec(id="net0", mac=lease.mac, mode="tap", tap=tap)
 
-    async def plug(self, instance_id: str, tap: str, mappings: Iterable[PortMapping] = ()) -> None:
-        """The TAP on the bridge (made afresh) and the instance's DNAT rules."""
+    async def plug(
+        self,
+        instance_id: str,
+        tap: str,
+        mappings: Iterable[PortMapping] = (),
+        limits: Bandwidth | None = None,
+    ) -> None:
+        """The TAP on the bridge (made afresh), shaped to ``limits``, and the instance's DNAT
+        rules."""
         lease = self.ipam.lease(instance_id)
         assert lease is not None, f"{instance_id} has no lease"
         await self.remove_tap(tap)
@@ -89,6 +100,7 @@ class BridgeNetwork:
         try:
             await _ip("link", "set", "dev", tap, "master", self.bridge)
             await _ip("link", "set", "dev", tap, "up")
+            await shape(tap, limits or Bandwidth())
             await self.nat.add(instance_id, lease.ip, mappings)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -97,12 +109,17 @@ class BridgeNetwork:
 
     async def remove_tap(self, tap: str) -> None:
         await _ip("link", "del", "dev", tap, check=False)
+        await unshape(tap)
 
-    async def release(self, instance_id: str, tap: str | None) -> None:
-        """Everything of the instance: TAP, rules, lease."""
+    async def unplug(self, instance_id: str, tap: str | None) -> None:
+        """TAP and rules gone, the lease kept (stop, a VMM gone, a failed start)."""
         if tap:
             await self.remove_tap(tap)
         await self.nat.remove(instance_id)
+
+    async def release(self, instance_id: str, tap: str | None) -> None:
+        """Everything of the instance: TAP, rules, lease (delete, a failed create)."""
+        await self.unplug(instance_id, tap)
         self.ipam.release(instance_id)
 
     # -- leftovers ---------------------------------------------------------------------------
@@ -116,17 +133,24 @@ class BridgeNetwork:
             if link["ifname"].startswith(TAP_PREFIX) and link.get("master") in (None, self.bridge)
         }
 
-    async def remove_leftovers(self, *, keep_taps: set[str], keep: set[str]) -> list[str]:
-        """Remove TAPs not in ``keep_taps``, and rules and leases of instances not in
-        ``keep``; return what was removed, for the log."""
+    async def remove_leftovers(
+        self, *, keep_taps: set[str], keep: set[str], keep_leases: set[str] | None = None
+    ) -> list[str]:
+        """Remove TAPs (and their ifbs) not in ``keep_taps``, rules of instances not in
+        ``keep``, and leases of instances not in ``keep_leases`` (default: ``keep``); return
+        what was removed, for the log."""
+        keep_leases = keep if keep_leases is None else keep_leases
         removed = []
         for tap in sorted(await self.taps() - keep_taps):
             await self.remove_tap(tap)
             removed.append(f"tap {tap}")
+        for ifb in sorted(await ifbs() - {ifb_name(tap) for tap in keep_taps}):
+            await _ip("link", "del", "dev", ifb, check=False)
+            removed.append(f"ifb {ifb}")
         for instance_id in sorted(await self.nat.remove_others(keep)):
             removed.append(f"rules of {instance_id}")
         for lease in self.ipam.leases():
-            if lease.instance_id not in keep:
+            if lease.instance_id not in keep_leases:
                 self.ipam.release(lease.instance_id)
                 removed.append(f"lease {lease.ip} of {lease.instance_id}")
         return removed

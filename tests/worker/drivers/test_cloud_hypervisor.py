@@ -86,7 +86,7 @@ def without_info(calls: list[str]) -> list[str]:
 async def test_boot_creates_the_vm_its_spec_describes(
     driver: CloudHypervisorDriver, ch_requests: RequestLog, vm_dir: Path, ch_kernel: Path
 ) -> None:
-    spec = make_spec(vm_dir, ch_kernel, hotplug_bytes=200 * MIB)
+    spec = make_spec(vm_dir, ch_kernel)
     process = await driver.boot(spec, vmm_log=vm_dir / "logs" / "vmm.log")
     try:
         assert await driver.state(spec, process) is VmState.RUNNING
@@ -99,11 +99,8 @@ async def test_boot_creates_the_vm_its_spec_describes(
         assert cmdline[0] == "console=ttyS0" and cmdline[-1] == "vmfleet.ctl=hvc0"
         assert not any("ttyS1" in word for word in cmdline)
         assert config["cpus"] == {"boot_vcpus": 2, "max_vcpus": 2}
-        assert config["memory"] == {
-            "size": 256 * MIB,
-            "hotplug_size": 256 * MIB,  # rounded up to virtio-mem's 128 MiB blocks
-            "hotplug_method": "VirtioMem",
-        }
+        # All of it from boot (size + hotplug_size): no virtio-mem region left unplugged.
+        assert config["memory"] == {"size": 256 * MIB}
         root, overlay, conf = (str(vm_dir / f"{n}.img") for n in ("root", "overlay", "config"))
         assert config["disks"] == [  # in order; readonly only where true
             {"path": root, "readonly": True, "id": "root", "serial": "vmfleet-root"},
@@ -224,6 +221,26 @@ async def test_hot_attach_then_detach(
         assert "vol1" not in (info.device_tree or {})
         with pytest.raises(GuestControlError, match="did not appear"):
             await guest_request(control, mount, timeout_s=10)
+    finally:
+        assert await driver.power_off(spec, process, timeout_s=5)
+
+
+async def test_disk_io_bps_is_a_rate_limiter_on_every_disk(
+    driver: CloudHypervisorDriver, ch_requests: RequestLog, vm_dir: Path, ch_kernel: Path
+) -> None:
+    spec = make_spec(vm_dir, ch_kernel, disk_io_bps=100 * MIB)
+    volume = vm_dir / "data.raw"
+    volume.write_bytes(b"\0" * 4096)
+    disk = DiskSpec(id="vol1", path=str(volume), readonly=False, serial="vmfleet-vol1", slot=1)
+    # hypeman's bucket: the rate each second, plus a one-time burst of three seconds' worth.
+    limiter = {"bandwidth": {"size": 100 * MIB, "refill_time": 1000, "one_time_burst": 300 * MIB}}
+    process = await driver.boot(spec, vmm_log=vm_dir / "logs" / "vmm.log")
+    try:
+        await driver.attach_disk(spec, process, disk)
+        (config,) = ch_requests.bodies("vm.create")
+        assert [d["rate_limiter_config"] for d in config["disks"]] == [limiter] * 3
+        (added,) = ch_requests.bodies("vm.add-disk")
+        assert added["rate_limiter_config"] == limiter
     finally:
         assert await driver.power_off(spec, process, timeout_s=5)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from worker.drivers.base import DiskSpec, VmSpec
 from worker.drivers.qemu import build_args
 
@@ -56,3 +58,26 @@ def test_restore_differs_only_by_incoming() -> None:
     boot = build_args(spec(), binary="qemu")
     restore = build_args(spec(), binary="qemu", incoming=True)
     assert restore == [*boot, "-incoming", "defer"]
+
+
+def test_disk_io_bps_throttles_every_disk_with_a_group_of_its_own() -> None:
+    args = build_args(spec(disk_io_bps=1 << 20), binary="qemu")
+    groups = [json.loads(args[i + 1]) for i, a in enumerate(args) if a == "-object"]
+    assert [g["id"] for g in groups] == ["tg-root", "tg-vol3"]
+    assert groups[0] == {
+        "qom-type": "throttle-group",
+        "id": "tg-root",
+        "limits": {"bps-total": 1 << 20, "bps-total-max": 4 << 20, "bps-total-max-length": 1},
+    }
+    # The device still names the disk's id: now the throttle node on top of the raw one.
+    assert "driver=raw,file=file-vol3,node-name=raw-vol3" in args
+    assert "driver=throttle,throttle-group=tg-vol3,file=raw-vol3,node-name=vol3" in args
+    assert (
+        "driver=throttle,throttle-group=tg-root,file=raw-root,node-name=root,read-only=on" in args
+    )
+    assert "virtio-blk-pci,drive=vol3,id=dev-vol3,serial=vmfleet-vol3,bus=rp3" in args
+
+
+def test_no_throttle_without_disk_io_bps() -> None:
+    args = build_args(spec(), binary="qemu")
+    assert "-object" not in args and not any("throttle" in a for a in args)
