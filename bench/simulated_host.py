@@ -11,14 +11,15 @@ connection, wired as worker/daemon.py wires them:
   answer) with worker.ledger.Ledger (redelivered commands answered, not re-run),
 - worker.publisher.RecordPublisher (instance records to KV, transitions to the states
   stream, in order), worker.queries.serve_queries,
-- heartbeats built by worker.heartbeat.host_record, with the simulated capacity in them.
+- worker.heartbeat.heartbeat_loop, with the simulated capacity in the host record.
 
 In place of worker.engine.HostEngine it has :class:`SimulatedEngine`: the same command
-surface (execute, get, records, usage), the state table of worker.states, the same
-capacity refusal (``host_full`` past capacity x overcommit, as HostEngine._check_room_for)
-and the same sequence of record changes as the real create (record, Created, Running,
-last command id), but no disks, images, networks or VMMs: an operation takes
-``--op-delay-ms`` (default 0) instead of a VMM's time.
+surface (execute, get, records, usage), the state table of worker.states (each change of
+state checked against it), the same capacity account (worker.capacity: ``host_full`` past
+capacity x overcommit) and the same sequence of record changes as the real create (record
+in Created, image digest, Initializing, Running, last command id), but no disks, images,
+networks or VMMs: an operation takes ``--op-delay-ms`` (default 0) instead of a VMM's
+time.
 
 `--bare` adds, per host, the floor bench/fleet.py compares with: a pull consumer on a
 stream of its own that does for each message just what a create costs NATS at the least
@@ -32,7 +33,6 @@ It prints "ready" once every host takes commands, and stops on SIGTERM.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import logging
 import signal
@@ -48,15 +48,13 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
-from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from natsbus import BusOptions, connect
 from schemas.api import Hypervisor, InstanceState
-from schemas.codec import encode
-from schemas.errors import Conflict, NoCapacity, NotFound
+from schemas.errors import Conflict, NotFound
 from schemas.messages import (
     AnyCommand,
     AttachVolume,
@@ -65,19 +63,19 @@ from schemas.messages import (
     DetachVolume,
     InstanceRecord,
     MountSpec,
-    host_port_key,
 )
 from schemas.subjects import Subjects
+from worker.capacity import CapacityAccount
 from worker.commands import CommandConsumer
 from worker.config import WorkerConfig
 from worker.dispatch import Dispatcher
-from worker.heartbeat import host_record
+from worker.heartbeat import heartbeat_loop
 from worker.host import HostCapacity, HostLimits, HostUsage
 from worker.ledger import Ledger
 from worker.metrics import WorkerMetrics
 from worker.publisher import RecordPublisher
 from worker.queries import serve_queries
-from worker.states import Op, check_transition
+from worker.states import TRANSITIONS, Cause, Op, check_edge, check_transition
 from worker.volumes import VolumeStore
 
 __all__ = ["SimulatedEngine", "bare_stream", "run_hosts"]
@@ -95,6 +93,11 @@ READY_IMAGES = (IMAGE_DIGEST, IMAGE)
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _disk_bytes(record: InstanceRecord) -> int:
+    """An instance's overlay and volume overlays (Create.disk_bytes, of its record)."""
+    return record.overlay_bytes + sum(m.overlay_bytes for m in record.volumes if m.overlay)
 
 
 def bare_stream(prefix: str) -> StreamConfig:
@@ -121,15 +124,19 @@ class SimulatedEngine:
         op_delay_s: float = 0.0,
     ) -> None:
         self.host_id = host_id
-        self.limits = limits
-        self.disk_free_bytes = disk_free_bytes
         self._changed = on_transition
         self._removed = on_removed
         self._delay_s = op_delay_s
         self._records: dict[str, InstanceRecord] = {}
-        #: Creates under way (HostEngine._creating): they count against the host at once.
-        self._creating: dict[str, Create] = {}
         self._locks: dict[str, anyio.Lock] = {}
+        self.capacity = CapacityAccount(
+            host_id=host_id,
+            limits=lambda: limits,
+            records=self.records,
+            disk_free=lambda: disk_free_bytes,
+            # The sparse overlays are never written: each may still take all of its size.
+            disk_unwritten=lambda: sum(_disk_bytes(r) for r in self._records.values()),
+        )
 
     def get(self, instance_id: str) -> InstanceRecord:
         record = self._records.get(instance_id)
@@ -141,43 +148,8 @@ class SimulatedEngine:
         return iter(list(self._records.values()))
 
     def usage(self) -> HostUsage:
-        """As HostEngine.usage: vCPUs and memory of the instances that would have a VMM
-        and of the creates under way; the disk their (never written) sparse overlays may
-        take; host ports held; the image every simulated host has ready."""
-        vcpus, memory = self._held()
-        ports = sorted(
-            host_port_key(m.host_port, str(m.protocol or "tcp"))
-            for r in self._records.values()
-            for m in r.port_mappings
-        )
-        values: dict[str, object] = {
-            "vcpus": vcpus,
-            "memory_bytes": memory,
-            "instances": len(self._records) + len(self._creating),
-            "accel": "tcg",
-            "disk_promised_bytes": self._disk_promised(),
-            "ports": tuple(ports),
-            "images": READY_IMAGES,
-        }
-        # Only the fields this version of HostUsage has (the worker's is still evolving).
-        known = {f.name for f in dataclasses.fields(HostUsage)}
-        return HostUsage(**{k: v for k, v in values.items() if k in known})  # type: ignore[arg-type]
-
-    def _held(self) -> tuple[int, int]:
-        holding = (InstanceState.RUNNING, InstanceState.PAUSED, InstanceState.CREATED)
-        live = [r for r in self._records.values() if r.state in holding]
-        creating = list(self._creating.values())
-        return (
-            sum(r.vcpus for r in live) + sum(c.vcpus for c in creating),
-            sum(r.size_bytes + r.hotplug_bytes for r in live)
-            + sum(c.size_bytes + c.hotplug_bytes for c in creating),
-        )
-
-    def _disk_promised(self) -> int:
-        total = sum(c.disk_bytes for c in self._creating.values())
-        for r in self._records.values():
-            total += r.overlay_bytes + sum(m.overlay_bytes for m in r.volumes if m.overlay)
-        return total
+        """As HostEngine.usage, with the image every simulated host has ready."""
+        return self.capacity.usage(accel="tcg", images=READY_IMAGES)
 
     async def execute(self, cmd: AnyCommand) -> InstanceRecord | None:
         instance_id: str = cmd.instance_id  # type: ignore[union-attr]
@@ -185,12 +157,9 @@ class SimulatedEngine:
             if isinstance(cmd, Create):
                 if instance_id in self._records:
                     raise Conflict(f"instance {instance_id} already exists", code="already_exists")
-                self._check_room_for(cmd)
-                self._creating[instance_id] = cmd
-                try:
+                self.capacity.check_room_for(cmd)
+                with self.capacity.reserving(cmd):
                     self._records[instance_id] = await self._create(cmd)
-                finally:
-                    del self._creating[instance_id]
             elif isinstance(cmd, Delete):
                 record = self.get(instance_id)
                 await self._work()
@@ -207,31 +176,15 @@ class SimulatedEngine:
         record = cmd.new_record(host=self.host_id, hypervisor=Hypervisor.QEMU, created_at=_now())
         record = self._save(record, image_digest=IMAGE_DIGEST)  # the image is "pulled"
         await self._work()  # the overlay is "made", the VM "boots"
-        record = self._set_state(record, InstanceState.CREATED)
-        return self._set_state(record, InstanceState.RUNNING, started_at=_now())
-
-    def _check_room_for(self, cmd: Create) -> None:
-        """HostEngine._check_room_for, in effect."""
-        held_vcpus, held_memory = self._held()
-        vcpus = held_vcpus + cmd.vcpus
-        memory = held_memory + cmd.size_bytes + cmd.hotplug_bytes
-        disk = self._disk_promised() + cmd.disk_bytes
-        if (
-            vcpus > self.limits.vcpus
-            or memory > self.limits.memory_bytes
-            or disk > self.disk_free_bytes
-        ):
-            raise NoCapacity(
-                f"host {self.host_id} is full: {vcpus} of {self.limits.vcpus:g} vCPUs, "
-                f"{memory >> 20} of {int(self.limits.memory_bytes) >> 20} MiB of memory, and "
-                f"{disk >> 20} MiB of disk of {self.disk_free_bytes >> 20} MiB free would be "
-                "in use",
-                code="host_full",
-            )
+        for state in TRANSITIONS[Op.CREATE].path:
+            changes = {"started_at": _now()} if state is InstanceState.RUNNING else {}
+            record = self._set_state(record, state, Op.CREATE, **changes)
+        return record
 
     async def _transition(self, cmd: AnyCommand) -> InstanceRecord:
         record = self.get(cmd.instance_id)  # type: ignore[union-attr]
-        transition = check_transition(Op(cmd.op), record.state)
+        transition_op = Op(cmd.op)
+        transition = check_transition(transition_op, record.state)
         await self._work()
         if isinstance(cmd, AttachVolume):
             mount = MountSpec(
@@ -253,7 +206,7 @@ class SimulatedEngine:
                 changes = {"has_snapshot": True, "stopped_at": _now()}
             elif state is InstanceState.STOPPED:
                 changes = {"stopped_at": _now()}
-            record = self._set_state(record, state, **changes)
+            record = self._set_state(record, state, transition_op, **changes)
         return record
 
     async def _work(self) -> None:
@@ -263,9 +216,11 @@ class SimulatedEngine:
             await anyio.lowlevel.checkpoint()
 
     def _set_state(
-        self, record: InstanceRecord, state: InstanceState, **changes: object
+        self, record: InstanceRecord, state: InstanceState, cause: Cause, **changes: object
     ) -> InstanceRecord:
-        """OpContext.set_state: the new record, then whoever listens (the publisher)."""
+        """OpContext.set_state: an edge of the table, the new record, then whoever listens
+        (the publisher)."""
+        check_edge(record.state, state, cause)
         updated = msgspec.structs.replace(record, state=state, state_error=None, **changes)
         self._changed(updated, record.state)
         return updated
@@ -277,39 +232,6 @@ class SimulatedEngine:
             self._records[updated.id] = updated
         self._changed(updated, None)
         return updated
-
-
-async def _heartbeats(
-    hosts: KeyValue,
-    config: WorkerConfig,
-    engine: SimulatedEngine,
-    capacity: HostCapacity,
-    *,
-    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """worker.heartbeat's loop, with the simulated capacity in the record."""
-    started_at = _now()
-
-    async def beat() -> None:
-        record = host_record(config, started_at, engine.usage(), [Hypervisor.QEMU])
-        record = msgspec.structs.replace(
-            record,
-            vcpus_total=capacity.vcpus,
-            memory_total_bytes=capacity.memory_bytes,
-            disk_total_bytes=capacity.disk_total_bytes,
-            disk_free_bytes=capacity.disk_free_bytes,
-        )
-        await hosts.put(config.host_id, encode(record))
-
-    await beat()
-    task_status.started()
-    while True:
-        await anyio.sleep(config.heartbeat_interval_s)
-        try:
-            with anyio.fail_after(config.heartbeat_interval_s):
-                await beat()
-        except Exception as exc:
-            log.warning("heartbeat of %s failed: %s", config.host_id, exc)
 
 
 async def run_host(
@@ -359,7 +281,10 @@ async def run_host(
         async with anyio.create_task_group() as tg:
             await tg.start(publisher.run)
             try:
-                await tg.start(_heartbeats, hosts, config, engine, capacity)
+                beat = functools.partial(
+                    heartbeat_loop, hypervisors=[Hypervisor.QEMU], capacity=capacity
+                )
+                await tg.start(beat, hosts, config, engine.usage)
                 await tg.start(serve_queries, nc, subjects, host_id, ledger)
                 await tg.start(consumer.run)
                 if bare:

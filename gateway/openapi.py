@@ -21,7 +21,13 @@ from typing import Any, Final
 import msgspec
 import yaml
 
-from schemas.api import VOLUME_ID_PATTERN, DrainRequest, DrainResult, WaitForStateResponse
+from schemas.api import (
+    VOLUME_ID_PATTERN,
+    DrainRequest,
+    DrainResult,
+    InstanceState,
+    WaitForStateResponse,
+)
 from schemas.messages import HostRecord, StateEvent
 
 __all__ = ["EXTENSION", "HYPEMAN_OPERATIONS", "build_spec", "spec_json", "spec_yaml"]
@@ -141,6 +147,12 @@ def _add_fleet_errors(paths: dict[str, Any]) -> None:
         responses = paths[path][method]["responses"]
         for status, description in _FLEET_ERRORS.items():
             responses.setdefault(status, _ext(_error_response(description)))
+    # The newer SDK's Initializing is a state vmfleet reports (the VM runs, the guest is
+    # not ready yet); the vendored description predates it.
+    schemas["InstanceState"]["enum"] = [s.value for s in InstanceState]
+    schemas["InstanceState"]["description"] += (
+        "- Initializing: VM is running while guest init is still in progress\n"
+    )
 
 
 def _extension_paths() -> dict[str, Any]:
@@ -267,16 +279,7 @@ def _from_archive_operation(secured: list[dict[str, list[str]]]) -> dict[str, An
 
 
 def _wait_operation(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
-    states = [
-        "Created",
-        "Initializing",
-        "Running",
-        "Paused",
-        "Shutdown",
-        "Stopped",
-        "Standby",
-        "Unknown",
-    ]
+    states = [s.value for s in InstanceState]
     return {
         "summary": "Wait for an instance to reach a state",
         "description": (

@@ -99,9 +99,11 @@ Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
 class InstanceState(enum.StrEnum):
-    """The seven states hypeman reports (the SDK's ``Initializing`` is never sent)."""
+    """hypeman's states: the seven of its API description plus the SDK's ``Initializing``
+    (the VM runs, the guest is not ready yet)."""
 
     CREATED = "Created"
+    INITIALIZING = "Initializing"
     RUNNING = "Running"
     PAUSED = "Paused"
     SHUTDOWN = "Shutdown"

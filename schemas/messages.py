@@ -150,7 +150,7 @@ class Create(InstanceCommand, frozen=True, kw_only=True):
             name=self.name,
             image=self.image,
             host=host,
-            state=InstanceState.STOPPED,
+            state=InstanceState.CREATED,
             size_bytes=self.size_bytes,
             hotplug_bytes=self.hotplug_bytes,
             overlay_bytes=self.overlay_bytes,

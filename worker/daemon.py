@@ -120,6 +120,7 @@ async def _serve(
         network=config.network,
         bridge=bridge,
         limits=HostLimits.of(
+        on_refused_transition=metrics.count_refused_transition,
             read_capacity(config.data_dir),
             cpu_ratio=config.cpu_overcommit,
             memory_ratio=config.memory_overcommit,

@@ -14,7 +14,7 @@ from schemas.api import Hypervisor
 from schemas.codec import encode
 from schemas.messages import HostRecord
 from worker.config import WorkerConfig
-from worker.host import HostUsage, read_capacity
+from worker.host import HostCapacity, HostUsage, read_capacity
 
 __all__ = ["heartbeat_loop", "host_record"]
 
@@ -28,10 +28,12 @@ def host_record(
     started_at: datetime,
     usage: HostUsage,
     hypervisors: Sequence[Hypervisor] = (Hypervisor.QEMU,),
+    capacity: HostCapacity | None = None,
 ) -> HostRecord:
     """``hypervisors``: what new instances here boot under (placement matches requests
-    against it), not VMFLEET_HYPERVISOR's ``auto``."""
-    capacity = read_capacity(config.data_dir)
+    against it), not VMFLEET_HYPERVISOR's ``auto``. ``capacity``: the host's, read from
+    its data disk unless given (the benchmark's simulated hosts give theirs)."""
+    capacity = capacity or read_capacity(config.data_dir)
     return HostRecord(
         id=config.host_id,
         address=config.address or config.host_id,
@@ -60,13 +62,14 @@ async def heartbeat_loop(
     usage: Callable[[], HostUsage] = HostUsage,
     *,
     hypervisors: Sequence[Hypervisor] = (Hypervisor.QEMU,),
+    capacity: HostCapacity | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Put the host record now, then every interval; a failed put is retried next beat."""
     started_at = datetime.now(UTC)
 
     async def beat() -> None:
-        record = host_record(config, started_at, usage(), hypervisors)
+        record = host_record(config, started_at, usage(), hypervisors, capacity)
         await hosts.put(config.host_id, encode(record))
 
     await beat()
@@ -77,4 +80,4 @@ async def heartbeat_loop(
             with anyio.fail_after(config.heartbeat_interval_s):
                 await beat()
         except Exception as exc:  # NATS down: keep beating, the record ages out meanwhile
-            log.warning("heartbeat failed: %s", exc)
+            log.warning("heartbeat of %s failed: %s", config.host_id, exc)

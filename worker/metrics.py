@@ -48,3 +48,30 @@ class WorkerMetrics:
             ["source"],
             registry=registry,
         )
+        self.refused_transitions = Counter(
+            "vmfleet_worker_refused_transitions",
+            "Changes of state refused because the state table has no such edge (a bug)",
+            ["previous", "state", "cause"],
+            registry=registry,
+        )
+        self.guest_sessions = Gauge(
+            "vmfleet_worker_guest_sessions",
+            "Guest sessions (exec, cp) open on this host",
+            ["kind"],
+            registry=registry,
+        )
+        self.guest_session_bytes = Counter(
+            "vmfleet_worker_guest_session_bytes",
+            "Bytes relayed by guest sessions, to_guest or from_guest",
+            ["direction"],
+            registry=registry,
+        )
+        self.exec_duration = Histogram(
+            "vmfleet_worker_exec_seconds",
+            "Duration of exec sessions, open to end",
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+        )
+
+    def count_refused_transition(self, previous: str, state: str, cause: str) -> None:
+        self.refused_transitions.labels(previous, state, cause).inc()

@@ -50,8 +50,10 @@ from schemas.messages import (
 
 __all__ = ["routes"]
 
-#: The states ``/wait`` accepts: hypeman's, and the newer SDK's ``Initializing``.
-_WAIT_STATES: Final = (*(s.value for s in InstanceState), "Initializing")
+#: The states ``/wait`` accepts: hypeman's, with the newer SDK's ``Initializing``.
+_WAIT_STATES: Final = tuple(s.value for s in InstanceState)
+#: Initializing passes in a moment: a wait for it is also over once the guest is Running.
+_PAST: Final = {InstanceState.INITIALIZING: frozenset({InstanceState.RUNNING})}
 
 
 # -- reads -----------------------------------------------------------------------------------
@@ -247,7 +249,8 @@ async def wait_for_state(request: Request) -> Response:
         current = gw.view.instances.get(record.id)
         if current is None:
             return "gone"
-        if current.state is target or current.state is InstanceState.UNKNOWN:
+        reached = {target, InstanceState.UNKNOWN, *_PAST.get(target, ())}
+        if current.state in reached:
             return "reached"
         return None
 
@@ -271,8 +274,7 @@ def _wait_target(request: Request) -> InstanceState:
             f'parameter "state" in query has an error: value {raw}: '
             f"value is not one of the allowed values {list(_WAIT_STATES)}"
         )
-    # vmfleet never reports Initializing: a Running instance is past it.
-    return InstanceState.RUNNING if raw == "Initializing" else InstanceState(raw)
+    return InstanceState(raw)
 
 
 def _wait_timeout(request: Request, gw: Gateway) -> float:

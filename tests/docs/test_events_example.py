@@ -53,8 +53,8 @@ async def test_example_subscriber_prints_transitions_and_a_log_line(
         done = await anyio.run_process(argv, env=env, check=False)
         out = done.stdout.decode()
         assert done.returncode == 0, done.stderr.decode()
-        assert f"{worker.host_id}/ev1: Stopped -> Created" in out
-        assert f"{worker.host_id}/ev1: Created -> Running" in out
+        assert f"{worker.host_id}/ev1: Created -> Initializing" in out
+        assert f"{worker.host_id}/ev1: Initializing -> Running" in out
         assert "app: " in out
         assert (
             await fleet.send(

@@ -139,7 +139,11 @@ def test_nested_objects_match_spec(parent: str, prop: str, schemas: dict[str, An
 
 
 def test_instance_state_enum_matches_spec(schemas: dict[str, Any]) -> None:
-    assert [s.value for s in api.InstanceState] == schemas["InstanceState"]["enum"]
+    # hypeman's description predates the newer SDK's Initializing (vmfleet serves it).
+    newer = {api.InstanceState.INITIALIZING}
+    assert [s.value for s in api.InstanceState if s not in newer] == schemas["InstanceState"][
+        "enum"
+    ]
     assert [h.value for h in api.Hypervisor] == schemas["Instance"]["properties"]["hypervisor"][
         "enum"
     ]

@@ -128,15 +128,17 @@ async def test_lifecycle_over_nats(
     transitions = [(e.previous, e.state) for e in await state_events(fleet, "web")]
     S = InstanceState
     assert transitions == [
-        (S.STOPPED, S.CREATED),
-        (S.CREATED, S.RUNNING),
+        (S.CREATED, S.INITIALIZING),
+        (S.INITIALIZING, S.RUNNING),
         (S.RUNNING, S.PAUSED),
         (S.PAUSED, S.STANDBY),
         (S.STANDBY, S.PAUSED),
         (S.PAUSED, S.RUNNING),
-        (S.RUNNING, S.STOPPED),
+        (S.RUNNING, S.SHUTDOWN),
+        (S.SHUTDOWN, S.STOPPED),
         (S.STOPPED, S.CREATED),
-        (S.CREATED, S.RUNNING),
+        (S.CREATED, S.INITIALIZING),
+        (S.INITIALIZING, S.RUNNING),
     ]
 
     # The app's output is in the logs stream.
@@ -175,8 +177,8 @@ async def test_same_command_id_runs_once(
     assert again.instance is not None and first.instance is not None
     assert again.instance.id == first.instance.id
     assert len(worker.qemu_processes()) == 1
-    creations = [e for e in await state_events(fleet, "once") if e.state is InstanceState.CREATED]
-    assert len(creations) == 1
+    boots = [e for e in await state_events(fleet, "once") if e.state is InstanceState.INITIALIZING]
+    assert len(boots) == 1
 
 
 async def test_malformed_command_is_answered_and_not_retried(
@@ -244,7 +246,7 @@ async def test_sigkill_during_create_converges(
     fleet: FleetClient, worker: WorkerProcess, busybox_image: str
 ) -> None:
     cmd = create("cr", busybox_image, "echo created; sleep 3600")
-    await kill_worker_during(fleet, worker, cmd, InstanceState.CREATED, InstanceState.RUNNING)
+    await kill_worker_during(fleet, worker, cmd, InstanceState.INITIALIZING, InstanceState.RUNNING)
     assert len(worker.qemu_processes()) == 1
 
 

@@ -1,20 +1,32 @@
-"""Booting an instance's VM from its record: shared by create and start."""
+"""Booting an instance's VM from its record: shared by create and start.
+
+:func:`boot_to_running` is the one place an instance goes Created -> Initializing ->
+Running; :func:`wait_until_ready` is the step between the last two.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 from schemas.errors import BadRequest
 from schemas.messages import MountSpec
 from worker.drivers.base import DiskSpec, VmSpec
 from worker.guest import GuestConfig, build_config_disk, merge_env
 from worker.images import ImageInfo
-from worker.lifecycle.context import LocalInstance, OpContext
+from worker.lifecycle.context import LocalInstance, OpContext, Walk
 from worker.lifecycle.mounts import volume_disks
 from worker.lifecycle.network import guest_network, nics, plug
 from worker.storage import GuestDir, make_sparse_ext4
 
-__all__ = ["boot_vm", "ensure_volume_overlays", "guest_config", "vm_spec"]
+__all__ = [
+    "boot_to_running",
+    "boot_vm",
+    "ensure_volume_overlays",
+    "guest_config",
+    "vm_spec",
+    "wait_until_ready",
+]
 
 #: The kernel command line: quiet boot, the guest control channel on the second UART,
 #: and a panic powers the VM off instead of hanging (with -no-reboot, QEMU then exits).
@@ -97,3 +109,22 @@ async def boot_vm(ctx: OpContext, inst: LocalInstance, image: ImageInfo) -> None
     inst.spec = spec
     inst.guest.write_pid(inst.process.pid)
     ctx.oplog(inst, "VMM started", pid=inst.process.pid, accel=spec.accel)
+
+
+async def boot_to_running(ctx: OpContext, walk: Walk, image: ImageInfo) -> None:
+    """From Created: boot the VM (Initializing once its VMM runs), then Running once the
+    guest is ready. A failure leaves the instance where it was for the caller to undo."""
+    inst = walk.inst
+    await boot_vm(ctx, inst, image)
+    walk.advance()  # Initializing: the VMM runs the guest
+    await wait_until_ready(ctx, inst)
+    walk.advance(started_at=datetime.now(UTC))  # Running
+
+
+async def wait_until_ready(ctx: OpContext, inst: LocalInstance) -> None:
+    """Return once the guest counts as ready, the step from Initializing to Running.
+
+    Today a guest counts as ready as soon as its VMM runs (the control channel is asked
+    for on first use, each request waiting for it), so this returns at once; a readiness
+    check of the guest (its agent answering) belongs here.
+    """

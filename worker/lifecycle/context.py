@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,10 +19,11 @@ from worker.host import HostLimits
 from worker.images import ImageCache, ImageInfo
 from worker.network import BridgeNetwork, NetworkSettings
 from worker.proc import VmmProcess
+from worker.states import Cause, IllegalTransition, Op, check_edge, check_transition
 from worker.storage import GuestDir, Storage
 from worker.volumes import VolumeStore
 
-__all__ = ["BootAssets", "LocalInstance", "OpContext", "Timeouts", "Transitioned"]
+__all__ = ["BootAssets", "LocalInstance", "OpContext", "Timeouts", "Transitioned", "Walk"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class LocalInstance:
 #: Called after every change of a record: with the previous state when the state changed,
 #: with None when only other fields did. It must not block (the daemon queues a publish).
 Transitioned = Callable[[LocalInstance, InstanceState | None], None]
+#: Told of an edge the state table does not have, before the error is raised (a metric).
+Refused = Callable[[InstanceState, InstanceState, Cause], None]
 
 
 @dataclass
@@ -87,17 +91,34 @@ class OpContext:
     observe_pull: Callable[[float], None] = lambda seconds: None
     #: Called once an instance's record is gone for good (deleted, or its create undone).
     on_removed: Callable[[InstanceRecord], None] = lambda record: None
+    on_refused_transition: Refused = lambda previous, state, cause: None
+
+    def walk(self, inst: LocalInstance, op: Op) -> Walk:
+        """Begin ``op`` on ``inst``: refused (hypeman's 409) from a state it may not start
+        from; else a walk along the op's path in the state table."""
+        return Walk(self, inst, op, check_transition(op, inst.state).path)
 
     def set_state(
         self,
         inst: LocalInstance,
         state: InstanceState,
         *,
+        cause: Cause,
         error: str | None = None,
         **changes: object,
     ) -> None:
-        """Record a transition: the record, its file on disk, then whoever listens."""
+        """Record a transition: the record, its file on disk, then whoever listens.
+
+        An edge the state table does not have for ``cause`` is a bug in the caller: it is
+        logged, counted and raised as IllegalTransition, and the record stays as it was.
+        """
         previous = inst.record.state
+        try:
+            check_edge(previous, state, cause)
+        except IllegalTransition as exc:
+            log.error("%s: %s", inst.id, exc)
+            self.on_refused_transition(previous, state, cause)
+            raise
         inst.record = msgspec.structs.replace(
             inst.record, state=state, state_error=error, **changes
         )
@@ -106,6 +127,8 @@ class OpContext:
         self.on_transition(inst, previous)
 
     def save(self, inst: LocalInstance, **changes: object) -> None:
+        """Record a change of other fields than the state."""
+        assert "state" not in changes, "a change of state goes through set_state"
         inst.record = msgspec.structs.replace(inst.record, **changes)
         inst.guest.write(inst.guest.metadata, inst.record)
         self.on_transition(inst, None)
@@ -137,3 +160,33 @@ class OpContext:
         except FileNotFoundError:
             pass  # the instance's directory is gone (deleted)
         log.log(logging.getLevelName(level), "%s: %s", inst.id, line)
+
+
+@dataclass
+class Walk:
+    """One operation's way along its path in the state table (:mod:`worker.states`): each
+    :meth:`advance` enters the path's next state; :meth:`fail` leaves the path for one of
+    the op's failure states."""
+
+    ctx: OpContext
+    inst: LocalInstance
+    op: Op
+    path: tuple[InstanceState, ...]
+    _taken: int = 0
+
+    def advance(self, **changes: Any) -> InstanceState:
+        """Enter the next state of the path (``changes``: other fields set with it)."""
+        if self._taken >= len(self.path):
+            raise IllegalTransition(f"{self.op.value} has no state after {self.path[-1].value}")
+        state = self.path[self._taken]
+        self.ctx.set_state(self.inst, state, cause=self.op, **changes)
+        self._taken += 1
+        return state
+
+    @property
+    def next_state(self) -> InstanceState | None:
+        return self.path[self._taken] if self._taken < len(self.path) else None
+
+    def fail(self, state: InstanceState, *, error: str | None, **changes: object) -> None:
+        """Leave the path for ``state`` (one of the op's failure states in the table)."""
+        self.ctx.set_state(self.inst, state, cause=self.op, error=error, **changes)

@@ -7,35 +7,49 @@ from datetime import UTC, datetime
 
 import anyio
 
-from schemas.api import Hypervisor, InstanceState
+from schemas.api import MAX_VCPUS, Hypervisor
 from schemas.errors import BadRequest
 from schemas.messages import Create, InstanceRecord
-from worker.lifecycle.boot import boot_vm
+from worker.capacity import CapacityAccount
+from worker.lifecycle.boot import boot_to_running
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.mounts import check_mounts
 from worker.lifecycle.network import check_network_limits, release_network, take_address
 from worker.network import USER_GUEST_IP, check_port_mappings, claim_host_ports, mac_for
+from worker.states import Op
 from worker.storage import make_sparse_ext4
 
-__all__ = ["create", "publish_address"]
-
-MAX_VCPUS = 16
+__all__ = ["check_create", "create", "publish_address"]
 
 
-async def create(
-    ctx: OpContext, cmd: Create, *, taken_ports: set[tuple[str, int]] | None = None
-) -> LocalInstance:
-    # 1. Refuse what cannot work before anything is made.
+async def create(ctx: OpContext, cmd: Create, capacity: CapacityAccount) -> LocalInstance:
+    """Make and boot the instance; on return the caller puts it in its table at once (the
+    host's share it takes stops counting as a create under way then)."""
+    # 1. Refuse what cannot work before anything is made, then hold the host's share.
+    check_create(ctx, cmd, capacity)
+    with capacity.reserving(cmd):
+        return await _make(ctx, cmd)
+
+
+def check_create(ctx: OpContext, cmd: Create, capacity: CapacityAccount) -> None:
+    """Every check of a create, in one place: the request, its mounts, ports and network
+    limits, the room left on the host (503 ``host_full``), the host ports still free, and
+    the volumes it names. No await: nothing can take the room or the ports meanwhile."""
     _check_request(cmd)
     check_mounts(cmd.volumes)
     check_port_mappings(cmd.port_mappings)
     check_network_limits(ctx, cmd)
-    claim_host_ports(cmd.port_mappings, taken_ports or set(), publish_address(ctx))
+    capacity.check_room_for(cmd)
+    claim_host_ports(cmd.port_mappings, capacity.ports_taken(), publish_address(ctx))
     for mount in cmd.volumes:
         ctx.volumes.require(mount.volume_id)
+
+
+async def _make(ctx: OpContext, cmd: Create) -> LocalInstance:
     # 2. The instance's directory and record: from here on, a failure removes both.
     guest = ctx.storage.create_guest(cmd.instance_id)
     inst = LocalInstance(record=_initial_record(ctx, cmd), guest=guest)
+    walk = ctx.walk(inst, Op.CREATE)  # from Created, the state of its first record
     attached: list[str] = []
     try:
         guest.write(guest.metadata, inst.record)
@@ -51,9 +65,7 @@ async def create(
         take_address(ctx, inst)
         # 6. The writable overlay, then boot.
         await make_sparse_ext4(guest.overlay, cmd.overlay_bytes)
-        ctx.set_state(inst, InstanceState.CREATED)
-        await boot_vm(ctx, inst, image)
-        ctx.set_state(inst, InstanceState.RUNNING, started_at=datetime.now(UTC))
+        await boot_to_running(ctx, walk, image)
         ctx.oplog(inst, "instance created", name=cmd.name, state="Running")
     except BaseException:
         with anyio.CancelScope(shield=True):

@@ -15,19 +15,19 @@ from worker.drivers.base import VmSpec
 from worker.guest.control import GuestControlError, guest_request
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.network import plug
-from worker.states import Op, check_transition
+from worker.states import Op
 
 __all__ = ["restore"]
 
 
 async def restore(ctx: OpContext, inst: LocalInstance, cmd: Restore) -> None:
     # 1. Only from Standby, and only with a snapshot to restore.
-    check_transition(Op.RESTORE, inst.state)
+    walk = ctx.walk(inst, Op.RESTORE)
     snapshot = inst.guest.snapshot
     if not inst.guest.has_snapshot():
         raise Conflict("instance has no snapshot to restore", code="invalid_state")
     spec = inst.guest.read(snapshot / "vm.json", VmSpec)
-    ctx.set_state(inst, InstanceState.PAUSED)
+    walk.advance()  # Paused
     # 2. The same devices (bridge mode: the TAP the snapshot names, on the same lease), then
     # the saved memory, then continue.
     try:
@@ -41,14 +41,14 @@ async def restore(ctx: OpContext, inst: LocalInstance, cmd: Restore) -> None:
                 await ctx.bridge.remove_tap(inst.record.tap)
         inst.process = None  # the driver killed the new VMM; the snapshot is still there
         inst.guest.write_pid(None)
-        ctx.set_state(inst, InstanceState.STANDBY, error=f"restore failed: {exc}")
+        walk.fail(InstanceState.STANDBY, error=f"restore failed: {exc}")
         raise
     inst.spec = spec
     inst.guest.write(inst.guest.vm_spec, spec)
     inst.guest.write_pid(inst.process.pid)
     # 3. The snapshot has served; hypeman deletes it too.
     shutil.rmtree(snapshot, ignore_errors=True)
-    ctx.set_state(inst, InstanceState.RUNNING, has_snapshot=False, started_at=datetime.now(UTC))
+    walk.advance(has_snapshot=False, started_at=datetime.now(UTC))  # Running
     # 4. The guest's clock stood still during standby.
     await _resync_clock(ctx, inst, spec)
 

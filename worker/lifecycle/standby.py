@@ -9,14 +9,14 @@ from schemas.api import InstanceState
 from schemas.errors import HypervisorError
 from schemas.messages import Standby
 from worker.lifecycle.context import LocalInstance, OpContext
-from worker.states import Op, check_transition
+from worker.states import Op
 
 __all__ = ["standby"]
 
 
 async def standby(ctx: OpContext, inst: LocalInstance, cmd: Standby) -> None:
     # 1. Only a running VM with a hypervisor that can snapshot.
-    check_transition(Op.STANDBY, inst.state)
+    walk = ctx.walk(inst, Op.STANDBY)
     if not ctx.driver.capabilities.snapshot:
         raise HypervisorError(f"{ctx.driver.name} cannot snapshot")
     assert inst.process is not None and inst.spec is not None
@@ -25,7 +25,7 @@ async def standby(ctx: OpContext, inst: LocalInstance, cmd: Standby) -> None:
     shutil.rmtree(snapshot, ignore_errors=True)
     snapshot.mkdir(parents=True)
     inst.guest.write(snapshot / "vm.json", inst.spec)
-    ctx.set_state(inst, InstanceState.PAUSED)
+    walk.advance()  # Paused
     # 3. Pause + save + stop the VMM. A failure before the save resumes the VM.
     try:
         await ctx.driver.snapshot(inst.spec, inst.process, snapshot)
@@ -35,8 +35,7 @@ async def standby(ctx: OpContext, inst: LocalInstance, cmd: Standby) -> None:
         if not running:  # the VMM died under the snapshot: nothing of it is left to use
             inst.process = None
             inst.guest.write_pid(None)
-        ctx.set_state(
-            inst,
+        walk.fail(
             InstanceState.RUNNING if running else InstanceState.STOPPED,
             error=None if running else f"standby failed: {exc}",
         )
@@ -50,4 +49,4 @@ async def standby(ctx: OpContext, inst: LocalInstance, cmd: Standby) -> None:
             await ctx.bridge.remove_tap(inst.record.tap)
         except Exception as exc:
             ctx.oplog(inst, "could not remove the TAP", level="WARN", error=exc)
-    ctx.set_state(inst, InstanceState.STANDBY, has_snapshot=True, stopped_at=datetime.now(UTC))
+    walk.advance(has_snapshot=True, stopped_at=datetime.now(UTC))  # Standby

@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-from datetime import UTC, datetime
 
 import anyio
 
 from schemas.api import InstanceState
 from schemas.messages import Start
-from worker.lifecycle.boot import boot_vm
+from worker.lifecycle.boot import boot_to_running
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.create import publish_address
 from worker.lifecycle.network import take_address, unplug
 from worker.network import claim_host_ports
-from worker.states import Op, check_transition
+from worker.states import Op
 
 __all__ = ["start"]
 
 
 async def start(ctx: OpContext, inst: LocalInstance, cmd: Start) -> None:
     # 1. Only a Stopped instance starts (a Standby one is restored instead).
-    check_transition(Op.START, inst.state)
+    walk = ctx.walk(inst, Op.START)
     # 2. Overrides of the newer SDK's start call apply to this and later boots.
     if cmd.cmd is not None or cmd.entrypoint is not None:
         ctx.save(
@@ -36,9 +35,9 @@ async def start(ctx: OpContext, inst: LocalInstance, cmd: Start) -> None:
     # disk, then boot.
     image = await ctx.pull_image(inst)
     take_address(ctx, inst)
-    ctx.set_state(inst, InstanceState.CREATED)
+    walk.advance()  # Created
     try:
-        await boot_vm(ctx, inst, image)
+        await boot_to_running(ctx, walk, image)
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             if inst.process is not None:
@@ -47,6 +46,5 @@ async def start(ctx: OpContext, inst: LocalInstance, cmd: Start) -> None:
             inst.guest.write_pid(None)
             with contextlib.suppress(Exception):
                 await unplug(ctx, inst)
-            ctx.set_state(inst, InstanceState.STOPPED, error=f"start failed: {exc}")
+            walk.fail(InstanceState.STOPPED, error=f"start failed: {exc}")
         raise
-    ctx.set_state(inst, InstanceState.RUNNING, started_at=datetime.now(UTC))

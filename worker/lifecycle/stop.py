@@ -6,22 +6,25 @@ from datetime import UTC, datetime
 
 import anyio
 
-from schemas.api import InstanceState
 from schemas.messages import Stop
 from worker.guest.control import GuestControlError, guest_request
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.network import unplug
-from worker.states import Op, check_transition
+from worker.states import Op
 
 __all__ = ["stop", "stop_vmm"]
 
 
 async def stop(ctx: OpContext, inst: LocalInstance, cmd: Stop) -> None:
-    check_transition(Op.STOP, inst.state)
+    walk = ctx.walk(inst, Op.STOP)
+    walk.advance()  # Shutdown: the guest is asked to power off; its VMM still exists
     await stop_vmm(ctx, inst)
-    # bridge mode: the TAP and rules go; the address stays the instance's (start reuses it).
-    await unplug(ctx, inst)
-    ctx.set_state(inst, InstanceState.STOPPED, stopped_at=datetime.now(UTC))
+    try:
+        # bridge mode: the TAP and rules go; the address stays the instance's (start
+        # reuses it).
+        await unplug(ctx, inst)
+    finally:
+        walk.advance(stopped_at=datetime.now(UTC))  # Stopped: the VMM is gone either way
 
 
 async def stop_vmm(ctx: OpContext, inst: LocalInstance) -> None:
