@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--subject", default="vmfleet-user", help="the token's sub claim")
     token.add_argument("--ttl", type=int, default=24 * 3600, help="lifetime in seconds")
     token.add_argument(
+        "--scopes",
+        default=None,
+        metavar="SCOPE,...",
+        help="limit the token to some of read,write,exec (default: every right)",
+    )
+    token.add_argument(
         "--data-dir", type=Path, default=None, help="where `vmfleet dev` keeps its secret"
     )
     token.set_defaults(run=_token)
@@ -140,14 +146,19 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:
     from cli.token import mint_token, read_secret
+    from gateway.auth import parse_scopes
 
+    try:
+        scopes = None if args.scopes is None else parse_scopes(args.scopes)
+    except ValueError as exc:
+        raise ConfigError(f"--scopes: {exc}") from None
     secret = read_secret(settings.jwt_secret, args.data_dir or settings.data_dir)
     if secret is None:
         raise ConfigError(
             "JWT_SECRET: not set, and no secret kept by `vmfleet dev` in the data dir "
             "(set JWT_SECRET or VMFLEET_DATA_DIR)"
         )
-    print(mint_token(secret, subject=args.subject, ttl_s=args.ttl))
+    print(mint_token(secret, subject=args.subject, ttl_s=args.ttl, scopes=scopes))
     return 0
 
 

@@ -25,9 +25,10 @@ from gateway.errors import EXCEPTION_HANDLERS
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.openapi import build_spec, spec_json, spec_yaml
 from gateway.placement import Placement
-from gateway.routes import events, fleet, health, images, instances, spec, volumes
+from gateway.routes import events, fleet, guest, health, images, instances, spec, volumes
 from gateway.routes.ui import UiPages
 from gateway.service import Gateway
+from gateway.sessions import GuestSessions
 from gateway.view import FleetView
 from natsbus import connect, provision
 from schemas.subjects import Subjects
@@ -63,14 +64,16 @@ def create_app(config: GatewayConfig, *, registry: CollectorRegistry | None = No
                     sender=CommandSender(nc, subjects, timeout_s=config.command_timeout_s),
                     placement=Placement(
                         view,
-                        cpu_oversubscription=config.cpu_oversubscription,
-                        memory_oversubscription=config.memory_oversubscription,
+                        cpu_overcommit=config.cpu_overcommit,
+                        memory_overcommit=config.memory_overcommit,
                     ),
                 )
+                app.state.guest_sessions = GuestSessions(nc, subjects)
                 try:
                     yield
                 finally:
                     del app.state.gateway
+                    del app.state.guest_sessions
                     tg.cancel_scope.cancel()
         finally:
             with anyio.move_on_after(5, shield=True):
@@ -84,6 +87,7 @@ def create_app(config: GatewayConfig, *, registry: CollectorRegistry | None = No
             *fleet.routes,
             *events.routes,
             *instances.routes,
+            *guest.routes,
             *volumes.routes,
             *images.routes,
         ],

@@ -64,6 +64,10 @@ async def serve(
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=graceful_timeout_s,
+        # As hypeman's server: no permessage-deflate. Session output is often already
+        # compressed or binary, deflate would cost the gateway CPU on every frame, and
+        # flow control should count the bytes a client really holds.
+        ws_per_message_deflate=False,
     )
     server = _Server(config)
     async with anyio.create_task_group() as tg:
