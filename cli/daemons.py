@@ -74,6 +74,7 @@ async def run_worker_daemon(settings: Settings) -> None:
         kernel=settings.kernel,
         initrd=settings.initrd,
         ch_binary=settings.ch_binary,
+        agent_binary=settings.agent_binary,
         insecure_registries=settings.insecure_registries,
         cpu_overcommit=settings.cpu_overcommit,
         memory_overcommit=settings.memory_overcommit,

@@ -56,6 +56,8 @@ class Settings:
     kernel: Path | None = None
     initrd: Path | None = None
     ch_binary: Path | None = None
+    #: VMFLEET_AGENT_BINARY: the guest agent put into the initrd (None: the repo's build).
+    agent_binary: Path | None = None
     insecure_registries: frozenset[str] = frozenset()
     log_max_bytes: int = 50 << 20
     network: str = "user"
@@ -101,6 +103,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kernel=_existing_file("VMFLEET_KERNEL", env.get("VMFLEET_KERNEL")),
         initrd=_existing_file("VMFLEET_INITRD", env.get("VMFLEET_INITRD")),
         ch_binary=_executable("VMFLEET_CH_BINARY", env.get("VMFLEET_CH_BINARY")),
+        agent_binary=Path(env["VMFLEET_AGENT_BINARY"]).expanduser()
+        if env.get("VMFLEET_AGENT_BINARY")
+        else None,
         host_labels=_labels("VMFLEET_HOST_LABELS", env.get("VMFLEET_HOST_LABELS", "")),
         network=_choice("VMFLEET_NETWORK", env.get("VMFLEET_NETWORK", "user"), ("user", "bridge")),
         publish_addr=_ip("VMFLEET_PUBLISH_ADDR", env.get("VMFLEET_PUBLISH_ADDR", "127.0.0.1")),

@@ -21,6 +21,8 @@ class WorkerConfig:
     hypervisor: str = "auto"
     #: VMFLEET_CH_BINARY: the Cloud Hypervisor binary (default: ``cloud-hypervisor`` on PATH).
     ch_binary: Path | None = None
+    #: VMFLEET_AGENT_BINARY: the guest agent (default: scripts/install.sh's build in the repo).
+    agent_binary: Path | None = None
     layout: Layout = field(default_factory=Layout)
     heartbeat_interval_s: float = 5.0
     #: The address other hosts and operators know this host by (shown in GET /hosts).

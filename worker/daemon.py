@@ -16,6 +16,8 @@ import dataclasses
 import functools
 import logging
 from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 from anyio.abc import TaskStatus
@@ -24,18 +26,21 @@ from prometheus_client import CollectorRegistry
 
 from natsbus import connect, provision
 from schemas.api import Hypervisor, InstanceState
+from schemas.messages import InstanceRecord
 from schemas.subjects import Subjects
+from worker.agent import AgentHub, track_instance
 from worker.commands import CommandConsumer
 from worker.config import WorkerConfig
 from worker.dispatch import Dispatcher
 from worker.drivers.select import DriverSet, check_hypervisor_setting, choose_hypervisor
 from worker.engine import HostEngine
 from worker.guest import ensure_initrd, ensure_kernel
+from worker.guest.initrd import DEFAULT_AGENT
 from worker.heartbeat import heartbeat_loop
 from worker.host import HostLimits, read_capacity
 from worker.images import ImageCache, ImagePuller
 from worker.ledger import Ledger
-from worker.lifecycle.context import BootAssets, OpContext
+from worker.lifecycle.context import BootAssets, LocalInstance, OpContext, Transitioned
 from worker.logs import LogShipper
 from worker.metrics import WorkerMetrics
 from worker.network import BridgeNetwork, check_bridge_host
@@ -53,7 +58,7 @@ async def prepare_host(config: WorkerConfig) -> tuple[BootAssets, DriverSet]:
     """The guest's kernel and initrd, then the hypervisor (whose probe boots them)."""
     assets = config.assets_dir or config.data_dir
     kernel = await ensure_kernel(assets, kernel=config.kernel, initrd=config.initrd)
-    initrd = await ensure_initrd(assets, kernel)
+    initrd = await ensure_initrd(assets, kernel, agent=guest_agent(config))
     host = await choose_hypervisor(
         config.hypervisor,
         network_mode=config.network.mode,
@@ -63,6 +68,42 @@ async def prepare_host(config: WorkerConfig) -> tuple[BootAssets, DriverSet]:
         initrd=initrd,
     )
     return BootAssets(kernel=kernel.bzimage, initrd=initrd, accel=host.accel), host.drivers
+
+
+def guest_agent(config: WorkerConfig) -> Path | None:
+    """The guest agent binary the initrd gets; None (said in one line) when there is none:
+    the guests then boot without one, and exec, cp and stat are refused."""
+    path = config.agent_binary or DEFAULT_AGENT
+    if path.is_file():
+        return path
+    log.error(
+        "no guest agent at %s: exec, cp and stat will not work (build it with "
+        "scripts/install.sh, or set VMFLEET_AGENT_BINARY)",
+        path,
+    )
+    return None
+
+
+def _agent_hub(config: WorkerConfig) -> AgentHub:
+    # An operator's own initrd has no agent of ours in it.
+    present = config.initrd is None and (config.agent_binary or DEFAULT_AGENT).is_file()
+    return AgentHub(agent_present=present)
+
+
+def _follow_instances(
+    publisher: RecordPublisher, hub: AgentHub, driver: DriverSet
+) -> tuple[Transitioned, Callable[[InstanceRecord], None]]:
+    """The records' publisher and the agent hub both follow every instance."""
+
+    def changed(inst: LocalInstance, previous: InstanceState | None) -> None:
+        publisher.changed(inst.record, previous)
+        track_instance(hub, driver, inst)
+
+    def removed(record: InstanceRecord) -> None:
+        publisher.deleted(record)
+        hub.detach(record.id, "the instance was deleted")
+
+    return changed, removed
 
 
 async def run_worker(
@@ -107,6 +148,8 @@ async def _serve(
     await provision(js, subjects, config.layout)
     publisher = RecordPublisher(js, subjects, config.host_id)
     volumes = VolumeStore(config.data_dir, config.host_id, on_change=publisher.volume_changed)
+    hub = _agent_hub(config)
+    on_transition, on_removed = _follow_instances(publisher, hub, driver)
     ctx = OpContext(
         host_id=config.host_id,
         storage=Storage(config.data_dir),
@@ -114,13 +157,14 @@ async def _serve(
         images=ImageCache(config.data_dir / "images", config.insecure_registries),
         volumes=volumes,
         boot=boot,
-        on_transition=lambda inst, previous: publisher.changed(inst.record, previous),
-        on_removed=publisher.deleted,
+        on_transition=on_transition,
+        on_removed=on_removed,
+        agent=hub,
         observe_pull=metrics.pull_duration.observe,
         network=config.network,
         bridge=bridge,
-        limits=HostLimits.of(
         on_refused_transition=metrics.count_refused_transition,
+        limits=HostLimits.of(
             read_capacity(config.data_dir),
             cpu_ratio=config.cpu_overcommit,
             memory_ratio=config.memory_overcommit,
@@ -129,11 +173,13 @@ async def _serve(
     engine = HostEngine(ctx)
     async with anyio.create_task_group() as infra:
         await infra.start(publisher.run)
+        await infra.start(hub.run)
         try:
             await _run_components(nc, config, subjects, metrics, engine, publisher, task_status)
         finally:
             with anyio.CancelScope(shield=True):
                 await _shut_down(config, engine, publisher)
+                hub.close()
 
 
 async def _run_components(
@@ -147,6 +193,7 @@ async def _run_components(
 ) -> None:
     js = nc.jetstream()
     await engine.recover()
+    _follow_recovered(engine)
     await _publish_everything(engine, publisher)
     hosts = await js.key_value(subjects.hosts_bucket)
 
@@ -188,6 +235,14 @@ async def _run_components(
         await tg.start(consumer.run)
         log.info("worker %s is taking commands", config.host_id)
         task_status.started()
+
+
+def _follow_recovered(engine: HostEngine) -> None:
+    """VMs adopted from the previous worker: the hub connects to their agents."""
+    if engine.ctx.agent is None:
+        return
+    for record in engine.records():
+        track_instance(engine.ctx.agent, engine.ctx.driver, engine.instance(record.id))
 
 
 async def _count_instances(engine: HostEngine, metrics: WorkerMetrics) -> None:

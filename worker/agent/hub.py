@@ -71,6 +71,7 @@ class AgentHub:
         self._retry_s = retry_s
         self._links: dict[str, _Link] = {}
         self._tg: TaskGroup | None = None
+        self._closing = anyio.Event()
 
     # -- running -----------------------------------------------------------------------------
 
@@ -96,9 +97,14 @@ class AgentHub:
             self._tg = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Until cancelled or :meth:`close`; every channel is closed on the way out."""
         async with self:
             task_status.started()
-            await anyio.sleep_forever()
+            await self._closing.wait()
+
+    def close(self) -> None:
+        """End :meth:`run` (the daemon's shutdown, after its instances were dealt with)."""
+        self._closing.set()
 
     # -- what the lifecycle tells it ---------------------------------------------------------
 

@@ -122,9 +122,10 @@ async def boot_to_running(ctx: OpContext, walk: Walk, image: ImageInfo) -> None:
 
 
 async def wait_until_ready(ctx: OpContext, inst: LocalInstance) -> None:
-    """Return once the guest counts as ready, the step from Initializing to Running.
-
-    Today a guest counts as ready as soon as its VMM runs (the control channel is asked
-    for on first use, each request waiting for it), so this returns at once; a readiness
-    check of the guest (its agent answering) belongs here.
-    """
+    """Return once the guest counts as ready, the step from Initializing to Running: its
+    agent answered the hub's handshake (the init's control channel is asked for on first
+    use, each request waiting for it). AgentUnavailable if the agent does not answer within
+    ``guest_ready_s``; at once when there is no hub (tests of one operation) or this host's
+    guests have no agent."""
+    if ctx.agent is not None and inst.spec is not None:
+        await ctx.agent.wait_ready(inst.id, ctx.timeouts.guest_ready_s)

@@ -14,6 +14,7 @@ import msgspec
 
 from schemas.api import InstanceState
 from schemas.messages import InstanceRecord
+from worker.agent.hub import AgentHub
 from worker.drivers.base import Hypervisor, VmSpec
 from worker.host import HostLimits
 from worker.images import ImageCache, ImageInfo
@@ -91,6 +92,8 @@ class OpContext:
     observe_pull: Callable[[float], None] = lambda seconds: None
     #: Called once an instance's record is gone for good (deleted, or its create undone).
     on_removed: Callable[[InstanceRecord], None] = lambda record: None
+    #: The guest agents' hub: readiness waits for the agent (None: tests of one operation).
+    agent: AgentHub | None = None
     on_refused_transition: Refused = lambda previous, state, cause: None
 
     def walk(self, inst: LocalInstance, op: Op) -> Walk:
