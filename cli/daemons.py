@@ -8,6 +8,7 @@ import functools
 import logging
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 from anyio.abc import TaskStatus
@@ -29,11 +30,13 @@ from worker.network import NetworkSettings
 __all__ = [
     "bus_options",
     "cancel_on_signal",
+    "gateway_config",
     "hypervisor_refusals",
     "metrics_app",
     "reach_nats",
     "run_gateway_daemon",
     "run_worker_daemon",
+    "worker_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,15 +44,7 @@ log = logging.getLogger(__name__)
 
 async def run_gateway_daemon(settings: Settings, host: str, port: int) -> None:
     assert settings.jwt_secret is not None
-    config = GatewayConfig(
-        bus=bus_options(settings, "vmfleet-gateway"),
-        jwt_secret=settings.jwt_secret,
-        subject_prefix=settings.subject_prefix,
-        layout=Layout(replicas=settings.replicas),
-        ui=settings.ui,
-        cpu_oversubscription=settings.cpu_overcommit,
-        memory_oversubscription=settings.memory_overcommit,
-    )
+    config = gateway_config(settings, bus_options(settings, "vmfleet-gateway"), settings.jwt_secret)
     await reach_nats(config.bus)
     sock = bind(host, port)
     async with anyio.create_task_group() as tg:
@@ -58,13 +53,53 @@ async def run_gateway_daemon(settings: Settings, host: str, port: int) -> None:
 
 
 async def run_worker_daemon(settings: Settings) -> None:
-    config = WorkerConfig(
+    bus = bus_options(settings, f"vmfleet-worker-{settings.host_id}", host=settings.host_id)
+    config = worker_config(settings, bus)
+    registry = CollectorRegistry()
+    await reach_nats(config.bus)
+    with hypervisor_refusals():
+        async with anyio.create_task_group() as tg:
+            await tg.start(cancel_on_signal, tg.cancel_scope)
+            if settings.metrics_addr is not None:
+                # Bound before the worker starts: a taken port is one clear error at once.
+                await tg.start(serve, metrics_app(registry), bind(*settings.metrics_addr))
+            await tg.start(functools.partial(run_worker, config, registry=registry))
+
+
+def gateway_config(
+    settings: Settings, bus: BusOptions, jwt_secret: str, *, layout: Layout | None = None
+) -> GatewayConfig:
+    """The gateway's configuration from the settings (``vmfleet gateway`` and ``vmfleet
+    dev`` both build it here)."""
+    return GatewayConfig(
+        bus=bus,
+        jwt_secret=jwt_secret,
+        subject_prefix=settings.subject_prefix,
+        layout=layout or Layout(replicas=settings.replicas),
+        ui=settings.ui,
+        cpu_overcommit=settings.cpu_overcommit,
+        memory_overcommit=settings.memory_overcommit,
+    )
+
+
+def worker_config(
+    settings: Settings,
+    bus: BusOptions,
+    *,
+    data_dir: Path | None = None,
+    layout: Layout | None = None,
+    stop_instances_on_exit: bool = False,
+) -> WorkerConfig:
+    """The worker's configuration from the settings (``vmfleet worker`` and ``vmfleet dev``
+    both build it here); ``vmfleet dev`` passes its own data dir and owns its VMs."""
+    return WorkerConfig(
         host_id=settings.host_id,
-        data_dir=settings.data_dir,
-        bus=bus_options(settings, f"vmfleet-worker-{settings.host_id}", host=settings.host_id),
+        data_dir=data_dir or settings.data_dir,
+        bus=bus,
         subject_prefix=settings.subject_prefix,
         hypervisor=settings.hypervisor,
-        layout=Layout(replicas=settings.replicas),
+        layout=layout or Layout(replicas=settings.replicas),
+        stop_instances_on_exit=stop_instances_on_exit,
         assets_dir=settings.assets_dir,
         log_max_bytes=settings.log_max_bytes,
         labels=dict(settings.host_labels),
@@ -79,15 +114,6 @@ async def run_worker_daemon(settings: Settings) -> None:
         cpu_overcommit=settings.cpu_overcommit,
         memory_overcommit=settings.memory_overcommit,
     )
-    registry = CollectorRegistry()
-    await reach_nats(config.bus)
-    with hypervisor_refusals():
-        async with anyio.create_task_group() as tg:
-            await tg.start(cancel_on_signal, tg.cancel_scope)
-            if settings.metrics_addr is not None:
-                # Bound before the worker starts: a taken port is one clear error at once.
-                await tg.start(serve, metrics_app(registry), bind(*settings.metrics_addr))
-            await tg.start(functools.partial(run_worker, config, registry=registry))
 
 
 def bus_options(settings: Settings, name: str, *, host: str | None = None) -> BusOptions:

@@ -15,15 +15,14 @@ from pathlib import Path
 import anyio
 from prometheus_client import CollectorRegistry
 
-from cli.daemons import cancel_on_signal, hypervisor_refusals
+from cli.daemons import cancel_on_signal, gateway_config, hypervisor_refusals, worker_config
 from cli.embedded_nats import NatsServerProcess
 from cli.settings import Settings
 from cli.token import load_or_create_secret, mint_token
-from gateway import GatewayConfig, create_app
+from gateway import create_app
 from gateway.server import bind, serve
 from natsbus import BusOptions, Layout
-from worker import WorkerConfig, run_worker
-from worker.network import NetworkSettings
+from worker import run_worker
 
 __all__ = ["DevOptions", "run_dev"]
 
@@ -57,41 +56,21 @@ async def _run_components(
 ) -> None:
     registry = CollectorRegistry()
     layout = Layout(replicas=1)
-    worker_config = WorkerConfig(
-        host_id=settings.host_id,
+    worker = worker_config(
+        settings,
+        BusOptions(urls=(nats_url,), name=f"vmfleet-worker-{settings.host_id}"),
         data_dir=options.data_dir,
-        bus=BusOptions(urls=(nats_url,), name=f"vmfleet-worker-{settings.host_id}"),
-        subject_prefix=settings.subject_prefix,
-        hypervisor=settings.hypervisor,
         layout=layout,
         stop_instances_on_exit=True,
-        assets_dir=settings.assets_dir,
-        log_max_bytes=settings.log_max_bytes,
-        labels=dict(settings.host_labels),
-        network=NetworkSettings(
-            mode=settings.network, publish_addr=settings.publish_addr, subnet=settings.subnet
-        ),
-        kernel=settings.kernel,
-        initrd=settings.initrd,
-        ch_binary=settings.ch_binary,
-        insecure_registries=settings.insecure_registries,
-        cpu_overcommit=settings.cpu_overcommit,
-        memory_overcommit=settings.memory_overcommit,
     )
-    gateway_config = GatewayConfig(
-        bus=BusOptions(urls=(nats_url,), name="vmfleet-gateway"),
-        jwt_secret=secret,
-        subject_prefix=settings.subject_prefix,
-        layout=layout,
-        ui=settings.ui,
-        cpu_oversubscription=settings.cpu_overcommit,
-        memory_oversubscription=settings.memory_overcommit,
+    gateway = gateway_config(
+        settings, BusOptions(urls=(nats_url,), name="vmfleet-gateway"), secret, layout=layout
     )
     with hypervisor_refusals():
         async with anyio.create_task_group() as tg:
             await tg.start(cancel_on_signal, tg.cancel_scope)
-            await tg.start(functools.partial(run_worker, worker_config, registry=registry))
-            await tg.start(serve, create_app(gateway_config, registry=registry), sock)
+            await tg.start(functools.partial(run_worker, worker, registry=registry))
+            await tg.start(serve, create_app(gateway, registry=registry), sock)
             _print_banner(options, nats_url, mint_token(secret), ui=settings.ui)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from schemas.messages import DEFAULT_CPU_OVERCOMMIT, DEFAULT_MEMORY_OVERCOMMIT
 from schemas.sizes import parse_size
 
 __all__ = ["ConfigError", "NatsClient", "Settings", "default_data_dir", "load_settings"]
@@ -64,8 +65,8 @@ class Settings:
     host_labels: dict[str, str] = field(default_factory=dict)
     publish_addr: str = "127.0.0.1"
     subnet: str = "10.100.0.0/16"
-    cpu_overcommit: float = 4.0
-    memory_overcommit: float = 1.0
+    cpu_overcommit: float = DEFAULT_CPU_OVERCOMMIT
+    memory_overcommit: float = DEFAULT_MEMORY_OVERCOMMIT
     ui: bool = False
     #: ``vmfleet worker``'s own /metrics listener (host, port); None: not served.
     metrics_addr: tuple[str, int] | None = ("0.0.0.0", 9464)
@@ -111,9 +112,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         publish_addr=_ip("VMFLEET_PUBLISH_ADDR", env.get("VMFLEET_PUBLISH_ADDR", "127.0.0.1")),
         subnet=_subnet("VMFLEET_SUBNET", env.get("VMFLEET_SUBNET", "10.100.0.0/16")),
         log_max_bytes=_size("VMFLEET_LOG_MAX_SIZE", env.get("VMFLEET_LOG_MAX_SIZE", "50MB")),
-        cpu_overcommit=_ratio("VMFLEET_CPU_OVERCOMMIT", env.get("VMFLEET_CPU_OVERCOMMIT", "4")),
+        cpu_overcommit=_ratio(
+            "VMFLEET_CPU_OVERCOMMIT",
+            env.get("VMFLEET_CPU_OVERCOMMIT", f"{DEFAULT_CPU_OVERCOMMIT:g}"),
+        ),
         memory_overcommit=_ratio(
-            "VMFLEET_MEMORY_OVERCOMMIT", env.get("VMFLEET_MEMORY_OVERCOMMIT", "1")
+            "VMFLEET_MEMORY_OVERCOMMIT",
+            env.get("VMFLEET_MEMORY_OVERCOMMIT", f"{DEFAULT_MEMORY_OVERCOMMIT:g}"),
         ),
         ui=_flag("VMFLEET_UI", env.get("VMFLEET_UI", "")),
         metrics_addr=_listen_addr(

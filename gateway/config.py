@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from natsbus import BusOptions, Layout
+from schemas.messages import DEFAULT_CPU_OVERCOMMIT, DEFAULT_MEMORY_OVERCOMMIT
 
 __all__ = ["GatewayConfig"]
 
@@ -34,7 +35,7 @@ class GatewayConfig:
     #: Overcommit (VMFLEET_CPU_OVERCOMMIT, VMFLEET_MEMORY_OVERCOMMIT; set them as on the
     #: workers, which refuse what is past their own): vCPUs placed per host CPU (hypeman's
     #: default is 4), and memory per byte of a host's RAM.
-    cpu_oversubscription: float = 4.0
-    memory_oversubscription: float = 1.0
+    cpu_overcommit: float = DEFAULT_CPU_OVERCOMMIT
+    memory_overcommit: float = DEFAULT_MEMORY_OVERCOMMIT
     #: Serve the browser view at ``/ui`` (``VMFLEET_UI``); off, ``/ui`` is a 404.
     ui: bool = False

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from gateway.view import FleetView
 from schemas.api import Hypervisor
 from schemas.errors import Conflict, HostUnavailable, NoCapacity
-from schemas.messages import HostRecord
+from schemas.messages import DEFAULT_CPU_OVERCOMMIT, DEFAULT_MEMORY_OVERCOMMIT, HostRecord
 
 __all__ = ["Demand", "Placement"]
 
@@ -87,8 +87,8 @@ def _fits(host: HostRecord, room: _Room, demand: Demand) -> bool:
 @dataclass
 class Placement:
     view: FleetView
-    cpu_oversubscription: float = 4.0
-    memory_oversubscription: float = 1.0
+    cpu_overcommit: float = DEFAULT_CPU_OVERCOMMIT
+    memory_overcommit: float = DEFAULT_MEMORY_OVERCOMMIT
     clock: Callable[[], float] = time.monotonic
     _reserved: dict[str, list[_Reservation]] = field(default_factory=dict)
 
@@ -159,10 +159,10 @@ class Placement:
     def _room(self, host: HostRecord) -> _Room:
         pending = self._pending(host)
         return _Room(
-            memory=host.memory_total_bytes * self.memory_oversubscription
+            memory=host.memory_total_bytes * self.memory_overcommit
             - host.memory_allocated_bytes
             - sum(r.demand.memory_bytes for r in pending),
-            vcpus=host.vcpus_total * self.cpu_oversubscription
+            vcpus=host.vcpus_total * self.cpu_overcommit
             - host.vcpus_allocated
             - sum(r.demand.vcpus for r in pending),
             disk=host.disk_free_bytes

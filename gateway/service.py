@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Final
 
 from nats.js import JetStreamContext
@@ -25,13 +24,9 @@ from schemas.errors import HostUnavailable, VmfleetError, error_from_info
 from schemas.messages import AnyCommand, CommandResult
 from schemas.subjects import Subjects
 
-__all__ = ["Gateway", "gateway", "now"]
+__all__ = ["Gateway", "gateway"]
 
 _SETTLE_S: Final = 2.0
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass

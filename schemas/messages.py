@@ -29,6 +29,8 @@ from schemas.sizes import format_rate, format_size
 from schemas.subjects import LogSource
 
 __all__ = [
+    "DEFAULT_CPU_OVERCOMMIT",
+    "DEFAULT_MEMORY_OVERCOMMIT",
     "AnyCommand",
     "AttachVolume",
     "Command",
@@ -390,6 +392,13 @@ class ImageRecord(msgspec.Struct, kw_only=True):
             working_dir=self.working_dir,
             created_at=self.created_at,
         )
+
+
+#: How many vCPUs per host CPU, and bytes of guest memory per byte of RAM, a host takes
+#: unless the operator says otherwise (VMFLEET_CPU_OVERCOMMIT, VMFLEET_MEMORY_OVERCOMMIT):
+#: gateways place by these ratios and workers refuse by them, so both read them from here.
+DEFAULT_CPU_OVERCOMMIT: float = 4.0
+DEFAULT_MEMORY_OVERCOMMIT: float = 1.0
 
 
 class HostRecord(msgspec.Struct, kw_only=True):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from natsbus import BusOptions, Layout
+from schemas.messages import DEFAULT_CPU_OVERCOMMIT, DEFAULT_MEMORY_OVERCOMMIT
 from worker.network import NetworkSettings
 
 __all__ = ["WorkerConfig"]
@@ -42,8 +43,8 @@ class WorkerConfig:
     #: Overcommit (VMFLEET_CPU_OVERCOMMIT, VMFLEET_MEMORY_OVERCOMMIT): how many vCPUs per
     #: host CPU, and how much memory per byte of RAM, this host accepts before it refuses
     #: creates (``host_full``). Disk is not overcommitted: see HostEngine._check_room_for.
-    cpu_overcommit: float = 4.0
-    memory_overcommit: float = 1.0
+    cpu_overcommit: float = DEFAULT_CPU_OVERCOMMIT
+    memory_overcommit: float = DEFAULT_MEMORY_OVERCOMMIT
     #: A log file over this size is rotated (to ``<name>.1``) once shipped.
     log_max_bytes: int = 50 << 20
     #: Registries reached over plain HTTP although not on loopback.

@@ -14,14 +14,12 @@ from pathlib import Path
 
 import msgspec
 
+from schemas.codec import decode_command_result, encode
 from schemas.messages import CommandResult
 from schemas.subjects import is_valid_token
 from worker.storage import write_atomic
 
 __all__ = ["Ledger"]
-
-_encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(CommandResult)
 
 
 class Ledger:
@@ -34,13 +32,13 @@ class Ledger:
         if not is_valid_token(command_id) or "/" in command_id:
             return None
         try:
-            return _decoder.decode((self.root / command_id).read_bytes())
+            return decode_command_result((self.root / command_id).read_bytes())
         except (FileNotFoundError, msgspec.DecodeError):
             return None
 
     def put(self, result: CommandResult) -> None:
         if is_valid_token(result.command_id) and "/" not in result.command_id:
-            write_atomic(self.root / result.command_id, _encoder.encode(result))
+            write_atomic(self.root / result.command_id, encode(result))
 
     def prune(self) -> int:
         cutoff = time.time() - self.keep_s

@@ -9,8 +9,9 @@ from starlette.routing import Route
 
 from gateway.requests import decode_body, read_body
 from gateway.responses import MsgspecResponse
-from gateway.service import Gateway, gateway, now
+from gateway.service import Gateway, gateway
 from schemas.api import DrainRequest, DrainResult, InstanceState
+from schemas.clock import utc_now
 from schemas.codec import decode_drain_request, encode
 from schemas.errors import NotFound, VmfleetError
 from schemas.messages import DrainRecord, HostRecord, Standby
@@ -39,7 +40,7 @@ async def drain_host(request: Request) -> Response:
     body = await read_body(request, gw.config.max_json_body_bytes)
     req = decode_body(decode_drain_request, body) if body.strip() else DrainRequest()
     reason = req.reason if isinstance(req.reason, str) else ""
-    record = DrainRecord(host=host_id, drained_at=now(), reason=reason)
+    record = DrainRecord(host=host_id, drained_at=utc_now(), reason=reason)
     kv = await gw.js.key_value(gw.subjects.drains_bucket)
     await kv.put(host_id, encode(record))
     await gw.view.wait_until(lambda: host_id in gw.view.drains, 2.0)
@@ -57,7 +58,9 @@ async def _standby_all(gw: Gateway, host_id: str, result: DrainResult) -> None:
     ]
     for record in sorted(running, key=lambda r: r.id):
         cmd = Standby(
-            id=f"drain-{record.id}-{int(now().timestamp())}", instance_id=record.id, issued_at=now()
+            id=f"drain-{record.id}-{int(utc_now().timestamp())}",
+            instance_id=record.id,
+            issued_at=utc_now(),
         )
         try:
             await gw.execute(host_id, cmd)

@@ -28,8 +28,9 @@ from starlette.routing import Route
 from gateway.ids import new_id
 from gateway.requests import decode_body, normalize_image, read_body
 from gateway.responses import MsgspecResponse
-from gateway.service import Gateway, gateway, now
+from gateway.service import Gateway, gateway
 from schemas.api import ImageStatus
+from schemas.clock import utc_now
 from schemas.codec import decode_create_image_request, encode
 from schemas.errors import BadRequest, NotFound, OpTimeout, VmfleetError
 from schemas.messages import DeleteImage, ImageRecord, PullImage
@@ -75,7 +76,7 @@ async def _remove_from_hosts(gw: Gateway, digest: str, pulled_by: set[str]) -> N
     (an instance there runs from the image) is logged, not answered."""
 
     async def remove(host: str) -> None:
-        cmd = DeleteImage(id=new_id(), issued_at=now(), digest=digest)
+        cmd = DeleteImage(id=new_id(), issued_at=utc_now(), digest=digest)
         try:
             await gw.execute(host, cmd)
         except NotFound:
@@ -99,7 +100,7 @@ async def create_image(request: Request) -> Response:
     if existing is not None:
         return MsgspecResponse(existing.to_api(), status_code=202)
     host = gw.placement.volume_host()
-    record = ImageRecord(name=name, digest="", status=ImageStatus.PENDING, created_at=now())
+    record = ImageRecord(name=name, digest="", status=ImageStatus.PENDING, created_at=utc_now())
     kv = await gw.js.key_value(gw.subjects.images_bucket)
     try:
         revision = await kv.create(key, encode(record))
@@ -110,7 +111,7 @@ async def create_image(request: Request) -> Response:
 
 
 async def _pull(gw: Gateway, host: str, key: str, record: ImageRecord, revision: int) -> object:
-    cmd = PullImage(id=new_id(), issued_at=now(), image=record.name)
+    cmd = PullImage(id=new_id(), issued_at=utc_now(), image=record.name)
     try:
         result = await gw.execute(host, cmd, timeout_s=gw.config.image_early_answer_s)
     except OpTimeout:  # pulling takes a while: the host reports progress in the record

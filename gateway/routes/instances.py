@@ -28,8 +28,9 @@ from gateway.requests import (
 )
 from gateway.resolve import resolve_instance, resolve_volume
 from gateway.responses import JSONBytesResponse, MsgspecResponse
-from gateway.service import Gateway, gateway, now
+from gateway.service import Gateway, gateway
 from schemas.api import InstanceState, StartInstanceRequest, WaitForStateResponse
+from schemas.clock import utc_now
 from schemas.codec import (
     decode_attach_volume_request,
     decode_create_instance_request,
@@ -91,7 +92,7 @@ async def create_instance(request: Request) -> Response:
     if key and (existing := gw.view.instances.get(instance_id)) is not None:
         return MsgspecResponse(existing.to_api(), status_code=201)  # a retried create
     plan = plan_create(
-        req, gw.view, command_id=key or new_id(), instance_id=instance_id, issued_at=now()
+        req, gw.view, command_id=key or new_id(), instance_id=instance_id, issued_at=utc_now()
     )
     result = await _place_and_create(gw, plan, instance_id)
     return MsgspecResponse(_rendered(gw, result.instance, instance_id), status_code=201)
@@ -135,7 +136,7 @@ _TRY_ELSEWHERE: Final = frozenset({"host_full", "port_in_use"})
 async def delete_instance(request: Request) -> Response:
     gw = gateway(request)
     record = resolve_instance(gw.view, request.path_params["id"])
-    cmd = Delete(id=_command_id(request), instance_id=record.id, issued_at=now())
+    cmd = Delete(id=_command_id(request), instance_id=record.id, issued_at=utc_now())
     await gw.execute(record.host, cmd, settled=lambda: record.id not in gw.view.instances)
     return Response(status_code=204)
 
@@ -153,7 +154,7 @@ async def start_instance(request: Request) -> Response:
     cmd = Start(
         id=_command_id(request),
         instance_id=record.id,
-        issued_at=now(),
+        issued_at=utc_now(),
         cmd=overrides.cmd if isinstance(overrides.cmd, list) else None,
         entrypoint=overrides.entrypoint if isinstance(overrides.entrypoint, list) else None,
     )
@@ -177,7 +178,7 @@ async def _simple(request: Request, op: type[Stop | Standby | Restore]) -> Respo
     gw = gateway(request)
     record = resolve_instance(gw.view, request.path_params["id"])
     return await _run(
-        gw, record, op(id=_command_id(request), instance_id=record.id, issued_at=now())
+        gw, record, op(id=_command_id(request), instance_id=record.id, issued_at=utc_now())
     )
 
 
@@ -210,7 +211,7 @@ async def attach_volume(request: Request) -> Response:
     cmd = AttachVolume(
         id=_command_id(request),
         instance_id=record.id,
-        issued_at=now(),
+        issued_at=utc_now(),
         volume_id=volume.id,
         mount_path=body.mount_path,
         readonly=body.readonly,
@@ -223,7 +224,7 @@ async def detach_volume(request: Request) -> Response:
     record = resolve_instance(gw.view, request.path_params["id"])
     volume = resolve_volume(gw.view, request.path_params["volumeId"])
     cmd = DetachVolume(
-        id=_command_id(request), instance_id=record.id, issued_at=now(), volume_id=volume.id
+        id=_command_id(request), instance_id=record.id, issued_at=utc_now(), volume_id=volume.id
     )
     return await _run(gw, record, cmd)
 

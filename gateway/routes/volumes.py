@@ -22,7 +22,8 @@ from gateway.ids import new_id
 from gateway.requests import decode_body, idempotency_key, read_body
 from gateway.resolve import resolve_volume
 from gateway.responses import MsgspecResponse
-from gateway.service import Gateway, gateway, now
+from gateway.service import Gateway, gateway
+from schemas.clock import utc_now
 from schemas.codec import decode_create_volume_request
 from schemas.errors import Conflict, OpTimeout, VmfleetError
 from schemas.messages import CreateVolume, DeleteVolume
@@ -92,7 +93,7 @@ def _command(
 ) -> CreateVolume:
     return CreateVolume(
         id=idempotency_key(request) or new_id(),
-        issued_at=now(),
+        issued_at=utc_now(),
         volume_id=volume_id,
         name=name,
         size_gb=size_gb,
@@ -119,7 +120,7 @@ async def delete_volume(request: Request) -> Response:
     if record.host is None:
         raise Conflict(f"volume {record.id} has no host yet")
     cmd = DeleteVolume(
-        id=idempotency_key(request) or new_id(), issued_at=now(), volume_id=record.id
+        id=idempotency_key(request) or new_id(), issued_at=utc_now(), volume_id=record.id
     )
     await gw.execute(record.host, cmd, settled=lambda: record.id not in gw.view.volumes)
     return Response(status_code=204)

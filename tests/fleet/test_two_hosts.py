@@ -81,7 +81,7 @@ def two_hosts(
         )
         for _ in range(2)
     ]
-    config: dict[str, object] = {"layout": Layout(replicas=3), "cpu_oversubscription": ratio}
+    config: dict[str, object] = {"layout": Layout(replicas=3), "cpu_overcommit": ratio}
     try:
         for worker in workers:
             worker.start()

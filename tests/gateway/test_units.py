@@ -180,9 +180,9 @@ def test_overcommit_ratios_scale_the_hosts_totals() -> None:
     )
     with pytest.raises(NoCapacity):
         _placement(host).instance_host(SMALL)  # memory is not overcommitted by default
-    doubled = Placement(_View([host]), memory_oversubscription=2.0)  # type: ignore[arg-type]
+    doubled = Placement(_View([host]), memory_overcommit=2.0)  # type: ignore[arg-type]
     assert doubled.instance_host(SMALL) == "h"
-    one_cpu = Placement(_View([host]), cpu_oversubscription=0.5, memory_oversubscription=2.0)  # type: ignore[arg-type]
+    one_cpu = Placement(_View([host]), cpu_overcommit=0.5, memory_overcommit=2.0)  # type: ignore[arg-type]
     assert one_cpu.instance_host(SMALL) == "h"
     with pytest.raises(NoCapacity):
         one_cpu.instance_host(Demand(2, GIB, Hypervisor.QEMU))

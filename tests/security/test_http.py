@@ -84,7 +84,7 @@ def with_worker(nats_url: str, test_assets: Path) -> Iterator[Fleet]:
     try:
         # Placement counts a create against its host until the next heartbeat (5 s), even
         # one the host refused: room for the quick refused creates of the mount test.
-        with running_gateway(nats_url, prefix, cpu_oversubscription=64.0) as api:
+        with running_gateway(nats_url, prefix, cpu_overcommit=64.0) as api:
             deadline = time.monotonic() + 120
             with api.client() as client:
                 while not any(h["id"] == worker.host_id for h in client.get("/hosts").json()):
