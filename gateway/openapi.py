@@ -4,7 +4,8 @@ It is hypeman's vendored ``spec/hypeman-openapi.yaml`` cut down to the operation
 implements, plus vmfleet's extensions, each marked ``x-vmfleet-extension: true``:
 ``GET /hosts``, ``GET /events``, ``GET /instances/{id}/wait``, the newer SDK's
 ``POST /volumes/from-archive``, the ``host`` and
-``port_mappings`` fields, the 503/504 answers of a fleet, and the meta routes.
+``port_mappings`` fields, the 503/504 answers of a fleet, the 507 of a host whose disk is
+full, and the meta routes.
 Schemas of the extensions are generated from the msgspec Structs in ``schemas/``, and a
 test checks hypeman's component schemas against the Structs too, so the description and
 the code cannot drift apart. Another test checks that the routes the app serves and the
@@ -55,6 +56,18 @@ _FLEET_ERRORS: Final = {
     "503": "No live host can take it, or its host is not live (nothing was sent)",
     "504": "The host did not answer in time; the command stays queued",
 }
+#: A write that stores something on a host's disk can find that disk full.
+_INSUFFICIENT_STORAGE: Final = "The host's disk is full (nothing of the operation is kept)"
+_DISK_WRITES: Final = (
+    ("/instances", "post"),
+    ("/instances/{id}/standby", "post"),
+    ("/instances/{id}/restore", "post"),
+    ("/instances/{id}/start", "post"),
+    ("/instances/{id}/volumes/{volumeId}", "post"),
+    ("/volumes", "post"),
+    ("/volumes/from-archive", "post"),
+    ("/images", "post"),
+)
 _WRITES: Final = (
     ("/instances", "post"),
     ("/instances/{id}", "delete"),
@@ -147,6 +160,9 @@ def _add_fleet_errors(paths: dict[str, Any]) -> None:
         responses = paths[path][method]["responses"]
         for status, description in _FLEET_ERRORS.items():
             responses.setdefault(status, _ext(_error_response(description)))
+    for path, method in _DISK_WRITES:
+        responses = paths[path][method]["responses"]
+        responses.setdefault("507", _ext(_error_response(_INSUFFICIENT_STORAGE)))
     # The newer SDK's Initializing is a state vmfleet reports (the VM runs, the guest is
     # not ready yet); the vendored description predates it.
     schemas["InstanceState"]["enum"] = [s.value for s in InstanceState]

@@ -54,6 +54,8 @@ class Demand:
     disk_bytes: int = 0
     #: The host ports it maps, as ``schemas.messages.host_port_key`` names them.
     ports: frozenset[str] = frozenset()
+    #: It has bandwidth limits: only a host in bridge mode can enforce them.
+    shaped_network: bool = False
 
 
 @dataclass
@@ -76,6 +78,8 @@ class _Room:
 
 def _fits(host: HostRecord, room: _Room, demand: Demand) -> bool:
     if demand.hypervisor and host.hypervisors and demand.hypervisor not in host.hypervisors:
+        return False
+    if demand.shaped_network and host.network_mode != "bridge":
         return False
     return (
         room.memory >= demand.memory_bytes

@@ -103,12 +103,14 @@ def plan_create(
         cmd=req.cmd if isinstance(req.cmd, list) else None,
         entrypoint=req.entrypoint if isinstance(req.entrypoint, list) else None,
     )
+    shaped = _check_bandwidth(command, view)
     demand = Demand(
         vcpus=vcpus,
         memory_bytes=size + hotplug,
         hypervisor=hypervisor,
         disk_bytes=command.disk_bytes,
         ports=frozenset(host_port_key(m.host_port, m.protocol) for m in command.port_mappings),
+        shaped_network=shaped,
     )
     return CreatePlan(
         command=command,
@@ -117,6 +119,27 @@ def plan_create(
         labels=req.host_labels if isinstance(req.host_labels, dict) else {},
         images=images,
     )
+
+
+def _check_bandwidth(command: Create, view: FleetView) -> bool:
+    """True when the instance has bandwidth limits (placement then takes a bridge-mode
+    host). Refused when every live host networks in user mode, where nothing can shape:
+    QEMU's own network stack moves the packets."""
+    limits = {
+        "bandwidth_download": command.bandwidth_download_bps,
+        "bandwidth_upload": command.bandwidth_upload_bps,
+    }
+    limited = [name for name, value in limits.items() if value > 0]
+    if not command.network_enabled or not limited:
+        return False
+    modes = {host.network_mode for host in view.live_hosts()}
+    if modes and "bridge" not in modes:
+        raise BadRequest(
+            f"network.{limited[0]} cannot be enforced in the user network mode the fleet's "
+            "hosts run: leave it out, or add a host in bridge mode (VMFLEET_NETWORK=bridge)",
+            code="not_supported",
+        )
+    return True
 
 
 def _pinned_host(req: CreateInstanceRequest, volumes_host: str | None) -> str | None:

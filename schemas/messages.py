@@ -425,6 +425,9 @@ class HostRecord(msgspec.Struct, kw_only=True):
     ports: list[str] = []
     #: Images ready on this host: each one's digest and the name it was pulled as.
     images: list[str] = []
+    #: How its instances are networked: ``user`` or ``bridge`` ("": a worker too old to say).
+    #: Only bridge mode can enforce bandwidth limits.
+    network_mode: str = ""
     started_at: Timestamp
     heartbeat_at: Timestamp
     #: Set by the gateway from the drains bucket when it shows the host (workers leave it).

@@ -51,6 +51,7 @@ def host_record(
         labels=dict(config.labels),
         ports=list(usage.ports),
         images=list(usage.images),
+        network_mode=config.network.mode,
         started_at=started_at,
         heartbeat_at=datetime.now(UTC),
     )
