@@ -7,8 +7,10 @@ so a rule can only be as narrow as the subject is:
 
 - restricted to the worker's own host: pulling and acking commands (only its durable
   consumer ``worker_<host>``, created only with the filter ``<p>.cmd.<host>.>``), host
-  queries (``<p>.host.<host>.*``), state transitions (``<p>.state.<host>.*``), its
-  heartbeat (``$KV.<p>_hosts.<host>``), and replies (only on its own inbox prefix);
+  queries (``<p>.host.<host>.*``, session opens and stat included), guest sessions
+  (``<p>.sess.<host>.*.in|out``: a worker reads and answers only its own host's
+  sessions), state transitions (``<p>.state.<host>.*``), its heartbeat
+  (``$KV.<p>_hosts.<host>``), and replies (only on its own inbox prefix);
 - not restrictable by host, because the subject carries no host: instance, volume and
   image records (keyed by instance id, volume id, image name), log lines
   (``<p>.logs.<instance>.<source>``), command results (``<p>.result.<command id>``) and
@@ -111,7 +113,8 @@ def gateway_permissions(subjects: Subjects) -> Permissions:
     streams = _streams(s)
     publish = [
         s.commands_all,  # lifecycle commands to any host
-        f"{p}.host.*.*",  # host queries to any host
+        f"{p}.host.*.*",  # host queries to any host (session opens and stat too)
+        s.session_filter(None, "in"),  # frames of guest sessions towards any host
         f"$KV.{s.drains_bucket}.>",
         f"$KV.{s.images_bucket}.>",  # a pull request creates the image record
         f"$O.{s.archives_bucket}.>",  # volume archive uploads
@@ -128,7 +131,7 @@ def gateway_permissions(subjects: Subjects) -> Permissions:
     for role, stream in streams.items():
         if role != "commands":  # the gateway never reads a host's queue
             publish += _read(stream)
-    subscribe = [f"{p}.result.*", f"{inbox_prefix(s)}.>"]
+    subscribe = [f"{p}.result.*", s.session_filter(None, "out"), f"{inbox_prefix(s)}.>"]
     return Permissions(publish=tuple(publish), subscribe=tuple(subscribe))
 
 
@@ -148,6 +151,7 @@ def worker_permissions(subjects: Subjects, host: str) -> Permissions:
         f"{_API}.CONSUMER.MSG.NEXT.{commands}.{durable}",
         f"$JS.ACK.{commands}.{durable}.>",
         s.state_filter(host),
+        s.session_filter(host, "out"),  # frames of its own guest sessions only
         f"$KV.{s.hosts_bucket}.{host}",
         # -- not restrictable by host: the subject names no host --------------------------
         f"$KV.{s.instances_bucket}.>",
@@ -168,7 +172,11 @@ def worker_permissions(subjects: Subjects, host: str) -> Permissions:
     # stream by subject); creating them is a gateway's.
     publish += [f"{_API}.STREAM.NAMES"]
     publish += [f"{_API}.STREAM.INFO.{stream}" for stream in streams.values()]
-    subscribe = [s.host_query_filter(host), f"{inbox_prefix(s, host)}.>"]
+    subscribe = [
+        s.host_query_filter(host),
+        s.session_filter(host, "in"),
+        f"{inbox_prefix(s, host)}.>",
+    ]
     return Permissions(publish=tuple(publish), subscribe=tuple(subscribe), allow_responses=True)
 
 

@@ -305,6 +305,46 @@ async def test_a_worker_cannot_ask_or_answer_for_another_host(
         await answering.next_msg(timeout=0.2)
 
 
+async def test_a_worker_can_read_no_session_of_another_host(
+    fleet: Fleet, as_gateway: Probe, as_h1: Probe
+) -> None:
+    """Guest sessions (exec and cp bytes) of h2 are out of h1's reach: not their frames
+    from the gateway, not the guest's answers, not the opens or stats sent to h2."""
+    s = fleet.subjects
+    await _wait_for_heartbeat(fleet, as_gateway)
+    session = "s" + secrets.token_hex(8)
+    stolen = [
+        s.session_in(H2, session),
+        s.session_filter(H2, "in"),
+        s.session_filter(H2, "out"),
+        s.session_filter(None, "in"),
+        s.session_open(H2),
+        s.stat_query(H2),
+    ]
+    subscriptions = [await as_h1.nc.subscribe(subject) for subject in stolen]
+    await as_h1.nc.publish(s.session_out(H2, session), b"forged output")
+    await as_h1.nc.flush()
+    # What the gateway sends h2 reaches none of h1's subscriptions.
+    watcher = await as_gateway.nc.subscribe(s.session_out(H2, session))
+    await as_gateway.nc.publish(s.session_in(H2, session), b"stdin of h2")
+    await as_gateway.nc.flush()
+    for subject in stolen:
+        assert as_h1.refused(subject, subscribe=True), subject
+    assert as_h1.refused(s.session_out(H2, session))
+    for subscription in subscriptions:
+        with pytest.raises(NatsTimeoutError):
+            await subscription.next_msg(timeout=0.2)
+    with pytest.raises(NatsTimeoutError):  # the forged output never reached the gateway
+        await watcher.next_msg(timeout=0.2)
+    # h1's own sessions are h1's: it may read their input and write their output.
+    mine = await as_h1.nc.subscribe(s.session_in(H1, session))
+    await as_h1.nc.publish(s.session_out(H1, session), b"")
+    await as_h1.nc.flush()
+    assert not as_h1.refused(s.session_in(H1, session), subscribe=True)
+    assert not as_h1.refused(s.session_out(H1, session))
+    await mine.unsubscribe()
+
+
 def _archive() -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
