@@ -46,6 +46,7 @@ from worker.metrics import WorkerMetrics
 from worker.network import BridgeNetwork, check_bridge_host
 from worker.publisher import RecordPublisher
 from worker.queries import serve_queries
+from worker.sessions import serve_sessions
 from worker.storage import Storage
 from worker.volumes import VolumeStore
 
@@ -232,6 +233,7 @@ async def _run_components(
         tg.start_soon(engine.watch_vmms)
         tg.start_soon(_count_instances, engine, metrics)
         await tg.start(serve_queries, nc, subjects, config.host_id, ledger)
+        await tg.start(serve_sessions, nc, subjects, config.host_id, engine, metrics)
         await tg.start(consumer.run)
         log.info("worker %s is taking commands", config.host_id)
         task_status.started()

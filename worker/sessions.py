@@ -51,7 +51,7 @@ from worker.agent import AgentSession, AgentSessionClosed, AgentUnavailable, Fra
 from worker.engine import HostEngine
 from worker.metrics import WorkerMetrics
 
-__all__ = ["EngineSessionHost", "SessionHost", "SessionServer"]
+__all__ = ["EngineSessionHost", "SessionHost", "SessionServer", "serve_sessions"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,24 @@ class EngineSessionHost:
     def audit(self, instance_id: str, message: str, **fields: object) -> None:
         extras = " ".join(f"{key}={value}" for key, value in fields.items())
         self._engine.ctx.oplog(self._engine.instance(instance_id), f"{message} {extras}")
+
+
+async def serve_sessions(
+    nc: Client,
+    subjects: Subjects,
+    host_id: str,
+    engine: HostEngine,
+    metrics: WorkerMetrics,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """The daemon's entry: sessions of this host's instances, through the engine's hub."""
+    if engine.ctx.agent is None:
+        raise RuntimeError("the worker's engine has no agent hub")
+    server = SessionServer(
+        nc, subjects, host_id, EngineSessionHost(engine), engine.ctx.agent, metrics
+    )
+    await server.run(task_status=task_status)
 
 
 class SessionServer:
