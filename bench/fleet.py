@@ -40,7 +40,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import anyio
@@ -59,6 +59,7 @@ from cli.token import mint_token
 from gateway.commands import CommandSender
 from natsbus import Layout, provision
 from schemas.api import Hypervisor
+from schemas.clock import utc_now
 from schemas.codec import decode_host_record, decode_instance_record
 from schemas.messages import Create, InstanceRecord
 from schemas.subjects import Subjects
@@ -423,7 +424,7 @@ async def probe_full_host(
         cmd = Create(
             id=f"probe-{iid}",
             instance_id=iid,
-            issued_at=datetime.now(UTC),
+            issued_at=utc_now(),
             name=f"probe-{iid}",
             image=IMAGE,
             size_bytes=size,

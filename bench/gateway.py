@@ -22,7 +22,6 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -36,6 +35,7 @@ from cli.embedded_nats import NatsServerProcess, free_port
 from cli.token import mint_token
 from natsbus import Layout, provision
 from schemas.api import Hypervisor, InstanceState
+from schemas.clock import utc_now
 from schemas.codec import encode
 from schemas.messages import InstanceRecord
 from schemas.subjects import Subjects
@@ -94,7 +94,7 @@ def record(i: int) -> InstanceRecord:
         overlay_bytes=10 << 30,
         vcpus=2,
         hypervisor=Hypervisor.QEMU,
-        created_at=datetime.now(UTC),
+        created_at=utc_now(),
     )
 
 

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.support import Summary
 from schemas.api import Hypervisor
+from schemas.clock import utc_now
 from schemas.messages import Create, Delete, Restore, Standby
 from tests.support.images import build_busybox_image
 from worker.accel import choose_accel
@@ -41,10 +41,6 @@ from worker.volumes import VolumeStore
 
 MIB = 1 << 20
 APP = "echo first-line; i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done"
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 async def wait_for(path: Path, text: str, after: int = 0, timeout: float = 120) -> float:
@@ -87,7 +83,7 @@ async def vmfleet_round(engine: HostEngine, image: str, n: int) -> tuple[float, 
     create = Create(
         id=f"c{iid}",
         instance_id=iid,
-        issued_at=now(),
+        issued_at=utc_now(),
         name=iid,
         image=image,
         size_bytes=256 * MIB,
@@ -102,14 +98,14 @@ async def vmfleet_round(engine: HostEngine, image: str, n: int) -> tuple[float, 
     boot = await wait_for(app_log, "first-line") - start
     await wait_for(app_log, "tick 2")
     start = time.perf_counter()
-    await engine.execute(Standby(id=f"s{iid}", instance_id=iid, issued_at=now()))
+    await engine.execute(Standby(id=f"s{iid}", instance_id=iid, issued_at=utc_now()))
     standby = time.perf_counter() - start
     size = app_log.stat().st_size
     start = time.perf_counter()
-    await engine.execute(Restore(id=f"r{iid}", instance_id=iid, issued_at=now()))
+    await engine.execute(Restore(id=f"r{iid}", instance_id=iid, issued_at=utc_now()))
     await wait_for(app_log, "tick", after=size)
     restore = time.perf_counter() - start
-    await engine.execute(Delete(id=f"d{iid}", instance_id=iid, issued_at=now()))
+    await engine.execute(Delete(id=f"d{iid}", instance_id=iid, issued_at=utc_now()))
     return boot, standby, restore
 
 
@@ -126,7 +122,7 @@ async def raw_round(
         Create(
             id="craw",
             instance_id=iid,
-            issued_at=now(),
+            issued_at=utc_now(),
             name=iid,
             image=image_disk,
             size_bytes=256 * MIB,
@@ -194,7 +190,7 @@ async def raw_round(
     finally:
         proc.kill()
         proc.wait()
-        await engine.execute(Delete(id="draw", instance_id=iid, issued_at=now()))
+        await engine.execute(Delete(id="draw", instance_id=iid, issued_at=utc_now()))
     return boot, standby, restore
 
 

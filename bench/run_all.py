@@ -20,12 +20,13 @@ import os
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.support import JSON_MARK
+from schemas.clock import utc_now
 
 HERE = Path(__file__).resolve().parent
 
@@ -142,7 +143,7 @@ def main() -> None:
             parser.error(f"unknown benchmarks: {', '.join(sorted(unknown))}")
         names = [n for n in BENCHES if n in wanted]
     mode = "full" if args.full else "quick"
-    started = datetime.now(UTC)
+    started = utc_now()
     results = []
     for name in names:
         quick, full = BENCHES[name]

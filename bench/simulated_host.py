@@ -38,7 +38,6 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -54,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from natsbus import BusOptions, connect
 from schemas.api import Hypervisor, InstanceState
+from schemas.clock import utc_now
 from schemas.errors import Conflict, NotFound
 from schemas.messages import (
     AnyCommand,
@@ -89,10 +89,6 @@ LABELS = {"simulated": "bench-instrument"}
 IMAGE = "docker.io/library/busybox:latest"
 IMAGE_DIGEST = "sha256:" + "5e" * 32
 READY_IMAGES = (IMAGE_DIGEST, IMAGE)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _disk_bytes(record: InstanceRecord) -> int:
@@ -173,11 +169,11 @@ class SimulatedEngine:
 
     async def _create(self, cmd: Create) -> InstanceRecord:
         """The record changes of worker.lifecycle.create, without what they stand for."""
-        record = cmd.new_record(host=self.host_id, hypervisor=Hypervisor.QEMU, created_at=_now())
+        record = cmd.new_record(host=self.host_id, hypervisor=Hypervisor.QEMU, created_at=utc_now())
         record = self._save(record, image_digest=IMAGE_DIGEST)  # the image is "pulled"
         await self._work()  # the overlay is "made", the VM "boots"
         for state in TRANSITIONS[Op.CREATE].path:
-            changes = {"started_at": _now()} if state is InstanceState.RUNNING else {}
+            changes = {"started_at": utc_now()} if state is InstanceState.RUNNING else {}
             record = self._set_state(record, state, Op.CREATE, **changes)
         return record
 
@@ -201,11 +197,11 @@ class SimulatedEngine:
         for state in transition.path:
             changes: dict[str, object] = {}
             if state is InstanceState.RUNNING:
-                changes = {"started_at": _now(), "has_snapshot": False}
+                changes = {"started_at": utc_now(), "has_snapshot": False}
             elif state is InstanceState.STANDBY:
-                changes = {"has_snapshot": True, "stopped_at": _now()}
+                changes = {"has_snapshot": True, "stopped_at": utc_now()}
             elif state is InstanceState.STOPPED:
-                changes = {"stopped_at": _now()}
+                changes = {"stopped_at": utc_now()}
             record = self._set_state(record, state, transition_op, **changes)
         return record
 

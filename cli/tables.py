@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
+from schemas.clock import utc_now
+
 __all__ = ["ID_PREFIX", "age", "human_bytes", "parse_time", "render_table", "short_id"]
 
 #: How much of an id `ps` shows; any unique prefix is accepted back.
@@ -37,7 +39,7 @@ def age(then: datetime | str | None, now: datetime | None = None) -> str:
     if then is None or then == "":
         return "-"
     when = parse_time(then) if isinstance(then, str) else then
-    seconds = int(((now or datetime.now(UTC)) - when).total_seconds())
+    seconds = int(((now or utc_now()) - when).total_seconds())
     if seconds < 60:
         return f"{max(seconds, 0)}s"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):

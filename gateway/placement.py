@@ -30,10 +30,11 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from gateway.view import FleetView
 from schemas.api import Hypervisor
+from schemas.clock import utc_now
 from schemas.errors import Conflict, HostUnavailable, NoCapacity
 from schemas.messages import DEFAULT_CPU_OVERCOMMIT, DEFAULT_MEMORY_OVERCOMMIT, HostRecord
 
@@ -158,7 +159,7 @@ class Placement:
         try:
             yield
         finally:
-            reservation.done_at = datetime.now(UTC)
+            reservation.done_at = utc_now()
 
     def _room(self, host: HostRecord) -> _Room:
         pending = self._pending(host)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import anyio
 
 from schemas.api import InstanceState
+from schemas.clock import utc_now
 from schemas.errors import Conflict, NotFound
 from schemas.messages import Create, Delete, InstanceCommand, InstanceRecord, Stop
 from schemas.sizes import GIB
@@ -154,7 +154,7 @@ class HostEngine:
             return True
         self.ctx.oplog(inst, "removing the remains of an interrupted create")
         await delete.delete(
-            self.ctx, inst, Delete(id=cmd.id, instance_id=inst.id, issued_at=_now())
+            self.ctx, inst, Delete(id=cmd.id, instance_id=inst.id, issued_at=utc_now())
         )
         del self._instances[cmd.instance_id]
         return False
@@ -170,7 +170,7 @@ class HostEngine:
     async def _stop_quietly(self, instance_id: str) -> None:
         try:
             await self.execute(
-                Stop(id=f"shutdown-{instance_id}", instance_id=instance_id, issued_at=_now())
+                Stop(id=f"shutdown-{instance_id}", instance_id=instance_id, issued_at=utc_now())
             )
         except Exception as exc:
             log.warning("could not stop %s on shutdown: %s", instance_id, exc)
@@ -223,7 +223,3 @@ class HostEngine:
 
     def _lock(self, instance_id: str) -> anyio.Lock:
         return self._locks.setdefault(instance_id, anyio.Lock())
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)

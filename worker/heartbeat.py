@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 
 import anyio
 from anyio.abc import TaskStatus
 from nats.js.kv import KeyValue
 
 from schemas.api import Hypervisor
+from schemas.clock import utc_now
 from schemas.codec import encode
 from schemas.messages import HostRecord
 from worker.config import WorkerConfig
@@ -53,7 +54,7 @@ def host_record(
         images=list(usage.images),
         network_mode=config.network.mode,
         started_at=started_at,
-        heartbeat_at=datetime.now(UTC),
+        heartbeat_at=utc_now(),
     )
 
 
@@ -67,7 +68,7 @@ async def heartbeat_loop(
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Put the host record now, then every interval; a failed put is retried next beat."""
-    started_at = datetime.now(UTC)
+    started_at = utc_now()
 
     async def beat() -> None:
         record = host_record(config, started_at, usage(), hypervisors, capacity)

@@ -17,12 +17,12 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
 import anyio
 
+from schemas.clock import utc_now
 from schemas.codec import encode
 from schemas.messages import LogLine
 from schemas.subjects import Subjects
@@ -187,7 +187,7 @@ class LogFollower:
             source=source,  # type: ignore[arg-type]
             seq=position.seq,
             line=line.decode("utf-8", errors="replace"),
-            at=datetime.now(UTC),
+            at=utc_now(),
         )
         subject = self.subjects.logs(self.instance_id, source)
         await self.publish(subject, encode(message), f"{self.instance_id}.{source}.{position.seq}")

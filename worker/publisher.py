@@ -15,7 +15,6 @@ import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TypeVar
 
 import anyio
@@ -31,6 +30,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from schemas.api import InstanceState
+from schemas.clock import utc_now
 from schemas.codec import decode_instance_record, decode_volume_record, encode
 from schemas.messages import InstanceRecord, StateEvent, VolumeRecord
 from schemas.subjects import Subjects
@@ -208,7 +208,7 @@ class RecordPublisher:
             previous=change.previous,
             state=record.state,
             error=record.state_error,
-            at=datetime.now(UTC),
+            at=utc_now(),
             seq=self._seq[record.id],
             command_id=record.last_command_id,
             deleted=change.deleted,

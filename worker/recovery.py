@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from schemas.api import InstanceState
+from schemas.clock import utc_now
 from schemas.errors import HypervisorError
 from schemas.messages import InstanceRecord
 from worker.drivers.base import VmSpec
@@ -108,7 +108,7 @@ def _reconcile_without_vmm(ctx: OpContext, inst: LocalInstance) -> None:
         cause=Event.RECOVERED,
         error=f"VMM was gone when the worker started (record said {inst.state.value})",
         has_snapshot=False,
-        stopped_at=datetime.now(UTC),
+        stopped_at=utc_now(),
     )
 
 

@@ -8,11 +8,11 @@ why), and notes in the ops log when the guest's init reports the app started or 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
 
 import anyio
 
 from schemas.api import InstanceState
+from schemas.clock import utc_now
 from worker.guest.control import GuestControlError, guest_request
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.network import unplug
@@ -58,7 +58,7 @@ def _record_vmm_exit(ctx: OpContext, inst: LocalInstance) -> None:
         InstanceState.STOPPED,
         cause=Event.VMM_EXITED,
         error=f"VMM exited on its own (exit status {status}); see the vmm and app logs",
-        stopped_at=datetime.now(UTC),
+        stopped_at=utc_now(),
     )
 
 

@@ -14,13 +14,13 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
 import msgspec
 
 from schemas.api import VolumeAttachment
+from schemas.clock import utc_now
 from schemas.errors import BadRequest, Conflict, NotFound
 from schemas.messages import VolumeRecord
 from worker.storage import make_ext4_from_tree, make_sparse_ext4, write_atomic
@@ -80,7 +80,7 @@ class VolumeStore:
                 name=name,
                 size_gb=size_gb,
                 host=self.host_id,
-                created_at=datetime.now(UTC),
+                created_at=utc_now(),
             )
             self._save(record)
         except BaseException:
@@ -117,7 +117,7 @@ class VolumeStore:
                 name=name,
                 size_gb=max(1, -(-disk_bytes // GIB)),
                 host=self.host_id,
-                created_at=datetime.now(UTC),
+                created_at=utc_now(),
             )
             self._save(record)
         except BaseException:

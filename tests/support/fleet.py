@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -20,6 +19,7 @@ from nats.js.errors import KeyNotFoundError
 
 from cli.embedded_nats import free_port
 from gateway.commands import CommandSender
+from schemas.clock import utc_now as now
 from schemas.codec import decode_instance_record
 from schemas.messages import AnyCommand, CommandResult, Delete, InstanceRecord
 from schemas.subjects import Subjects
@@ -28,10 +28,6 @@ from tests.support.processes import live_children
 __all__ = ["FleetClient", "WorkerProcess", "now"]
 
 VMFLEET = str(Path(sys.executable).parent / "vmfleet")
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 class WorkerProcess:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
 import pytest
 
 from schemas.api import Hypervisor
+from schemas.clock import utc_now as now
 from schemas.messages import Create, Delete
 from worker.accel import choose_accel
 from worker.drivers.qemu import QemuDriver, qemu_binary
@@ -72,10 +72,6 @@ async def delete_all(engine: HostEngine) -> None:
             await engine.execute(
                 Delete(id=f"cleanup-{record.id}", instance_id=record.id, issued_at=now())
             )
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 _counter = 0

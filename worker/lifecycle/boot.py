@@ -7,8 +7,8 @@ Running; :func:`wait_until_ready` is the step between the last two.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
 
+from schemas.clock import utc_now
 from schemas.errors import BadRequest
 from schemas.messages import MountSpec
 from worker.drivers.base import DiskSpec, VmSpec
@@ -118,7 +118,7 @@ async def boot_to_running(ctx: OpContext, walk: Walk, image: ImageInfo) -> None:
     await boot_vm(ctx, inst, image)
     walk.advance()  # Initializing: the VMM runs the guest
     await wait_until_ready(ctx, inst)
-    walk.advance(started_at=datetime.now(UTC))  # Running
+    walk.advance(started_at=utc_now())  # Running
 
 
 async def wait_until_ready(ctx: OpContext, inst: LocalInstance) -> None:

@@ -6,13 +6,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from schemas.api import InstanceState
+from schemas.clock import utc_now
 from schemas.messages import InstanceRecord
 from worker.agent.hub import AgentHub
 from worker.drivers.base import Hypervisor, VmSpec
@@ -155,7 +155,7 @@ class OpContext:
     ) -> None:
         """A line in the instance's ops log (hypeman's `hypeman` log source)."""
         extras = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        now = utc_now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         line = f"{now} {level} {message}" + (f" {extras}" if extras else "")
         try:
             with open(inst.guest.ops_log, "a", encoding="utf-8") as out:

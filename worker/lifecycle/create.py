@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from datetime import UTC, datetime
 
 import anyio
 
 from schemas.api import MAX_VCPUS, Hypervisor
+from schemas.clock import utc_now
 from schemas.errors import BadRequest
 from schemas.messages import Create, InstanceRecord
 from worker.capacity import CapacityAccount
@@ -93,7 +93,7 @@ def _initial_record(ctx: OpContext, cmd: Create) -> InstanceRecord:
     return cmd.new_record(
         host=ctx.host_id,
         hypervisor=Hypervisor(ctx.driver.name),
-        created_at=datetime.now(UTC),
+        created_at=utc_now(),
         # bridge mode: set from the lease, before boot.
         ip=USER_GUEST_IP if user_mode else None,
         mac=mac_for(cmd.instance_id) if user_mode else None,

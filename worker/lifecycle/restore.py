@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from datetime import UTC, datetime
 
 import anyio
 
 from schemas.api import InstanceState
+from schemas.clock import utc_now
 from schemas.errors import Conflict
 from schemas.messages import Restore
 from worker.drivers.base import VmSpec
@@ -48,7 +48,7 @@ async def restore(ctx: OpContext, inst: LocalInstance, cmd: Restore) -> None:
     inst.guest.write_pid(inst.process.pid)
     # 3. The snapshot has served; hypeman deletes it too.
     shutil.rmtree(snapshot, ignore_errors=True)
-    walk.advance(has_snapshot=False, started_at=datetime.now(UTC))  # Running
+    walk.advance(has_snapshot=False, started_at=utc_now())  # Running
     # 4. The guest's clock stood still during standby.
     await _resync_clock(ctx, inst, spec)
 
@@ -57,7 +57,7 @@ async def _resync_clock(ctx: OpContext, inst: LocalInstance, spec: VmSpec) -> No
     try:
         await guest_request(
             ctx.driver.control_socket(spec),
-            f"settime {int(datetime.now(UTC).timestamp())}",
+            f"settime {int(utc_now().timestamp())}",
             timeout_s=10,
         )
     except GuestControlError as exc:

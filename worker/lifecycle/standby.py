@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import shutil
-from datetime import UTC, datetime
 
 from schemas.api import InstanceState
+from schemas.clock import utc_now
 from schemas.errors import HypervisorError
 from schemas.messages import Standby
 from worker.lifecycle.context import LocalInstance, OpContext
@@ -49,4 +49,4 @@ async def standby(ctx: OpContext, inst: LocalInstance, cmd: Standby) -> None:
             await ctx.bridge.remove_tap(inst.record.tap)
         except Exception as exc:
             ctx.oplog(inst, "could not remove the TAP", level="WARN", error=exc)
-    walk.advance(has_snapshot=True, stopped_at=datetime.now(UTC))  # Standby
+    walk.advance(has_snapshot=True, stopped_at=utc_now())  # Standby

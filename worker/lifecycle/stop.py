@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import anyio
 
+from schemas.clock import utc_now
 from schemas.messages import Stop
 from worker.guest.control import GuestControlError, guest_request
 from worker.lifecycle.context import LocalInstance, OpContext
@@ -24,7 +23,7 @@ async def stop(ctx: OpContext, inst: LocalInstance, cmd: Stop) -> None:
         # reuses it).
         await unplug(ctx, inst)
     finally:
-        walk.advance(stopped_at=datetime.now(UTC))  # Stopped: the VMM is gone either way
+        walk.advance(stopped_at=utc_now())  # Stopped: the VMM is gone either way
 
 
 async def stop_vmm(ctx: OpContext, inst: LocalInstance) -> None:

@@ -11,13 +11,13 @@ import subprocess
 import sys
 import threading
 import traceback
-from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
 import httpx
 
 from schemas.api import Hypervisor, PortMapping
+from schemas.clock import utc_now as now
 from schemas.messages import Create, Delete, Restore, Standby
 from worker.drivers.qemu import QemuDriver
 from worker.engine import HostEngine
@@ -34,10 +34,6 @@ GUEST_CMD = (
     f"(until wget -q -O /www/egress.txt http://{GATEWAY}:{EGRESS_PORT}/; do sleep 1; done) & "
     "exec httpd -f -p 80 -h /www"
 )
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 async def get(url: str, timeout_s: float = 90) -> str:
