@@ -34,7 +34,7 @@ _BLOCK: Final = 4096
 _INODE_BYTES: Final = 256
 
 
-class _Metadata(msgspec.Struct, kw_only=True):
+class _Metadata(msgspec.Struct, frozen=True, kw_only=True):
     """``metadata.json``: everything but the disk's location, so the cache can be moved."""
 
     name: str
@@ -47,17 +47,9 @@ class _Metadata(msgspec.Struct, kw_only=True):
     created_at: datetime
 
 
-class ImageInfo(msgspec.Struct, frozen=True, kw_only=True):
+class ImageInfo(_Metadata, frozen=True, kw_only=True):
     """A ready image on this host. Empty entrypoint/cmd/env mean the config has none."""
 
-    name: str
-    digest: str
-    size_bytes: int
-    entrypoint: list[str] = []
-    cmd: list[str] = []
-    env: dict[str, str] = {}
-    working_dir: str | None = None
-    created_at: datetime
     disk: Path
 
     @property
@@ -150,17 +142,7 @@ def _metadata(ref: ImageRef, digest: str, size: int, image_config: dict[str, Any
 
 
 def _info(meta: _Metadata, disk: Path) -> ImageInfo:
-    return ImageInfo(
-        name=meta.name,
-        digest=meta.digest,
-        size_bytes=meta.size_bytes,
-        entrypoint=meta.entrypoint,
-        cmd=meta.cmd,
-        env=meta.env,
-        working_dir=meta.working_dir,
-        created_at=meta.created_at,
-        disk=disk,
-    )
+    return ImageInfo(**msgspec.structs.asdict(meta), disk=disk)
 
 
 def _disk_geometry(tree: Path) -> tuple[int, int]:
