@@ -61,7 +61,7 @@ class TokenIdentity:
 
 
 #: Routes anyone may call: liveness, the API description and the metrics scrape.
-PUBLIC_PATHS = frozenset({"/health", "/spec.yaml", "/spec.json", "/metrics"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/spec.yaml", "/spec.json", "/metrics"})
 
 #: Claims that mark a token minted for something else (registry pushes, builders).
 _FOREIGN_CLAIMS = ("repos", "scope", "build_id")

@@ -5,7 +5,7 @@ implements, plus vmfleet's extensions, each marked ``x-vmfleet-extension: true``
 ``GET /hosts``, ``GET /events``, ``GET /instances/{id}/wait``, the newer SDK's
 ``POST /volumes/from-archive``, the ``host`` and
 ``port_mappings`` fields, the 503/504 answers of a fleet, the 507 of a host whose disk is
-full, and the meta routes.
+full, ``GET /ready``, and the meta routes.
 Schemas of the extensions are generated from the msgspec Structs in ``schemas/``, and a
 test checks hypeman's component schemas against the Structs too, so the description and
 the code cannot drift apart. Another test checks that the routes the app serves and the
@@ -27,6 +27,7 @@ from schemas.api import (
     DrainRequest,
     DrainResult,
     InstanceState,
+    Readiness,
     WaitForStateResponse,
 )
 from schemas.messages import HostRecord, StateEvent
@@ -148,7 +149,7 @@ def _extend_schemas(schemas: dict[str, Any]) -> None:
         }
     )
     _, generated = msgspec.json.schema_components(
-        [HostRecord, StateEvent, WaitForStateResponse, DrainRequest, DrainResult],
+        [HostRecord, StateEvent, WaitForStateResponse, DrainRequest, DrainResult, Readiness],
         ref_template="#/components/schemas/{name}",
     )
     for name, schema in generated.items():
@@ -197,6 +198,17 @@ def _extension_paths() -> dict[str, Any]:
             "get": _meta("getSpecJson", "This API description (JSON)", "application/json")
         },
         "/metrics": {"get": _meta("getMetrics", "Prometheus metrics", "text/plain")},
+        "/ready": {"get": _ext(_ready_operation())},
+    }
+
+
+def _ready_operation() -> dict[str, Any]:
+    ready = _json_response("A live, undrained host heartbeats", _ref("Readiness"))
+    return {
+        "summary": "Whether the fleet can take work (a fresh fleet cannot until a worker's "
+        "first heartbeat)",
+        "operationId": "getReady",
+        "responses": {"200": ready, "503": _json_response("No such host yet", _ref("Readiness"))},
     }
 
 

@@ -143,12 +143,34 @@ class Placement:
         warm = [h for h in free_ports if images & set(h.images)]
         return max(warm or free_ports, key=lambda h: (room[h.id].memory, room[h.id].vcpus, h.id)).id
 
-    def volume_host(self) -> str:
-        """The live host with the most free disk (less what its sparse disks may take)."""
+    def volume_host(self, size_bytes: int = 0) -> str:
+        """The live host with the most free disk (less what its sparse disks may take);
+        none when no host could hold ``size_bytes``, before anything is sent."""
+        hosts = self._open_hosts("create the volume on")
+        best = max(hosts, key=lambda h: (_disk_room(h), h.id))
+        if size_bytes > _disk_room(best):
+            raise NoCapacity(
+                f"no host has room for a volume of {size_bytes} bytes: the most any host "
+                f"can still take is {max(_disk_room(best), 0)} bytes"
+            )
+        return best.id
+
+    def image_host(self) -> str:
+        """Where a new image is pulled first: the live, undrained host with the most free
+        disk (the other hosts pull it on demand)."""
+        hosts = self._open_hosts("pull the image on")
+        return max(hosts, key=lambda h: (_disk_room(h), h.id)).id
+
+    def _open_hosts(self, purpose: str) -> list[HostRecord]:
         hosts = [h for h in self.view.live_hosts() if h.id not in self.view.drains]
         if not hosts:
-            raise NoCapacity("no live, undrained host to create the volume on")
-        return max(hosts, key=lambda h: (h.disk_free_bytes - h.disk_promised_bytes, h.id)).id
+            waiting = (
+                ""
+                if self.view.live_hosts()
+                else " (a fresh fleet has none until a worker's first heartbeat: see GET /ready)"
+            )
+            raise NoCapacity(f"no live, undrained host to {purpose}{waiting}")
+        return hosts
 
     @contextlib.contextmanager
     def reserved(self, host_id: str, demand: Demand) -> Iterator[None]:
@@ -190,6 +212,11 @@ class Placement:
         else:
             self._reserved.pop(host.id, None)
         return pending
+
+
+def _disk_room(host: HostRecord) -> int:
+    """Disk a host can still give: free, less what its sparse files may still take."""
+    return host.disk_free_bytes - host.disk_promised_bytes
 
 
 def _no_capacity_message(

@@ -227,6 +227,11 @@ def _mounts(req: CreateInstanceRequest) -> list[MountSpec]:
                     f"invalid overlay_size for volume {mount.volume_id}: {exc}",
                     code="invalid_overlay_size",
                 ) from None
+            if overlay_bytes > MAX_OVERLAY_SIZE:
+                raise BadRequest(
+                    f"overlay_size for volume {mount.volume_id} exceeds the maximum of 100GB",
+                    code="invalid_overlay_size",
+                )
         mounts.append(
             MountSpec(
                 volume_id=mount.volume_id,

@@ -142,6 +142,17 @@ class Health(msgspec.Struct, kw_only=True):
     status: Literal["ok"] = "ok"
 
 
+class Readiness(msgspec.Struct, kw_only=True):
+    """``GET /ready`` body (a vmfleet extension): whether the fleet can take work. A fresh
+    fleet is not ready until a worker's first heartbeat: creates, volumes and image pulls
+    answer 503 ``no_capacity`` until then."""
+
+    ready: bool
+    #: Live hosts, and of those the undrained ones (new work goes only there).
+    live_hosts: int
+    undrained_hosts: int
+
+
 class PortMapping(msgspec.Struct, kw_only=True):
     """A host port forwarded to a guest port (declared by hypeman, implemented by vmfleet)."""
 

@@ -99,7 +99,7 @@ async def create_image(request: Request) -> Response:
     existing = gw.view.images.get(key)
     if existing is not None:
         return MsgspecResponse(existing.to_api(), status_code=202)
-    host = gw.placement.volume_host()
+    host = gw.placement.image_host()
     record = ImageRecord(name=name, digest="", status=ImageStatus.PENDING, created_at=utc_now())
     kv = await gw.js.key_value(gw.subjects.images_bucket)
     try:

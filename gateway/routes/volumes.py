@@ -27,6 +27,7 @@ from schemas.clock import utc_now
 from schemas.codec import decode_create_volume_request
 from schemas.errors import Conflict, OpTimeout, VmfleetError
 from schemas.messages import CreateVolume, DeleteVolume
+from schemas.sizes import GIB
 
 __all__ = ["routes"]
 
@@ -52,7 +53,7 @@ async def create_volume(request: Request) -> Response:
     )
     volume_id = _free_id(gw, req.id if isinstance(req.id, str) else None)
     cmd = _command(request, volume_id, req.name, req.size_gb, archive=None)
-    return await _create(gw, gw.placement.volume_host(), cmd)
+    return await _create(gw, gw.placement.volume_host(req.size_gb * GIB), cmd)
 
 
 async def create_volume_from_archive(request: Request) -> Response:
@@ -66,7 +67,7 @@ async def _from_archive(gw: Gateway, request: Request, upload: ArchiveUpload) ->
     is removed again if the host refuses it (not on a 504: the queued command needs it)."""
     try:
         volume_id = _free_id(gw, upload.volume_id)
-        host = gw.placement.volume_host()
+        host = gw.placement.volume_host(upload.size_gb * GIB)
     except VmfleetError:
         upload.file.close()
         raise
