@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.commands import fleet, images, instances, volumes
+from cli.commands import fleet, guest, images, instances, volumes
 from cli.commands._common import Handler, run_client_command
 
 __all__ = ["Handler", "register_client_commands", "run_client_command"]
@@ -18,6 +18,7 @@ __all__ = ["Handler", "register_client_commands", "run_client_command"]
 
 def register_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     instances.register(sub)
+    guest.register(sub)
     images.register(sub)
     volumes.register(sub)
     fleet.register(sub)

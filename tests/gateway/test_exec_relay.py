@@ -384,3 +384,50 @@ async def test_closing_mid_output_is_clean(relay: Relay) -> None:
             await ws.recv()
     await _until(lambda: relay.hub.open_count() == 0)
     assert websockets  # the client library the SDK uses
+
+
+# -- the CLI ---------------------------------------------------------------------------------
+
+VMFLEET = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "vmfleet")
+
+
+async def _vmfleet(relay: Relay, *args: str, stdin: bytes = b"") -> tuple[int, bytes, str]:
+    env = {"HYPEMAN_BASE_URL": relay.gw.base_url, "HYPEMAN_API_KEY": relay.gw.token}
+    env["PATH"] = "/usr/bin:/bin"
+    done = await anyio.run_process([VMFLEET, *args], input=stdin, env=env, check=False)
+    return done.returncode, done.stdout, done.stderr.decode()
+
+
+async def test_cli_exec_exit_status_stdin_and_refusals(relay: Relay) -> None:
+    assert await _vmfleet(relay, "exec", A, "--", "echo", "hi") == (0, b"hi\n", "")
+    assert (await _vmfleet(relay, "exec", A, "--", "exit", "7"))[0] == 7
+    data = secrets.token_bytes(300_000)
+    status, out, _ = await _vmfleet(relay, "exec", "-i", A, "--", "cat", stdin=data)
+    assert (status, out) == (0, data)
+    status, _, err = await _vmfleet(relay, "exec", B, "--", "echo")
+    assert status == 1
+    assert err == "vmfleet: invalid_state: instance must be running (current state: Stopped)\n"
+    status, _, err = await _vmfleet(relay, "exec", A)
+    assert status == 1 and "no command given" in err
+
+
+async def test_cli_cp_and_stat(relay: Relay, tmp_path: Path) -> None:
+    size = 3 * 1024 * 1024 + 17
+    status, _, err = await _vmfleet(relay, "cp", f"{A}:/data/blob", str(tmp_path / "out"))
+    assert status == 0, err
+    assert (tmp_path / "out" / "blob").read_bytes() == b"x" * size
+    status, tar_bytes, _ = await _vmfleet(relay, "cp", f"{A}:/data/blob", "-")
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        assert [(m.name, m.size) for m in tar.getmembers()] == [("blob", size)]
+    local = tmp_path / "up.bin"
+    local.write_bytes(b"z" * 70_000)
+    assert (await _vmfleet(relay, "cp", str(local), f"{A}:/data/up.bin"))[0] == 0
+    assert relay.hub.uploads["/data/up.bin"] == 70_000
+    status, _, err = await _vmfleet(relay, "cp", f"{A}:/nothing", str(tmp_path))
+    assert status == 1 and "no such file" in err
+    status, out, _ = await _vmfleet(relay, "stat", A, "/data/blob")
+    assert status == 0 and b"type:  file" in out and str(size).encode() in out
+    assert (await _vmfleet(relay, "stat", A, "/nope"))[0] == 1
