@@ -7,6 +7,7 @@ package main
 import (
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -44,7 +45,16 @@ func main() {
 		}
 		serve = func() { serveVsock(fd) }
 	default:
-		fatal(fmt.Errorf("unknown channel %q", *channel))
+		// unix:PATH: a unix socket served like vsock (the host's tests, without a guest).
+		path := strings.TrimPrefix(*channel, "unix:")
+		if path == *channel {
+			fatal(fmt.Errorf("unknown channel %q", *channel))
+		}
+		fd, err := listenUnix(path)
+		if err != nil {
+			fatal(err)
+		}
+		serve = func() { serveVsock(fd) }
 	}
 	if *root != "" {
 		if err := syscall.Chroot(*root); err != nil {
@@ -118,7 +128,7 @@ func serveStream(f *os.File) {
 }
 
 // serveConn serves one vsock connection until it ends.
-func serveConn(f *os.File) {
+func serveConn(f io.ReadWriteCloser) {
 	defer f.Close()
 	var wmu sync.Mutex
 	r := newReader(f)
@@ -145,6 +155,22 @@ func serveConn(f *os.File) {
 			c.handle(fr)
 		}
 	}
+}
+
+func listenUnix(path string) (int, error) {
+	fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	if err := syscall.Bind(fd, &syscall.SockaddrUnix{Name: path}); err != nil {
+		syscall.Close(fd)
+		return -1, err
+	}
+	if err := syscall.Listen(fd, 4); err != nil {
+		syscall.Close(fd)
+		return -1, err
+	}
+	return fd, nil
 }
 
 // --- vsock (Cloud Hypervisor): the standard library has no AF_VSOCK sockaddr ---------------
@@ -192,7 +218,7 @@ func bindVsock(port uint32) (int, error) {
 	return fd, nil
 }
 
-// serveVsock accepts host connections; a new one replaces the previous (whose sessions end).
+// serveVsock accepts host connections (vsock, or unix for tests); a new one replaces the previous (whose sessions end).
 func serveVsock(lfd int) {
 	var mu sync.Mutex
 	var current *os.File

@@ -26,7 +26,14 @@ socket, one request per connection, and:
   ``vmfleet.probe=1``, the probe marker followed by a power-off; with
   ``vmfleet.ctl=hvc0`` on the kernel command line it answers vmfleet's control protocol on
   the console pty (ping, status, settime, mount/umount of disks it really has by serial,
-  shutdown), and only while the VM runs.
+  shutdown), and only while the VM runs;
+- emulates CH's hybrid vsock: with a ``vsock`` device it listens on the device's unix
+  socket, answers ``CONNECT <port>\n`` with ``OK <port>\n`` and then carries bytes both
+  ways between that connection and the guest side, which is ``$CH_DOUBLE_VSOCK_FORWARD``
+  (a unix socket the test listens on: a real guest agent run with ``-channel unix:PATH``)
+  or else a pretend agent that answers the agent protocol's handshake and pings and
+  refuses every session (docs/agent-protocol.md). A connection that cannot be carried
+  is closed without an answer, as CH closes one nothing listens for in the guest.
 
 Every request is appended as a JSON line to ``$CH_DOUBLE_LOG`` (if set) with the status it
 got and why it was refused. Knobs (environment): ``CH_DOUBLE_FAIL`` (comma-separated
@@ -38,9 +45,11 @@ the process stays, and the guest ignores ``shutdown``), ``CH_DOUBLE_VERSION``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
+import socket
 import socketserver
 import struct
 import sys
@@ -55,6 +64,7 @@ from typing import Any
 import jsonschema_rs
 import yaml
 
+from worker.agent.protocol import SYNC, FrameParser, Kind, encode
 from worker.probe import PROBE_MARKER
 
 SPEC = Path(__file__).resolve().parents[2] / ".." / "shared" / "specs" / "cloud-hypervisor-api.yaml"
@@ -166,6 +176,7 @@ class Guest:
             self._boot_lines()
         if self.pty_master is not None and "vmfleet.ctl=hvc0" in self.words:
             threading.Thread(target=self._control_loop, daemon=True).start()
+        self.vsock = HybridVsock(vmm, config["vsock"]) if config.get("vsock") else None
 
     def _open_serial(self, serial: Json) -> Any:
         if serial.get("mode") != "File":
@@ -248,12 +259,112 @@ class Guest:
         return "ok"
 
     def close(self) -> None:
+        if self.vsock is not None:
+            self.vsock.close()
         for fd in (self.pty_master, getattr(self, "_sub", None)):
             if fd is not None:
                 os.close(fd)
         self.pty_master = None
         if self.serial is not None:
             self.serial.close()
+
+
+class HybridVsock:
+    """CH's vsock device as the host sees it: a unix socket taking ``CONNECT <port>``."""
+
+    def __init__(self, vmm: Vmm, device: Json) -> None:
+        self.vmm = vmm
+        self.path = Path(device["socket"])
+        self.path.unlink(missing_ok=True)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(self.path))
+        self.listener.listen(8)
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        self.path.unlink(missing_ok=True)
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        line = b""
+        while not line.endswith(b"\n") and len(line) < 64:
+            chunk = conn.recv(1)
+            if not chunk:
+                conn.close()
+                return
+            line += chunk
+        words = line.decode(errors="replace").split()
+        if len(words) != 2 or words[0] != "CONNECT" or not words[1].isdigit():
+            conn.close()
+            return
+        target = os.environ.get("CH_DOUBLE_VSOCK_FORWARD")
+        if target:
+            guest = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                guest.connect(target)
+            except OSError:
+                conn.close()
+                return
+            conn.sendall(f"OK {words[1]}\n".encode())
+            threading.Thread(target=_pipe, args=(guest, conn), daemon=True).start()
+            _pipe(conn, guest)
+        else:
+            conn.sendall(f"OK {words[1]}\n".encode())
+            self._pretend_agent(conn)
+
+    def _pretend_agent(self, conn: socket.socket) -> None:
+        parser = FrameParser()
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self.vmm.wait_until_running()
+            for frame in parser.feed(data):
+                answer = _pretend_answer(frame.kind, frame.sid, frame.payload)
+                if answer:
+                    with contextlib.suppress(OSError):
+                        conn.sendall(answer)
+
+
+def _pretend_answer(kind: int, sid: int, payload: bytes) -> bytes:
+    if kind == Kind.HELLO:
+        nonce = json.loads(payload).get("nonce")
+        hello = {"version": 1, "nonce": nonce, "pid": 1, "agent": "ch-double"}
+        return SYNC + encode(Kind.HELLO, 0, json.dumps(hello).encode())
+    if kind == Kind.PING:
+        return encode(Kind.PONG, 0, payload)
+    if kind == Kind.OPEN:
+        return encode(Kind.ABORT, sid, b"the Cloud Hypervisor test double runs no guest")
+    return b""
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    """Copy until either side closes, then close both."""
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    for end in (source, sink):
+        with contextlib.suppress(OSError):
+            end.shutdown(socket.SHUT_RDWR)
 
 
 # -- the VMM -----------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ __all__ = ["AgentHub"]
 
 log = logging.getLogger(__name__)
 
+#: How many detached instances the hub remembers the reason of.
+_GONE_KEPT = 1024
+
 
 class _Link:
     """The hub's hold on one instance's agent, across reconnections."""
@@ -70,6 +73,8 @@ class AgentHub:
         self._dead_after_s = dead_after_s
         self._retry_s = retry_s
         self._links: dict[str, _Link] = {}
+        #: Why instances were detached (said when a session is asked of one); bounded.
+        self._gone: dict[str, str] = {}
         self._tg: TaskGroup | None = None
         self._closing = anyio.Event()
 
@@ -92,9 +97,11 @@ class AgentHub:
             self.detach(instance_id, "the worker is shutting down")
         self._tg.cancel_scope.cancel()
         try:
-            return await self._tg.__aexit__(exc_type, exc, tb)
+            # The body's own exception goes on as it is (not wrapped in a group).
+            await self._tg.__aexit__(None, None, None)
         finally:
             self._tg = None
+        return None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Until cancelled or :meth:`close`; every channel is closed on the way out."""
@@ -121,6 +128,7 @@ class AgentHub:
             return
         link = _Link(instance_id, endpoint)
         self._links[instance_id] = link
+        self._gone.pop(instance_id, None)
         self._tg.start_soon(self._keep, link)
 
     def detach(self, instance_id: str, reason: str = "the VM went away") -> None:
@@ -128,6 +136,9 @@ class AgentHub:
         link = self._links.pop(instance_id, None)
         if link is None:
             return
+        self._gone[instance_id] = reason
+        while len(self._gone) > _GONE_KEPT:
+            del self._gone[next(iter(self._gone))]
         link.detached = True
         link.problem = reason
         if link.channel is not None:
@@ -199,7 +210,10 @@ class AgentHub:
         link = self._links.get(instance_id)
         if link is not None and link.ready:
             return link
-        why = link.problem if link is not None else "its VM is not running on this host"
+        if link is not None:
+            why = link.problem
+        else:
+            why = self._gone.get(instance_id, "its VM is not running on this host")
         raise AgentUnavailable(f"the agent of instance {instance_id} is not available: {why}")
 
     async def _keep(self, link: _Link) -> None:
