@@ -21,6 +21,7 @@ import msgspec
 
 from schemas.api import VolumeAttachment
 from schemas.clock import utc_now
+from schemas.codec import decode_volume_record
 from schemas.errors import BadRequest, Conflict, NotFound
 from schemas.messages import VolumeRecord
 from worker.storage import make_ext4_from_tree, make_sparse_ext4, write_atomic
@@ -51,7 +52,7 @@ class VolumeStore:
             raw = (self.root / volume_id / "metadata.json").read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return msgspec.json.decode(raw, type=VolumeRecord)
+        return decode_volume_record(raw)
 
     def require(self, volume_id: str) -> VolumeRecord:
         record = self.get(volume_id)
