@@ -2,7 +2,8 @@
 
 It is hypeman's vendored ``spec/hypeman-openapi.yaml`` cut down to the operations vmfleet
 implements, plus vmfleet's extensions, each marked ``x-vmfleet-extension: true``:
-``GET /hosts``, ``GET /events``, ``GET /instances/{id}/wait``, the newer SDK's
+``GET /hosts``, ``GET /events``, ``GET /instances/{id}/wait``, the exec and cp
+WebSockets (hypeman's, but missing from its document), the newer SDK's
 ``POST /volumes/from-archive``, the ``host`` and
 ``port_mappings`` fields, the 503/504 answers of a fleet, the 507 of a host whose disk is
 full, ``GET /ready``, and the meta routes.
@@ -49,6 +50,7 @@ HYPEMAN_OPERATIONS: Final[dict[str, frozenset[str]]] = {
     "/instances/{id}/stop": frozenset({"post"}),
     "/instances/{id}/start": frozenset({"post"}),
     "/instances/{id}/logs": frozenset({"get"}),
+    "/instances/{id}/stat": frozenset({"get"}),
     "/instances/{id}/volumes/{volumeId}": frozenset({"post", "delete"}),
     "/volumes": frozenset({"get", "post"}),
     "/volumes/{id}": frozenset({"get", "delete"}),
@@ -188,6 +190,8 @@ def _extension_paths() -> dict[str, Any]:
         "/hosts/{id}/drain": _drain_operations(secured),
         "/events": {"get": _ext(_events_operation(secured))},
         "/instances/{id}/wait": {"get": _ext(_wait_operation(secured))},
+        "/instances/{id}/exec": {"get": _ext(_websocket_operation("exec", secured))},
+        "/instances/{id}/cp": {"get": _ext(_websocket_operation("cp", secured))},
         "/volumes/from-archive": {"post": _ext(_from_archive_operation(secured))},
         "/spec.yaml": {
             "get": _meta(
@@ -199,6 +203,57 @@ def _extension_paths() -> dict[str, Any]:
         },
         "/metrics": {"get": _meta("getMetrics", "Prometheus metrics", "text/plain")},
         "/ready": {"get": _ext(_ready_operation())},
+    }
+
+
+#: hypeman's two WebSocket protocols: served by hypeman and spoken by its SDK's
+#: ``hypeman.lib``, but absent from hypeman's OpenAPI document, so described here.
+_WEBSOCKETS: Final = {
+    "exec": (
+        "execInstance",
+        "Run a command in the guest (WebSocket)",
+        "hypeman's exec protocol, as `hypeman.lib.exec` speaks it. Client: a TEXT frame "
+        "with the request (`command`, `tty`, `env`, `cwd`, `timeout`, `wait_for_agent`, "
+        '`rows`, `cols`), BINARY stdin, TEXT `{"resize":{"rows":R,"cols":C}}`, and '
+        '(vmfleet) TEXT `{"eof":true}` to end stdin. Server: BINARY output frames of at '
+        'most 32 KiB, then TEXT `{"exitCode":N}`. Needs the token\'s `exec` scope.',
+    ),
+    "cp": (
+        "copyInstanceFiles",
+        "Copy files into or out of the guest (WebSocket)",
+        "hypeman's cp protocol, as `hypeman.lib.cp_to_instance` and `cp_from_instance` "
+        "speak it: a TEXT request with `direction` `to` (then BINARY data, TEXT "
+        '`{"type":"end"}`, answered by a TEXT `result`) or `from` (answered by '
+        "`header`, BINARY data and `end` frames); errors are TEXT "
+        '`{"type":"error","message":...}`. Needs the token\'s `exec` scope.',
+    ),
+}
+
+
+def _websocket_operation(kind: str, secured: list[dict[str, list[str]]]) -> dict[str, Any]:
+    operation_id, summary, description = _WEBSOCKETS[kind]
+    return {
+        "summary": summary,
+        "description": description,
+        "operationId": operation_id,
+        "security": secured,
+        "parameters": [
+            {
+                "name": "id",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string"},
+                "description": "Instance ID, name or unique ID prefix",
+            }
+        ],
+        "responses": {
+            "101": {"description": "Switching to the WebSocket protocol"},
+            "400": _error_response("Not a WebSocket upgrade request"),
+            "401": _error_response("No or an invalid token"),
+            "403": _error_response("The token lacks the exec scope"),
+            "404": _error_response("Instance not found"),
+            "409": _error_response("Instance not running (invalid_state) or ambiguous id"),
+        },
     }
 
 
