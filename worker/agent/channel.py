@@ -57,6 +57,11 @@ class AgentChannel:
         self.agent_info: dict[str, object] = {}
 
     @property
+    def lost(self) -> str | None:
+        """Why the channel is unusable (None while it is not)."""
+        return self._lost
+
+    @property
     def ready(self) -> bool:
         return self._hello.is_set() and self._lost is None
 

@@ -211,7 +211,8 @@ class AgentHub:
         if link is not None and link.ready:
             return link
         if link is not None:
-            why = link.problem
+            lost = link.channel.lost if link.channel is not None else None
+            why = lost or link.problem
         else:
             why = self._gone.get(instance_id, "its VM is not running on this host")
         raise AgentUnavailable(f"the agent of instance {instance_id} is not available: {why}")
