@@ -181,3 +181,22 @@ async def test_operator_initrd_is_used_as_is(tmp_path: Path) -> None:
     kernel = KernelAssets(version="x", bzimage=tmp_path / "bz", modules_root=None, initrd=mine)
     assert await ensure_initrd(tmp_path / "data", kernel) == mine
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.anyio
+async def test_the_agent_goes_next_to_the_init_and_keys_the_cache(tmp_path: Path) -> None:
+    kernel = _fake_kernel(tmp_path / "k")
+    data = tmp_path / "data"
+    agent = tmp_path / "vmfleet-agent"
+    agent.write_bytes(b"\x7fELF pretend agent v1")
+    with_agent = await ensure_initrd(data, kernel, agent=agent)
+    tree = tmp_path / "tree"
+    _cpio_extract(with_agent, tree)
+    assert (tree / "bin/vmfleet-agent").read_bytes() == agent.read_bytes()
+    assert (tree / "bin/vmfleet-agent").stat().st_mode & 0o111
+    agent.write_bytes(b"\x7fELF pretend agent v2")
+    assert await ensure_initrd(data, kernel, agent=agent) != with_agent
+    # No agent built: an initrd without one (the worker says so at start-up).
+    without = await ensure_initrd(data, kernel, agent=tmp_path / "missing")
+    assert without != with_agent
+    assert "bin/vmfleet-agent" not in _cpio_list(without)
