@@ -12,6 +12,7 @@ is queued; then the NATS connection drains.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -26,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from natsbus import connect, provision
 from schemas.api import Hypervisor, InstanceState
+from schemas.errors import NotFound
 from schemas.messages import InstanceRecord
 from schemas.subjects import Subjects
 from worker.agent import AgentHub, track_instance
@@ -172,6 +174,7 @@ async def _serve(
         ),
     )
     engine = HostEngine(ctx)
+    hub.on_news = functools.partial(_agent_news, engine)
     async with anyio.create_task_group() as infra:
         await infra.start(publisher.run)
         await infra.start(hub.run)
@@ -237,6 +240,12 @@ async def _run_components(
         await tg.start(consumer.run)
         log.info("worker %s is taking commands", config.host_id)
         task_status.started()
+
+
+def _agent_news(engine: HostEngine, instance_id: str, level: str, message: str) -> None:
+    """An agent answered or was lost: a line in the instance's ops log."""
+    with contextlib.suppress(NotFound):
+        engine.ctx.oplog(engine.instance(instance_id), message, level=level)
 
 
 def _follow_recovered(engine: HostEngine) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from types import TracebackType
 
 import anyio
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 #: How many detached instances the hub remembers the reason of.
 _GONE_KEPT = 1024
+
+#: Told (instance id, level, message) when an instance's agent answers or is lost.
+AgentNews = Callable[[str, str, str], None]
 
 
 class _Link:
@@ -77,6 +81,8 @@ class AgentHub:
         self._gone: dict[str, str] = {}
         self._tg: TaskGroup | None = None
         self._closing = anyio.Event()
+        #: The daemon points this at the instance's ops log.
+        self.on_news: AgentNews = lambda instance_id, level, message: None
 
     # -- running -----------------------------------------------------------------------------
 
@@ -240,7 +246,9 @@ class AgentHub:
         link.channel = channel
 
         def on_ready() -> None:
-            log.info("%s: agent ready (pid %s)", link.instance_id, channel.agent_info.get("pid"))
+            pid = channel.agent_info.get("pid")
+            log.info("%s: agent ready (pid %s)", link.instance_id, pid)
+            self.on_news(link.instance_id, "INFO", f"guest agent ready pid={pid}")
             link.notify()
 
         try:
@@ -250,6 +258,8 @@ class AgentHub:
             if not link.detached:
                 link.problem = str(exc)
                 log.info("%s: agent channel lost: %s", link.instance_id, exc)
+                if channel.agent_info:  # it had answered: say it is gone
+                    self.on_news(link.instance_id, "WARN", f"guest agent not available: {exc}")
         finally:
             link.channel = None
             link.notify()

@@ -6,6 +6,7 @@ test of a module (booting one takes a while under TCG); tests call into it with 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from schemas.messages import Delete
 from tests.worker.conftest import create_command, make_context, now
 from worker.agent import AgentHub, AgentSession, Frame, SessionKind, track_instance
+from worker.daemon import _agent_news
 from worker.engine import HostEngine
 from worker.lifecycle.context import BootAssets
 
@@ -91,6 +93,7 @@ def guest(boot_assets: BootAssets, busybox_image: str) -> Iterator[Guest]:
             ctx.on_removed = lambda record: hub.detach(record.id, "the instance was deleted")
             ctx.agent = hub
             engine = HostEngine(ctx)
+            hub.on_news = functools.partial(_agent_news, engine)  # as the daemon wires it
             cmd = create_command(busybox_image, cmd=["sleep", "100000"])
             try:
                 portal.call(engine.execute, cmd)

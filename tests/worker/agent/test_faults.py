@@ -11,7 +11,7 @@ import pytest
 from schemas.api import InstanceState
 from schemas.messages import Restore, Standby
 from tests.worker.agent.conftest import Guest
-from tests.worker.conftest import now
+from tests.worker.conftest import now, wait_for_log
 from worker.agent import AgentSessionClosed, AgentUnavailable, Frame
 
 pytestmark = pytest.mark.vm
@@ -51,5 +51,8 @@ def test_an_agent_killed_in_the_guest_ends_its_sessions(guest: Guest) -> None:
             await victim.receive()
         with pytest.raises(AgentUnavailable, match="exited"):
             await guest.open("exec")
+        # The instance's ops log says so too.
+        ops_log = guest.engine.instance(guest.instance_id).guest.ops_log
+        await wait_for_log(ops_log, "guest agent not available: the agent exited in the guest")
 
     guest.run(scenario)
