@@ -286,6 +286,24 @@ async def test_creates_spread_over_the_hosts(two_hosts: TwoHosts, pair: Pair) ->
     assert f"{pair.port}/tcp" not in found[two_hosts.other(mapped["host"])]["ports"]
 
 
+async def test_exec_reaches_an_instance_on_either_host_from_either_gateway(
+    two_hosts: TwoHosts, pair: Pair
+) -> None:
+    """Session bytes travel gateway ↔ owning worker over NATS: any gateway, any host."""
+    from hypeman import AsyncHypeman
+    from hypeman.lib import exec_async
+
+    for gw in two_hosts.gateways:
+        client = AsyncHypeman(api_key=gw.token, base_url=gw.base_url, max_retries=0)
+        for created in pair.instances:
+            result = await exec_async(
+                client, created["id"], ["/bin/sh", "-c", "cat /etc/hostname; exit 4"]
+            )
+            assert result.exit_code == 4
+            info = await client.instances.stat(created["id"], path="/etc/hostname")
+            assert info.exists and info.is_file and info.size == len(result.output)
+
+
 async def test_a_volume_bound_create_lands_on_the_volumes_host(
     two_hosts: TwoHosts, pair: Pair, volume_bound: VolumeBound
 ) -> None:
