@@ -1,4 +1,5 @@
-# The two set-up commands of README.md. Both install what is missing first.
+# The two set-up commands of README.md. Both install what is missing first (scripts/install.sh,
+# which also builds the guest agent from guest-agent/ when its sources changed).
 VENV        := .venv
 TEST_ASSETS := $(CURDIR)/.cache/test-assets
 
@@ -18,3 +19,4 @@ lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check schemas gateway worker natsbus cli
 	$(VENV)/bin/mypy
+	cd guest-agent && test -z "$$(gofmt -l .)" && go vet ./...
