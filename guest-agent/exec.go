@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -215,14 +216,18 @@ func run(s *session, req execRequest, cmd *exec.Cmd) int {
 	}
 	go feedInput(s, input, term)
 	streamed := make(chan struct{})
+	var exited atomic.Bool
 	go func() {
-		streamOutput(s, output)
+		streamOutput(s, output, &exited)
 		close(streamed)
 	}()
 	err := cmd.Wait()
-	// Output still in the pipe is sent; a background process that keeps the pipe open
-	// does not hold the reply (hypeman's agent would wait for it).
-	waitDrained(output, streamed)
+	// Output still in the pipe is sent, however slowly the client reads it; but once the
+	// pipe stays empty for drainIdle, a background process that keeps it open does not
+	// hold the reply (hypeman's agent would wait for it).
+	exited.Store(true)
+	_ = output.SetReadDeadline(time.Now().Add(drainIdle))
+	<-streamed
 	tmu.Lock()
 	defer tmu.Unlock()
 	if timedOut {
@@ -231,15 +236,9 @@ func run(s *session, req execRequest, cmd *exec.Cmd) int {
 	return exitCode(cmd.ProcessState, err)
 }
 
-func waitDrained(output *os.File, streamed chan struct{}) {
-	select {
-	case <-streamed:
-		return
-	case <-time.After(200 * time.Millisecond):
-	}
-	_ = output.SetReadDeadline(time.Now())
-	<-streamed
-}
+// drainIdle: after the command exited, how long the output may stay silent before the
+// reply is sent without waiting for its end.
+const drainIdle = 200 * time.Millisecond
 
 func exitCode(st *os.ProcessState, err error) int {
 	if st == nil {
@@ -251,9 +250,12 @@ func exitCode(st *os.ProcessState, err error) int {
 	return st.ExitCode()
 }
 
-func streamOutput(s *session, output *os.File) {
+func streamOutput(s *session, output *os.File, exited *atomic.Bool) {
 	buf := make([]byte, chunk)
 	for {
+		if exited.Load() {
+			_ = output.SetReadDeadline(time.Now().Add(drainIdle))
+		}
 		n, err := output.Read(buf)
 		if n > 0 {
 			data := make([]byte, n)

@@ -87,6 +87,26 @@ async def test_a_receiver_that_does_not_read_holds_at_most_a_window(hub: AgentHu
     assert received == total
 
 
+@pytest.mark.anyio
+async def test_output_left_in_the_pipe_when_the_command_exits_is_all_sent(hub: AgentHub) -> None:
+    # More than a window: the command exits while the rest waits in the pipe for credit.
+    total = WINDOW + (40 << 10)
+    async with await hub.open_session("host", "exec") as session:
+        await session.send(Frame.json({"command": ["head", "-c", str(total), "/dev/zero"]}))
+        await anyio.sleep(1)
+        received, texts = 0, []
+        try:
+            while True:
+                frame = await session.receive()
+                if frame.text:
+                    texts.append(frame.data)
+                else:
+                    received += len(frame.data)
+        except anyio.EndOfStream:
+            pass
+    assert (received, texts) == (total, [b'{"exitCode":0}'])
+
+
 @pytest.mark.skipif(shutil.which("go") is None, reason="no Go toolchain (scripts/install.sh)")
 def test_go_vet_and_go_test() -> None:
     for argv in (["go", "vet", "./..."], ["go", "test", "./..."]):
