@@ -86,6 +86,7 @@ def _streams(s: Subjects) -> dict[str, str]:
         "volumes": f"KV_{s.volumes_bucket}",
         "images": f"KV_{s.images_bucket}",
         "drains": f"KV_{s.drains_bucket}",
+        "names": f"KV_{s.names_bucket}",
         "archives": f"OBJ_{s.archives_bucket}",
     }
 
@@ -117,6 +118,7 @@ def gateway_permissions(subjects: Subjects) -> Permissions:
         s.session_filter(None, "in"),  # frames of guest sessions towards any host
         f"$KV.{s.drains_bucket}.>",
         f"$KV.{s.images_bucket}.>",  # a pull request creates the image record
+        f"$KV.{s.names_bucket}.>",  # a create claims its name, a delete releases it
         f"$O.{s.archives_bucket}.>",  # volume archive uploads
         f"{_API}.INFO",
         f"{_API}.STREAM.NAMES",

@@ -169,6 +169,7 @@ def _buckets(s: Subjects, layout: Layout) -> list[KeyValueConfig]:
         bucket(s.volumes_bucket, "volume records, written only by the owning worker"),
         bucket(s.images_bucket, "image pull status per host"),
         bucket(s.drains_bucket, "hosts drained by an operator: no new placements"),
+        bucket(s.names_bucket, "instance names, claimed by a gateway's create until delete"),
     ]
 
 

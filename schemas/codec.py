@@ -26,6 +26,7 @@ from schemas.messages import (
     ImageRecord,
     InstanceRecord,
     LogLine,
+    NameClaim,
     StateEvent,
     VolumeRecord,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "decode_instance_record",
     "decode_instances",
     "decode_log_line",
+    "decode_name_claim",
     "decode_start_instance_request",
     "decode_state_event",
     "decode_volume",
@@ -65,6 +67,7 @@ _STATE_EVENT: Final = msgspec.json.Decoder(StateEvent)
 _LOG_LINE: Final = msgspec.json.Decoder(LogLine)
 _HOST_RECORD: Final = msgspec.json.Decoder(HostRecord)
 _DRAIN_RECORD: Final = msgspec.json.Decoder(DrainRecord)
+_NAME_CLAIM: Final = msgspec.json.Decoder(NameClaim)
 _INSTANCE_RECORD: Final = msgspec.json.Decoder(InstanceRecord)
 _VOLUME_RECORD: Final = msgspec.json.Decoder(VolumeRecord)
 _IMAGE_RECORD: Final = msgspec.json.Decoder(ImageRecord)
@@ -111,6 +114,10 @@ def decode_log_line(data: bytes) -> LogLine:
 
 def decode_drain_record(data: bytes) -> DrainRecord:
     return _DRAIN_RECORD.decode(data)
+
+
+def decode_name_claim(data: bytes) -> NameClaim:
+    return _NAME_CLAIM.decode(data)
 
 
 def decode_host_record(data: bytes) -> HostRecord:

@@ -48,6 +48,7 @@ __all__ = [
     "InstanceRecord",
     "LogLine",
     "MountSpec",
+    "NameClaim",
     "PullImage",
     "Restore",
     "Standby",
@@ -445,6 +446,14 @@ class DrainRecord(msgspec.Struct, kw_only=True):
     host: str
     drained_at: Timestamp
     reason: str = ""
+
+
+class NameClaim(msgspec.Struct, kw_only=True):
+    """A gateway's claim on an instance name (KV ``names``, key = the name), made with a KV
+    create before the instance is placed, removed when the instance is deleted."""
+
+    instance_id: str
+    claimed_at: Timestamp
 
 
 # --------------------------------------------------------------------------------------------

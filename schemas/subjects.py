@@ -252,6 +252,11 @@ class Subjects:
     def images_bucket(self) -> str:
         return f"{self.prefix}_images"
 
+    @property
+    def names_bucket(self) -> str:
+        """KV: instance names claimed fleet-wide (key = the name), by the gateways."""
+        return f"{self.prefix}_names"
+
     # -- helpers -----------------------------------------------------------------------------
     @property
     def _upper(self) -> str:

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Final
 
+import anyio
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
@@ -18,6 +19,7 @@ from starlette.routing import Route
 
 from gateway.ids import derived_id, new_id
 from gateway.logs import logs_stream
+from gateway.names import claim_name, release_name
 from gateway.plan import CreatePlan, plan_create
 from gateway.requests import (
     bad_request,
@@ -36,7 +38,7 @@ from schemas.codec import (
     decode_create_instance_request,
     decode_start_instance_request,
 )
-from schemas.errors import Conflict, NotFound, VmfleetError
+from schemas.errors import Conflict, NotFound, OpTimeout, VmfleetError
 from schemas.messages import (
     AttachVolume,
     CommandResult,
@@ -94,7 +96,15 @@ async def create_instance(request: Request) -> Response:
     plan = plan_create(
         req, gw.view, command_id=key or new_id(), instance_id=instance_id, issued_at=utc_now()
     )
-    result = await _place_and_create(gw, plan, instance_id)
+    await claim_name(gw, req.name, instance_id)
+    try:
+        result = await _place_and_create(gw, plan, instance_id)
+    except OpTimeout:
+        raise  # the command stays queued and may still make the instance: the claim stays
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await release_name(gw, req.name, instance_id)
+        raise
     return MsgspecResponse(_rendered(gw, result.instance, instance_id), status_code=201)
 
 
@@ -138,6 +148,7 @@ async def delete_instance(request: Request) -> Response:
     record = resolve_instance(gw.view, request.path_params["id"])
     cmd = Delete(id=_command_id(request), instance_id=record.id, issued_at=utc_now())
     await gw.execute(record.host, cmd, settled=lambda: record.id not in gw.view.instances)
+    await release_name(gw, record.name, record.id)
     return Response(status_code=204)
 
 

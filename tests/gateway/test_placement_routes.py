@@ -3,6 +3,7 @@ host ports, image locality, refusals retried elsewhere, volumes of another host.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -98,7 +99,9 @@ async def create_on(
     gw: GatewayHandle, bus: Bus, hosts: list[Host], **body: object
 ) -> tuple[httpx.Response, dict[str, int]]:
     """Start the hosts, POST one create, return the answer and how many creates each got."""
-    request = {"name": "placed", "image": "busybox", "size": "256MB", "vcpus": 1, **body}
+    # A name of its own each time: names are claimed fleet-wide, and this fleet is shared.
+    name = f"placed-{secrets.token_hex(4)}"
+    request = {"name": name, "image": "busybox", "size": "256MB", "vcpus": 1, **body}
     async with anyio.create_task_group() as tg:
         for host in hosts:
             await tg.start(host.run)
