@@ -88,11 +88,11 @@ func makeDir(req cpRequest) error {
 	if st, err := os.Lstat(req.GuestPath); err == nil && !st.IsDir() {
 		return fmt.Errorf("%s exists and is not a directory", req.GuestPath)
 	}
-	if err := os.MkdirAll(req.GuestPath, mode); err != nil {
+	if err := os.MkdirAll(req.GuestPath, mode&0o777); err != nil {
 		return unwrapPath(err)
 	}
-	if err := os.Chmod(req.GuestPath, mode); err != nil {
-		return unwrapPath(err)
+	if err := chmod(req.GuestPath, mode); err != nil {
+		return err
 	}
 	return chownIfAsked(req)
 }
@@ -111,7 +111,7 @@ func writeFile(s *session, req cpRequest, written *int64) error {
 	var f *os.File
 	if failure == nil {
 		var err error
-		f, err = os.OpenFile(req.GuestPath, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
+		f, err = os.OpenFile(req.GuestPath, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode&0o777)
 		if err != nil {
 			failure = unwrapPath(err)
 		}
@@ -129,10 +129,19 @@ func writeFile(s *session, req cpRequest, written *int64) error {
 	if err != nil {
 		return err
 	}
-	if err := os.Chmod(req.GuestPath, mode); err != nil {
-		return unwrapPath(err)
+	if err := chmod(req.GuestPath, mode); err != nil {
+		return err
 	}
 	return chownIfAsked(req)
+}
+
+// chmod sets all twelve mode bits (os.FileMode would drop setuid, setgid and sticky given as
+// raw bits, as hypeman's numbers are).
+func chmod(path string, mode os.FileMode) error {
+	if err := syscall.Chmod(path, uint32(mode)); err != nil {
+		return fmt.Errorf("%s: %v", path, err)
+	}
+	return nil
 }
 
 func chownIfAsked(req cpRequest) error {

@@ -107,6 +107,19 @@ async def test_output_left_in_the_pipe_when_the_command_exits_is_all_sent(hub: A
     assert (received, texts) == (total, [b'{"exitCode":0}'])
 
 
+@pytest.mark.anyio
+async def test_cp_to_sets_every_mode_bit(hub: AgentHub, agent_socket: Path) -> None:
+    target = agent_socket.parent / "tool"
+    async with await hub.open_session("host", "cp") as session:
+        entry = {"direction": "to", "guest_path": str(target), "is_dir": False, "mode": 0o4755}
+        await session.send(Frame.json(entry))
+        await session.send(Frame(False, b"#!/bin/sh\n"))
+        await session.send(Frame.json({"type": "end"}))
+        reply = await session.receive()
+    assert reply.text and b'"success":true' in reply.data
+    assert target.stat().st_mode & 0o7777 == 0o4755
+
+
 @pytest.mark.skipif(shutil.which("go") is None, reason="no Go toolchain (scripts/install.sh)")
 def test_go_vet_and_go_test() -> None:
     for argv in (["go", "vet", "./..."], ["go", "test", "./..."]):
