@@ -150,6 +150,12 @@ def _extend_schemas(schemas: dict[str, Any]) -> None:
             "description": "Placement constraint: labels the host must advertise",
         }
     )
+    # The newer SDK's Initializing is a state vmfleet reports (the VM runs, the guest is
+    # not ready yet); the vendored description predates it.
+    schemas["InstanceState"]["enum"] = [s.value for s in InstanceState]
+    schemas["InstanceState"]["description"] += (
+        "- Initializing: VM is running while guest init is still in progress\n"
+    )
     _, generated = msgspec.json.schema_components(
         [HostRecord, StateEvent, WaitForStateResponse, DrainRequest, DrainResult, Readiness],
         ref_template="#/components/schemas/{name}",
@@ -166,12 +172,6 @@ def _add_fleet_errors(paths: dict[str, Any]) -> None:
     for path, method in _DISK_WRITES:
         responses = paths[path][method]["responses"]
         responses.setdefault("507", _ext(_error_response(_INSUFFICIENT_STORAGE)))
-    # The newer SDK's Initializing is a state vmfleet reports (the VM runs, the guest is
-    # not ready yet); the vendored description predates it.
-    schemas["InstanceState"]["enum"] = [s.value for s in InstanceState]
-    schemas["InstanceState"]["description"] += (
-        "- Initializing: VM is running while guest init is still in progress\n"
-    )
 
 
 def _extension_paths() -> dict[str, Any]:
