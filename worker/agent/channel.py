@@ -109,7 +109,7 @@ class AgentChannel:
             with anyio.move_on_after(wait):
                 await self._hello.wait()
                 return
-            wait = min(wait * 2, 4.0)
+            wait = min(wait * 2, 2.0)
 
     async def _heartbeat(self) -> None:
         while True:
