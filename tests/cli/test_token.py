@@ -45,3 +45,23 @@ def test_token_without_any_secret_says_what_to_set(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "JWT_SECRET" in done.stderr
+
+
+def _token(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [VMFLEET, "token", *args],
+        env={"JWT_SECRET": "s" * 32, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_scopes_limit_a_token_and_none_means_every_right() -> None:
+    scoped = jwt.decode(_token("--scopes", "exec, read").stdout.strip(), "s" * 32, ["HS256"])
+    assert scoped["scopes"] == ["read", "exec"]
+    unscoped = jwt.decode(_token().stdout.strip(), "s" * 32, ["HS256"])
+    assert "scopes" not in unscoped
+    refused = _token("--scopes", "read,admin")
+    assert refused.returncode == 2
+    assert "scopes must be a comma-separated list of read, write, exec" in refused.stderr
