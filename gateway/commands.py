@@ -95,6 +95,16 @@ class CommandSender:
             code="nats_unavailable",
         )
 
+    async def ask_host(self, host: str, method: str, payload: bytes, timeout_s: float) -> bytes:
+        """A host-local query (``Subjects.host_query``): the host's answer, or 503."""
+        try:
+            reply = await self._nc.request(
+                self._subjects.host_query(host, method), payload, timeout=timeout_s
+            )
+        except (NatsTimeoutError, NoRespondersError):
+            raise HostUnavailable(f"host {host} is not answering") from None
+        return bytes(reply.data)
+
     async def _recorded_result(self, host: str, command_id: str) -> CommandResult | None:
         """The outcome the host recorded for a command sent before, if it has finished."""
         try:

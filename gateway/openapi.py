@@ -25,10 +25,14 @@ import yaml
 
 from schemas.api import (
     VOLUME_ID_PATTERN,
+    Capabilities,
     DrainRequest,
     DrainResult,
+    HostResources,
     InstanceState,
+    InstanceStats,
     Readiness,
+    UpdateInstanceRequest,
     WaitForStateResponse,
 )
 from schemas.messages import HostRecord, StateEvent
@@ -44,7 +48,12 @@ HYPEMAN_OPERATIONS: Final[dict[str, frozenset[str]]] = {
     "/images": frozenset({"get", "post"}),
     "/images/{name}": frozenset({"get", "delete"}),
     "/instances": frozenset({"get", "post"}),
-    "/instances/{id}": frozenset({"get", "delete"}),
+    "/instances/{id}": frozenset({"get", "delete", "patch"}),
+    "/resources": frozenset({"get"}),
+    # The newer SDK's (hypeman 0.28), described here because the vendored document
+    # predates them.
+    "/instances/{id}/stats": frozenset({"get"}),
+    "/capabilities": frozenset({"get"}),
     "/instances/{id}/standby": frozenset({"post"}),
     "/instances/{id}/restore": frozenset({"post"}),
     "/instances/{id}/stop": frozenset({"post"}),
@@ -105,6 +114,7 @@ def build_spec() -> dict[str, Any]:
             if method != "parameters":
                 operation["responses"] = {str(k): v for k, v in operation["responses"].items()}
     _extend_schemas(spec["components"]["schemas"])
+    _add_supervision(spec["components"]["schemas"], spec["paths"])
     spec["paths"].update(_extension_paths())
     _add_fleet_errors(spec["paths"])
     _drop_unused_schemas(spec)
@@ -162,6 +172,149 @@ def _extend_schemas(schemas: dict[str, Any]) -> None:
     )
     for name, schema in generated.items():
         schemas.setdefault(name, _ext(schema))
+
+
+# -- the newer SDK's supervision and usage surface (hypeman 0.28) ------------------------
+
+
+def _add_supervision(schemas: dict[str, Any], paths: dict[str, Any]) -> None:
+    """Tags, expiry, PATCH, stats and capabilities, which the newer SDK has and the
+    vendored description predates; the policies this build refuses are described as such."""
+    _, generated = msgspec.json.schema_components(
+        [InstanceStats, Capabilities, UpdateInstanceRequest, HostResources],
+        ref_template="#/components/schemas/{name}",
+    )
+    for name, schema in generated.items():
+        if name not in schemas:
+            schemas[name] = schema
+    _lifetime_fields(schemas)
+    _resources_fields(schemas)
+    paths["/instances/{id}"]["patch"] = _update_operation()
+    paths["/instances/{id}/stats"] = {"get": _stats_operation()}
+    paths["/capabilities"] = {"get": _capabilities_operation()}
+
+
+_TAGS: Final = {
+    "type": "object",
+    "additionalProperties": {"type": "string", "maxLength": 255},
+    "maxProperties": 50,
+    "description": "User-defined key-value tags (keys: letters, digits, '.', '_', ':', "
+    "'/', '-'; at most 63 characters)",
+}
+_TTL: Final = {
+    "type": "string",
+    "description": 'Lifetime in Go duration format ("1h"); "0s" disables expiry. '
+    "Mutually exclusive with expires_at.",
+}
+_EXPIRES_AT: Final = {
+    "type": "string",
+    "format": "date-time",
+    "description": "Absolute expiration time; must be in the future. Mutually exclusive with ttl.",
+}
+_UNAPPLIED: Final = {
+    "type": "object",
+    "description": "Not supported by this vmfleet build yet: refused with 400 not_supported.",
+}
+
+
+def _lifetime_fields(schemas: dict[str, Any]) -> None:
+    create = schemas["CreateInstanceRequest"]["properties"]
+    create["tags"] = copy.deepcopy(_TAGS)
+    create["ttl"] = copy.deepcopy(_TTL)
+    create["expires_at"] = copy.deepcopy(_EXPIRES_AT)
+    update = schemas["UpdateInstanceRequest"]["properties"]
+    update["ttl"] = copy.deepcopy(_TTL)
+    update["expires_at"] = copy.deepcopy(_EXPIRES_AT)
+    update["env"] = {
+        "type": "object",
+        "additionalProperties": {"type": "string"},
+        "description": "Only keys bound to a credential's source.env; vmfleet has none, so "
+        "a non-empty env is refused (400 invalid_env).",
+    }
+    for field in ("restart_policy", "health_check", "auto_standby"):
+        create[field] = copy.deepcopy(_UNAPPLIED)
+        update[field] = copy.deepcopy(_UNAPPLIED)
+    instance = schemas["Instance"]["properties"]
+    instance["tags"] = {"type": "object", "additionalProperties": {"type": "string"}}
+    instance["expires_at"] = {
+        "type": "string",
+        "format": "date-time",
+        "description": "When the instance is deleted on its own; left out when it never is.",
+    }
+
+
+def _resources_fields(schemas: dict[str, Any]) -> None:
+    resources = schemas["Resources"]["properties"]
+    for unserved in ("disk_breakdown", "gpu"):
+        resources.pop(unserved, None)
+    resources["hosts"] = _ext(
+        {"type": "array", "items": _ref("HostResources"), "description": "Each live host's part"}
+    )
+    schemas["Resources"]["required"] = [*schemas["Resources"]["required"], "hosts"]
+    allocation = schemas["ResourceAllocation"]["properties"]
+    allocation["disk_io_bps"] = {"type": "integer", "format": "int64"}
+    allocation["host"] = _ext({"type": "string", "description": "The host running it"})
+    schemas["HostResources"] = _ext(schemas["HostResources"])
+
+
+def _update_operation() -> dict[str, Any]:
+    return {
+        "summary": "Update an instance without restarting it",
+        "description": "Changes the expiry (`ttl` counts from when the owning host commits "
+        'it; `"0s"` clears it). An empty body or an unknown field is 400; `restart_policy`, '
+        "`health_check` and `auto_standby` are 400 `not_supported` in this build; an "
+        "expired instance is 409 `instance_expired`.",
+        "operationId": "updateInstance",
+        "security": [{"bearerAuth": []}],
+        "parameters": [_path_id()],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _ref("UpdateInstanceRequest")}},
+        },
+        "responses": {
+            "200": _json_response("Instance updated", _ref("Instance")),
+            "400": _error_response("Bad request"),
+            "404": _error_response("Instance not found"),
+            "409": _error_response("Instance expired, or ambiguous id"),
+            **{status: _ext(_error_response(text)) for status, text in _FLEET_ERRORS.items()},
+        },
+    }
+
+
+def _stats_operation() -> dict[str, Any]:
+    return {
+        "summary": "Resource usage of an instance, read on its host",
+        "description": "All zeros while no VMM runs (Stopped, Standby). In the user network "
+        "mode the network bytes are 0 (QEMU keeps no counters there).",
+        "operationId": "getInstanceStats",
+        "security": [{"bearerAuth": []}],
+        "parameters": [_path_id()],
+        "responses": {
+            "200": _json_response("Usage now", _ref("InstanceStats")),
+            "404": _error_response("Instance not found"),
+            "409": _error_response("Ambiguous instance reference"),
+            "503": _ext(_error_response("The instance's host is not live or not answering")),
+        },
+    }
+
+
+def _capabilities_operation() -> dict[str, Any]:
+    return {
+        "summary": "What this fleet serves, from its live hosts",
+        "operationId": "getCapabilities",
+        "security": [{"bearerAuth": []}],
+        "responses": {"200": _json_response("Capabilities", _ref("Capabilities"))},
+    }
+
+
+def _path_id() -> dict[str, Any]:
+    return {
+        "name": "id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": "Instance ID, name or unique ID prefix",
+    }
 
 
 def _add_fleet_errors(paths: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ import msgspec
 from msgspec import UNSET
 
 from gateway.placement import Demand
+from gateway.supervision import check_tags, expiry_on_create, refuse_unapplied
 from gateway.view import FleetView
 from schemas.api import (
     MAX_VCPUS,
@@ -69,6 +70,8 @@ def plan_create(
 ) -> CreatePlan:
     """Every handler-level check of hypeman's create, then the Create command."""
     _refuse_unsupported(req)
+    tags = check_tags(req.tags) if isinstance(req.tags, dict) else {}
+    expires_at = expiry_on_create(req.ttl, req.expires_at, issued_at)
     images = _check_image(req.image, view)
     size = _size("size", req.size, DEFAULT_SIZE)
     hotplug = _size("hotplug_size", req.hotplug_size, 0)
@@ -102,6 +105,8 @@ def plan_create(
         hypervisor=hypervisor,
         cmd=req.cmd if isinstance(req.cmd, list) else None,
         entrypoint=req.entrypoint if isinstance(req.entrypoint, list) else None,
+        tags=tags,
+        expires_at=expires_at,
     )
     shaped = _check_bandwidth(command, view)
     demand = Demand(
@@ -158,6 +163,13 @@ def _refuse_unsupported(req: CreateInstanceRequest) -> None:
         raise BadRequest("device passthrough is not supported by vmfleet", code="not_supported")
     if req.gpu is not UNSET and getattr(req.gpu, "profile", UNSET) is not UNSET:
         raise BadRequest("vGPU profiles are not supported by vmfleet", code="not_supported")
+    refuse_unapplied(
+        {
+            "restart_policy": req.restart_policy,
+            "health_check": req.health_check,
+            "auto_standby": req.auto_standby,
+        }
+    )
 
 
 def _check_image(reference: str, view: FleetView) -> frozenset[str]:

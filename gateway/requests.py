@@ -29,6 +29,7 @@ __all__ = [
     "parse_duration",
     "query_bool",
     "query_int",
+    "query_tags",
     "read_body",
 ]
 
@@ -128,6 +129,24 @@ def query_int(request: Request, name: str, default: int, *, minimum: int = 0) ->
     if value < minimum:
         raise _query_error(name, raw, f"number must be at least {minimum}")
     return value
+
+
+_TAG_PARAMETER: Final = re.compile(r"tags\[(.*)\]")
+
+
+def query_tags(request: Request) -> dict[str, str]:
+    """``?tags[team]=a&tags[env]=ci`` (OpenAPI deepObject; the SDK percent-encodes the
+    brackets, which arrive decoded here) as ``{"team": "a", "env": "ci"}``. A key given
+    twice with different values matches nothing, so it is refused."""
+    wanted: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        match = _TAG_PARAMETER.fullmatch(name)
+        if match is None:
+            continue
+        key = match.group(1)
+        if not key or wanted.setdefault(key, value) != value:
+            raise _query_error(name, value, "each tag key must be named once, and not be empty")
+    return wanted
 
 
 _DURATION_PART: Final = re.compile(r"([0-9]*\.?[0-9]*)(ns|us|µs|μs|ms|s|m|h)")

@@ -99,6 +99,17 @@ class FleetView:
         record = self.instances[instance_id]
         return record.state if self.host_alive(record.host) else InstanceState.UNKNOWN
 
+    def matching(self, state: str | None = None, tags: dict[str, str] | None = None) -> list[str]:
+        """Ids, in order, of the instances in ``state`` (as clients see it) whose tags
+        include every pair of ``tags``: one pass over the copy, no round trip."""
+        instances = self.instances
+        return [
+            key
+            for key in sorted(instances)
+            if (not tags or instances[key].has_tags(tags))
+            and (state is None or self.effective_state(key).value == state)
+        ]
+
     def host_alive(self, host_id: str) -> bool:
         """Whether the host's heartbeat is younger than the TTL (one dictionary lookup)."""
         beat = self._hosts.get(host_id)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import enum
 import re
 from datetime import datetime
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -39,6 +39,13 @@ __all__ = [
     "NAME_PATTERN",
     "VOLUME_ID_PATTERN",
     "AttachVolumeRequest",
+    "Capabilities",
+    "CapabilitiesDefaultRuntime",
+    "CapabilitiesHost",
+    "CapabilitiesImages",
+    "CapabilitiesNetwork",
+    "CapabilitiesRuntime",
+    "CapabilitiesServer",
     "CreateImageRequest",
     "CreateInstanceRequest",
     "CreateVolumeRequest",
@@ -47,6 +54,7 @@ __all__ = [
     "Error",
     "GPUConfig",
     "Health",
+    "HostResources",
     "Hypervisor",
     "Image",
     "ImageStatus",
@@ -55,10 +63,15 @@ __all__ = [
     "InstanceName",
     "InstanceNetwork",
     "InstanceState",
+    "InstanceStats",
     "NetworkRequest",
     "PortMapping",
+    "ResourceAllocation",
+    "ResourceStatus",
+    "Resources",
     "StartInstanceRequest",
     "Timestamp",
+    "UpdateInstanceRequest",
     "Volume",
     "VolumeAttachment",
     "VolumeMount",
@@ -213,6 +226,15 @@ class CreateInstanceRequest(msgspec.Struct, kw_only=True):
     #: advertised labels include all of these.
     host: str | UnsetType = UNSET
     host_labels: dict[str, str] | UnsetType = UNSET
+    #: The newer SDK's labels and lifetime (``gateway.plan`` checks them: hypeman's codes).
+    tags: dict[str, str] | UnsetType = UNSET
+    ttl: str | UnsetType = UNSET
+    expires_at: Timestamp | UnsetType = UNSET
+    #: Supervision policies this build cannot apply yet: decoded only to be refused by name
+    #: (``not_supported``), never silently dropped.
+    restart_policy: Any | UnsetType = UNSET
+    health_check: Any | UnsetType = UNSET
+    auto_standby: Any | UnsetType = UNSET
 
     def __post_init__(self) -> None:
         _matches_whole(NAME_PATTERN, self.name, "$.name")
@@ -243,6 +265,8 @@ class Instance(msgspec.Struct, kw_only=True):
     created_at: Timestamp
     disk_io_bps: str | UnsetType = UNSET
     env: dict[str, str] | UnsetType = UNSET
+    #: When the instance is deleted on its own (left out: never; the SDK reads None).
+    expires_at: Timestamp | UnsetType = UNSET
     gpu: InstanceGPU | UnsetType = UNSET
     has_snapshot: bool
     host: str | UnsetType = UNSET
@@ -259,8 +283,23 @@ class Instance(msgspec.Struct, kw_only=True):
     state: InstanceState
     state_error: str | None = None
     stopped_at: Timestamp | None = None
+    tags: dict[str, str] | UnsetType = UNSET
     vcpus: int
     volumes: list[VolumeMount] | UnsetType = UNSET
+
+
+class UpdateInstanceRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``PATCH /instances/{id}`` (hypeman's InstanceUpdateParams). Unlike create, an
+    unknown field is refused: a client that believes it changed something must be told
+    it did not. The policies are decoded only to be refused by name until vmfleet applies
+    them."""
+
+    auto_standby: Any | UnsetType = UNSET
+    env: dict[str, str] | UnsetType = UNSET
+    expires_at: Timestamp | UnsetType = UNSET
+    health_check: Any | UnsetType = UNSET
+    restart_policy: Any | UnsetType = UNSET
+    ttl: str | UnsetType = UNSET
 
 
 class CreateImageRequest(msgspec.Struct, kw_only=True):
@@ -353,3 +392,114 @@ class DrainResult(msgspec.Struct, kw_only=True):
     #: Instances put in standby by this drain, and those that could not be (id → error).
     standby: list[str] = []
     errors: dict[str, str] = {}
+
+
+# -- what instances and hosts use (hypeman's InstanceStats, Resources, Capabilities) -------
+
+
+class InstanceStats(msgspec.Struct, kw_only=True):
+    """``GET /instances/{id}/stats``: read on the owning host from its VMM's /proc and its
+    TAP's counters; all zeros while no VMM runs. ``network_*`` are as the guest sees them
+    (what it received, what it sent)."""
+
+    allocated_memory_bytes: int
+    allocated_vcpus: int
+    cpu_seconds: float
+    instance_id: str
+    instance_name: str
+    memory_rss_bytes: int
+    memory_utilization_ratio: float | UnsetType = UNSET
+    memory_vms_bytes: int
+    network_rx_bytes: int
+    network_tx_bytes: int
+
+
+class ResourceStatus(msgspec.Struct, kw_only=True):
+    """One resource of ``GET /resources``: what there is, what the ratio makes of it, and
+    what instances hold."""
+
+    allocated: int
+    available: int
+    capacity: int
+    effective_limit: int
+    oversub_ratio: float
+    source: str | UnsetType = UNSET
+    type: str
+
+
+class ResourceAllocation(msgspec.Struct, kw_only=True):
+    """What one instance holds (``host``: a vmfleet extension)."""
+
+    cpu: int
+    disk_bytes: int
+    disk_io_bps: int
+    host: str
+    instance_id: str
+    instance_name: str
+    memory_bytes: int
+    network_download_bps: int
+    network_upload_bps: int
+
+
+class HostResources(msgspec.Struct, kw_only=True):
+    """One host's part of ``GET /resources`` (a vmfleet extension: ``hosts``)."""
+
+    cpu: ResourceStatus
+    disk: ResourceStatus
+    host: str
+    memory: ResourceStatus
+    network: ResourceStatus
+
+
+class Resources(msgspec.Struct, kw_only=True):
+    """``GET /resources``: hypeman's shape summed over the live hosts, and per host."""
+
+    allocations: list[ResourceAllocation]
+    cpu: ResourceStatus
+    disk: ResourceStatus
+    hosts: list[HostResources]
+    memory: ResourceStatus
+    network: ResourceStatus
+
+
+class CapabilitiesServer(msgspec.Struct, kw_only=True):
+    api_version: str
+    version: str
+
+
+class CapabilitiesHost(msgspec.Struct, kw_only=True):
+    arch: str
+    os: str
+
+
+class CapabilitiesRuntime(msgspec.Struct, kw_only=True):
+    available: bool
+    features: list[str]
+    name: str
+
+
+class CapabilitiesDefaultRuntime(msgspec.Struct, kw_only=True):
+    available: bool
+    name: str
+
+
+class CapabilitiesImages(msgspec.Struct, kw_only=True):
+    default_platform: str
+    platforms: list[str]
+
+
+class CapabilitiesNetwork(msgspec.Struct, kw_only=True):
+    guest_to_guest: bool
+    model: Literal["bridge", "nat"]
+
+
+class Capabilities(msgspec.Struct, kw_only=True):
+    """``GET /capabilities``: what this fleet serves, from its live hosts' heartbeats."""
+
+    default_runtime: CapabilitiesDefaultRuntime
+    features: list[str]
+    host: CapabilitiesHost
+    images: CapabilitiesImages
+    network: CapabilitiesNetwork
+    runtimes: list[CapabilitiesRuntime]
+    server: CapabilitiesServer

@@ -54,7 +54,9 @@ __all__ = [
     "Standby",
     "Start",
     "StateEvent",
+    "StatsReply",
     "Stop",
+    "Update",
     "VolumeRecord",
     "host_port_key",
 ]
@@ -132,6 +134,9 @@ class Create(InstanceCommand, frozen=True, kw_only=True):
     hypervisor: Hypervisor | None = None
     cmd: list[str] | None = None
     entrypoint: list[str] | None = None
+    tags: dict[str, str] = {}
+    #: When the instance is deleted on its own (the gateway turned a ttl into this).
+    expires_at: Timestamp | None = None
 
     @property
     def disk_bytes(self) -> int:
@@ -171,6 +176,8 @@ class Create(InstanceCommand, frozen=True, kw_only=True):
             cmd=self.cmd,
             entrypoint=self.entrypoint,
             created_at=created_at,
+            tags=dict(self.tags),
+            expires_at=self.expires_at,
         )
 
 
@@ -195,6 +202,16 @@ class Restore(InstanceCommand, frozen=True, kw_only=True):
 
 class Delete(InstanceCommand, frozen=True, kw_only=True):
     """Delete an instance from any state."""
+
+
+class Update(InstanceCommand, frozen=True, kw_only=True):
+    """Change what can change without touching the VM (``PATCH /instances/{id}``); sent to
+    the owning worker so that the record keeps one writer. For the expiry: ``ttl_s`` counts
+    from when the worker applies it (0 clears the expiry), else ``expires_at`` if set; with
+    neither, the expiry stays as it is."""
+
+    ttl_s: float | None = None
+    expires_at: Timestamp | None = None
 
 
 class AttachVolume(InstanceCommand, frozen=True, kw_only=True):
@@ -252,6 +269,7 @@ AnyCommand = (
     | Standby
     | Restore
     | Delete
+    | Update
     | AttachVolume
     | DetachVolume
     | CreateVolume
@@ -302,6 +320,9 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
     #: The last command applied to this instance: a redelivered command with this id has
     #: already taken effect and is answered, not executed again.
     last_command_id: str | None = None
+    tags: dict[str, str] = {}
+    #: When the owning worker deletes the instance on its own (None: never).
+    expires_at: Timestamp | None = None
 
     def to_api(self) -> api.Instance:
         """Render hypeman's Instance: sizes in HR form, empty optionals left out."""
@@ -326,7 +347,18 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
             has_snapshot=self.has_snapshot,
             hypervisor=self.hypervisor,
             host=self.host,
+            tags=dict(self.tags) if self.tags else UNSET,
+            expires_at=self.expires_at if self.expires_at is not None else UNSET,
         )
+
+    def expired(self, now: Timestamp) -> bool:
+        """Whether the instance's deadline has passed (its worker then deletes it)."""
+        return self.expires_at is not None and self.expires_at <= now
+
+    def has_tags(self, wanted: dict[str, str]) -> bool:
+        """Whether every pair of ``wanted`` is among the instance's tags."""
+        tags = self.tags
+        return all(tags.get(key) == value for key, value in wanted.items())
 
     def _network(self) -> api.InstanceNetwork:
         """hypeman: name/ip/mac only when enabled; bandwidths whenever > 0."""
@@ -501,3 +533,11 @@ class LogLine(msgspec.Struct, kw_only=True):
     seq: int = 0
     line: str
     at: Timestamp
+
+
+class StatsReply(msgspec.Struct, kw_only=True):
+    """A host's answer to ``Subjects.host_query(host, "stats")`` (the request's payload is
+    the instance id): the instance's usage, or why there is none."""
+
+    stats: api.InstanceStats | None = None
+    error: ErrorInfo | None = None

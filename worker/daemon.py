@@ -36,6 +36,7 @@ from worker.config import WorkerConfig
 from worker.dispatch import Dispatcher
 from worker.drivers.select import DriverSet, check_hypervisor_setting, choose_hypervisor
 from worker.engine import HostEngine
+from worker.expiry import reap_expired
 from worker.guest import ensure_initrd, ensure_kernel
 from worker.guest.initrd import DEFAULT_AGENT
 from worker.heartbeat import heartbeat_loop
@@ -50,6 +51,7 @@ from worker.publisher import RecordPublisher
 from worker.queries import serve_queries
 from worker.sessions import serve_sessions
 from worker.storage import Storage
+from worker.usage import InstanceUsageCollector, local_instances
 from worker.volumes import VolumeStore
 
 __all__ = ["prepare_host", "run_worker"]
@@ -235,7 +237,9 @@ async def _run_components(
         tg.start_soon(shipper.run)
         tg.start_soon(engine.watch_vmms)
         tg.start_soon(_count_instances, engine, metrics)
-        await tg.start(serve_queries, nc, subjects, config.host_id, ledger)
+        tg.start_soon(reap_expired, engine)
+        InstanceUsageCollector(lambda: local_instances(engine)).register(metrics.registry)
+        await tg.start(serve_queries, nc, subjects, config.host_id, ledger, engine)
         await tg.start(serve_sessions, nc, subjects, config.host_id, engine, metrics)
         await tg.start(consumer.run)
         log.info("worker %s is taking commands", config.host_id)

@@ -24,7 +24,7 @@ from schemas.messages import Create, Delete, InstanceCommand, InstanceRecord, St
 from schemas.sizes import GIB
 from worker.capacity import CapacityAccount
 from worker.host import HostUsage, read_capacity, unwritten_bytes
-from worker.lifecycle import create, delete, restore, standby, start, stop, volumes
+from worker.lifecycle import create, delete, restore, standby, start, stop, update, volumes
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.recovery import recover
 from worker.states import TRANSITIONS, Op
@@ -45,6 +45,7 @@ OPERATIONS: Final[dict[Op, Operation]] = {
     Op.STOP: stop.stop,
     Op.STANDBY: standby.standby,
     Op.RESTORE: restore.restore,
+    Op.UPDATE: update.update,
     Op.ATTACH_VOLUME: volumes.attach_volume,
     Op.DETACH_VOLUME: volumes.detach_volume,
 }

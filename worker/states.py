@@ -56,6 +56,7 @@ class Op(enum.StrEnum):
     STANDBY = "standby"
     RESTORE = "restore"
     DELETE = "delete"
+    UPDATE = "update"
     ATTACH_VOLUME = "attachvolume"
     DETACH_VOLUME = "detachvolume"
 
@@ -137,6 +138,9 @@ TRANSITIONS: dict[Op, Transition] = {
         on_failure=frozenset({S.STANDBY}),
     ),
     Op.DELETE: Transition(_ANY, (), ""),
+    # PATCH: changes the record (its expiry), never the VM, so no state changes and none
+    # is refused (an expired instance is refused by the update itself).
+    Op.UPDATE: Transition(_ANY, (), ""),
     Op.ATTACH_VOLUME: Transition(
         frozenset({S.RUNNING, S.STOPPED}),
         (),

@@ -26,11 +26,13 @@ from gateway.requests import (
     decode_body,
     idempotency_key,
     parse_duration,
+    query_tags,
     read_body,
 )
 from gateway.resolve import resolve_instance, resolve_volume
 from gateway.responses import JSONBytesResponse, MsgspecResponse
 from gateway.service import Gateway, gateway
+from gateway.supervision import UPDATE_DECODER, plan_update
 from schemas.api import InstanceState, StartInstanceRequest, WaitForStateResponse
 from schemas.clock import utc_now
 from schemas.codec import (
@@ -49,6 +51,7 @@ from schemas.messages import (
     Standby,
     Start,
     Stop,
+    Update,
 )
 
 __all__ = ["routes"]
@@ -63,14 +66,10 @@ _PAST: Final = {InstanceState.INITIALIZING: frozenset({InstanceState.RUNNING})}
 
 
 async def list_instances(request: Request) -> Response:
-    """Every instance, by id; ``?state=`` filters (the newer SDK sends it)."""
+    """Every instance, by id; ``?state=`` and ``?tags[k]=v`` (all pairs) filter, as the
+    newer SDK sends them."""
     view = gateway(request).view
-    wanted = request.query_params.get("state")
-    keys = [
-        key
-        for key in sorted(view.instances)
-        if wanted is None or view.effective_state(key).value == wanted
-    ]
+    keys = view.matching(request.query_params.get("state"), query_tags(request))
     return JSONBytesResponse(b"[" + b",".join(view.instance_json(key) for key in keys) + b"]")
 
 
@@ -155,6 +154,16 @@ async def delete_instance(request: Request) -> Response:
 # -- lifecycle ---------------------------------------------------------------------------------
 
 
+async def update_instance(request: Request) -> Response:
+    """PATCH: what changes without touching the VM, applied by the owning worker."""
+    gw = gateway(request)
+    record = resolve_instance(gw.view, request.path_params["id"])
+    body = await read_body(request, gw.config.max_json_body_bytes)
+    req = decode_body(UPDATE_DECODER.decode, body)
+    cmd = plan_update(req, record, command_id=_command_id(request), now=utc_now())
+    return await _run(gw, record, cmd)
+
+
 async def start_instance(request: Request) -> Response:
     gw = gateway(request)
     record = resolve_instance(gw.view, request.path_params["id"])
@@ -196,7 +205,7 @@ async def _simple(request: Request, op: type[Stop | Standby | Restore]) -> Respo
 async def _run(
     gw: Gateway,
     record: InstanceRecord,
-    cmd: Start | Stop | Standby | Restore | AttachVolume | DetachVolume,
+    cmd: Start | Stop | Standby | Restore | Update | AttachVolume | DetachVolume,
 ) -> Response:
     result = await gw.execute(record.host, cmd, settled=_applied(gw, record.id, cmd.id))
     return MsgspecResponse(_rendered(gw, result.instance, record.id))
@@ -332,6 +341,7 @@ routes = [
     Route("/instances", create_instance, methods=["POST"]),
     Route("/instances/{id}", get_instance, methods=["GET"]),
     Route("/instances/{id}", delete_instance, methods=["DELETE"]),
+    Route("/instances/{id}", update_instance, methods=["PATCH"]),
     Route("/instances/{id}/start", start_instance, methods=["POST"]),
     Route("/instances/{id}/stop", stop_instance, methods=["POST"]),
     Route("/instances/{id}/standby", standby_instance, methods=["POST"]),

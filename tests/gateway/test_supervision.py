@@ -1,0 +1,189 @@
+"""Tags, lifetimes and the fields this build does not apply yet, through hypeman's SDK,
+without a VM: records are written into the buckets as a worker would, and everything
+refused is refused by the gateway before anything is sent.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import pytest
+from hypeman import BadRequestError, ConflictError, Hypeman
+
+from schemas.api import InstanceState
+from tests.support.gateway import Bus, GatewayHandle, host_record, instance_record
+
+pytestmark = pytest.mark.anyio
+
+A = "a" + "1" * 23
+B = "a" + "2" * 23
+C = "b" + "3" * 23
+
+
+def _sdk(gw: GatewayHandle) -> Hypeman:
+    return Hypeman(api_key=gw.token, base_url=gw.base_url, max_retries=0)
+
+
+async def _seed(bus: Bus) -> None:
+    s = bus.subjects
+    await bus.put(s.hosts_bucket, "h1", host_record("h1", vcpus_allocated=3))
+    await bus.put(
+        s.instances_bucket, A, instance_record(A, "web", "h1", tags={"team": "a", "env": "ci"})
+    )
+    await bus.put(
+        s.instances_bucket,
+        B,
+        instance_record(B, "db", "h1", tags={"team": "a"}, state=InstanceState.STOPPED),
+    )
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    await bus.put(
+        s.instances_bucket,
+        C,
+        instance_record(C, "job", "h1", tags={"team": "a", "env": "ci"}, expires_at=soon),
+    )
+
+
+async def _until_listed(gw: GatewayHandle, count: int) -> None:
+    async with gw.async_client() as client:
+        with anyio.fail_after(10):
+            while len((await client.get("/instances")).json()) < count:
+                await anyio.sleep(0.02)
+
+
+async def test_tags_and_expiry_are_shown_and_filtered(gw: GatewayHandle, bus: Bus) -> None:
+    await _seed(bus)
+    await _until_listed(gw, 3)
+    client = _sdk(gw)
+    web = client.instances.get(A)
+    assert web.tags == {"team": "a", "env": "ci"} and web.expires_at is None
+    job = client.instances.get(C)
+    assert job.expires_at is not None and job.expires_at > datetime.now(UTC)
+
+    def ids(**params: object) -> list[str]:
+        return [i.id for i in client.instances.list(**params)]  # type: ignore[arg-type]
+
+    assert ids(tags={"team": "a"}) == [A, B, C]
+    assert ids(tags={"team": "a", "env": "ci"}) == [A, C]
+    assert ids(tags={"team": "a", "env": "prod"}) == []
+    assert ids(tags={"team": "a"}, state="Stopped") == [B]
+    assert ids(tags={"env": "ci"}, state="Running") == [A, C]
+    # The SDK percent-encodes the brackets; a hand-written query may not.
+    async with gw.async_client() as raw:
+        plain = (await raw.get("/instances?tags[env]=ci&tags[team]=a")).json()
+    assert [i["id"] for i in plain] == [A, C]
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "named"),
+    [
+        ({"tags": {"a]b": "x"}}, "invalid_tags", "a]b"),
+        ({"tags": {"a=b": "x"}}, "invalid_tags", "a=b"),
+        ({"tags": {f"k{i}": "v" for i in range(1000)}}, "invalid_tags", "at most 50"),
+        ({"tags": {"ok": "line\nbreak"}}, "invalid_tags", "ok"),
+        ({"ttl": "1h", "expires_at": "2999-01-01T00:00:00Z"}, "invalid_ttl", "expires_at"),
+        ({"ttl": "soon"}, "invalid_ttl", "soon"),
+        ({"ttl": "-5s"}, "invalid_ttl", "negative"),
+        ({"expires_at": "2000-01-01T00:00:00Z"}, "invalid_expires_at", "2000-01-01"),
+        ({"restart_policy": {"policy": "always"}}, "not_supported", "restart_policy"),
+        ({"health_check": {"type": "tcp", "tcp": {"port": 80}}}, "not_supported", "health_check"),
+        ({"auto_standby": {"enabled": True}}, "not_supported", "auto_standby"),
+    ],
+)
+def test_create_refusals(
+    shared_gw: GatewayHandle, fields: dict[str, object], code: str, named: str
+) -> None:
+    client = _sdk(shared_gw)
+    with pytest.raises(BadRequestError) as refused:
+        client.instances.create(name="refused", image="busybox", **fields)  # type: ignore[arg-type]
+    body = refused.value.body
+    assert isinstance(body, dict) and body["code"] == code, body
+    assert named in body["message"]
+    assert client.instances.list() == []  # nothing was made
+
+
+async def test_update_refusals(gw: GatewayHandle, bus: Bus) -> None:
+    await _seed(bus)
+    past = datetime.now(UTC) - timedelta(seconds=5)
+    expired = "c" + "4" * 23
+    await bus.put(
+        bus.subjects.instances_bucket,
+        expired,
+        instance_record(expired, "old", "h1", expires_at=past),
+    )
+    await _until_listed(gw, 4)
+    client = _sdk(gw)
+    cases: list[tuple[dict[str, object], str, str]] = [
+        ({"restart_policy": {"policy": "always"}}, "not_supported", "restart_policy"),
+        ({"health_check": {"type": "none"}}, "not_supported", "health_check"),
+        ({"auto_standby": {"enabled": False}}, "not_supported", "auto_standby"),
+        ({"env": {"API_KEY": "x"}}, "invalid_env", "env"),
+        ({"ttl": "-1m"}, "invalid_ttl", "negative"),
+        ({"ttl": "1h", "expires_at": "2999-01-01T00:00:00Z"}, "invalid_ttl", "exclusive"),
+        ({"expires_at": "2001-01-01T00:00:00Z"}, "invalid_expires_at", "future"),
+    ]
+    for fields, code, named in cases:
+        with pytest.raises(BadRequestError) as refused:
+            client.instances.update(A, **fields)  # type: ignore[arg-type]
+        body = refused.value.body
+        assert isinstance(body, dict) and body["code"] == code, (fields, body)
+        assert named in body["message"]
+    async with gw.async_client() as raw:
+        for content in (b"{}", b"", b'{"tags": {"a": "b"}}', b'{"ttl": "1h", "name": "x"}'):
+            response = await raw.patch(f"/instances/{A}", content=content)
+            assert response.status_code == 400, content
+            assert response.json()["code"] == "Bad Request"
+        unknown = await raw.patch(f"/instances/{A}", json={"tags": {"a": "b"}})
+        assert "tags" in unknown.json()["message"]
+    with pytest.raises(ConflictError) as late:
+        client.instances.update(expired, ttl="1h")
+    assert late.value.body == {  # type: ignore[comparison-overlap]
+        "code": "instance_expired",
+        "message": f"instance {expired} has expired and is being deleted; it can no longer "
+        "be updated",
+    }
+    info = await bus.js.stream_info(bus.subjects.commands_stream)
+    assert info.state.messages == 0  # nothing was sent
+
+
+async def test_resources_and_capabilities_from_heartbeats(gw: GatewayHandle, bus: Bus) -> None:
+    s = bus.subjects
+    await bus.put(
+        s.hosts_bucket, "h1", host_record("h1", vcpus_allocated=3, memory_allocated_bytes=1 << 30)
+    )
+    await bus.put(s.hosts_bucket, "h2", host_record("h2", network_mode="bridge"))
+    await bus.put(s.instances_bucket, A, instance_record(A, "web", "h1", vcpus=3))
+    await _until_listed(gw, 1)
+    client = _sdk(gw)
+    with anyio.fail_after(10):
+        while (
+            len((resources := client.resources.get()).allocations) < 1 or resources.cpu.capacity < 4
+        ):
+            await anyio.sleep(0.05)
+    assert resources.cpu.capacity == 4 and resources.cpu.allocated == 3
+    assert resources.cpu.effective_limit == 16 and resources.cpu.available == 13
+    assert resources.memory.capacity == 16 << 30 and resources.memory.allocated == 1 << 30
+    [allocation] = resources.allocations
+    assert (allocation.instance_id, allocation.cpu, allocation.memory_bytes) == (A, 3, 1 << 30)
+    async with gw.async_client() as raw:
+        hosts = (await raw.get("/resources")).json()["hosts"]
+    assert [h["host"] for h in hosts] == ["h1", "h2"]
+    assert hosts[0]["cpu"]["allocated"] == 3 and hosts[1]["cpu"]["allocated"] == 0
+
+    found = client.capabilities.get()
+    assert (found.network.model, found.network.guest_to_guest) == ("bridge", True)
+    assert (found.default_runtime.name, found.default_runtime.available) == ("qemu", True)
+    assert {r.name: r.available for r in found.runtimes} == {
+        "cloud-hypervisor": False,
+        "qemu": True,
+    }
+    assert "instances" in found.features and found.server.api_version
+
+
+async def test_stats_need_the_owning_host(gw: GatewayHandle, bus: Bus) -> None:
+    await bus.put(bus.subjects.instances_bucket, A, instance_record(A, "web", "gone"))
+    await _until_listed(gw, 1)
+    async with gw.async_client() as raw:
+        assert (await raw.get("/instances/nothing/stats")).status_code == 404
+        silent = await raw.get(f"/instances/{A}/stats")
+    assert (silent.status_code, silent.json()["code"]) == (503, "host_unavailable")

@@ -1,0 +1,42 @@
+"""update (``PATCH /instances/{id}``): what changes in the record without touching the VM.
+
+Today that is the expiry. A ``ttl`` counts from here, when the owning worker commits it,
+not from when a gateway received it; an instance past its deadline is refused (it is
+about to be deleted by :mod:`worker.expiry`, and a new lease must not race the reaper).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from schemas.clock import utc_now
+from schemas.errors import BadRequest, Conflict
+from schemas.messages import Update
+from worker.lifecycle.context import LocalInstance, OpContext
+from worker.states import Op, check_transition
+
+__all__ = ["InstanceExpired", "update"]
+
+
+class InstanceExpired(Conflict):
+    code = "instance_expired"
+
+
+async def update(ctx: OpContext, inst: LocalInstance, cmd: Update) -> None:
+    check_transition(Op.UPDATE, inst.state)
+    now = utc_now()
+    if inst.record.expired(now):
+        raise InstanceExpired(
+            f"instance {inst.id} expired at {inst.record.expires_at:%Y-%m-%dT%H:%M:%SZ} and "
+            "is being deleted; it can no longer be updated"
+        )
+    if cmd.ttl_s is not None:
+        expires_at = now + timedelta(seconds=cmd.ttl_s) if cmd.ttl_s > 0 else None
+    elif cmd.expires_at is not None:
+        if cmd.expires_at <= now:
+            raise BadRequest("expires_at must be in the future", code="invalid_expires_at")
+        expires_at = cmd.expires_at
+    else:
+        return
+    ctx.save(inst, expires_at=expires_at)
+    ctx.oplog(inst, "expiry updated", expires_at=expires_at.isoformat() if expires_at else "never")
