@@ -1,8 +1,8 @@
 """Instance names, unique fleet-wide: a create claims its name before it is placed.
 
 The claim is a KV ``create`` on the name's key in the ``names`` bucket: of several gateways
-creating the same name at once, exactly one succeeds; the others answer 409
-``name_conflict`` (hypeman's code). The claim is released when the instance is deleted,
+creating the same name at once, exactly one succeeds; the others answer 400
+``name_conflict`` (hypeman's status and code). The claim is released when the instance is deleted,
 and when its create fails before any host took it.
 
 A gateway that dies mid-create leaves a claim whose instance may never appear. Such a claim
@@ -25,7 +25,7 @@ from nats.js.kv import KeyValue
 
 from gateway.service import Gateway
 from schemas.codec import decode_name_claim, encode
-from schemas.errors import Conflict
+from schemas.errors import BadRequest
 from schemas.messages import NameClaim
 
 __all__ = ["CLAIM_GRACE_S", "claim_name", "release_name"]
@@ -37,7 +37,7 @@ CLAIM_GRACE_S = 300.0
 async def claim_name(
     gw: Gateway, name: str, instance_id: str, *, grace_s: float = CLAIM_GRACE_S
 ) -> int:
-    """Claim ``name`` for ``instance_id``; the claim's revision. 409 ``name_conflict`` when
+    """Claim ``name`` for ``instance_id``; the claim's revision. 400 ``name_conflict`` when
     another instance has it."""
     _refuse_if_recorded(gw, name, instance_id)
     kv = await _bucket(gw)
@@ -100,8 +100,8 @@ def _decode(value: bytes | None) -> NameClaim | None:
     return decode_name_claim(value) if value else None
 
 
-def _conflict(name: str) -> Conflict:
-    return Conflict(f"instance name {name!r} is already in use", code="name_conflict")
+def _conflict(name: str) -> BadRequest:
+    return BadRequest(f"instance name {name!r} is already in use", code="name_conflict")
 
 
 async def _bucket(gw: Gateway) -> KeyValue:

@@ -1,5 +1,5 @@
 """Instance names are claimed fleet-wide: of two creates with one name through two
-gateways exactly one is made, the other is 409 ``name_conflict``; a delete frees the name,
+gateways exactly one is made, the other is 400 ``name_conflict``; a delete frees the name,
 and so does a create that fails; a claim whose instance never appeared (a gateway that died
 mid-create) holds its name only for a grace period."""
 
@@ -115,14 +115,14 @@ async def test_one_name_through_two_gateways_makes_one_instance(
                 creates.start_soon(create, one)
                 creates.start_soon(create, two)
             statuses = sorted(r.status_code for r in responses)
-            assert statuses == [201, 409], [r.text for r in responses]
-            (refused,) = [r for r in responses if r.status_code == 409]
+            assert statuses == [201, 400], [r.text for r in responses]
+            (refused,) = [r for r in responses if r.status_code == 400]
             assert refused.json()["code"] == "name_conflict"
             assert name in refused.json()["message"]
             made = next(r for r in responses if r.status_code == 201).json()
             # Either gateway refuses it again, and the name still finds the one instance.
             again = await two.post("/instances", json=body(name))
-            assert (again.status_code, again.json()["code"]) == (409, "name_conflict")
+            assert (again.status_code, again.json()["code"]) == (400, "name_conflict")
             assert (await one.get(f"/instances/{name}")).json()["id"] == made["id"]
             # Deleted: the name is free again, through either gateway.
             assert (await two.delete(f"/instances/{name}")).status_code == 204
@@ -166,7 +166,7 @@ async def test_an_abandoned_claim_holds_its_name_only_for_a_while(
         async with gw.async_client() as client:
             await wait_for_hosts(client, 1)
             held = await client.post("/instances", json=body(fresh))
-            assert (held.status_code, held.json()["code"]) == (409, "name_conflict")
+            assert (held.status_code, held.json()["code"]) == (400, "name_conflict")
             taken = await client.post("/instances", json=body(stale))
             assert taken.status_code == 201, taken.text
             assert (await client.delete(f"/instances/{stale}")).status_code == 204
