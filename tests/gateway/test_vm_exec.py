@@ -8,11 +8,20 @@ comes last.
 
 from __future__ import annotations
 
+import fcntl
+import io
 import json
 import os
+import pty
 import resource
 import secrets
+import select
+import signal
 import stat
+import struct
+import subprocess
+import tarfile
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +43,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from tests.gateway.conftest import Fleet
+from tests.support.fleet import VMFLEET
 from tests.support.gateway import SECRET
 
 pytestmark = pytest.mark.vm
@@ -361,3 +371,79 @@ def test_worker_killed_mid_session(fleet: Fleet, client: Hypeman, guest: str) ->
         assert time.monotonic() < deadline, "the restarted worker never served exec again"
         time.sleep(1)
     assert b"sleep\x00600\x00" not in result.output  # the agent killed the orphaned command
+
+
+# -- the CLI ---------------------------------------------------------------------------------
+
+
+def _cli_env(fleet: Fleet) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HYPEMAN_BASE_URL": fleet.api.base_url,
+        "HYPEMAN_API_KEY": fleet.api.token,
+    }
+
+
+def _read_until(fd: int, wanted: bytes, seen: bytearray, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while wanted not in seen:
+        assert time.monotonic() < deadline, f"never saw {wanted!r} in {bytes(seen)!r}"
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            seen += os.read(fd, 4096)
+
+
+def test_cli_exec_with_a_real_tty_and_resize(fleet: Fleet, guest: str) -> None:
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    script = "stty size; read line; stty size; exit 6"
+    proc = subprocess.Popen(
+        [VMFLEET, "exec", "-it", guest, "--", "/bin/sh", "-c", script],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=_cli_env(fleet),
+        start_new_session=True,
+    )
+    os.close(slave)
+    seen = bytearray()
+    try:
+        _read_until(master, b"30 100", seen)
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        proc.send_signal(signal.SIGWINCH)
+        time.sleep(1)  # the resize frame goes out before the line that lets the script go on
+        os.write(master, b"go\r")
+        _read_until(master, b"40 120", seen)
+        assert proc.wait(timeout=60) == 6  # the command's exit status
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
+def test_cli_stdin_exit_status_and_cp_tar_streams(fleet: Fleet, guest: str, tmp_path: Path) -> None:
+    env = _cli_env(fleet)
+    piped = subprocess.run(
+        [VMFLEET, "exec", "-i", guest, "--", "/bin/sh", "-c", "wc -c; exit 5"],
+        input=b"x" * 100_000,
+        env=env,
+        capture_output=True,
+        check=False,
+    )
+    assert (piped.returncode, piped.stdout.strip()) == (5, b"100000")
+    source = tmp_path / "tree"
+    source.mkdir()
+    _tree(source)
+    pushed = subprocess.run(
+        [VMFLEET, "cp", str(source), f"{guest}:/tmp/cli-tree"], env=env, capture_output=True
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    pulled = subprocess.run(
+        [VMFLEET, "cp", f"{guest}:/tmp/cli-tree", "-"], env=env, capture_output=True
+    )
+    assert pulled.returncode == 0, pulled.stderr
+    (tmp_path / "out").mkdir()
+    with tarfile.open(fileobj=io.BytesIO(pulled.stdout)) as tar:
+        tar.extractall(tmp_path / "out", filter="tar")
+    assert _listing(tmp_path / "out" / "cli-tree") == _listing(source)
