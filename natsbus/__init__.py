@@ -6,7 +6,15 @@ only knows how to reach a NATS cluster, how to create what those names refer to,
 permissions each component's NATS user needs (``vmfleet nats-config``).
 """
 
-from natsbus._connect import DEFAULT_INBOX_PREFIX, BusOptions, BusRefused, connect, tls_context
+from natsbus._connect import (
+    DEFAULT_INBOX_PREFIX,
+    BusOptions,
+    BusRefused,
+    PublishDenials,
+    connect,
+    kv_subject,
+    tls_context,
+)
 from natsbus._permissions import (
     FleetUser,
     Permissions,
@@ -36,6 +44,7 @@ __all__ = [
     "FleetUser",
     "Layout",
     "Permissions",
+    "PublishDenials",
     "ServerTls",
     "account_name",
     "admin_user",
@@ -44,6 +53,7 @@ __all__ = [
     "fleet_users",
     "gateway_permissions",
     "inbox_prefix",
+    "kv_subject",
     "parse_passwords",
     "password_variable",
     "provision",

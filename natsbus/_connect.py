@@ -10,8 +10,10 @@ once with :class:`BusRefused`, whose message names the setting to fix.
 from __future__ import annotations
 
 import logging
+import re
 import ssl
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import anyio
@@ -19,7 +21,15 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 
-__all__ = ["DEFAULT_INBOX_PREFIX", "BusOptions", "BusRefused", "connect", "tls_context"]
+__all__ = [
+    "DEFAULT_INBOX_PREFIX",
+    "BusOptions",
+    "BusRefused",
+    "PublishDenials",
+    "connect",
+    "kv_subject",
+    "tls_context",
+]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +40,43 @@ _AUTH_REFUSALS = ("authorization violation", "authentication expired", "authenti
 
 class BusRefused(Exception):
     """NATS answered but will not take this connection as configured; retrying cannot help."""
+
+
+_PUBLISH_DENIED = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    """The subject a put of ``key`` in KV bucket ``bucket`` is published to."""
+    return f"$KV.{bucket}.{key}"
+
+
+class PublishDenials:
+    """The subjects the server refused this connection to publish to.
+
+    A denied publish is dropped by the server, which says so only in an asynchronous
+    ``-ERR``; the publisher's request then merely times out. Whoever must tell "denied"
+    (permanent) from "NATS is slow" (transient) asks here after a timeout.
+    """
+
+    def __init__(self) -> None:
+        self._at: dict[str, float] = {}
+
+    def note(self, message: str) -> bool:
+        """Remember the subject of a permissions violation; False when ``message`` is not one."""
+        match = _PUBLISH_DENIED.search(message)
+        if match is None:
+            return False
+        # nats-py lowercases the server's message, subject included.
+        self._at[match.group(1).lower()] = time.monotonic()
+        return True
+
+    def denied_since(self, subjects: Iterable[str], since: float) -> str | None:
+        """The first of ``subjects`` refused at or after ``since`` (``time.monotonic()``)."""
+        for subject in subjects:
+            at = self._at.get(subject.lower())
+            if at is not None and at >= since:
+                return subject
+        return None
 
 
 @dataclass(frozen=True)
@@ -56,6 +103,8 @@ class BusOptions:
     #: How long the *first* connection may take before start-up fails with a clear error.
     first_connect_timeout_s: float = 30.0
     on_reconnect: Callable[[], None] | None = field(default=None, compare=False)
+    #: Where the connection notes the subjects the server refused it to publish to.
+    denials: PublishDenials | None = field(default=None, compare=False)
 
     @property
     def uses_tls(self) -> bool:
@@ -144,6 +193,8 @@ async def _connect(
                 refused[0].__cause__ = exc
             scope.cancel()
         elif refusal is not None or "permissions violation" in str(exc).lower():
+            if options.denials is not None:
+                options.denials.note(str(exc))
             # A request the server does not permit only times out; say why here.
             log.error("NATS refuses this component (%s): %s", options.name, refusal or exc)
         else:

@@ -25,7 +25,7 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
 
-from natsbus import connect, provision
+from natsbus import PublishDenials, connect, provision
 from schemas.api import Hypervisor, InstanceState
 from schemas.errors import NotFound
 from schemas.messages import InstanceRecord
@@ -47,7 +47,7 @@ from worker.lifecycle.context import BootAssets, LocalInstance, OpContext, Trans
 from worker.logs import LogShipper
 from worker.metrics import WorkerMetrics
 from worker.network import BridgeNetwork, check_bridge_host
-from worker.publisher import RecordPublisher
+from worker.publisher import PublishStalled, RecordPublisher
 from worker.queries import serve_queries
 from worker.sessions import serve_sessions
 from worker.storage import Storage
@@ -131,7 +131,11 @@ async def run_worker(
     metrics = WorkerMetrics(registry or CollectorRegistry())
     boot, driver = await prepare_host(config)
     log.info("guest kernel %s, %s, accelerator %s", boot.kernel.name, driver.name, boot.accel)
-    nc = await connect(dataclasses.replace(config.bus, on_reconnect=metrics.nats_reconnects.inc))
+    bus = dataclasses.replace(
+        config.bus, on_reconnect=metrics.nats_reconnects.inc, denials=PublishDenials()
+    )
+    config = dataclasses.replace(config, bus=bus)
+    nc = await connect(bus)
     try:
         await _serve(nc, config, metrics, driver, boot, bridge, task_status)
     finally:
@@ -151,7 +155,7 @@ async def _serve(
     js = nc.jetstream()
     subjects = Subjects(config.subject_prefix)
     await provision(js, subjects, config.layout)
-    publisher = RecordPublisher(js, subjects, config.host_id)
+    publisher = RecordPublisher(js, subjects, config.host_id, denials=config.bus.denials)
     volumes = VolumeStore(config.data_dir, config.host_id, on_change=publisher.volume_changed)
     hub = _agent_hub(config)
     on_transition, on_removed = _follow_instances(publisher, hub, driver)
@@ -165,10 +169,10 @@ async def _serve(
         on_transition=on_transition,
         on_removed=on_removed,
         agent=hub,
+        on_refused_transition=metrics.count_refused_transition,
         observe_pull=metrics.pull_duration.observe,
         network=config.network,
         bridge=bridge,
-        on_refused_transition=metrics.count_refused_transition,
         limits=HostLimits.of(
             read_capacity(config.data_dir),
             cpu_ratio=config.cpu_overcommit,
@@ -285,8 +289,11 @@ async def _shut_down(config: WorkerConfig, engine: HostEngine, publisher: Record
         with anyio.move_on_after(120):
             await engine.stop_all()
     with anyio.move_on_after(10) as scope:
-        await publisher.flush()
-    if scope.cancelled_caught:
+        try:
+            await publisher.flush()
+        except PublishStalled:
+            scope.cancel()
+    if scope.cancel_called:
         publisher.abort()
     else:
         publisher.stop()

@@ -55,8 +55,15 @@ class Dispatcher:
             result = CommandResult(
                 command_id=cmd.id, ok=False, error=VmfleetError(f"{cmd.op} failed: {exc}").info()
             )
-        # The outcome is in NATS before anyone is told about it.
-        await self.publisher.flush()
+        # The outcome is in NATS before anyone is told about it; a record NATS refused
+        # or could not take in time fails this command, not the host.
+        key = getattr(cmd, "instance_id", None) or getattr(cmd, "volume_id", None)
+        try:
+            await self.publisher.flush(key)
+        except VmfleetError as exc:
+            log.warning("command %s (%s): %s", cmd.id, cmd.op, exc)
+            if result.ok:
+                result = CommandResult(command_id=cmd.id, ok=False, error=exc.info())
         return result
 
     async def _run(self, cmd: AnyCommand) -> CommandResult:

@@ -5,6 +5,13 @@ Operations record changes locally first (metadata.json) and enqueue them here wi
 waiting, so a NATS outage never fails an operation half-way; the publisher retries until
 NATS is back. A command is acknowledged only after :meth:`RecordPublisher.flush`, so a
 client never sees "done" before the fleet can read the outcome.
+
+Only *transient* failures are retried (NATS unreachable or reconnecting, a timeout, no
+responders while a stream elects a leader). A change NATS will never take (the host's user
+may not write that subject, the record exceeds the payload limit, JetStream refuses the
+request) is logged and dropped, and the next flush of that instance or volume raises
+:class:`PublishRefused`: one bad record fails its own command and every other command on
+the host goes on. A flush waits at most ``flush_timeout_s``.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,26 +28,61 @@ from typing import TypeVar
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
+from nats import errors as nats_errors
 from nats.js import JetStreamContext
 from nats.js.errors import (
+    APIError,
     KeyDeletedError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NoKeysError,
+    NoStreamResponseError,
+    ServerError,
+    ServiceUnavailableError,
 )
 from nats.js.kv import KeyValue
 
+from natsbus import PublishDenials, kv_subject
 from schemas.api import InstanceState
 from schemas.clock import utc_now
 from schemas.codec import decode_instance_record, decode_volume_record, encode
+from schemas.errors import HostUnavailable, VmfleetError
 from schemas.messages import InstanceRecord, StateEvent, VolumeRecord
 from schemas.subjects import Subjects
 
-__all__ = ["RecordPublisher"]
+__all__ = ["PublishRefused", "PublishStalled", "RecordPublisher"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: How long a command waits for its outcome to reach NATS before it answers an error.
+#: Below the gateway's wait for a result (55 s), so the client hears why.
+FLUSH_TIMEOUT_S = 30.0
+#: One attempt at one change; nats-py's own request timeout (5 s) is inside it.
+_ATTEMPT_TIMEOUT_S = 10.0
+
+#: Failures that go away when NATS does: retried with backoff.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    TimeoutError,  # nats-py's TimeoutError and FlushTimeoutError subclass it
+    nats_errors.NoRespondersError,
+    NoStreamResponseError,  # no responders on the stream's subject: a leader election
+    ServiceUnavailableError,
+    ServerError,
+    nats_errors.ConnectionReconnectingError,
+    nats_errors.StaleConnectionError,
+    nats_errors.OutboundBufferLimitError,
+    nats_errors.NoServersError,
+    OSError,
+)
+
+
+class PublishRefused(VmfleetError):
+    """NATS will not take a record of this host; retrying cannot help."""
+
+
+class PublishStalled(HostUnavailable):
+    """NATS did not take this host's records in time; they stay queued."""
 
 
 @dataclass(frozen=True)
@@ -55,16 +98,30 @@ class _VolumeChange:
     record: VolumeRecord | None
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Flush:
     done: anyio.Event
+    key: str | None
+    refusal: str | None = None
 
 
 class RecordPublisher:
-    def __init__(self, js: JetStreamContext, subjects: Subjects, host_id: str) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        subjects: Subjects,
+        host_id: str,
+        *,
+        denials: PublishDenials | None = None,
+        flush_timeout_s: float = FLUSH_TIMEOUT_S,
+    ) -> None:
         self._js = js
         self._subjects = subjects
         self._host_id = host_id
+        self._denials = denials or PublishDenials()
+        self._flush_timeout_s = flush_timeout_s
+        #: Changes NATS refused, by instance or volume id, until a flush of that id reports it.
+        self._refused: dict[str, str] = {}
         self._send, self._receive = anyio.create_memory_object_stream[
             _Change | _VolumeChange | _Flush
         ](math.inf)
@@ -90,11 +147,25 @@ class RecordPublisher:
             # After shutdown the local files hold the change; the next worker publishes it.
             log.warning("publisher stopped; %s left for the next worker to publish", item)
 
-    async def flush(self) -> None:
-        """Return once every change enqueued before this call is in NATS."""
-        done = anyio.Event()
-        self._send.send_nowait(_Flush(done))
-        await done.wait()
+    async def flush(self, key: str | None = None) -> None:
+        """Return once every change enqueued before this call is in NATS (or refused).
+
+        Raises :class:`PublishRefused` when NATS refused a change of instance or volume
+        ``key`` since its last flush, and :class:`PublishStalled` when the queue did not
+        drain within the flush timeout (NATS away; the changes stay queued and retried).
+        """
+        marker = _Flush(anyio.Event(), key)
+        self._send.send_nowait(marker)
+        with anyio.move_on_after(self._flush_timeout_s):
+            await marker.done.wait()
+        if not marker.done.is_set():
+            raise PublishStalled(
+                f"host {self._host_id} could not publish its records to NATS within "
+                f"{self._flush_timeout_s:g}s; the change is kept on the host and published "
+                "once NATS takes it"
+            )
+        if marker.refusal is not None:
+            raise PublishRefused(marker.refusal)
 
     async def forget_vanished(self, instances: set[str], volumes: set[str]) -> None:
         """Delete this host's records of instances and volumes that are no longer on disk.
@@ -116,7 +187,10 @@ class RecordPublisher:
                 if volume is not None and volume.host == self._host_id:
                     log.warning("volume %s is no longer on this host: record removed", key)
                     self.volume_changed(key, None)
-        await self.flush()
+        try:
+            await self.flush()
+        except PublishStalled as exc:  # they stay queued: the worker need not wait for them
+            log.warning("%s", exc)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Publish until :meth:`stop` (after a last flush) or :meth:`abort`.
@@ -131,6 +205,8 @@ class RecordPublisher:
             async with self._receive:
                 async for item in self._receive:
                     if isinstance(item, _Flush):
+                        if item.key is not None:
+                            item.refusal = self._refused.pop(item.key, None)
                         item.done.set()
                         continue
                     await self._publish_until_done(item)
@@ -144,16 +220,49 @@ class RecordPublisher:
         self._scope.cancel()
 
     async def _publish_until_done(self, change: _Change | _VolumeChange) -> None:
+        """Publish ``change``, retrying transient failures; a permanent one is recorded."""
         delay = 0.2
         while True:
+            started = time.monotonic()
             try:
-                with anyio.fail_after(10):
+                with anyio.fail_after(_ATTEMPT_TIMEOUT_S):
                     await self._publish(change)
                 return
             except Exception as exc:
-                log.warning("publishing %s failed (%s); retrying", change, exc)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                refusal = self._refusal(change, exc, started)
+                if refusal is not None:
+                    log.error("%s", refusal)
+                    self._refused[_key(change)] = refusal
+                    return
+                log.warning("publishing %s failed (%r); retrying in %.1fs", change, exc, delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _refusal(self, change: _Change | _VolumeChange, exc: Exception, since: float) -> str | None:
+        """Why NATS will never take ``change``, or None when ``exc`` is worth a retry."""
+        what = f"{'volume' if isinstance(change, _VolumeChange) else 'instance'} {_key(change)}"
+        denied = self._denials.denied_since(self._subjects_of(change), since)
+        if denied is not None:  # a denied publish only shows as a timeout
+            return (
+                f"NATS refused the record of {what}: permissions violation for publish to "
+                f"{denied!r} (check the NATS user of host {self._host_id})"
+            )
+        if isinstance(exc, nats_errors.MaxPayloadError):
+            return f"NATS refused the record of {what}: it exceeds the server's max_payload"
+        if isinstance(exc, APIError) and not isinstance(exc, _TRANSIENT):
+            return f"NATS refused the record of {what}: {exc.description or exc}"
+        if isinstance(exc, _TRANSIENT):
+            return None
+        return f"publishing the record of {what} failed for good: {exc!r}"
+
+    def _subjects_of(self, change: _Change | _VolumeChange) -> list[str]:
+        if isinstance(change, _VolumeChange):
+            return [kv_subject(self._subjects.volumes_bucket, change.volume_id)]
+        record_id = change.record.id
+        return [
+            kv_subject(self._subjects.instances_bucket, record_id),
+            self._subjects.state(self._host_id, record_id),
+        ]
 
     async def _publish(self, change: _Change | _VolumeChange) -> None:
         if isinstance(change, _VolumeChange):
@@ -214,6 +323,10 @@ class RecordPublisher:
             deleted=change.deleted,
         )
         await self._js.publish(self._subjects.state(self._host_id, record.id), encode(event))
+
+
+def _key(change: _Change | _VolumeChange) -> str:
+    return change.volume_id if isinstance(change, _VolumeChange) else change.record.id
 
 
 async def _entries(kv: KeyValue) -> list[tuple[str, bytes]]:
