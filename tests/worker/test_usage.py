@@ -39,7 +39,4 @@ def test_a_live_process_is_read_from_proc_and_exported(tmp_path: Path) -> None:
     text = generate_latest(registry).decode()
     labels = f'instance_id="{inst.id}",instance_name="web"'
     assert f"vmfleet_instance_cpu_seconds_total{{{labels}}}" in text
-    assert (
-        f"vmfleet_instance_memory_rss_bytes{{{labels}}} {float(stats.memory_rss_bytes)}" in text
-        or f"vmfleet_instance_memory_rss_bytes{{{labels}}}" in text
-    )
+    assert f"vmfleet_instance_memory_rss_bytes{{{labels}}}" in text
