@@ -24,10 +24,12 @@ from gateway.server import bind, serve
 from natsbus import BusOptions, BusRefused, Layout, connect, inbox_prefix
 from schemas.subjects import Subjects
 from worker import WorkerConfig, run_worker
+from worker.commands import CommandsUnreachable
 from worker.drivers.select import HypervisorUnavailable
 from worker.network import NetworkSettings
 
 __all__ = [
+    "DaemonFailed",
     "bus_options",
     "cancel_on_signal",
     "gateway_config",
@@ -37,6 +39,7 @@ __all__ = [
     "run_gateway_daemon",
     "run_worker_daemon",
     "worker_config",
+    "worker_give_ups",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,7 +60,7 @@ async def run_worker_daemon(settings: Settings) -> None:
     config = worker_config(settings, bus)
     registry = CollectorRegistry()
     await reach_nats(config.bus)
-    with hypervisor_refusals():
+    with hypervisor_refusals(), worker_give_ups():
         async with anyio.create_task_group() as tg:
             await tg.start(cancel_on_signal, tg.cancel_scope)
             if settings.metrics_addr is not None:
@@ -168,6 +171,28 @@ def hypervisor_refusals() -> Iterator[None]:
         yield
     except* HypervisorUnavailable as group:
         raise ConfigError(str(group.exceptions[0])) from None
+
+
+class DaemonFailed(Exception):
+    """A daemon gave up on its own (its message says why); the process exits 1."""
+
+
+@contextlib.contextmanager
+def worker_give_ups() -> Iterator[None]:
+    """A worker that gives up (it cannot fetch its commands) ends the process with one
+    line and exit 1, so that its supervisor starts a fresh one; not with a traceback."""
+    try:
+        yield
+    except* CommandsUnreachable as group:
+        raise DaemonFailed(str(_innermost(group))) from None
+
+
+def _innermost(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception in ``group``, however deep task groups nested it."""
+    found: BaseException = group
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found
 
 
 async def cancel_on_signal(

@@ -15,7 +15,13 @@ from pathlib import Path
 import anyio
 from prometheus_client import CollectorRegistry
 
-from cli.daemons import cancel_on_signal, gateway_config, hypervisor_refusals, worker_config
+from cli.daemons import (
+    cancel_on_signal,
+    gateway_config,
+    hypervisor_refusals,
+    worker_config,
+    worker_give_ups,
+)
 from cli.embedded_nats import NatsServerProcess
 from cli.settings import Settings
 from cli.token import load_or_create_secret, mint_token
@@ -66,7 +72,7 @@ async def _run_components(
     gateway = gateway_config(
         settings, BusOptions(urls=(nats_url,), name="vmfleet-gateway"), secret, layout=layout
     )
-    with hypervisor_refusals():
+    with hypervisor_refusals(), worker_give_ups():
         async with anyio.create_task_group() as tg:
             await tg.start(cancel_on_signal, tg.cancel_scope)
             await tg.start(functools.partial(run_worker, worker, registry=registry))

@@ -113,6 +113,7 @@ def _kernel_fetch(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _dev(settings: Settings, args: argparse.Namespace) -> int:
+    from cli.daemons import DaemonFailed
     from cli.dev import DevOptions, run_dev
 
     options = DevOptions(
@@ -122,7 +123,7 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
     )
     try:
         anyio.run(run_dev, settings, options)
-    except OSError as exc:
+    except (OSError, DaemonFailed) as exc:
         print(f"vmfleet dev: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -138,9 +139,13 @@ def _gateway(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
-    from cli.daemons import run_worker_daemon
+    from cli.daemons import DaemonFailed, run_worker_daemon
 
-    anyio.run(run_worker_daemon, settings)
+    try:
+        anyio.run(run_worker_daemon, settings)
+    except DaemonFailed as exc:
+        print(f"vmfleet worker: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -30,7 +30,7 @@ from gateway.routes.ui import UiPages
 from gateway.service import Gateway
 from gateway.sessions import GuestSessions
 from gateway.view import FleetView
-from natsbus import connect, provision
+from natsbus import close, connect, provision
 from schemas.subjects import Subjects
 
 __all__ = ["create_app"]
@@ -76,8 +76,7 @@ def create_app(config: GatewayConfig, *, registry: CollectorRegistry | None = No
                     del app.state.guest_sessions
                     tg.cancel_scope.cancel()
         finally:
-            with anyio.move_on_after(5, shield=True):
-                await nc.drain()
+            await close(nc)
 
     served = build_spec()
     app = Starlette(

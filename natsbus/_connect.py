@@ -26,6 +26,7 @@ __all__ = [
     "BusOptions",
     "BusRefused",
     "PublishDenials",
+    "close",
     "connect",
     "kv_subject",
     "tls_context",
@@ -134,7 +135,8 @@ async def connect(options: BusOptions) -> Client:
             options.on_reconnect()
 
     async def disconnected() -> None:
-        log.warning("disconnected from NATS; reconnecting")
+        if not nc.is_closed:  # nats-py calls this on close too: that is no disconnect
+            log.warning("disconnected from NATS; reconnecting")
 
     kwargs: dict[str, object] = {
         "connect_timeout": options.connect_timeout_s,
@@ -152,7 +154,7 @@ async def connect(options: BusOptions) -> Client:
         kwargs["tls"] = context
     with anyio.fail_after(options.first_connect_timeout_s):
         while True:
-            nc = Client()
+            nc = _Client()
             try:
                 await _connect(nc, options, reconnected, disconnected, kwargs)
             except (OSError, NoServersError) as exc:
@@ -240,12 +242,48 @@ def _refusal(exc: Exception, options: BusOptions) -> str | None:
     return None
 
 
-async def _close_quietly(nc: Client) -> None:
-    with anyio.move_on_after(2, shield=True):
+class _Client(Client):
+    """nats-py's client, safe against a PONG for a ping nobody waits for any more.
+
+    A flush that times out or is cancelled (a shutdown cuts it short) leaves its future,
+    cancelled, in the queue of pings awaiting their PONG; nats-py then sets a result on it
+    when the PONG arrives, and the InvalidStateError that raises in its read loop is logged
+    with a traceback ("nats: encountered error") and the rest of that read is lost.
+    """
+
+    async def _process_pong(self) -> None:
+        if self._pongs and self._pongs[0].done():
+            self._pongs.pop(0)  # this PONG answers the abandoned ping: nothing to tell
+            self._pongs_received += 1
+            self._pings_outstanding = 0
+            return
+        await super()._process_pong()
+
+
+async def close(nc: Client, *, timeout_s: float = 5.0) -> None:
+    """End a component's connection at its shutdown: flush what it published, then close.
+
+    Not nats-py's ``drain()``: by now the component's subscribers have stopped reading, so
+    draining their subscriptions waits for messages nobody takes, until nats-py's own 30 s
+    timeout; cutting that short leaves its drain tasks failing in the background (asyncio's
+    "_GatheringFuture exception was never retrieved"). Shielded: it runs in the ``finally``
+    of a daemon being cancelled.
+    """
+    with anyio.CancelScope(shield=True):
+        if nc.is_connected:
+            try:
+                await nc.flush(timeout=max(1, round(timeout_s)))
+            except Exception as exc:
+                log.info("NATS did not confirm the last messages before closing: %s", exc)
+        await _close_quietly(nc, timeout_s)
+
+
+async def _close_quietly(nc: Client, timeout_s: float = 2.0) -> None:
+    with anyio.move_on_after(timeout_s, shield=True):
         try:
             await nc.close()
-        except Exception as exc:
-            log.debug("closing an unfinished NATS connection: %s", exc)
+        except Exception as exc:  # e.g. the server went away: the socket is gone already
+            log.debug("closing a NATS connection: %r", exc)
 
 
 def _server_requires_tls(nc: Client) -> bool:

@@ -465,6 +465,9 @@ class HostRecord(msgspec.Struct, kw_only=True):
     heartbeat_at: Timestamp
     #: Set by the gateway from the drains bucket when it shows the host (workers leave it).
     drained: bool = False
+    #: What keeps this worker from doing its work, e.g. it cannot fetch its commands ("":
+    #: nothing does).
+    problem: str = ""
 
 
 def host_port_key(host_port: int, protocol: str | None = "tcp") -> str:

@@ -29,7 +29,7 @@ from schemas.subjects import Subjects, is_valid_token
 from worker.ledger import Ledger
 from worker.metrics import WorkerMetrics
 
-__all__ = ["CommandConsumer", "Executor"]
+__all__ = ["CommandConsumer", "CommandsUnreachable", "Executor"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,15 @@ log = logging.getLogger(__name__)
 Executor = Callable[[AnyCommand], Awaitable[CommandResult]]
 
 _ACK_WAIT_S = 30.0
+#: How long fetching may fail without a break before the worker gives up and exits, so
+#: that its supervisor starts a fresh one (a new connection, the consumer made again).
+FETCH_FAILURE_LIMIT_S = 120.0
+#: While fetching fails, how often the log says so again.
+_FAILING_LOG_EVERY_S = 30.0
+
+
+class CommandsUnreachable(Exception):
+    """The worker could not fetch its commands for too long; the process should exit."""
 
 
 class CommandConsumer:
@@ -50,6 +59,7 @@ class CommandConsumer:
         metrics: WorkerMetrics,
         *,
         concurrency: int = 4,
+        fetch_failure_limit_s: float = FETCH_FAILURE_LIMIT_S,
     ) -> None:
         self._nc = nc
         self._subjects = subjects
@@ -59,6 +69,17 @@ class CommandConsumer:
         self._metrics = metrics
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._queues: dict[str, MemoryObjectSendStream[tuple[Msg, AnyCommand]]] = {}
+        self._fetch_failure_limit_s = fetch_failure_limit_s
+        #: Since when fetching has failed without a break (None: it works).
+        self._failing_since: float | None = None
+        self._failing_logged_at = 0.0
+        self._last_fetch_error = ""
+
+    def problem(self) -> str:
+        """What is wrong with taking commands, for the heartbeat ("" when nothing is)."""
+        if self._failing_since is None:
+            return ""
+        return f"cannot fetch commands from NATS: {self._last_fetch_error}"
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         js = self._nc.jetstream()
@@ -79,16 +100,52 @@ class CommandConsumer:
             while True:
                 try:
                     messages = await subscription.fetch(batch=16, timeout=2)
-                except TimeoutError:
+                except TimeoutError as exc:
                     # An empty fetch. nats-py raises its own TimeoutError (a subclass) or,
-                    # now and then, asyncio's; either must not read as a failure.
+                    # now and then, asyncio's; either must not read as a failure, unless
+                    # there is no connection to fetch over.
+                    if self._nc.is_connected:
+                        self._fetched()
+                    else:
+                        self._fetch_failed(exc)
                     continue
                 except Exception as exc:  # NATS reconnecting: the consumer is durable, wait
-                    log.warning("fetching commands failed: %s", exc)
+                    self._fetch_failed(exc)
                     await anyio.sleep(1)
                     continue
+                self._fetched()
                 for msg in messages:
                     await self._dispatch(tg, msg)
+
+    def _fetched(self) -> None:
+        if self._failing_since is not None:
+            log.warning("fetching commands works again")
+            self._failing_since = None
+            self._metrics.command_fetch_failing.set(0)
+
+    def _fetch_failed(self, exc: Exception) -> None:
+        """Count and report a failed fetch; raise once fetching failed for too long."""
+        now = anyio.current_time()
+        self._metrics.command_fetch_failures.inc()
+        self._metrics.command_fetch_failing.set(1)
+        self._last_fetch_error = str(exc) or type(exc).__name__
+        if self._failing_since is None:
+            self._failing_since = now
+        failing_for = now - self._failing_since
+        if failing_for >= self._fetch_failure_limit_s:
+            raise CommandsUnreachable(
+                f"worker {self._host_id} could not fetch its commands from NATS for "
+                f"{failing_for:.0f}s (last error: {self._last_fetch_error}); exiting so that "
+                "its supervisor restarts it"
+            )
+        if failing_for == 0 or now - self._failing_logged_at >= _FAILING_LOG_EVERY_S:
+            self._failing_logged_at = now
+            log.warning(
+                "fetching commands has failed for %.0fs: %s (the worker exits after %.0fs)",
+                failing_for,
+                self._last_fetch_error,
+                self._fetch_failure_limit_s,
+            )
 
     async def _dispatch(self, tg: TaskGroup, msg: Msg) -> None:
         try:

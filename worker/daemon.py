@@ -25,7 +25,7 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
 
-from natsbus import PublishDenials, connect, provision
+from natsbus import PublishDenials, close, connect, provision
 from schemas.api import Hypervisor, InstanceState
 from schemas.errors import NotFound
 from schemas.messages import InstanceRecord
@@ -139,8 +139,7 @@ async def run_worker(
     try:
         await _serve(nc, config, metrics, driver, boot, bridge, task_status)
     finally:
-        with anyio.move_on_after(5, shield=True):
-            await nc.drain()
+        await close(nc)
 
 
 async def _serve(
@@ -236,7 +235,11 @@ async def _run_components(
         metrics,
     )
     async with anyio.create_task_group() as tg:
-        beat = functools.partial(heartbeat_loop, hypervisors=[Hypervisor(engine.ctx.driver.name)])
+        beat = functools.partial(
+            heartbeat_loop,
+            hypervisors=[Hypervisor(engine.ctx.driver.name)],
+            problem=consumer.problem,
+        )
         await tg.start(beat, hosts, config, engine.usage)
         tg.start_soon(shipper.run)
         tg.start_soon(engine.watch_vmms)

@@ -30,6 +30,7 @@ def host_record(
     usage: HostUsage,
     hypervisors: Sequence[Hypervisor] = (Hypervisor.QEMU,),
     capacity: HostCapacity | None = None,
+    problem: str = "",
 ) -> HostRecord:
     """``hypervisors``: what new instances here boot under (placement matches requests
     against it), not VMFLEET_HYPERVISOR's ``auto``. ``capacity``: the host's, read from
@@ -55,6 +56,7 @@ def host_record(
         network_mode=config.network.mode,
         started_at=started_at,
         heartbeat_at=utc_now(),
+        problem=problem,
     )
 
 
@@ -65,13 +67,14 @@ async def heartbeat_loop(
     *,
     hypervisors: Sequence[Hypervisor] = (Hypervisor.QEMU,),
     capacity: HostCapacity | None = None,
+    problem: Callable[[], str] = lambda: "",
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Put the host record now, then every interval; a failed put is retried next beat."""
     started_at = utc_now()
 
     async def beat() -> None:
-        record = host_record(config, started_at, usage(), hypervisors, capacity)
+        record = host_record(config, started_at, usage(), hypervisors, capacity, problem())
         await hosts.put(config.host_id, encode(record))
 
     await beat()

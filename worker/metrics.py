@@ -42,6 +42,16 @@ class WorkerMetrics:
             "Reconnections to NATS",
             registry=registry,
         )
+        self.command_fetch_failures = Counter(
+            "vmfleet_worker_command_fetch_failures",
+            "Failed fetches of this host's commands from NATS",
+            registry=registry,
+        )
+        self.command_fetch_failing = Gauge(
+            "vmfleet_worker_command_fetch_failing",
+            "1 while fetching this host's commands fails (the worker exits if it lasts)",
+            registry=registry,
+        )
         self.log_lines = Counter(
             "vmfleet_worker_log_lines",
             "Log lines published, by source",

@@ -18,12 +18,13 @@ import pytest
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
 
-from natsbus import Layout, provision
+from cli.embedded_nats import NatsServerProcess
+from natsbus import BusOptions, Layout, close, connect, provision
 from schemas.codec import decode_command_result, encode
 from schemas.messages import AnyCommand, CommandResult, Stop
 from schemas.subjects import Subjects
 from tests.support.fleet import now
-from worker.commands import CommandConsumer
+from worker.commands import CommandConsumer, CommandsUnreachable
 from worker.ledger import Ledger
 from worker.metrics import WorkerMetrics
 
@@ -126,3 +127,48 @@ async def test_a_stopping_worker_finishes_and_acks_the_command_it_runs(
         subjects.commands_stream, subjects.command_consumer(HOST)
     )
     assert info.num_pending == 0 and info.num_ack_pending == 0  # acked: not run again
+
+
+async def test_a_worker_that_cannot_fetch_its_commands_says_so_and_gives_up(
+    nats_server: NatsServerProcess, subject_prefix: str, tmp_path: Path
+) -> None:
+    """NATS gone for longer than the bound: the fetch failures are counted, the heartbeat's
+    problem names them, and the consumer ends with one clear error (the daemon exits 1 on
+    it, for its supervisor to restart it) instead of retrying silently for ever."""
+    nc = await connect(BusOptions(urls=(nats_server.url,)))
+    await provision(nc.jetstream(), Subjects(subject_prefix), Layout())
+    metrics = WorkerMetrics(CollectorRegistry())
+    consumer = CommandConsumer(
+        nc,
+        Subjects(subject_prefix),
+        HOST,
+        RecordingExecutor(hold_s=0),
+        Ledger(tmp_path / "ledger"),
+        metrics,
+        fetch_failure_limit_s=3,
+    )
+    problems: list[str] = []
+    try:
+        with pytest.raises(ExceptionGroup) as raised:
+            async with anyio.create_task_group() as tg:
+                await tg.start(consumer.run)
+                assert consumer.problem() == ""
+                nats_server.stop()
+                with anyio.fail_after(60):
+                    while True:  # the heartbeat's view while it keeps failing
+                        problems.append(consumer.problem())
+                        await anyio.sleep(0.2)
+    finally:
+        await close(nc)
+
+    found = raised.value.subgroup(CommandsUnreachable)
+    assert found is not None, raised.value
+    while isinstance(found, BaseExceptionGroup):
+        [found] = found.exceptions
+    error = found
+    assert f"worker {HOST} could not fetch its commands from NATS" in str(error)
+    assert "supervisor restarts it" in str(error)
+    assert any(p.startswith("cannot fetch commands from NATS: ") for p in problems), problems
+    failures = metrics.registry.get_sample_value("vmfleet_worker_command_fetch_failures_total")
+    assert failures is not None and failures >= 1
+    assert metrics.registry.get_sample_value("vmfleet_worker_command_fetch_failing") == 1
