@@ -23,6 +23,7 @@ from typing import Final
 
 import anyio
 import msgspec
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
@@ -80,7 +81,11 @@ class GuestSessions:
             await _refuse(ws, kind, "the request frame is larger than 512 KiB")
             return
         session_id = secrets.token_hex(12)
-        out = await self._nc.subscribe(self._subjects.session_out(host, session_id))
+        try:
+            out = await self._nc.subscribe(self._subjects.session_out(host, session_id))
+        except nats.errors.Error as exc:
+            await _refuse(ws, kind, f"the fleet's message bus did not answer: {exc!r}")
+            return
         try:
             request = SessionOpen(
                 session_id=session_id,
@@ -115,6 +120,8 @@ class GuestSessions:
             )
         except (NoRespondersError, NatsTimeoutError):
             raise HostUnavailable(f"host {host} is not answering") from None
+        except nats.errors.Error as exc:
+            raise HostUnavailable(f"the fleet's message bus did not answer: {exc!r}") from None
         return decode_session_opened(reply.data)
 
     async def stat(self, *, host: str, instance_id: str, path: str, follow_links: bool) -> PathInfo:
@@ -171,10 +178,7 @@ class _Relay:
 
     async def _finish(self) -> None:
         if self._to_worker is not None:
-            try:
-                await self._publish(self._to_worker)
-            except Exception as exc:  # NATS is gone: the worker's idle timeout ends it
-                log.info("telling the worker the session ended: %r", exc)
+            await self._publish(self._to_worker)
         if self._to_client is not None and not self._exited:
             await _refuse(self._ws, self._kind, self._to_client)
         else:
@@ -188,7 +192,11 @@ class _Relay:
             self._scope.cancel()
 
     async def _publish(self, frame: SessionFrame) -> None:
-        await self._nc.publish(self._in, encode_session(frame))
+        try:
+            await self._nc.publish(self._in, encode_session(frame))
+        except nats.errors.Error as exc:  # the worker's idle timeout ends its side
+            message = f"the fleet's message bus failed: {exc!r}"
+            self._end(to_worker=None, to_client=message)
 
     # -- client → worker ---------------------------------------------------------------------
 

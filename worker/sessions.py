@@ -147,14 +147,22 @@ class SessionServer:
         self, subscription: Subscription, tg: anyio.abc.TaskGroup, handler: _Handler
     ) -> None:
         async for msg in subscription.messages:
-            tg.start_soon(handler, msg)
+            tg.start_soon(self._guarded, handler, msg)
+
+    async def _guarded(self, handler: _Handler, msg: Msg) -> None:
+        """One session's failure is that session's: never the worker's."""
+        try:
+            await handler(msg)
+        except Exception:
+            log.exception("a guest session on %s failed", msg.subject)
 
     # -- exec and cp -------------------------------------------------------------------------
 
     async def _serve_session(self, msg: Msg) -> None:
         try:
             request = decode_session_open(msg.data)
-        except msgspec.DecodeError as exc:
+            self._subjects.session_in(self._host_id, request.session_id)  # a valid token
+        except (msgspec.DecodeError, ValueError) as exc:
             await _answer(msg, SessionOpened(ok=False, error=BadRequest(str(exc)).info()))
             return
         try:

@@ -431,3 +431,28 @@ async def test_cli_cp_and_stat(relay: Relay, tmp_path: Path) -> None:
     status, out, _ = await _vmfleet(relay, "stat", A, "/data/blob")
     assert status == 0 and b"type:  file" in out and str(size).encode() in out
     assert (await _vmfleet(relay, "stat", A, "/nope"))[0] == 1
+
+
+async def test_a_malformed_open_is_refused_and_the_host_keeps_serving(relay: Relay) -> None:
+    for payload in (b"\x93garbage", _open_request("not.a.token")):
+        reply = await relay.bus.nc.request(
+            relay.bus.subjects.session_open("h1"), payload, timeout=10
+        )
+        opened = decode_session_opened(reply.data)
+        assert not opened.ok and opened.error is not None
+        assert opened.error.code == "bad_request"
+    result = await exec_async(relay.client(), A, ["echo", "still", "here"])
+    assert result.output == b"still here\n"
+
+
+def _open_request(session_id: str) -> bytes:
+    request = SessionOpen(
+        session_id=session_id,
+        instance_id=A,
+        kind="exec",
+        subject="test",
+        window=1 << 20,
+        first=b'{"command":["echo"],"tty":false}',
+        first_text=True,
+    )
+    return encode_session(request)
