@@ -53,6 +53,7 @@ async def run_gateway_daemon(settings: Settings, host: str, port: int) -> None:
     async with anyio.create_task_group() as tg:
         await tg.start(cancel_on_signal, tg.cancel_scope)
         await tg.start(serve, create_app(config), sock)
+    log.info("gateway stopped")
 
 
 async def run_worker_daemon(settings: Settings) -> None:
@@ -67,6 +68,7 @@ async def run_worker_daemon(settings: Settings) -> None:
                 # Bound before the worker starts: a taken port is one clear error at once.
                 await tg.start(serve, metrics_app(registry), bind(*settings.metrics_addr))
             await tg.start(functools.partial(run_worker, config, registry=registry))
+    log.info("worker %s stopped", config.host_id)
 
 
 def gateway_config(

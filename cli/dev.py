@@ -55,6 +55,7 @@ async def run_dev(settings: Settings, options: DevOptions) -> None:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(nats.stop)
         sock.close()
+    log.info("nats-server stopped")
 
 
 async def _run_components(
@@ -78,6 +79,7 @@ async def _run_components(
             await tg.start(functools.partial(run_worker, worker, registry=registry))
             await tg.start(serve, create_app(gateway, registry=registry), sock)
             _print_banner(options, nats_url, mint_token(secret), ui=settings.ui)
+    log.info("gateway and worker %s stopped", settings.host_id)
 
 
 def _print_banner(options: DevOptions, nats_url: str, token: str, *, ui: bool) -> None:
