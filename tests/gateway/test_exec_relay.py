@@ -101,8 +101,17 @@ async def relay(gw: GatewayHandle, bus: Bus) -> AsyncIterator[Relay]:
             with anyio.fail_after(20):
                 while (await http.get(f"/instances/{A}")).json().get("state") != "Running":
                     await anyio.sleep(0.05)
+        baseline = _subscriptions(bus)
         yield Relay(gw, bus, hub, instances)
+        # Every session a test opened has ended: the worker's side subscribes to nothing
+        # more than before (the session subjects are gone), and no agent session is open.
+        await _until(lambda: _subscriptions(bus) <= baseline and hub.open_count() == 0)
         tg.cancel_scope.cancel()
+
+
+def _subscriptions(bus: Bus) -> int:
+    """Subscriptions on the worker side's connection (nats-py keeps no public count)."""
+    return len(bus.nc._subs)  # type: ignore[attr-defined]
 
 
 async def _heartbeats(bus: Bus, hosts: tuple[str, ...]) -> None:
