@@ -185,7 +185,8 @@ async def nats_round_trips(nc: Client, subjects: Subjects, count: int) -> list[f
 async def boot_assets(agent: Path | None, data_dir: Path) -> BootAssets:
     kernel = await ensure_kernel(ASSETS)
     initrd = await ensure_initrd(data_dir, kernel, agent=agent)
-    accel = await choose_accel(ASSETS, qemu=qemu_binary(), kernel=kernel.bzimage, initrd=initrd)
+    # Its own probe state: the shared assets dir's belongs to whoever else boots guests here.
+    accel = await choose_accel(data_dir, qemu=qemu_binary(), kernel=kernel.bzimage, initrd=initrd)
     return BootAssets(kernel=kernel.bzimage, initrd=initrd, accel=accel)
 
 
