@@ -88,6 +88,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="KEY=VALUE",
         help="run on a host advertising this label",
     )
+    run.add_argument(
+        "--tag",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="label the instance (ps --filter tag=KEY=VALUE finds it)",
+    )
+    run.add_argument(
+        "--ttl", metavar="DURATION", help='delete the instance after this long, e.g. "1h"'
+    )
     run.add_argument("image", metavar="IMAGE")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD ...")
     client_command(run, _run)
@@ -95,6 +106,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ps = sub.add_parser("ps", help="list instances (running ones unless -a)")
     ps.add_argument("-a", "--all", action="store_true", help="every instance, in any state")
     ps.add_argument("-q", "--quiet", action="store_true", help="only the ids")
+    ps.add_argument(
+        "--filter",
+        type=_tag_filter,
+        action="append",
+        default=[],
+        metavar="tag=KEY=VALUE",
+        help="only instances with this tag (repeat: all must match)",
+    )
     add_json_flag(ps)
     client_command(ps, _ps)
 
@@ -109,6 +128,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         parser = sub.add_parser(op, help=summary, description=f"{summary[0].upper()}{summary[1:]}.")
         parser.add_argument("instances", nargs="+", metavar="INSTANCE")
         client_command(parser, _lifecycle(op))
+
+    update = sub.add_parser(
+        "update",
+        help="change an instance's expiry without restarting it",
+        description="Change when an instance is deleted on its own: --ttl counts from now, "
+        '"0s" clears the expiry.',
+    )
+    expiry = update.add_mutually_exclusive_group(required=True)
+    expiry.add_argument("--ttl", metavar="DURATION", help='e.g. "30m"; "0s": never expire')
+    expiry.add_argument("--expires-at", metavar="TIME", help="RFC 3339, e.g. 2030-01-01T00:00:00Z")
+    update.add_argument("instance", metavar="INSTANCE")
+    add_json_flag(update)
+    client_command(update, _update)
 
     rm = sub.add_parser("rm", help="delete instances")
     rm.add_argument("-f", "--force", action="store_true", help="also running ones")
@@ -137,6 +169,8 @@ def _run(client: GatewayClient, args: argparse.Namespace) -> int:
         "port_mappings": args.publish or None,
         "host": args.host,
         "host_labels": dict(args.label) or None,
+        "tags": dict(args.tag) or None,
+        "ttl": args.ttl,
     }
     body.update({key: value for key, value in optional.items() if value is not None})
     instance = client.call("POST", "/instances", json=body)
@@ -151,10 +185,19 @@ def _by_id(client: GatewayClient, mount: dict[str, Any]) -> dict[str, Any]:
     return {**mount, "volume_id": volume["id"]}
 
 
+def _tag_filter(text: str) -> tuple[str, str]:
+    """``tag=KEY=VALUE`` of ``ps --filter``."""
+    kind, _, pair = text.partition("=")
+    if kind != "tag":
+        raise argparse.ArgumentTypeError(f"expected tag=KEY=VALUE, got {text!r}")
+    return key_value(pair)
+
+
 def _ps(client: GatewayClient, args: argparse.Namespace) -> int:
-    response = client.request(
-        "GET", "/instances", params=None if args.all else {"state": "Running"}
-    )
+    params = {f"tags[{key}]": value for key, value in args.filter}
+    if not args.all:
+        params["state"] = "Running"
+    response = client.request("GET", "/instances", params=params or None)
     if args.json:
         print_json(response)
         return 0
@@ -175,6 +218,19 @@ def _ps(client: GatewayClient, args: argparse.Namespace) -> int:
         for i in instances
     ]
     print(render_table(("ID", "NAME", "IMAGE", "STATE", "HOST", "AGE"), rows))
+    return 0
+
+
+def _update(client: GatewayClient, args: argparse.Namespace) -> int:
+    body = {"ttl": args.ttl} if args.ttl is not None else {"expires_at": args.expires_at}
+    response = client.request(
+        "PATCH", f"/instances/{segment(args.instance)}", json=body, what=f"instance {args.instance}"
+    )
+    if args.json:
+        print_json(response)
+        return 0
+    instance = response.json()
+    print(f"{instance['id']} expires {instance.get('expires_at') or 'never'}")
     return 0
 
 

@@ -5,6 +5,8 @@ refused is refused by the gateway before anything is sent.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -12,6 +14,7 @@ import pytest
 from hypeman import BadRequestError, ConflictError, Hypeman
 
 from schemas.api import InstanceState
+from tests.support.dev import VMFLEET
 from tests.support.gateway import Bus, GatewayHandle, host_record, instance_record
 
 pytestmark = pytest.mark.anyio
@@ -187,3 +190,34 @@ async def test_stats_need_the_owning_host(gw: GatewayHandle, bus: Bus) -> None:
         assert (await raw.get("/instances/nothing/stats")).status_code == 404
         silent = await raw.get(f"/instances/{A}/stats")
     assert (silent.status_code, silent.json()["code"]) == (503, "host_unavailable")
+
+
+async def test_cli_filters_by_tag_and_updates_the_expiry(gw: GatewayHandle, bus: Bus) -> None:
+    await _seed(bus)
+    await _until_listed(gw, 3)
+    env = {**os.environ, "HYPEMAN_BASE_URL": gw.base_url, "HYPEMAN_API_KEY": gw.token}
+
+    async def vmfleet(*args: str) -> subprocess.CompletedProcess[str]:
+        return await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [VMFLEET, *args], env=env, capture_output=True, text=True, check=False
+            )
+        )
+
+    listed = await vmfleet("ps", "-a", "-q", "--filter", "tag=team=a", "--filter", "tag=env=ci")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(listed.stdout.split()) == [A, C]
+    running = await vmfleet("ps", "-q", "--filter", "tag=team=a")
+    assert sorted(running.stdout.split()) == [A, C]
+    bad = await vmfleet("ps", "--filter", "team=a")
+    assert bad.returncode != 0 and "tag=KEY=VALUE" in bad.stderr
+    expired = "c" + "4" * 23
+    past = datetime.now(UTC) - timedelta(seconds=5)
+    await bus.put(
+        bus.subjects.instances_bucket,
+        expired,
+        instance_record(expired, "old", "h1", expires_at=past),
+    )
+    await _until_listed(gw, 4)
+    late = await vmfleet("update", "--ttl", "1h", expired)
+    assert late.returncode != 0 and "expired" in late.stderr
