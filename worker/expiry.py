@@ -10,7 +10,7 @@ instance gone (404). A worker that was down at the deadline (or SIGKILLed in the
 middle of the delete) rebuilds its table from disk when it starts again, where the
 instance still is until its directory is removed, and reaps it on its first look.
 A host that never comes back cannot delete anything: its instances stay, shown
-``Unknown``, until it does (see docs/reliability.md).
+``Unknown``, until it does (docs/api.md, "Tags, expiry and PATCH").
 """
 
 from __future__ import annotations
