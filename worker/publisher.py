@@ -43,6 +43,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from natsbus import PublishDenials, kv_subject
+from natsbus.backoff import Backoff
 from schemas.api import InstanceState
 from schemas.clock import utc_now
 from schemas.codec import decode_instance_record, decode_volume_record, encode
@@ -221,7 +222,7 @@ class RecordPublisher:
 
     async def _publish_until_done(self, change: _Change | _VolumeChange) -> None:
         """Publish ``change``, retrying transient failures; a permanent one is recorded."""
-        delay = 0.2
+        backoff = Backoff(first_s=0.2, max_s=5.0)
         while True:
             started = time.monotonic()
             try:
@@ -234,9 +235,10 @@ class RecordPublisher:
                     log.error("%s", refusal)
                     self._refused[_key(change)] = refusal
                     return
-                log.warning("publishing %s failed (%r); retrying in %.1fs", change, exc, delay)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+                log.warning(
+                    "publishing %s failed (%r); retrying in %.1fs", change, exc, backoff.delay
+                )
+            await backoff.sleep()
 
     def _refusal(self, change: _Change | _VolumeChange, exc: Exception, since: float) -> str | None:
         """Why NATS will never take ``change``, or None when ``exc`` is worth a retry."""

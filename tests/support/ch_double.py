@@ -232,7 +232,7 @@ class Guest:
             return None
         match words[0]:
             case "ping":
-                return "pong"
+                return " ".join(["pong", *words[1:2]])
             case "status":
                 return "running 1"
             case "settime":

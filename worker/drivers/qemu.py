@@ -341,12 +341,18 @@ class QemuDriver:
 
     async def detach_disk(self, spec: VmSpec, process: VmmProcess, disk: DiskSpec) -> None:
         async with open_qmp(self.api_socket(spec)) as qmp:
-            await qmp.execute("device_del", {"id": f"dev-{disk.id}"})
-            await qmp.wait_event(
-                "DEVICE_DELETED",
-                timeout_s=30,
-                match=lambda data: data.get("device") == f"dev-{disk.id}",
-            )
+            try:
+                await qmp.execute("device_del", {"id": f"dev-{disk.id}"})
+            except QmpError as exc:
+                # Gone already: an earlier unplug, cut short by its bound, finished since.
+                if "not found" not in str(exc):
+                    raise
+            else:
+                await qmp.wait_event(
+                    "DEVICE_DELETED",
+                    timeout_s=30,
+                    match=lambda data: data.get("device") == f"dev-{disk.id}",
+                )
             for _, _, (command, arguments) in reversed(_hotplug_steps(disk, spec.disk_io_bps)):
                 await qmp.execute(command, arguments)
 

@@ -3,15 +3,23 @@
 The guest's init answers on a serial port whose host end is a unix socket (QEMU), or on a
 virtio console whose host end is a pty (Cloud Hypervisor; the path given is then a symlink
 to that pty). Bytes sent before the guest opened its end are lost in the UART, so every
-conversation starts with ``ping`` until ``pong`` comes back; only then is the real request
-sent. A pty keeps what the guest wrote while nobody listened (answers to an abandoned
-conversation), so that is flushed first.
+conversation starts with ``ping <token>`` until ``pong <token>`` comes back; only then is
+the real request sent, and the next line is its answer.
+
+The token is the conversation's own. The init answers one line at a time, in order, to
+whoever listens then: a conversation abandoned by its timeout (the VMM watcher asks
+``status`` with a one-second bound) leaves answers that reach the *next* conversation. A
+bare ``pong`` cannot tell whose ping it answers; with the token, everything before this
+conversation's ``pong <token>`` is skipped, so an earlier ``status`` answer is never taken
+for a ``mount`` or ``umount`` answer. A pty also keeps what the guest wrote while nobody
+listened, so that is flushed first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import termios
 import tty
 from collections.abc import AsyncIterator
@@ -21,6 +29,7 @@ import anyio
 from anyio.abc import ByteStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from natsbus.backoff import Backoff
 from schemas.errors import HypervisorError
 
 __all__ = ["GuestControlError", "guest_request", "wait_for_guest"]
@@ -100,28 +109,43 @@ class _Channel:
     def __init__(self, stream: ByteStream) -> None:
         self._stream = stream
         self._reader = BufferedByteReceiveStream(stream)
+        self._pong = ""
 
     async def ask(self, line: str, timeout_s: float) -> str:
+        """Send ``line`` and return the guest's answer (after :meth:`handshake`)."""
+        await self._send(line)
+        with anyio.fail_after(timeout_s):
+            while True:
+                reply = await self._receive()
+                # The handshake may have pinged more than once: those answers come first.
+                if reply != self._pong:
+                    return reply
+
+    async def handshake(self, timeout_s: float) -> None:
+        """Ping until the guest answers this conversation's ping; skip all before it."""
+        self._pong = f"pong {secrets.token_hex(6)}"
+        ping = self._pong.replace("pong", "ping", 1)
+        backoff = Backoff(first_s=0.5, max_s=4.0)
+        with anyio.fail_after(timeout_s):
+            while True:
+                await self._send(ping)
+                with anyio.move_on_after(backoff.advance()):
+                    while await self._receive() != self._pong:
+                        pass  # an answer to an earlier, abandoned conversation
+                    return
+
+    async def _send(self, line: str) -> None:
         try:
             await self._stream.send(line.encode() + b"\n")
-            with anyio.fail_after(timeout_s):
-                while True:
-                    raw = await self._reader.receive_until(b"\n", 65536)
-                    reply = raw.decode(errors="replace").strip("\r\n ")
-                    # A late answer to an earlier handshake ping is not this request's reply.
-                    if line == "ping" or reply != "pong":
-                        return reply
         except _CLOSED as exc:  # the VMM holding the other end exited
             raise GuestControlError("guest control channel closed by the VMM") from exc
 
-    async def handshake(self, timeout_s: float) -> None:
-        wait = 0.5
-        with anyio.fail_after(timeout_s):
-            while True:
-                with anyio.move_on_after(wait):
-                    if await self.ask("ping", timeout_s) == "pong":
-                        return
-                wait = min(wait * 2, 4.0)
+    async def _receive(self) -> str:
+        try:
+            raw = await self._reader.receive_until(b"\n", 65536)
+        except _CLOSED as exc:
+            raise GuestControlError("guest control channel closed by the VMM") from exc
+        return raw.decode(errors="replace").strip("\r\n ")
 
 
 @contextlib.asynccontextmanager
@@ -145,12 +169,17 @@ async def _open(path: Path, timeout_s: float) -> AsyncIterator[_Channel]:
 
 
 async def guest_request(path: Path, line: str, *, timeout_s: float = 30.0) -> str:
-    """Send one request; return the reply, raising GuestControlError on ``err ...``."""
-    async with _open(path, timeout_s) as channel:
-        try:
-            reply = await channel.ask(line, timeout_s)
-        except TimeoutError:
-            raise GuestControlError(f"guest did not answer {line.split()[0]!r}") from None
+    """Send one request; return the reply, raising GuestControlError on ``err ...``.
+
+    ``timeout_s`` bounds the whole conversation: reaching the guest and its answer.
+    """
+    what = line.split()[0]
+    try:
+        with anyio.fail_after(timeout_s):
+            async with _open(path, timeout_s) as channel:
+                reply = await channel.ask(line, timeout_s)
+    except TimeoutError:
+        raise GuestControlError(f"guest did not answer {what!r} within {timeout_s:g}s") from None
     if reply.startswith("err"):
         raise GuestControlError(f"guest: {reply[3:].strip() or 'error'}")
     return reply

@@ -9,7 +9,7 @@
 # config.json), vdd.. volumes. Console: ttyS0 (= app.log). Control channel: vmfleet.ctl= on the
 # kernel command line (ttyS1 under QEMU, the virtio console hvc0 under Cloud Hypervisor), one
 # reply line per command line:
-#   ping                         -> pong
+#   ping [token]                 -> pong [token]   (the token tells whose ping this answers)
 #   status                       -> booting | running <pid> | exited <code> | failed <message>
 #   shutdown <timeout_s>         -> ok, then the VM powers off
 #   mount <dev> <path> <rw|ro>   -> ok | err <message>   (also: mount <dev> <path> overlay <dev2>)
@@ -116,7 +116,7 @@ vol_key() { printf '%s' "$1" | md5sum | cut -c1-32; }
 mount_volume() {
 	_dev=$1 _path=$2 _mode=$3 _ovl=$4
 	case $_path in /*) ;; *) echo "path $_path is not absolute"; return 1 ;; esac
-	wait_dev "$_dev" 30 || { echo "device $_dev did not appear"; return 1; }
+	wait_dev "$_dev" 20 || { echo "device $_dev did not appear within 20s"; return 1; }
 	_dev=$WAITED_DEV
 	_target=$NEWROOT$_path
 	mkdir -p "$_target" 2>&1 || return 1
@@ -125,7 +125,7 @@ mount_volume() {
 	ro) mount -t ext4 -o ro,noload "$_dev" "$_target" 2>&1 || return 1 ;;
 	overlay)
 		[ -n "$_ovl" ] || { echo "overlay mode needs an overlay device"; return 1; }
-		wait_dev "$_ovl" 30 || { echo "device $_ovl did not appear"; return 1; }
+		wait_dev "$_ovl" 20 || { echo "device $_ovl did not appear within 20s"; return 1; }
 		_ovl=$WAITED_DEV
 		_name=${_dev##*/}
 		_base=/mnt/vol-base-$_name
@@ -192,7 +192,7 @@ control_loop() {
 		set -- $_line
 		case $1 in
 		'') continue ;;
-		ping) _reply=pong ;;
+		ping) _reply="pong${2:+ $2}" ;;
 		settime)
 			# The guest clock stood still during standby; the host sends the time after restore.
 			if date -u -s "@$2" >/dev/null 2>&1; then _reply=ok; else _reply="err bad time $2"; fi
