@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import anyio
 
 from schemas.api import MAX_VCPUS, Hypervisor
@@ -103,10 +101,17 @@ def _initial_record(ctx: OpContext, cmd: Create) -> InstanceRecord:
 async def _undo(ctx: OpContext, inst: LocalInstance, attached: list[str]) -> None:
     if inst.process is not None:
         await inst.process.kill_and_reap()
+    # Each undo step goes on after a failed one, and says what it could not undo.
     for volume_id in attached:
-        with contextlib.suppress(Exception):
+        try:
             ctx.volumes.detach(volume_id, inst.id)
-    with contextlib.suppress(Exception):
+        except Exception as exc:
+            ctx.oplog(
+                inst, "create undo: volume not released", level="ERROR", volume=volume_id, error=exc
+            )
+    try:
         await release_network(ctx, inst, record=False)
+    except Exception as exc:
+        ctx.oplog(inst, "create undo: network not released", level="ERROR", error=exc)
     ctx.storage.remove_guest(inst.id)
     ctx.on_removed(inst.record)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 from schemas.messages import Delete
@@ -22,8 +21,10 @@ async def delete(ctx: OpContext, inst: LocalInstance, cmd: Delete) -> None:
         inst.process = None
     # 2. Volume attachments, so the volumes can be attached elsewhere or deleted.
     for mount in inst.record.volumes:
-        with contextlib.suppress(Exception):
+        try:
             ctx.volumes.detach(mount.volume_id, inst.id)
+        except Exception as exc:
+            ctx.oplog(inst, "volume not released", level="ERROR", volume=mount.volume_id, error=exc)
     # 3. bridge mode: its TAP, rules and lease; user mode: the host ports the VMM held.
     try:
         await release_network(ctx, inst, record=False)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import anyio
 
 from schemas.api import InstanceState
@@ -44,7 +42,9 @@ async def start(ctx: OpContext, inst: LocalInstance, cmd: Start) -> None:
                 await inst.process.kill_and_reap()
             inst.process = None
             inst.guest.write_pid(None)
-            with contextlib.suppress(Exception):
+            try:
                 await unplug(ctx, inst)
+            except Exception as undo_exc:
+                ctx.oplog(inst, "start undo: network not released", level="ERROR", error=undo_exc)
             walk.fail(InstanceState.STOPPED, error=f"start failed: {exc}")
         raise
