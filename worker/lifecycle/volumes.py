@@ -74,15 +74,18 @@ async def _undo_interrupted_attach(ctx: OpContext, inst: LocalInstance, mount: M
     ctx.oplog(inst, "undoing an interrupted attach", volume=mount.volume_id)
     if inst.state is InstanceState.RUNNING and inst.spec is not None and inst.process:
         with contextlib.suppress(HypervisorError):
-            await guest_request(
-                ctx.driver.control_socket(inst.spec),
-                f"umount {mount.mount_path}",
-                timeout_s=ctx.timeouts.mount_s,
-            )
-        disks, _ = volume_disks([mount], ctx.volumes, inst.guest, inst.spec.free_slots())
-        for disk in disks:
+            await _ask_guest(ctx, inst, f"umount {mount.mount_path}", UMOUNT_S, "umount")
+        # Disks the saved spec has (what could not be unplugged stays there: the VMM may
+        # hold it still); else the attach died before saving them, on the slots it took.
+        in_spec = [d for d in inst.spec.disks if d.volume_id == mount.volume_id]
+        for disk in in_spec:
             with contextlib.suppress(HypervisorError):
-                await ctx.driver.detach_disk(inst.spec.with_disk(disk), inst.process, disk)
+                await _unplug(ctx, inst, disk)
+        if not in_spec:
+            disks, _ = volume_disks([mount], ctx.volumes, inst.guest, inst.spec.free_slots())
+            for disk in disks:
+                with contextlib.suppress(HypervisorError, TimeoutError), anyio.fail_after(UNPLUG_S):
+                    await ctx.driver.detach_disk(inst.spec.with_disk(disk), inst.process, disk)
     ctx.volumes.detach(mount.volume_id, inst.id)
 
 
