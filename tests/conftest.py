@@ -59,7 +59,7 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with NatsContainer(jetstream=True) as container:
             yield container.nats_uri()
         return
-    server = NatsServerProcess(tmp_path_factory.mktemp("nats"))
+    server = _suite_nats_server(tmp_path_factory.mktemp("nats"))
     server.start()
     try:
         server.wait_ready()
@@ -68,10 +68,23 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+def _suite_nats_server(root: Path) -> NatsServerProcess:
+    """A nats-server whose JetStream may reserve far more file storage than the disk has.
+
+    Every test fleet has its own subject prefix and so its own 1 GiB logs stream, and a
+    strict JetStream counts each stream's max_bytes against its limit (by default 75 % of
+    the free disk) though the tests write only kilobytes: without this the suite would stop
+    being able to create streams after some sixty fleets, whatever the disk holds."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "limits.conf"
+    config.write_text("jetstream { max_file_store: 4TB }\n")
+    return NatsServerProcess(root, extra_args=("--config", str(config)))
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServerProcess]:
     """A NATS server of this test's own, for tests that stop or kill it."""
-    server = NatsServerProcess(tmp_path / "nats")
+    server = _suite_nats_server(tmp_path / "nats")
     server.start()
     try:
         server.wait_ready()
