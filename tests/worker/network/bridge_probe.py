@@ -5,12 +5,9 @@ then prints one ``RESULT {json}`` line. Nothing here may run outside such a name
 from __future__ import annotations
 
 import http.server
-import json
 import socket
 import subprocess
-import sys
 import threading
-import traceback
 from pathlib import Path
 
 import anyio
@@ -19,6 +16,7 @@ import httpx
 from schemas.api import Hypervisor, PortMapping
 from schemas.clock import utc_now as now
 from schemas.messages import Create, Delete, Restore, Standby
+from tests.worker.network.namespace import probe_main
 from worker.drivers.qemu import QemuDriver
 from worker.engine import HostEngine
 from worker.images import ImageCache
@@ -164,24 +162,15 @@ async def probe(args: dict[str, str]) -> dict[str, object]:
 
 
 def main() -> None:
-    args = json.loads(sys.argv[1])
-    try:
-        result = anyio.run(probe, args)
-    except BaseException:
-        logs = {
-            str(path): path.read_text(errors="replace")[-2000:]
-            for path in Path(args["data_dir"]).glob("guests/*/**/*.log")
-        }
-        result = {"error": traceback.format_exc(), "logs": logs, "links": links()}
-        for name, argv in {
+    probe_main(
+        probe,
+        {
             "neigh": ["ip", "neigh"],
             "addr": ["ip", "-o", "addr"],
             "ping": ["busybox", "ping", "-c", "2", "-W", "1", "10.123.0.2"],
             "ruleset": ["nft", "list", "ruleset"],
-        }.items():
-            done = subprocess.run(argv, capture_output=True, text=True)
-            result[name] = done.stdout + done.stderr
-    print("RESULT " + json.dumps(result), flush=True)
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -10,14 +10,11 @@ Every rate is measured where the bytes arrive: the disk and the download by the 
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 
 import anyio
@@ -25,6 +22,7 @@ import anyio
 from schemas.api import Hypervisor
 from schemas.messages import Create, Delete, Start, Stop
 from tests.worker.network.bridge_probe import links, now
+from tests.worker.network.namespace import probe_main
 from worker.drivers.qemu import QemuDriver
 from worker.engine import HostEngine
 from worker.images import ImageCache
@@ -180,16 +178,7 @@ async def probe(args: dict[str, str]) -> dict[str, object]:
 
 
 def main() -> None:
-    args = json.loads(sys.argv[1])
-    try:
-        result = anyio.run(probe, args)
-    except BaseException:
-        logs = {
-            str(path): path.read_text(errors="replace")[-2000:]
-            for path in Path(args["data_dir"]).glob("guests/*/**/*.log")
-        }
-        result = {"error": traceback.format_exc(), "logs": logs, "links": links()}
-    print("RESULT " + json.dumps(result), flush=True)
+    probe_main(probe)
 
 
 if __name__ == "__main__":

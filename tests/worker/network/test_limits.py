@@ -10,21 +10,16 @@ free guest's must be above them.
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
-import sys
 from pathlib import Path
 
-import anyio
 import pytest
 
 from schemas.errors import BadRequest
 from tests.worker.conftest import MIB, create_command, wait_for_log
 from tests.worker.network.limits_probe import LIMITS
-from tests.worker.network.test_bridge_mode import ROOT, _ip, _remove_namespace
+from tests.worker.network.namespace import run_probe_in_namespace
 from worker.engine import HostEngine
-from worker.images import ImageCache
 from worker.lifecycle.context import BootAssets
 
 pytestmark = pytest.mark.anyio
@@ -49,34 +44,9 @@ async def test_user_mode_refuses_bandwidth_limits(
 async def test_limits_are_enforced_and_the_address_outlives_a_stop(
     data_dir: Path, boot_assets: BootAssets, busybox_image: str
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.fail("bridge mode needs root (network namespaces, TAPs, tc, nftables)")
-    await ImageCache(data_dir / "images").pull(busybox_image)
-    ns = f"vftest-{secrets.token_hex(4)}"
-    try:
-        _ip("netns", "add", ns)
-        _ip("-n", ns, "link", "set", "lo", "up")
-        args = {
-            "data_dir": str(data_dir),
-            "image": busybox_image,
-            "kernel": str(boot_assets.kernel),
-            "initrd": str(boot_assets.initrd),
-            "accel": boot_assets.accel,
-        }
-        with anyio.fail_after(900):
-            done = await anyio.run_process(
-                ["ip", "netns", "exec", ns, sys.executable, str(PROBE), json.dumps(args)],
-                check=False,
-                cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-            )
-    finally:
-        _remove_namespace(ns)
-    stdout, stderr = done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"probe printed no result:\n{stdout}\n{stderr[-3000:]}"
-    result = json.loads(lines[-1].removeprefix("RESULT "))
-    assert "error" not in result, json.dumps(result, indent=1)
+    result = await run_probe_in_namespace(
+        PROBE, data_dir, boot_assets, busybox_image, timeout_s=900
+    )
     print("measured bytes/s:", json.dumps({k: result[k] for k in ("limited", "free")}))
 
     limits = {
