@@ -95,6 +95,7 @@ async def create_instance(request: Request) -> Response:
     plan = plan_create(
         req, gw.view, command_id=key or new_id(), instance_id=instance_id, issued_at=utc_now()
     )
+    _place(gw, plan)  # a create no host can take is refused before its name is claimed
     await claim_name(gw, req.name, instance_id)
     try:
         result = await _place_and_create(gw, plan, instance_id)
@@ -107,6 +108,16 @@ async def create_instance(request: Request) -> Response:
     return MsgspecResponse(_rendered(gw, result.instance, instance_id), status_code=201)
 
 
+def _place(gw: Gateway, plan: CreatePlan, refused: frozenset[str] = frozenset()) -> str:
+    return gw.placement.instance_host(
+        plan.demand,
+        pinned_to=plan.pinned_to,
+        labels=plan.labels,
+        exclude=refused,
+        images=plan.images,
+    )
+
+
 async def _place_and_create(gw: Gateway, plan: CreatePlan, instance_id: str) -> CommandResult:
     """Place, send, and if the host refuses as full or its host port as taken (another
     gateway got there since its last heartbeat, or something else bound the port), place
@@ -114,13 +125,7 @@ async def _place_and_create(gw: Gateway, plan: CreatePlan, instance_id: str) -> 
     (``host``, or its volumes' host) has nowhere else to go: the refusal is the answer."""
     refused: frozenset[str] = frozenset()
     for attempt in range(_PLACEMENT_TRIES):
-        host = gw.placement.instance_host(
-            plan.demand,
-            pinned_to=plan.pinned_to,
-            labels=plan.labels,
-            exclude=refused,
-            images=plan.images,
-        )
+        host = _place(gw, plan, refused)
         command = plan.command
         if attempt:
             command = msgspec.structs.replace(command, id=f"{command.id}-{attempt}")

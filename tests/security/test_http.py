@@ -53,7 +53,7 @@ from tests.support.gateway import SECRET, Bus, GatewayHandle, instance_record, r
 MIB: Final = 1 << 20
 #: The routes anyone may call; ``/ui`` (off by default, not in the description) is public
 #: too when turned on (tests/gateway/test_ui.py).
-PUBLIC: Final = frozenset({"/health", "/spec.yaml", "/spec.json", "/metrics"})
+PUBLIC: Final = frozenset({"/health", "/ready", "/spec.yaml", "/spec.json", "/metrics"})
 
 
 # -- fleets -------------------------------------------------------------------------------------
