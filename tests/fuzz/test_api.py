@@ -46,8 +46,9 @@ from tests.support.gateway import SECRET
 FLEET_ANSWERS: Final = frozenset({(503, "no_capacity"), (503, "host_unavailable")})
 #: The fake host leaves every command but a pull unanswered: the gateway's 504.
 SILENT_HOST_ANSWERS: Final = FLEET_ANSWERS | {(504, "host_unavailable")}
-#: Routes whose bodies are not the API's JSON (the description itself, Prometheus text).
-_META: Final = ("/spec", "/metrics")
+#: Routes whose bodies are not the API's JSON (the description itself, Prometheus text,
+#: and the readiness, whose 503 carries the same body as its 200 for load balancers).
+_META: Final = ("/spec", "/metrics", "/ready")
 #: Routes that put an upload in the archives store (a JSON ``POST /volumes`` puts none,
 #: but nothing tells the two apart after the answer).
 _UPLOADS: Final = frozenset({"/volumes", "/volumes/from-archive"})
