@@ -21,7 +21,7 @@ import msgspec
 from msgspec import UNSET
 
 from gateway.placement import Demand
-from gateway.supervision import check_tags, expiry_on_create, refuse_unapplied
+from gateway.supervision import check_tags, expiry_on_create, refuse_unapplied, restart_policy
 from gateway.view import FleetView
 from schemas.api import (
     MAX_VCPUS,
@@ -107,6 +107,7 @@ def plan_create(
         entrypoint=req.entrypoint if isinstance(req.entrypoint, list) else None,
         tags=tags,
         expires_at=expires_at,
+        restart_policy=restart_policy(req.restart_policy),
     )
     shaped = _check_bandwidth(command, view)
     demand = Demand(
@@ -165,7 +166,6 @@ def _refuse_unsupported(req: CreateInstanceRequest) -> None:
         raise BadRequest("vGPU profiles are not supported by vmfleet", code="not_supported")
     refuse_unapplied(
         {
-            "restart_policy": req.restart_policy,
             "health_check": req.health_check,
             "auto_standby": req.auto_standby,
         }

@@ -1,5 +1,6 @@
 """Checks of what the newer SDK adds to an instance: tags, its lifetime (``ttl`` /
-``expires_at``), and the supervision policies this build does not apply yet.
+``expires_at``), the restart policy, and the supervision policies this build does not
+apply yet.
 
 Every refusal is a 400 in hypeman's error shape that names the field, raised before
 anything is sent: a client that set ``ttl: "1h"`` must never get a VM that silently
@@ -19,7 +20,7 @@ from msgspec import UNSET, UnsetType
 from gateway.requests import parse_duration
 from schemas.api import UpdateInstanceRequest
 from schemas.errors import BadRequest, Conflict
-from schemas.messages import InstanceRecord, Update
+from schemas.messages import InstanceRecord, RestartPolicySpec, Update
 
 __all__ = [
     "MAX_TAGS",
@@ -30,6 +31,7 @@ __all__ = [
     "future_expiry",
     "plan_update",
     "refuse_unapplied",
+    "restart_policy",
     "ttl_seconds",
 ]
 
@@ -42,7 +44,8 @@ TAG_KEY_PATTERN: Final = r"[A-Za-z0-9]([A-Za-z0-9._:/-]*[A-Za-z0-9])?"
 _MAX_TTL_S: Final = float((1 << 63) - 1) / 1e9
 
 #: Create/PATCH fields of hypeman 0.28 that vmfleet decodes but does not apply yet.
-UNAPPLIED: Final = ("restart_policy", "health_check", "auto_standby")
+UNAPPLIED: Final = ("health_check", "auto_standby")
+_RESTART_FIELDS: Final = frozenset({"policy", "backoff", "max_attempts", "stable_after"})
 
 
 def check_tags(tags: dict[str, str]) -> dict[str, str]:
@@ -127,6 +130,54 @@ def _both() -> BadRequest:
     )
 
 
+def restart_policy(raw: object) -> RestartPolicySpec | None:
+    """A checked ``restart_policy`` (None: ``never``, hypeman's default, stored as no
+    policy), or 400 ``invalid_restart_policy`` naming what is wrong."""
+    if raw is None or raw is UNSET:
+        return None
+    if not isinstance(raw, dict):
+        raise _bad_policy("it must be an object")
+    unknown = sorted(set(raw) - _RESTART_FIELDS)
+    if unknown:
+        raise _bad_policy(f"unknown field {unknown[0]!r}")
+    policy = raw.get("policy") or "never"
+    if policy not in ("never", "always", "on_failure"):
+        raise _bad_policy(f"policy must be never, always or on_failure, not {policy!r}")
+    max_attempts = raw.get("max_attempts", 0)
+    if max_attempts is None:
+        max_attempts = 0
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 0:
+        raise _bad_policy(f"max_attempts must be a whole number >= 0, not {max_attempts!r}")
+    backoff = _positive_duration(raw, "backoff", "5s")
+    stable_after = _positive_duration(raw, "stable_after", "10m")
+    if policy == "never":
+        return None
+    return RestartPolicySpec(
+        policy="always" if policy == "always" else "on_failure",
+        backoff_s=backoff,
+        max_attempts=max_attempts,
+        stable_after_s=stable_after,
+    )
+
+
+def _positive_duration(raw: dict[str, object], name: str, default: str) -> float:
+    value = raw.get(name)
+    text = default if value is None or value == "" else value
+    if not isinstance(text, str):
+        raise _bad_policy(f'{name} must be a duration such as "5s", not {text!r}')
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        raise _bad_policy(f'{name} must be a duration such as "5s", not {text!r}') from None
+    if seconds <= 0 or seconds > _MAX_TTL_S:
+        raise _bad_policy(f"{name} must be positive, not {text!r}")
+    return seconds
+
+
+def _bad_policy(message: str) -> BadRequest:
+    return BadRequest(f"invalid restart_policy: {message}", code="invalid_restart_policy")
+
+
 def refuse_unapplied(fields: dict[str, object]) -> None:
     """400 ``not_supported`` naming the first policy field that is set (null counts as
     not set): accepted and ignored, it would be the worst kind of silence."""
@@ -166,12 +217,14 @@ def plan_update(
             code="instance_expired",
         )
     ttl_s, expires_at = expiry_update(req.ttl, req.expires_at, now)
+    policy = UNSET if req.restart_policy is UNSET else restart_policy(req.restart_policy)
     return Update(
         id=command_id,
         instance_id=record.id,
         issued_at=now,
         ttl_s=ttl_s,
         expires_at=expires_at,
+        restart_policy=policy,
     )
 
 

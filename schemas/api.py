@@ -69,6 +69,8 @@ __all__ = [
     "ResourceAllocation",
     "ResourceStatus",
     "Resources",
+    "RestartPolicy",
+    "RestartStatus",
     "StartInstanceRequest",
     "Timestamp",
     "UpdateInstanceRequest",
@@ -76,6 +78,7 @@ __all__ = [
     "VolumeAttachment",
     "VolumeMount",
     "WaitForStateResponse",
+    "go_duration",
 ]
 
 NAME_PATTERN: Final = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
@@ -265,6 +268,9 @@ class Instance(msgspec.Struct, kw_only=True):
     created_at: Timestamp
     disk_io_bps: str | UnsetType = UNSET
     env: dict[str, str] | UnsetType = UNSET
+    #: How the app ended, once it has (left out until then, and again after a start).
+    exit_code: int | UnsetType = UNSET
+    exit_message: str | UnsetType = UNSET
     #: When the instance is deleted on its own (left out: never; the SDK reads None).
     expires_at: Timestamp | UnsetType = UNSET
     gpu: InstanceGPU | UnsetType = UNSET
@@ -278,6 +284,8 @@ class Instance(msgspec.Struct, kw_only=True):
     network: InstanceNetwork
     overlay_size: str
     port_mappings: list[PortMapping] | UnsetType = UNSET
+    restart_policy: RestartPolicy | UnsetType = UNSET
+    restart_status: RestartStatus | UnsetType = UNSET
     size: str
     started_at: Timestamp | None = None
     state: InstanceState
@@ -286,6 +294,55 @@ class Instance(msgspec.Struct, kw_only=True):
     tags: dict[str, str] | UnsetType = UNSET
     vcpus: int
     volumes: list[VolumeMount] | UnsetType = UNSET
+
+
+class RestartPolicy(msgspec.Struct, kw_only=True):
+    """``restart_policy`` of an Instance: durations as Go prints them (``"10m0s"``);
+    ``max_attempts`` left out when 0 (unlimited)."""
+
+    backoff: str
+    max_attempts: int | UnsetType = UNSET
+    policy: Literal["always", "on_failure"]
+    stable_after: str
+
+
+class RestartStatus(msgspec.Struct, kw_only=True):
+    """``restart_status`` of an Instance (left out when there is nothing to say)."""
+
+    attempts: int
+    blocked_reason: Literal["manual_stop", "max_attempts_exceeded"] | UnsetType = UNSET
+    last_attempt_at: Timestamp | UnsetType = UNSET
+    last_reason: Literal["health_check_failed"] | UnsetType = UNSET
+    next_attempt_at: Timestamp | UnsetType = UNSET
+
+
+def go_duration(seconds: float) -> str:
+    """``seconds`` as Go's ``time.Duration.String()`` prints it: ``"5s"``, ``"10m0s"``,
+    ``"1h0m0s"``, ``"1.5s"``, ``"500ms"``."""
+    ns = round(seconds * 1e9)
+    if ns == 0:
+        return "0s"
+    sign, ns = ("-", -ns) if ns < 0 else ("", ns)
+    if ns < 1_000_000_000:
+        for unit, size in (("ms", 1_000_000), ("µs", 1_000), ("ns", 1)):
+            if ns >= size:
+                return sign + _trim(ns, size) + unit
+    hours, rest = divmod(ns, 3_600_000_000_000)
+    minutes, rest = divmod(rest, 60_000_000_000)
+    text = _trim(rest, 1_000_000_000) + "s"
+    if hours or minutes:
+        text = f"{minutes}m" + text
+    if hours:
+        text = f"{hours}h" + text
+    return sign + text
+
+
+def _trim(value: int, unit: int) -> str:
+    whole, frac = divmod(value, unit)
+    if not frac:
+        return str(whole)
+    digits = len(str(unit)) - 1
+    return f"{whole}." + f"{frac:0{digits}d}".rstrip("0")
 
 
 class UpdateInstanceRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

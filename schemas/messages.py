@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Literal
 
 import msgspec
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 
 from schemas import api
 from schemas.api import Hypervisor, ImageStatus, InstanceState, PortMapping, Timestamp
@@ -50,6 +50,8 @@ __all__ = [
     "MountSpec",
     "NameClaim",
     "PullImage",
+    "RestartPolicySpec",
+    "RestartState",
     "Restore",
     "Standby",
     "Start",
@@ -83,6 +85,48 @@ class MountSpec(msgspec.Struct, kw_only=True):
             readonly=self.readonly,
             overlay=True,
             overlay_size=format_size(self.overlay_bytes),
+        )
+
+
+class RestartPolicySpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A checked ``restart_policy`` (``never`` is stored as no policy at all)."""
+
+    policy: Literal["always", "on_failure"]
+    backoff_s: float = 5.0
+    #: 0: unlimited.
+    max_attempts: int = 0
+    stable_after_s: float = 600.0
+
+    def to_api(self) -> api.RestartPolicy:
+        return api.RestartPolicy(
+            policy=self.policy,
+            backoff=api.go_duration(self.backoff_s),
+            max_attempts=self.max_attempts or UNSET,
+            stable_after=api.go_duration(self.stable_after_s),
+        )
+
+
+class RestartState(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the restart policy stands: a durable decision. ``next_attempt_at`` is the
+    scheduled restart; the owning worker's supervisor takes it when due (also after the
+    worker itself restarted)."""
+
+    attempts: int = 0
+    blocked_reason: Literal["manual_stop", "max_attempts_exceeded"] | None = None
+    last_attempt_at: Timestamp | None = None
+    next_attempt_at: Timestamp | None = None
+    last_reason: Literal["health_check_failed"] | None = None
+
+    def to_api(self) -> api.RestartStatus | UnsetType:
+        """hypeman's ``restart_status``: left out while there is nothing to say."""
+        if self == RestartState():
+            return UNSET
+        return api.RestartStatus(
+            attempts=self.attempts,
+            blocked_reason=self.blocked_reason or UNSET,
+            last_attempt_at=self.last_attempt_at or UNSET,
+            next_attempt_at=self.next_attempt_at or UNSET,
+            last_reason=self.last_reason or UNSET,
         )
 
 
@@ -137,6 +181,7 @@ class Create(InstanceCommand, frozen=True, kw_only=True):
     tags: dict[str, str] = {}
     #: When the instance is deleted on its own (the gateway turned a ttl into this).
     expires_at: Timestamp | None = None
+    restart_policy: RestartPolicySpec | None = None
 
     @property
     def disk_bytes(self) -> int:
@@ -178,6 +223,7 @@ class Create(InstanceCommand, frozen=True, kw_only=True):
             created_at=created_at,
             tags=dict(self.tags),
             expires_at=self.expires_at,
+            restart_policy=self.restart_policy,
         )
 
 
@@ -186,6 +232,9 @@ class Start(InstanceCommand, frozen=True, kw_only=True):
 
     cmd: list[str] | None = None
     entrypoint: list[str] | None = None
+    #: Set by the owning worker's supervisor: an automatic restart, taken only if the
+    #: record still schedules it (else the command does nothing).
+    restart: bool = False
 
 
 class Stop(InstanceCommand, frozen=True, kw_only=True):
@@ -212,6 +261,8 @@ class Update(InstanceCommand, frozen=True, kw_only=True):
 
     ttl_s: float | None = None
     expires_at: Timestamp | None = None
+    #: A new restart policy (None: ``never``); left out: unchanged.
+    restart_policy: RestartPolicySpec | UnsetType | None = UNSET
 
 
 class AttachVolume(InstanceCommand, frozen=True, kw_only=True):
@@ -323,6 +374,12 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
     tags: dict[str, str] = {}
     #: When the owning worker deletes the instance on its own (None: never).
     expires_at: Timestamp | None = None
+    #: How the app ended, read from the guest's exit marker (None: it has not, or a VMM
+    #: that died without one); cleared by the next start.
+    exit_code: int | None = None
+    exit_message: str | None = None
+    restart_policy: RestartPolicySpec | None = None
+    restart: RestartState = msgspec.field(default_factory=RestartState)
 
     def to_api(self) -> api.Instance:
         """Render hypeman's Instance: sizes in HR form, empty optionals left out."""
@@ -349,6 +406,10 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
             host=self.host,
             tags=dict(self.tags) if self.tags else UNSET,
             expires_at=self.expires_at if self.expires_at is not None else UNSET,
+            exit_code=self.exit_code if self.exit_code is not None else UNSET,
+            exit_message=self.exit_message if self.exit_message is not None else UNSET,
+            restart_policy=self.restart_policy.to_api() if self.restart_policy else UNSET,
+            restart_status=self.restart.to_api(),
         )
 
     def expired(self, now: Timestamp) -> bool:

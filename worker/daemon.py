@@ -51,6 +51,7 @@ from worker.publisher import PublishStalled, RecordPublisher
 from worker.queries import serve_queries
 from worker.sessions import serve_sessions
 from worker.storage import Storage
+from worker.supervisor import supervise_restarts
 from worker.usage import InstanceUsageCollector, local_instances
 from worker.volumes import VolumeStore
 
@@ -245,6 +246,7 @@ async def _run_components(
         tg.start_soon(engine.watch_vmms)
         tg.start_soon(_count_instances, engine, metrics)
         tg.start_soon(reap_expired, engine)
+        tg.start_soon(supervise_restarts, engine)
         InstanceUsageCollector(lambda: local_instances(engine)).register(metrics.registry)
         await tg.start(serve_queries, nc, subjects, config.host_id, ledger, engine)
         await tg.start(serve_sessions, nc, subjects, config.host_id, engine, metrics)

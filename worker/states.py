@@ -66,6 +66,9 @@ class Event(enum.StrEnum):
 
     #: The VMM exited while no operation held it (guest power-off, crash, OOM kill).
     VMM_EXITED = "vmm-exited"
+    #: The app ended and the guest powered off, its init's exit marker in the app log: a
+    #: clean Stopped with the app's exit code, not a crash.
+    APP_EXITED = "app-exited"
     #: A worker (re)started and found the instance's VMM alive: it takes the VMM's word.
     ADOPTED = "adopted"
     #: A worker (re)started and found no VMM: the disk (a snapshot or not) has the say.
@@ -172,6 +175,8 @@ def _pairs(
 _EVENT_EDGES: dict[Event, set[tuple[InstanceState, InstanceState]]] = {
     # The watcher records it from any state with a VMM (or an unanswering one).
     Event.VMM_EXITED: _pairs(HOLDS_VMM | {S.UNKNOWN}, {S.STOPPED}),
+    # Also from Initializing: a job may end before its agent ever answered.
+    Event.APP_EXITED: _pairs(HOLDS_VMM | {S.UNKNOWN}, {S.STOPPED}),
     # A record may say anything when its worker died; a live VMM says what it is.
     Event.ADOPTED: _pairs(_ANY, _VMM_REPORTS),
     # No VMM: Standby if a snapshot is on disk, Stopped if not.

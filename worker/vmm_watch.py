@@ -1,8 +1,10 @@
 """The VMM watcher: notices a VMM that exits on its own and what the guest says of its app.
 
 Every VMM is reaped by its pidfd the moment it exits (:mod:`worker.proc`); this loop turns
-such an exit, when no operation caused it, into the instance's new state (Stopped, with
-why), and notes in the ops log when the guest's init reports the app started or ended.
+such an exit, when no operation caused it, into the instance's new state (Stopped: with
+the app's exit code when the guest's init left its exit marker, else as a crash, with
+why; :mod:`worker.lifecycle.exits`), and notes in the ops log when the guest's init
+reports the app started or ended.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from collections.abc import Callable, Iterable
 import anyio
 
 from schemas.api import InstanceState
-from schemas.clock import utc_now
 from worker.guest.control import GuestControlError, guest_request
 from worker.lifecycle.context import LocalInstance, OpContext
+from worker.lifecycle.exits import record_vmm_exit
 from worker.lifecycle.network import unplug
-from worker.states import HOLDS_VMM, Event
+from worker.states import HOLDS_VMM
 
 __all__ = ["watch_vmms"]
 
@@ -50,16 +52,7 @@ def _died_unwatched(inst: LocalInstance) -> bool:
 
 def _record_vmm_exit(ctx: OpContext, inst: LocalInstance) -> None:
     assert inst.process is not None
-    status = inst.process.returncode
-    inst.process = None
-    inst.guest.write_pid(None)
-    ctx.set_state(
-        inst,
-        InstanceState.STOPPED,
-        cause=Event.VMM_EXITED,
-        error=f"VMM exited on its own (exit status {status}); see the vmm and app logs",
-        stopped_at=utc_now(),
-    )
+    record_vmm_exit(ctx, inst, inst.process.returncode)
 
 
 async def _unplug_quietly(ctx: OpContext, inst: LocalInstance) -> None:

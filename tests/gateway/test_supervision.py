@@ -88,7 +88,10 @@ async def test_tags_and_expiry_are_shown_and_filtered(gw: GatewayHandle, bus: Bu
         ({"ttl": "soon"}, "invalid_ttl", "soon"),
         ({"ttl": "-5s"}, "invalid_ttl", "negative"),
         ({"expires_at": "2000-01-01T00:00:00Z"}, "invalid_expires_at", "2000-01-01"),
-        ({"restart_policy": {"policy": "always"}}, "not_supported", "restart_policy"),
+        ({"restart_policy": {"policy": "sometimes"}}, "invalid_restart_policy", "sometimes"),
+        ({"restart_policy": {"backoff": "0s"}}, "invalid_restart_policy", "backoff"),
+        ({"restart_policy": {"max_attempts": -1}}, "invalid_restart_policy", "max_attempts"),
+        ({"restart_policy": {"policy": "always", "wait": "1s"}}, "invalid_restart_policy", "wait"),
         ({"health_check": {"type": "tcp", "tcp": {"port": 80}}}, "not_supported", "health_check"),
         ({"auto_standby": {"enabled": True}}, "not_supported", "auto_standby"),
     ],
@@ -117,7 +120,7 @@ async def test_update_refusals(gw: GatewayHandle, bus: Bus) -> None:
     await _until_listed(gw, 4)
     client = _sdk(gw)
     cases: list[tuple[dict[str, object], str, str]] = [
-        ({"restart_policy": {"policy": "always"}}, "not_supported", "restart_policy"),
+        ({"restart_policy": {"stable_after": "soon"}}, "invalid_restart_policy", "stable_after"),
         ({"health_check": {"type": "none"}}, "not_supported", "health_check"),
         ({"auto_standby": {"enabled": False}}, "not_supported", "auto_standby"),
         ({"env": {"API_KEY": "x"}}, "invalid_env", "env"),

@@ -89,8 +89,8 @@ def test_tags_stats_update_and_expiry_with_the_worker_killed(
         cleared = client.instances.update(instance_id, ttl="0s")
         assert cleared.expires_at is None and cleared.state == "Running"
         with pytest.raises(BadRequestError) as refused:
-            client.instances.update(instance_id, restart_policy={"policy": "always"})
-        assert refused.value.body["code"] == "not_supported"  # type: ignore[index]
+            client.instances.update(instance_id, restart_policy={"policy": "weekly"})
+        assert refused.value.body["code"] == "invalid_restart_policy"  # type: ignore[index]
         assert client.instances.get(instance_id).expires_at is None  # nothing changed
 
         soon = client.instances.update(instance_id, ttl="6s")

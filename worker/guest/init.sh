@@ -15,7 +15,8 @@
 #   mount <dev> <path> <rw|ro>   -> ok | err <message>   (also: mount <dev> <path> overlay <dev2>)
 #   umount <path>                -> ok | err <message>
 # Markers on the console: "[vmfleet] app started pid=N", "[vmfleet] app exited with code N",
-# "[vmfleet] agent ready ..." (from the agent: /bin/vmfleet-agent, docs/agent-protocol.md).
+# then (unless a stop caused the exit) 'HYPEMAN-EXIT code=N message="..."' before the VM powers
+# off, and "[vmfleet] agent ready ..." (from the agent: /bin/vmfleet-agent, docs/agent-protocol.md).
 
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 RUN=/run/vmfleet
@@ -83,6 +84,7 @@ wait_char() {
 # stop_app TIMEOUT: SIGTERM the app, wait up to TIMEOUT s for it to exit, then SIGKILL; sync.
 stop_app() {
 	_t=${1:-10}
+	: >"$RUN/stopping" # the app's exit is the stop's: no exit marker, no power-off of its own
 	case $_t in '' | *[!0-9]*) _t=10 ;; esac
 	_pid=$(cat "$RUN/app.pid" 2>/dev/null)
 	if [ -n "$_pid" ] && [ ! -e "$RUN/app.exit" ]; then
@@ -456,6 +458,49 @@ run_app() {
 	echo "[vmfleet] app exited with code $_code"
 	echo "$_code" >"$RUN/app.exit.tmp"
 	mv "$RUN/app.exit.tmp" "$RUN/app.exit"
+	# A stop asked for this exit: its control channel reply and power-off are the stop's.
+	[ -e "$RUN/stopping" ] && return 0
+	# The program has ended, and so does the VM: the host reads this marker from the app
+	# log once the VMM is gone (the instance becomes Stopped with this exit code).
+	echo "HYPEMAN-EXIT code=$_code message=\"$(exit_message "$_code")\""
+	sync
+	poweroff -f
+}
+
+# exit_message CODE: how the app ended, in hypeman's words (Go's signal descriptions)
+exit_message() {
+	case $1 in
+	0) echo success ;;
+	126) echo "permission denied (command not executable)" ;;
+	127) echo "command not found" ;;
+	*)
+		if [ "$1" -gt 128 ] 2>/dev/null; then
+			_m="killed by signal $(($1 - 128)) ($(signal_text $(($1 - 128))))"
+			if [ "$1" = 137 ] && oom_killed; then _m="$_m - OOM"; fi
+			echo "$_m"
+		else
+			echo "exit code $1"
+		fi
+		;;
+	esac
+}
+
+oom_killed() { dmesg 2>/dev/null | grep -qiE 'out of memory|oom-kill|oom_reaper'; }
+
+signal_text() {
+	case $1 in
+	1) echo hangup ;; 2) echo interrupt ;; 3) echo quit ;; 4) echo "illegal instruction" ;;
+	5) echo "trace/breakpoint trap" ;; 6) echo aborted ;; 7) echo "bus error" ;;
+	8) echo "floating point exception" ;; 9) echo killed ;; 10) echo "user defined signal 1" ;;
+	11) echo "segmentation fault" ;; 12) echo "user defined signal 2" ;; 13) echo "broken pipe" ;;
+	14) echo "alarm clock" ;; 15) echo terminated ;; 16) echo "stack fault" ;;
+	17) echo "child exited" ;; 18) echo continued ;; 19) echo "stopped (signal)" ;;
+	20) echo stopped ;; 21) echo "stopped (tty input)" ;; 22) echo "stopped (tty output)" ;;
+	23) echo "urgent I/O condition" ;; 24) echo "CPU time limit exceeded" ;;
+	25) echo "file size limit exceeded" ;; 26) echo "virtual timer expired" ;;
+	27) echo "profiling timer expired" ;; 28) echo "window changed" ;; 29) echo "I/O possible" ;;
+	30) echo "power failure" ;; 31) echo "bad system call" ;; *) echo "signal $1" ;;
+	esac
 }
 
 # read_cmdline: vmfleet.ctl=DEV (the control channel's device), vmfleet.probe=1,

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import anyio
+
 from schemas.clock import utc_now
-from schemas.errors import BadRequest
+from schemas.errors import BadRequest, HypervisorError
 from schemas.messages import MountSpec
 from worker.drivers.base import DiskSpec, VmSpec
 from worker.guest import GuestConfig, build_config_disk, merge_env
 from worker.images import ImageInfo
 from worker.lifecycle.context import LocalInstance, OpContext, Walk
+from worker.lifecycle.exits import read_exit_marker, record_vmm_exit
 from worker.lifecycle.mounts import volume_disks
 from worker.lifecycle.network import guest_network, nics, plug
 from worker.storage import GuestDir, make_sparse_ext4
@@ -113,19 +116,57 @@ async def boot_vm(ctx: OpContext, inst: LocalInstance, image: ImageInfo) -> None
 
 async def boot_to_running(ctx: OpContext, walk: Walk, image: ImageInfo) -> None:
     """From Created: boot the VM (Initializing once its VMM runs), then Running once the
-    guest is ready. A failure leaves the instance where it was for the caller to undo."""
+    guest is ready. A program that ends before that (a short job) leaves the instance
+    Stopped with its exit code. A failure leaves the instance where it was for the caller
+    to undo."""
     inst = walk.inst
     await boot_vm(ctx, inst, image)
-    walk.advance()  # Initializing: the VMM runs the guest
-    await wait_until_ready(ctx, inst)
-    walk.advance(started_at=utc_now())  # Running
+    walk.advance(started_at=None)  # Initializing: the VMM runs the guest
+    if await wait_until_ready(ctx, inst):
+        walk.advance(started_at=utc_now())  # Running
+        return
+    assert inst.process is not None
+    status = inst.process.returncode
+    if read_exit_marker(inst.guest.app_log) is None:
+        raise HypervisorError(
+            f"the VM exited during boot (VMM exit status {status}); see the vmm and app logs"
+        )
+    record_vmm_exit(ctx, inst, status)
+    ctx.oplog(inst, "the app ended before the guest was ready", exit_code=inst.record.exit_code)
 
 
-async def wait_until_ready(ctx: OpContext, inst: LocalInstance) -> None:
-    """Return once the guest counts as ready, the step from Initializing to Running: its
+async def wait_until_ready(ctx: OpContext, inst: LocalInstance) -> bool:
+    """True once the guest counts as ready, the step from Initializing to Running: its
     agent answered the hub's handshake (the init's control channel is asked for on first
-    use, each request waiting for it). AgentUnavailable if the agent does not answer within
-    ``guest_ready_s``; at once when there is no hub (tests of one operation) or this host's
-    guests have no agent."""
-    if ctx.agent is not None and inst.spec is not None:
-        await ctx.agent.wait_ready(inst.id, ctx.timeouts.guest_ready_s)
+    use, each request waiting for it). False when the VMM exited first (the app ended and
+    the guest powered off). AgentUnavailable if the agent does not answer within
+    ``guest_ready_s``; True at once when there is no hub (tests of one operation) or this
+    host's guests have no agent."""
+    agent, process = ctx.agent, inst.process
+    if agent is None or inst.spec is None or process is None:
+        return True
+    exited = False
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch_exit() -> None:
+            nonlocal exited
+            await process.wait()
+            exited = True
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch_exit)
+        try:
+            await agent.wait_ready(inst.id, ctx.timeouts.guest_ready_s)
+        except Exception as exc:
+            failure = exc
+        tg.cancel_scope.cancel()
+    if exited or (failure is not None and await process.wait_for(_EXIT_GRACE_S)):
+        return False  # an agent lost with its VM: the VM's exit is the news
+    if failure is not None:
+        raise failure
+    return True
+
+
+#: How long a lost agent's VMM gets to exit before the loss counts as the agent's failure.
+_EXIT_GRACE_S = 3.0

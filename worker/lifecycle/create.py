@@ -64,7 +64,7 @@ async def _make(ctx: OpContext, cmd: Create) -> LocalInstance:
         # 6. The writable overlay, then boot.
         await make_sparse_ext4(guest.overlay, cmd.overlay_bytes)
         await boot_to_running(ctx, walk, image)
-        ctx.oplog(inst, "instance created", name=cmd.name, state="Running")
+        ctx.oplog(inst, "instance created", name=cmd.name, state=inst.state.value)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await _undo(ctx, inst, attached)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import anyio
+import msgspec
 
 from schemas.clock import utc_now
-from schemas.messages import Stop
+from schemas.messages import RestartState, Stop
 from worker.guest.control import GuestControlError, guest_request
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.network import unplug
@@ -23,7 +24,16 @@ async def stop(ctx: OpContext, inst: LocalInstance, cmd: Stop) -> None:
         # reuses it).
         await unplug(ctx, inst)
     finally:
-        walk.advance(stopped_at=utc_now())  # Stopped: the VMM is gone either way
+        # Stopped: the VMM is gone either way. A user's stop blocks automatic restarts
+        # until the next start.
+        walk.advance(stopped_at=utc_now(), restart=_blocked(inst))
+
+
+def _blocked(inst: LocalInstance) -> RestartState:
+    status = inst.record.restart
+    if inst.record.restart_policy is None:
+        return status
+    return msgspec.structs.replace(status, blocked_reason="manual_stop", next_attempt_at=None)
 
 
 async def stop_vmm(ctx: OpContext, inst: LocalInstance) -> None:

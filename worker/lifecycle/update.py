@@ -1,17 +1,20 @@
 """update (``PATCH /instances/{id}``): what changes in the record without touching the VM.
 
-Today that is the expiry. A ``ttl`` counts from here, when the owning worker commits it,
-not from when a gateway received it; an instance past its deadline is refused (it is
-about to be deleted by :mod:`worker.expiry`, and a new lease must not race the reaper).
+Today that is the expiry and the restart policy. A ``ttl`` counts from here, when the
+owning worker commits it, not from when a gateway received it; an instance past its
+deadline is refused (it is about to be deleted by :mod:`worker.expiry`, and a new lease
+must not race the reaper).
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+
+from msgspec import UNSET
 
 from schemas.clock import utc_now
 from schemas.errors import BadRequest, Conflict
-from schemas.messages import Update
+from schemas.messages import RestartPolicySpec, RestartState, Update
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.states import Op, check_transition
 
@@ -30,6 +33,12 @@ async def update(ctx: OpContext, inst: LocalInstance, cmd: Update) -> None:
             f"instance {inst.id} expired at {inst.record.expires_at:%Y-%m-%dT%H:%M:%SZ} and "
             "is being deleted; it can no longer be updated"
         )
+    _update_expiry(ctx, inst, cmd, now)
+    if cmd.restart_policy is not UNSET:
+        _update_restart_policy(ctx, inst, cmd.restart_policy)
+
+
+def _update_expiry(ctx: OpContext, inst: LocalInstance, cmd: Update, now: datetime) -> None:
     if cmd.ttl_s is not None:
         expires_at = now + timedelta(seconds=cmd.ttl_s) if cmd.ttl_s > 0 else None
     elif cmd.expires_at is not None:
@@ -40,3 +49,15 @@ async def update(ctx: OpContext, inst: LocalInstance, cmd: Update) -> None:
         return
     ctx.save(inst, expires_at=expires_at)
     ctx.oplog(inst, "expiry updated", expires_at=expires_at.isoformat() if expires_at else "never")
+
+
+def _update_restart_policy(
+    ctx: OpContext, inst: LocalInstance, policy: RestartPolicySpec | None
+) -> None:
+    """The new policy replaces the old one whole; the counters start again, unless the
+    instance was stopped by its user (that block holds until the next start)."""
+    status = inst.record.restart
+    if status.blocked_reason != "manual_stop":
+        status = RestartState()
+    ctx.save(inst, restart_policy=policy, restart=status)
+    ctx.oplog(inst, "restart policy updated", policy=policy.policy if policy else "never")
