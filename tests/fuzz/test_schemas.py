@@ -48,6 +48,16 @@ _ZONES: Final = (UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedel
 _INT64: Final = 1 << 63
 
 
+#: Any JSON document: what a field typed ``Any`` (kept raw, checked by the gateway) decodes.
+_JSON: Final = st.recursive(
+    st.none() | st.booleans() | st.integers(-_INT64, _INT64 - 1) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
 def strategy(t: mi.Type) -> st.SearchStrategy[Any]:
     """Values of the msgspec type ``t`` that satisfy its constraints."""
     match t:
@@ -85,6 +95,8 @@ def strategy(t: mi.Type) -> st.SearchStrategy[Any]:
             return st.one_of([strategy(member) for member in t.types])
         case mi.StructType():
             return struct_strategy(t)
+        case mi.AnyType():
+            return _JSON
     raise TypeError(f"no strategy for {t!r}: teach tests/fuzz/test_schemas.py this type")
 
 
@@ -155,6 +167,7 @@ CODEC: Final[list[tuple[Any, Any]]] = [
     (codec.decode_instance_record, messages.InstanceRecord),
     (codec.decode_volume_record, messages.VolumeRecord),
     (codec.decode_image_record, messages.ImageRecord),
+    (codec.decode_name_claim, messages.NameClaim),
 ]
 
 
