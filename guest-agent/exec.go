@@ -195,6 +195,8 @@ func run(s *session, req execRequest, cmd *exec.Cmd) int {
 		return 127
 	}
 	pid := cmd.Process.Pid
+	ledger.add(pid)
+	defer ledger.remove(pid)
 	killGroup := func() { _ = syscall.Kill(-pid, syscall.SIGKILL) }
 	if !s.setKill(killGroup) {
 		killGroup()

@@ -24,7 +24,13 @@ func main() {
 	channel := flag.String("channel", "virtio", "virtio (a virtio-serial port named "+portName+") or vsock")
 	vsockPort := flag.Uint("vsock-port", 5170, "the vsock port to listen on (-channel vsock)")
 	wait := flag.Duration("wait", 30*time.Second, "how long to wait for the channel's device")
+	groups := flag.String("groups", "", "a file (outside -root) listing the commands' process groups; a new agent kills those an old one left")
 	flag.Parse()
+	if *groups != "" {
+		if err := openLedger(*groups); err != nil {
+			fmt.Fprintf(os.Stderr, "[vmfleet] agent: no process-group ledger: %v\n", err)
+		}
+	}
 
 	var serve func()
 	switch *channel {

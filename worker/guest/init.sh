@@ -386,7 +386,7 @@ exec /bin/busybox setsid /bin/busybox nsenter -F "$@"'
 # shellcheck disable=SC2016
 AGENT_SCRIPT='unset SHLVL PWD OLDPWD
 . /cfg/env.sh
-exec /bin/vmfleet-agent -root /newroot -channel "$1"'
+exec /bin/vmfleet-agent -root /newroot -channel "$1" -groups /run/vmfleet/agent-groups'
 AGENT=/bin/vmfleet-agent
 AGENT_CHANNEL=virtio
 # What the host's side realigns on, then a GONE frame (docs/agent-protocol.md).
@@ -404,15 +404,27 @@ start_agent() {
 		log WARN agent "no $AGENT in the initrd: exec, cp and stat will not work"
 		return 0
 	fi
+	# A dead agent is started again (after 1 s, doubling up to 30 s while it keeps dying
+	# within a minute), so that a crash or a kill does not leave the instance without
+	# exec, cp and stat for the rest of its life.
 	(
-		env -i /bin/busybox sh -c "$AGENT_SCRIPT" vmfleet-agent "$AGENT_CHANNEL" \
-			</dev/null >"$CONSOLE" 2>&1
-		log ERROR agent "the agent exited with status $?"
-		# A virtio-serial port keeps no connection state: say so on it, so the host ends the
-		# agent's sessions at once (a vsock connection closes by itself).
-		if [ "$AGENT_CHANNEL" = virtio ] && _port=$(agent_port); then
-			printf "$AGENT_GONE" >"$_port" 2>/dev/null
-		fi
+		_delay=1
+		while :; do
+			_since=$(cut -d. -f1 /proc/uptime)
+			env -i /bin/busybox sh -c "$AGENT_SCRIPT" vmfleet-agent "$AGENT_CHANNEL" \
+				</dev/null >"$CONSOLE" 2>&1
+			_status=$?
+			# A virtio-serial port keeps no connection state: say so on it, so the host ends
+			# the agent's sessions at once (a vsock connection closes by itself).
+			if [ "$AGENT_CHANNEL" = virtio ] && _port=$(agent_port); then
+				printf "$AGENT_GONE" >"$_port" 2>/dev/null
+			fi
+			[ $(($(cut -d. -f1 /proc/uptime) - _since)) -ge 60 ] && _delay=1
+			log ERROR agent "the agent exited with status $_status; starting it again in ${_delay}s"
+			sleep "$_delay"
+			_delay=$((_delay * 2))
+			[ "$_delay" -gt 30 ] && _delay=30
+		done
 	) &
 }
 

@@ -1,5 +1,5 @@
-"""The agent across standby/restore, and an agent killed inside the guest (its own guest:
-the last test leaves it without an agent)."""
+"""The agent across standby/restore, and an agent killed inside the guest (the init
+starts it again)."""
 
 from __future__ import annotations
 
@@ -54,5 +54,9 @@ def test_an_agent_killed_in_the_guest_ends_its_sessions(guest: Guest) -> None:
         # The instance's ops log says so too.
         ops_log = guest.engine.instance(guest.instance_id).guest.ops_log
         await wait_for_log(ops_log, "guest agent not available: the agent exited in the guest")
+        # The init starts the agent again, and the new agent kills what the old one left.
+        out = await guest.exec({"command": ["ps", "-o", "args"]}, wait_s=120)
+        assert out.exit_code == 0 and b"sleep 600" not in out.data
+        assert guest.hub.agent_info(guest.instance_id)["pid"] != pid
 
     guest.run(scenario)
