@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from types import TracebackType
 
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 #: How many detached instances the hub remembers the reason of.
 _GONE_KEPT = 1024
 
+#: A VM just attached (restored, adopted by a restarted worker) has an agent that answers
+#: in well under a second: sessions opened that early wait this long for its first answer
+#: instead of failing at once, whatever their own ``wait_s``.
+FIRST_ANSWER_GRACE_S = 10.0
+
 #: Told (instance id, level, message) when an instance's agent answers or is lost.
 AgentNews = Callable[[str, str, str], None]
 
@@ -48,10 +54,19 @@ class _Link:
         #: Why the agent is not available (shown in AgentUnavailable).
         self.problem = "the agent has not answered yet"
         self.detached = False
+        self.answered = False
+        self.attached_at = time.monotonic()
 
     @property
     def ready(self) -> bool:
         return self.channel is not None and self.channel.ready
+
+    def wait_for(self, wait_s: float) -> float:
+        """How long a session opened now waits: at least until the first answer's grace
+        runs out, while the agent has not answered since the attach."""
+        if self.answered:
+            return wait_s
+        return max(wait_s, self.attached_at + FIRST_ANSWER_GRACE_S - time.monotonic())
 
     def notify(self) -> None:
         self.changed.set()
@@ -174,6 +189,9 @@ class AgentHub:
                 "this host's guests have no agent: build it (scripts/install.sh) and restart "
                 "the worker"
             )
+        fresh = self._links.get(instance_id)
+        if fresh is not None:
+            wait_s = fresh.wait_for(wait_s)
         link = await self._ready_link(instance_id, wait_s)
         assert link.channel is not None
         try:
@@ -249,6 +267,7 @@ class AgentHub:
             pid = channel.agent_info.get("pid")
             log.info("%s: agent ready (pid %s)", link.instance_id, pid)
             self.on_news(link.instance_id, "INFO", f"guest agent ready pid={pid}")
+            link.answered = True
             link.notify()
 
         try:
