@@ -9,6 +9,7 @@ comes last.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -22,6 +23,7 @@ import struct
 import subprocess
 import tarfile
 import termios
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -308,6 +310,182 @@ def test_a_client_that_stops_reading_holds_the_guest_back(fleet: Fleet, guest: s
     while _running(client, guest, b"cat\x00/dev/urandom\x00"):
         assert time.monotonic() < deadline, "the command outlived its session"
         time.sleep(0.5)
+
+
+# -- bad input and faults ----------------------------------------------------------------------
+
+
+def test_a_huge_env_is_refused_or_run_never_a_hang(client: Hypeman, guest: str) -> None:
+    value = "v" * (64 << 10)
+    too_big = exec(client, guest, ["/bin/true"], env={f"V{i}": value for i in range(16)})
+    assert too_big.exit_code == 127 and b"larger than 512 KiB" in too_big.output
+    # Under the request limit but over the kernel's 128 KiB per string: execve's error.
+    one_long = exec(client, guest, ["/bin/true"], env={"LONG": "x" * (200 << 10)})
+    assert one_long.exit_code == 127 and one_long.output.startswith(b"Error: ")
+    print_lengths = ["/bin/sh", "-c", 'echo "${#V0} ${#V5}"']
+    fits = exec(client, guest, print_lengths, env={f"V{i}": value for i in range(6)})
+    assert (fits.output, fits.exit_code) == (b"65536 65536\n", 0)
+
+
+def test_cp_from_a_symlink_loop_ends(client: Hypeman, guest: str, tmp_path: Path) -> None:
+    made = exec(
+        client,
+        guest,
+        ["/bin/sh", "-c", "mkdir -p /tmp/loop/d && cd /tmp/loop && echo hi > d/f && "
+         "ln -s . d/self && ln -s .. d/up && ln -s ../loop up2"],
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    cp_from_instance(client, guest, "/tmp/loop", tmp_path / "followed", follow_symlinks=True)
+    followed = tmp_path / "followed" / "loop"
+    assert (followed / "d" / "f").read_bytes() == b"hi\n"
+    # A directory reached through a followed link is not descended into.
+    assert sorted(p.name for p in (followed / "d" / "self").iterdir()) == []
+    cp_from_instance(client, guest, "/tmp/loop", tmp_path / "kept")
+    assert os.readlink(tmp_path / "kept" / "loop" / "d" / "self") == "."
+
+
+def test_cp_of_a_file_that_grows_while_copied(
+    fleet: Fleet, client: Hypeman, guest: str, tmp_path: Path
+) -> None:
+    grow = (
+        "head -c 4194304 /dev/zero > /tmp/grow; "
+        "while :; do head -c 65536 /dev/zero; done >> /tmp/grow"
+    )
+    with connect(_ws_url(fleet, guest), additional_headers=fleet.api.headers) as writer:
+        writer.send(json.dumps({"command": ["/bin/sh", "-c", grow], "tty": False}))
+        while (client.instances.stat(guest, path="/tmp/grow").size or 0) < 4 << 20:
+            time.sleep(0.2)
+        for attempt in range(3):
+            local = tmp_path / f"grow-{attempt}"
+            try:
+                cp_from_instance(client, guest, "/tmp/grow", local)
+            except CopyProtocolError:
+                continue  # the SDK's size check refused it: no file claimed as copied
+            data = (local / "grow").read_bytes()
+            assert len(data) >= 4 << 20 and data.count(0) == len(data)
+    assert not _running(client, guest, b"head\x00-c\x0065536")  # the writer ended with it
+
+
+def test_many_small_files_in_and_out(client: Hypeman, guest: str, tmp_path: Path) -> None:
+    count = int(os.environ.get("VMFLEET_TEST_CP_FILES", "2000"))
+    source = tmp_path / "many"
+    source.mkdir()
+    for i in range(count):
+        (source / f"f{i:05d}").write_bytes(f"file {i}\n".encode())
+    started = time.monotonic()
+    cp_to_instance(client, guest, source, "/tmp/many")
+    uploaded = time.monotonic()
+    cp_from_instance(client, guest, "/tmp/many", tmp_path / "back")
+    downloaded = time.monotonic()
+    print(
+        f"{count} files: in {uploaded - started:.1f} s, out {downloaded - uploaded:.1f} s"
+    )  # the figures the docs quote
+    assert _listing(tmp_path / "back" / "many") == _listing(source)
+    assert exec(client, guest, ["/bin/rm", "-rf", "/tmp/many"]).exit_code == 0
+
+
+class _RssSampler:
+    """The peak RSS of some processes, sampled in a thread while a transfer runs."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.start = {name: _rss_mib(pid) for name, pid in pids.items()}
+        self.peak = dict(self.start)
+        self._pids = pids
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.1):
+            for name, pid in self._pids.items():
+                self.peak[name] = max(self.peak[name], _rss_mib(pid))
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def growth(self) -> dict[str, float]:
+        return {name: round(self.peak[name] - self.start[name], 1) for name in self.start}
+
+
+def test_a_64_mib_copy_in_and_out_with_bounded_memory(
+    fleet: Fleet, client: Hypeman, guest: str, tmp_path: Path
+) -> None:
+    assert fleet.worker.proc is not None
+    big = tmp_path / "big.bin"
+    with big.open("wb") as f:
+        for _ in range(64):
+            f.write(secrets.token_bytes(1 << 20))
+    pids = {"gateway and client": os.getpid(), "worker": fleet.worker.proc.pid}
+    with _RssSampler(pids) as rss:
+        cp_to_instance(client, guest, big, "/tmp/big.bin")
+        cp_from_instance(client, guest, "/tmp/big.bin", tmp_path / "back")
+    print(f"RSS growth during a 64 MiB copy in and out (MiB): {rss.growth()}")
+    assert all(growth < 64 for growth in rss.growth().values()), rss.growth()
+    assert _sha256(tmp_path / "back" / "big.bin") == _sha256(big)
+    assert exec(client, guest, ["/bin/rm", "/tmp/big.bin"]).exit_code == 0
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def test_a_flooding_guest_and_a_slow_client(fleet: Fleet, client: Hypeman, guest: str) -> None:
+    assert fleet.worker.proc is not None
+    pids = {"gateway and client": os.getpid(), "worker": fleet.worker.proc.pid}
+    with (
+        connect(_ws_url(fleet, guest), additional_headers=fleet.api.headers) as ws,
+        _RssSampler(pids) as rss,
+    ):
+        ws.send(json.dumps({"command": ["/bin/sh", "-c", "yes | head -c 209715200"], "tty": False}))
+        received = 0
+        for _ in range(400):  # a client reading 32 KiB frames at a walking pace
+            frame = ws.recv()
+            assert isinstance(frame, bytes), frame  # the flood is still going
+            received += len(frame)
+            time.sleep(0.02)
+    print(f"RSS growth under a flood read slowly (MiB): {rss.growth()}")
+    assert all(growth < 64 for growth in rss.growth().values()), rss.growth()
+    assert received >= 400
+    deadline = time.monotonic() + 30
+    while _running(client, guest, b"yes\x00") or _running(
+        client, guest, b"head\x00-c\x00209715200"
+    ):
+        assert time.monotonic() < deadline, "the flood outlived its session"
+        time.sleep(0.5)
+
+
+def _ops_log(fleet: Fleet, instance: str) -> str:
+    with httpx.Client(base_url=fleet.api.base_url, headers=fleet.api.headers) as http:
+        answer = http.get(f"/instances/{instance}/logs", params={"source": "hypeman", "tail": 50})
+        answer.raise_for_status()
+        return answer.text
+
+
+def test_the_agent_killed_through_exec_comes_back(
+    fleet: Fleet, client: Hypeman, guest: str
+) -> None:
+    killed = exec(client, guest, ["/bin/sh", "-c", "echo bye; kill -9 $PPID; sleep 600"])
+    assert killed.exit_code == 127 and b"Error: " in killed.output  # the session failed
+    after = exec(client, guest, ["/bin/echo", "hello"])  # the init starts it again after 1 s
+    assert after.exit_code == 127 and b"agent" in after.output and b"not available" in after.output
+    assert client.instances.get(guest).state == "Running"  # the VM and the app are fine
+    deadline = time.monotonic() + 120
+    while (again := exec(client, guest, ["/bin/echo", "hello"])).exit_code != 0:
+        assert time.monotonic() < deadline, "the agent never came back"
+        time.sleep(1)
+    assert again.output == b"hello\n"
+    ops_log = _ops_log(fleet, guest)  # the instance says what happened, in order
+    lost = ops_log.index("WARN guest agent not available: the agent exited in the guest")
+    assert "INFO guest agent ready" in ops_log[lost:]
+    assert not _running(client, guest, b"sleep\x00600\x00")  # the killed session's command
 
 
 # -- a second guest: state changes ------------------------------------------------------------
