@@ -217,6 +217,32 @@ _UNAPPLIED: Final = {
 }
 
 
+_RESTART_POLICY: Final[dict[str, Any]] = {
+    "type": "object",
+    "description": "Whole-instance restart supervision. Invalid values are 400 "
+    'invalid_restart_policy; durations are echoed as Go prints them ("10m0s").',
+    "properties": {
+        "policy": {"type": "string", "enum": ["never", "always", "on_failure"]},
+        "backoff": {"type": "string", "description": "Delay before each attempt (default 5s)"},
+        "max_attempts": {"type": "integer", "minimum": 0, "description": "0: unlimited"},
+        "stable_after": {
+            "type": "string",
+            "description": "Running this long resets the attempts (default 10m)",
+        },
+    },
+}
+_RESTART_STATUS: Final[dict[str, Any]] = {
+    "type": "object",
+    "properties": {
+        "attempts": {"type": "integer"},
+        "blocked_reason": {"type": "string", "enum": ["manual_stop", "max_attempts_exceeded"]},
+        "last_attempt_at": {"type": "string", "format": "date-time"},
+        "next_attempt_at": {"type": "string", "format": "date-time"},
+        "last_reason": {"type": "string", "enum": ["health_check_failed"]},
+    },
+}
+
+
 def _lifetime_fields(schemas: dict[str, Any]) -> None:
     create = schemas["CreateInstanceRequest"]["properties"]
     create["tags"] = copy.deepcopy(_TAGS)
@@ -231,10 +257,26 @@ def _lifetime_fields(schemas: dict[str, Any]) -> None:
         "description": "Only keys bound to a credential's source.env; vmfleet has none, so "
         "a non-empty env is refused (400 invalid_env).",
     }
-    for field in ("restart_policy", "health_check", "auto_standby"):
+    for field in ("health_check", "auto_standby"):
         create[field] = copy.deepcopy(_UNAPPLIED)
         update[field] = copy.deepcopy(_UNAPPLIED)
+    schemas["RestartPolicy"] = copy.deepcopy(_RESTART_POLICY)
+    schemas["RestartStatus"] = copy.deepcopy(_RESTART_STATUS)
+    create["restart_policy"] = _ref("RestartPolicy")
+    update["restart_policy"] = _ref("RestartPolicy")
     instance = schemas["Instance"]["properties"]
+    instance["restart_policy"] = _ref("RestartPolicy")
+    instance["restart_status"] = _ref("RestartStatus")
+    instance["exit_code"] = {
+        "type": "integer",
+        "description": "The app's exit code once it ended (128+N: killed by signal N); left "
+        "out until then and cleared by the next start.",
+    }
+    instance["exit_message"] = {
+        "type": "string",
+        "description": 'How the app ended, e.g. "success", "exit code 3", "killed by signal '
+        '9 (killed) - OOM".',
+    }
     instance["tags"] = {"type": "object", "additionalProperties": {"type": "string"}}
     instance["expires_at"] = {
         "type": "string",
@@ -261,9 +303,10 @@ def _update_operation() -> dict[str, Any]:
     return {
         "summary": "Update an instance without restarting it",
         "description": "Changes the expiry (`ttl` counts from when the owning host commits "
-        'it; `"0s"` clears it). An empty body or an unknown field is 400; `restart_policy`, '
-        "`health_check` and `auto_standby` are 400 `not_supported` in this build; an "
-        "expired instance is 409 `instance_expired`.",
+        'it; `"0s"` clears it) and the restart policy (replaced whole; the counters start '
+        "again unless the instance was stopped by its user). An empty body or an unknown "
+        "field is 400; `health_check` and `auto_standby` are 400 `not_supported` in this "
+        "build; an expired instance is 409 `instance_expired`.",
         "operationId": "updateInstance",
         "security": [{"bearerAuth": []}],
         "parameters": [_path_id()],

@@ -117,7 +117,7 @@ def test_always_restarts_after_success_until_the_user_stops_it(
         image=busybox_image,
         size="256MB",
         vcpus=1,
-        cmd=["sh", "-c", "echo looping; sleep 4; exit 0"],
+        cmd=["sh", "-c", "echo looping; sleep 15; exit 0"],
         restart_policy={"policy": "always", "backoff": "1s"},
     )
     try:
