@@ -474,8 +474,12 @@ def test_the_agent_killed_through_exec_comes_back(
 ) -> None:
     killed = exec(client, guest, ["/bin/sh", "-c", "echo bye; kill -9 $PPID; sleep 600"])
     assert killed.exit_code == 127 and b"Error: " in killed.output  # the session failed
-    after = exec(client, guest, ["/bin/echo", "hello"])  # the init starts it again after 1 s
-    assert after.exit_code == 127 and b"agent" in after.output and b"not available" in after.output
+    # The init starts the agent again after 1 s: an exec in that gap is told the agent is
+    # not available; on a slow machine this one may already find the new agent.
+    after = exec(client, guest, ["/bin/echo", "hello"])
+    if after.exit_code != 0:
+        assert after.exit_code == 127 and b"agent" in after.output, after
+        assert b"not available" in after.output, after
     assert client.instances.get(guest).state == "Running"  # the VM and the app are fine
     deadline = time.monotonic() + 120
     while (again := exec(client, guest, ["/bin/echo", "hello"])).exit_code != 0:
