@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -47,17 +46,6 @@ def some_traffic(base_url: str, headers: dict[str, str]) -> None:
             assert client.get("/instances").status_code == 200
             assert client.get("/hosts").status_code == 200
             assert client.get("/volumes").status_code == 200
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServerProcess]:
-    server = NatsServerProcess(tmp_path / "nats")
-    server.start()
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
