@@ -11,6 +11,7 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import ByteStream
 
+from natsbus.backoff import Backoff
 from worker.agent.errors import ChannelLost
 from worker.agent.protocol import SYNC, VERSION, FrameParser, Kind, RawFrame, encode
 from worker.agent.session import AgentSession, SessionKind
@@ -101,15 +102,14 @@ class AgentChannel:
     async def _say_hello(self) -> None:
         """HELLO until answered: the agent may not be up yet, and a HELLO sent before it
         opened its end may be lost. Only the answer to the latest HELLO counts."""
-        wait = 0.5
+        backoff = Backoff(first_s=0.5, max_s=2.0)
         while True:
             self._hello_nonce = next(self._nonces)
             body = json.dumps({"version": VERSION, "nonce": self._hello_nonce}).encode()
             await self._write_raw(SYNC + encode(Kind.HELLO, 0, body))
-            with anyio.move_on_after(wait):
+            with anyio.move_on_after(backoff.advance()):
                 await self._hello.wait()
                 return
-            wait = min(wait * 2, 2.0)
 
     async def _heartbeat(self) -> None:
         while True:
