@@ -243,6 +243,70 @@ _RESTART_STATUS: Final[dict[str, Any]] = {
 }
 
 
+_DURATION: Final = {"type": "string", "description": "A Go duration"}
+_HEALTH_CHECK: Final[dict[str, Any]] = {
+    "type": "object",
+    "description": "Workload health check. `type` is inferred from the single probe object "
+    "when left out (none given: no check). http and tcp need network.enabled; in the user "
+    "network mode they are probed through the instance's port_mapping of that guest port, "
+    "which must exist. Invalid values are 400 invalid_health_check naming the field.",
+    "properties": {
+        "type": {"type": "string", "enum": ["none", "http", "tcp", "exec"]},
+        "http": {
+            "type": "object",
+            "required": ["port"],
+            "properties": {
+                "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                "path": {"type": "string", "description": "Starts with / (default /)"},
+                "scheme": {"type": "string", "enum": ["http", "https"]},
+                "expected_status": {"type": "integer", "description": "Default 200"},
+            },
+        },
+        "tcp": {
+            "type": "object",
+            "required": ["port"],
+            "properties": {"port": {"type": "integer", "minimum": 1, "maximum": 65535}},
+        },
+        "exec": {
+            "type": "object",
+            "required": ["command"],
+            "description": "Run through the guest agent; exit 0 is healthy",
+            "properties": {
+                "command": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                "working_dir": {"type": "string"},
+            },
+        },
+        "interval": {**_DURATION, "description": "Between checks (default 10s)"},
+        "timeout": {**_DURATION, "description": "Per check, at most interval (default 2s)"},
+        "start_period": {
+            **_DURATION,
+            "description": "Failures this soon after a start, restore or check update never "
+            "make the instance unhealthy (default 30s)",
+        },
+        "failure_threshold": {"type": "integer", "minimum": 1, "description": "Default 3"},
+        "success_threshold": {"type": "integer", "minimum": 1, "description": "Default 1"},
+    },
+}
+_HEALTH_STATUS: Final[dict[str, Any]] = {
+    "type": "object",
+    "description": "Left out when the instance has no health check. unknown: neither "
+    "Running nor Initializing; starting: Initializing, or no threshold met yet.",
+    "required": ["status", "consecutive_failures", "consecutive_successes"],
+    "properties": {
+        "status": {
+            "type": "string",
+            "enum": ["disabled", "starting", "healthy", "unhealthy", "unknown"],
+        },
+        "consecutive_failures": {"type": "integer"},
+        "consecutive_successes": {"type": "integer"},
+        "last_checked_at": {"type": "string", "format": "date-time"},
+        "last_success_at": {"type": "string", "format": "date-time"},
+        "last_failure_at": {"type": "string", "format": "date-time"},
+        "last_error": {"type": "string", "maxLength": 512},
+    },
+}
+
+
 def _lifetime_fields(schemas: dict[str, Any]) -> None:
     create = schemas["CreateInstanceRequest"]["properties"]
     create["tags"] = copy.deepcopy(_TAGS)
@@ -257,9 +321,12 @@ def _lifetime_fields(schemas: dict[str, Any]) -> None:
         "description": "Only keys bound to a credential's source.env; vmfleet has none, so "
         "a non-empty env is refused (400 invalid_env).",
     }
-    for field in ("health_check", "auto_standby"):
-        create[field] = copy.deepcopy(_UNAPPLIED)
-        update[field] = copy.deepcopy(_UNAPPLIED)
+    create["auto_standby"] = copy.deepcopy(_UNAPPLIED)
+    update["auto_standby"] = copy.deepcopy(_UNAPPLIED)
+    schemas["HealthCheck"] = copy.deepcopy(_HEALTH_CHECK)
+    schemas["InstanceHealthStatus"] = copy.deepcopy(_HEALTH_STATUS)
+    create["health_check"] = _ref("HealthCheck")
+    update["health_check"] = _ref("HealthCheck")
     schemas["RestartPolicy"] = copy.deepcopy(_RESTART_POLICY)
     schemas["RestartStatus"] = copy.deepcopy(_RESTART_STATUS)
     create["restart_policy"] = _ref("RestartPolicy")
@@ -267,6 +334,8 @@ def _lifetime_fields(schemas: dict[str, Any]) -> None:
     instance = schemas["Instance"]["properties"]
     instance["restart_policy"] = _ref("RestartPolicy")
     instance["restart_status"] = _ref("RestartStatus")
+    instance["health_check"] = _ref("HealthCheck")
+    instance["health_status"] = _ref("InstanceHealthStatus")
     instance["exit_code"] = {
         "type": "integer",
         "description": "The app's exit code once it ended (128+N: killed by signal N); left "
@@ -305,8 +374,9 @@ def _update_operation() -> dict[str, Any]:
         "description": "Changes the expiry (`ttl` counts from when the owning host commits "
         'it; `"0s"` clears it) and the restart policy (replaced whole; the counters start '
         "again unless the instance was stopped by its user). An empty body or an unknown "
-        "field is 400; `health_check` and `auto_standby` are 400 `not_supported` in this "
-        "build; an expired instance is 409 `instance_expired`.",
+        "field is 400; `health_check` replaces the check whole and starts a fresh health "
+        "window; `auto_standby` is 400 `not_supported` in this build; an expired instance is "
+        "409 `instance_expired`.",
         "operationId": "updateInstance",
         "security": [{"bearerAuth": []}],
         "parameters": [_path_id()],

@@ -20,6 +20,7 @@ from typing import Final
 import msgspec
 from msgspec import UNSET
 
+from gateway.health import health_check, require_reachable_port
 from gateway.placement import Demand
 from gateway.supervision import check_tags, expiry_on_create, refuse_unapplied, restart_policy
 from gateway.view import FleetView
@@ -108,15 +109,16 @@ def plan_create(
         tags=tags,
         expires_at=expires_at,
         restart_policy=restart_policy(req.restart_policy),
+        health_check=health_check(req.health_check, network_enabled=network.enabled),
     )
-    shaped = _check_bandwidth(command, view)
+    needs_bridge = _check_bandwidth(command, view) or _check_health_route(command, view)
     demand = Demand(
         vcpus=vcpus,
         memory_bytes=size + hotplug,
         hypervisor=hypervisor,
         disk_bytes=command.disk_bytes,
         ports=frozenset(host_port_key(m.host_port, m.protocol) for m in command.port_mappings),
-        shaped_network=shaped,
+        shaped_network=needs_bridge,
     )
     return CreatePlan(
         command=command,
@@ -148,6 +150,20 @@ def _check_bandwidth(command: Create, view: FleetView) -> bool:
     return True
 
 
+def _check_health_route(command: Create, view: FleetView) -> bool:
+    """True when the instance's http/tcp check can reach the guest only on a bridge-mode
+    host (its port has no mapping, which user mode would probe through); refused when
+    every live host networks in user mode."""
+    try:
+        require_reachable_port(command.health_check, command.port_mappings, user_mode=True)
+    except BadRequest:
+        modes = {host.network_mode for host in view.live_hosts()}
+        if modes and "bridge" not in modes:
+            raise
+        return True
+    return False
+
+
 def _pinned_host(req: CreateInstanceRequest, volumes_host: str | None) -> str | None:
     """The request's ``host`` and its volumes' host must agree when both pin it."""
     asked = req.host if isinstance(req.host, str) else None
@@ -164,12 +180,7 @@ def _refuse_unsupported(req: CreateInstanceRequest) -> None:
         raise BadRequest("device passthrough is not supported by vmfleet", code="not_supported")
     if req.gpu is not UNSET and getattr(req.gpu, "profile", UNSET) is not UNSET:
         raise BadRequest("vGPU profiles are not supported by vmfleet", code="not_supported")
-    refuse_unapplied(
-        {
-            "health_check": req.health_check,
-            "auto_standby": req.auto_standby,
-        }
-    )
+    refuse_unapplied({"auto_standby": req.auto_standby})
 
 
 def _check_image(reference: str, view: FleetView) -> frozenset[str]:

@@ -1,6 +1,6 @@
 """Checks of what the newer SDK adds to an instance: tags, its lifetime (``ttl`` /
-``expires_at``), the restart policy, and the supervision policies this build does not
-apply yet.
+``expires_at``), the restart policy (the health check: :mod:`gateway.health`), and the
+supervision policies this build does not apply yet.
 
 Every refusal is a 400 in hypeman's error shape that names the field, raised before
 anything is sent: a client that set ``ttl: "1h"`` must never get a VM that silently
@@ -17,10 +17,11 @@ from typing import Final
 import msgspec
 from msgspec import UNSET, UnsetType
 
+from gateway.health import health_check, require_reachable_port
 from gateway.requests import parse_duration
 from schemas.api import UpdateInstanceRequest
 from schemas.errors import BadRequest, Conflict
-from schemas.messages import InstanceRecord, RestartPolicySpec, Update
+from schemas.messages import HealthCheckSpec, InstanceRecord, RestartPolicySpec, Update
 
 __all__ = [
     "MAX_TAGS",
@@ -44,7 +45,7 @@ TAG_KEY_PATTERN: Final = r"[A-Za-z0-9]([A-Za-z0-9._:/-]*[A-Za-z0-9])?"
 _MAX_TTL_S: Final = float((1 << 63) - 1) / 1e9
 
 #: Create/PATCH fields of hypeman 0.28 that vmfleet decodes but does not apply yet.
-UNAPPLIED: Final = ("health_check", "auto_standby")
+UNAPPLIED: Final = ("auto_standby",)
 _RESTART_FIELDS: Final = frozenset({"policy", "backoff", "max_attempts", "stable_after"})
 
 
@@ -191,9 +192,15 @@ def refuse_unapplied(fields: dict[str, object]) -> None:
 
 
 def plan_update(
-    req: UpdateInstanceRequest, record: InstanceRecord, *, command_id: str, now: datetime
+    req: UpdateInstanceRequest,
+    record: InstanceRecord,
+    *,
+    command_id: str,
+    now: datetime,
+    user_mode: bool = False,
 ) -> Update:
-    """The Update command of a PATCH, or the 400/409 that refuses it."""
+    """The Update command of a PATCH, or the 400/409 that refuses it (``user_mode``: the
+    instance's host networks in user mode, where http/tcp checks need a port mapping)."""
     given = {
         name: value for name in req.__struct_fields__ if (value := getattr(req, name)) is not UNSET
     }
@@ -218,6 +225,7 @@ def plan_update(
         )
     ttl_s, expires_at = expiry_update(req.ttl, req.expires_at, now)
     policy = UNSET if req.restart_policy is UNSET else restart_policy(req.restart_policy)
+    check = _health_update(req.health_check, record, user_mode=user_mode)
     return Update(
         id=command_id,
         instance_id=record.id,
@@ -225,7 +233,19 @@ def plan_update(
         ttl_s=ttl_s,
         expires_at=expires_at,
         restart_policy=policy,
+        health_check=check,
     )
+
+
+def _health_update(
+    raw: object, record: InstanceRecord, *, user_mode: bool
+) -> HealthCheckSpec | UnsetType | None:
+    """A PATCH's health check replaces the stored one whole (null or type none: none)."""
+    if raw is UNSET:
+        return UNSET
+    check = health_check(raw, network_enabled=record.network_enabled)
+    require_reachable_port(check, record.port_mappings, user_mode=user_mode)
+    return check
 
 
 #: PATCH bodies: an unknown field is a 400 naming it (the struct forbids them).

@@ -54,12 +54,18 @@ __all__ = [
     "Error",
     "GPUConfig",
     "Health",
+    "HealthCheck",
+    "HealthCheckExec",
+    "HealthCheckHTTP",
+    "HealthCheckTCP",
+    "HealthStatusName",
     "HostResources",
     "Hypervisor",
     "Image",
     "ImageStatus",
     "Instance",
     "InstanceGPU",
+    "InstanceHealthStatus",
     "InstanceName",
     "InstanceNetwork",
     "InstanceState",
@@ -236,6 +242,7 @@ class CreateInstanceRequest(msgspec.Struct, kw_only=True):
     #: Supervision policies this build cannot apply yet: decoded only to be refused by name
     #: (``not_supported``), never silently dropped.
     restart_policy: Any | UnsetType = UNSET
+    #: Checked by ``gateway.supervision.health_check`` (hypeman's defaults and codes).
     health_check: Any | UnsetType = UNSET
     auto_standby: Any | UnsetType = UNSET
 
@@ -276,6 +283,8 @@ class Instance(msgspec.Struct, kw_only=True):
     gpu: InstanceGPU | UnsetType = UNSET
     has_snapshot: bool
     host: str | UnsetType = UNSET
+    health_check: HealthCheck | UnsetType = UNSET
+    health_status: InstanceHealthStatus | UnsetType = UNSET
     hotplug_size: str
     hypervisor: Hypervisor
     id: str
@@ -314,6 +323,58 @@ class RestartStatus(msgspec.Struct, kw_only=True):
     last_attempt_at: Timestamp | UnsetType = UNSET
     last_reason: Literal["health_check_failed"] | UnsetType = UNSET
     next_attempt_at: Timestamp | UnsetType = UNSET
+
+
+class HealthCheckHTTP(msgspec.Struct, kw_only=True):
+    """``health_check.http``: a GET of ``path`` that must answer ``expected_status``."""
+
+    expected_status: int | UnsetType = UNSET
+    path: str | UnsetType = UNSET
+    port: int
+    scheme: Literal["http", "https"] | UnsetType = UNSET
+
+
+class HealthCheckTCP(msgspec.Struct, kw_only=True):
+    """``health_check.tcp``: a connection to ``port`` that must be accepted."""
+
+    port: int
+
+
+class HealthCheckExec(msgspec.Struct, kw_only=True):
+    """``health_check.exec``: a command run by the guest agent that must exit 0."""
+
+    command: list[str]
+    working_dir: str | UnsetType = UNSET
+
+
+class HealthCheck(msgspec.Struct, kw_only=True):
+    """``health_check`` of an Instance, defaults filled in, durations as Go prints them."""
+
+    exec: HealthCheckExec | UnsetType = UNSET
+    failure_threshold: int
+    http: HealthCheckHTTP | UnsetType = UNSET
+    interval: str
+    start_period: str
+    success_threshold: int
+    tcp: HealthCheckTCP | UnsetType = UNSET
+    timeout: str
+    type: Literal["none", "http", "tcp", "exec"]
+
+
+HealthStatusName = Literal["disabled", "starting", "healthy", "unhealthy", "unknown"]
+
+
+class InstanceHealthStatus(msgspec.Struct, kw_only=True):
+    """``health_status`` of an Instance: ``disabled`` without a check, ``unknown`` while the
+    instance is neither Running nor Initializing."""
+
+    consecutive_failures: int
+    consecutive_successes: int
+    last_checked_at: Timestamp | UnsetType = UNSET
+    last_error: str | UnsetType = UNSET
+    last_failure_at: Timestamp | UnsetType = UNSET
+    last_success_at: Timestamp | UnsetType = UNSET
+    status: HealthStatusName
 
 
 def go_duration(seconds: float) -> str:

@@ -42,6 +42,8 @@ __all__ = [
     "DeleteVolume",
     "DetachVolume",
     "DrainRecord",
+    "HealthCheckSpec",
+    "HealthState",
     "HostRecord",
     "ImageRecord",
     "InstanceCommand",
@@ -130,6 +132,85 @@ class RestartState(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
+class HealthCheckSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A checked ``health_check`` with hypeman's defaults filled in (``type: none`` is
+    stored as no check at all). ``port`` is the guest port of an http or tcp check."""
+
+    type: Literal["http", "tcp", "exec"]
+    port: int = 0
+    path: str = "/"
+    scheme: Literal["http", "https"] = "http"
+    expected_status: int = 200
+    command: list[str] = []
+    working_dir: str = ""
+    interval_s: float = 10.0
+    timeout_s: float = 2.0
+    start_period_s: float = 30.0
+    failure_threshold: int = 3
+    success_threshold: int = 1
+
+    def to_api(self) -> api.HealthCheck:
+        return api.HealthCheck(
+            type=self.type,
+            http=api.HealthCheckHTTP(
+                port=self.port,
+                path=self.path,
+                scheme=self.scheme,
+                expected_status=self.expected_status,
+            )
+            if self.type == "http"
+            else UNSET,
+            tcp=api.HealthCheckTCP(port=self.port) if self.type == "tcp" else UNSET,
+            exec=api.HealthCheckExec(
+                command=list(self.command), working_dir=self.working_dir or UNSET
+            )
+            if self.type == "exec"
+            else UNSET,
+            interval=api.go_duration(self.interval_s),
+            timeout=api.go_duration(self.timeout_s),
+            start_period=api.go_duration(self.start_period_s),
+            failure_threshold=self.failure_threshold,
+            success_threshold=self.success_threshold,
+        )
+
+
+class HealthState(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the health check stands in the current window (a start, a restore or a new
+    check opens one). ``status`` is what the checks decided; :meth:`to_api` reports
+    ``unknown`` or ``starting`` instead while the instance's state says so."""
+
+    status: Literal["starting", "healthy", "unhealthy"] = "starting"
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    last_checked_at: Timestamp | None = None
+    last_success_at: Timestamp | None = None
+    last_failure_at: Timestamp | None = None
+    last_error: str | None = None
+    #: When the window began: failures before ``start_period`` after it never count.
+    window_started_at: Timestamp | None = None
+
+    def status_in(self, state: InstanceState, checked: bool) -> api.HealthStatusName:
+        """hypeman's ``health_status.status`` for an instance in ``state``."""
+        if not checked:
+            return "disabled"
+        if state is InstanceState.INITIALIZING:
+            return "starting"
+        if state is not InstanceState.RUNNING:
+            return "unknown"
+        return self.status
+
+    def to_api(self, state: InstanceState, checked: bool) -> api.InstanceHealthStatus:
+        return api.InstanceHealthStatus(
+            status=self.status_in(state, checked),
+            consecutive_failures=self.consecutive_failures,
+            consecutive_successes=self.consecutive_successes,
+            last_checked_at=self.last_checked_at or UNSET,
+            last_success_at=self.last_success_at or UNSET,
+            last_failure_at=self.last_failure_at or UNSET,
+            last_error=self.last_error if self.last_error is not None else UNSET,
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
@@ -182,6 +263,7 @@ class Create(InstanceCommand, frozen=True, kw_only=True):
     #: When the instance is deleted on its own (the gateway turned a ttl into this).
     expires_at: Timestamp | None = None
     restart_policy: RestartPolicySpec | None = None
+    health_check: HealthCheckSpec | None = None
 
     @property
     def disk_bytes(self) -> int:
@@ -224,6 +306,8 @@ class Create(InstanceCommand, frozen=True, kw_only=True):
             tags=dict(self.tags),
             expires_at=self.expires_at,
             restart_policy=self.restart_policy,
+            health_check=self.health_check,
+            health=HealthState(window_started_at=created_at),
         )
 
 
@@ -239,6 +323,10 @@ class Start(InstanceCommand, frozen=True, kw_only=True):
 
 class Stop(InstanceCommand, frozen=True, kw_only=True):
     """Shut an instance down."""
+
+    #: Set by the owning worker's health checks: not a user's stop (no block), but the
+    #: first half of a restart the policy schedules, for this reason.
+    restart_reason: Literal["health_check_failed"] | None = None
 
 
 class Standby(InstanceCommand, frozen=True, kw_only=True):
@@ -263,6 +351,8 @@ class Update(InstanceCommand, frozen=True, kw_only=True):
     expires_at: Timestamp | None = None
     #: A new restart policy (None: ``never``); left out: unchanged.
     restart_policy: RestartPolicySpec | UnsetType | None = UNSET
+    #: A new health check (None: none); left out: unchanged.
+    health_check: HealthCheckSpec | UnsetType | None = UNSET
 
 
 class AttachVolume(InstanceCommand, frozen=True, kw_only=True):
@@ -380,6 +470,8 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
     exit_message: str | None = None
     restart_policy: RestartPolicySpec | None = None
     restart: RestartState = msgspec.field(default_factory=RestartState)
+    health_check: HealthCheckSpec | None = None
+    health: HealthState = msgspec.field(default_factory=HealthState)
 
     def to_api(self) -> api.Instance:
         """Render hypeman's Instance: sizes in HR form, empty optionals left out."""
@@ -410,7 +502,16 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
             exit_message=self.exit_message if self.exit_message is not None else UNSET,
             restart_policy=self.restart_policy.to_api() if self.restart_policy else UNSET,
             restart_status=self.restart.to_api(),
+            health_check=self.health_check.to_api() if self.health_check else UNSET,
+            # Left out without a check, as in hypeman's example Instance (the SDK reads
+            # None); ``disabled`` is what the events say of it.
+            health_status=self.health.to_api(self.state, True) if self.health_check else UNSET,
         )
+
+    @property
+    def health_status(self) -> api.HealthStatusName:
+        """The health status a user sees now (``disabled`` without a check)."""
+        return self.health.status_in(self.state, self.health_check is not None)
 
     def expired(self, now: Timestamp) -> bool:
         """Whether the instance's deadline has passed (its worker then deletes it)."""
@@ -587,6 +688,11 @@ class StateEvent(msgspec.Struct, kw_only=True):
     command_id: str | None = None
     #: The instance is gone (deleted, or its create failed); ``state`` is its last state.
     deleted: bool = False
+    #: ``state``: a transition (``previous`` -> ``state``); ``health``: the health status
+    #: changed to ``health`` and the state did not (``previous`` == ``state``).
+    kind: Literal["state", "health"] = "state"
+    #: The instance's health status after the event (None from older workers).
+    health: api.HealthStatusName | None = None
 
 
 class LogLine(msgspec.Struct, kw_only=True):

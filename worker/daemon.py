@@ -39,6 +39,7 @@ from worker.engine import HostEngine
 from worker.expiry import reap_expired
 from worker.guest import ensure_initrd, ensure_kernel
 from worker.guest.initrd import DEFAULT_AGENT
+from worker.health import supervise_health
 from worker.heartbeat import heartbeat_loop
 from worker.host import HostLimits, read_capacity
 from worker.images import ImageCache, ImagePuller
@@ -247,6 +248,7 @@ async def _run_components(
         tg.start_soon(_count_instances, engine, metrics)
         tg.start_soon(reap_expired, engine)
         tg.start_soon(supervise_restarts, engine)
+        tg.start_soon(supervise_health, engine)
         InstanceUsageCollector(lambda: local_instances(engine)).register(metrics.registry)
         await tg.start(serve_queries, nc, subjects, config.host_id, ledger, engine)
         await tg.start(serve_sessions, nc, subjects, config.host_id, engine, metrics)

@@ -91,6 +91,8 @@ class _Change:
     record: InstanceRecord
     previous: InstanceState | None
     deleted: bool = False
+    #: The health status changed while the state did not: a ``health`` event.
+    health_changed: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,11 +133,19 @@ class RecordPublisher:
         self._kv: KeyValue | None = None
         self._scope = anyio.CancelScope(shield=True)
         self._volumes: KeyValue | None = None
+        #: Each instance's last health status, to tell a change of it.
+        self._health: dict[str, str] = {}
 
     def changed(self, record: InstanceRecord, previous: InstanceState | None) -> None:
-        self._enqueue(_Change(record, previous))
+        health = record.health_status
+        last = self._health.get(record.id)
+        self._health[record.id] = health
+        # The first record seen (a worker starting) is no change of health.
+        health_changed = previous is None and last is not None and last != health
+        self._enqueue(_Change(record, previous, health_changed=health_changed))
 
     def deleted(self, record: InstanceRecord) -> None:
+        self._health.pop(record.id, None)
         self._enqueue(_Change(record, record.state, deleted=True))
 
     def volume_changed(self, volume_id: str, record: VolumeRecord | None) -> None:
@@ -275,8 +285,9 @@ class RecordPublisher:
             await self._delete_record(record.id)
         else:
             await self._put_record(record)
-        # previous is None for a change of other fields than the state: no event for those.
-        if change.previous is not None:
+        # previous is None for a change of other fields than the state: no event for those,
+        # except a change of the health status.
+        if change.previous is not None or change.health_changed:
             await self._publish_event(change)
 
     async def _put_record(self, record: InstanceRecord) -> None:
@@ -316,13 +327,15 @@ class RecordPublisher:
             instance_id=record.id,
             name=record.name,
             host=self._host_id,
-            previous=change.previous,
+            previous=record.state if change.health_changed else change.previous,
             state=record.state,
             error=record.state_error,
             at=utc_now(),
             seq=self._seq[record.id],
             command_id=record.last_command_id,
             deleted=change.deleted,
+            kind="health" if change.health_changed else "state",
+            health=record.health_status,
         )
         await self._js.publish(self._subjects.state(self._host_id, record.id), encode(event))
 

@@ -165,7 +165,14 @@ async def update_instance(request: Request) -> Response:
     record = resolve_instance(gw.view, request.path_params["id"])
     body = await read_body(request, gw.config.max_json_body_bytes)
     req = decode_body(UPDATE_DECODER.decode, body)
-    cmd = plan_update(req, record, command_id=_command_id(request), now=utc_now())
+    host = gw.view.live_host(record.host)
+    cmd = plan_update(
+        req,
+        record,
+        command_id=_command_id(request),
+        now=utc_now(),
+        user_mode=host is not None and host.network_mode == "user",
+    )
     return await _run(gw, record, cmd)
 
 

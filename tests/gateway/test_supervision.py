@@ -24,6 +24,26 @@ B = "a" + "2" * 23
 C = "b" + "3" * 23
 
 
+#: Health checks hypeman refuses, and what the refusal names.
+_BAD_HEALTH_CHECKS: list[tuple[object, str]] = [
+    ({"type": "grpc"}, "grpc"),
+    ({"type": "http"}, "health_check.http"),
+    ({"http": {"port": 80}, "tcp": {"port": 80}}, "health_check.type"),
+    ({"type": "tcp", "http": {"port": 80}}, "health_check.http"),
+    ({"http": {"port": 80, "path": "health"}}, "health_check.http.path"),
+    ({"http": {"port": 0}}, "health_check.http.port"),
+    ({"http": {"port": 80, "scheme": "ftp"}}, "health_check.http.scheme"),
+    ({"tcp": {"port": 80}, "interval": "1s", "timeout": "2s"}, "health_check.timeout"),
+    ({"tcp": {"port": 80}, "interval": "often"}, "health_check.interval"),
+    ({"tcp": {"port": 80}, "start_period": "-1s"}, "health_check.start_period"),
+    ({"tcp": {"port": 80}, "failure_threshold": -1}, "health_check.failure_threshold"),
+    ({"tcp": {"port": 80}, "success_threshold": -2}, "health_check.success_threshold"),
+    ({"exec": {"command": []}}, "health_check.exec.command"),
+    ({"exec": {"command": ["true"], "shell": True}}, "health_check.exec.shell"),
+    ({"tcp": {"port": 80}, "retries": 3}, "health_check.retries"),
+]
+
+
 def _sdk(gw: GatewayHandle) -> Hypeman:
     return Hypeman(api_key=gw.token, base_url=gw.base_url, max_retries=0)
 
@@ -92,8 +112,16 @@ async def test_tags_and_expiry_are_shown_and_filtered(gw: GatewayHandle, bus: Bu
         ({"restart_policy": {"backoff": "0s"}}, "invalid_restart_policy", "backoff"),
         ({"restart_policy": {"max_attempts": -1}}, "invalid_restart_policy", "max_attempts"),
         ({"restart_policy": {"policy": "always", "wait": "1s"}}, "invalid_restart_policy", "wait"),
-        ({"health_check": {"type": "tcp", "tcp": {"port": 80}}}, "not_supported", "health_check"),
         ({"auto_standby": {"enabled": True}}, "not_supported", "auto_standby"),
+        *[
+            ({"health_check": check}, "invalid_health_check", named)
+            for check, named in _BAD_HEALTH_CHECKS
+        ],
+        (
+            {"health_check": {"tcp": {"port": 80}}, "network": {"enabled": False}},
+            "invalid_health_check",
+            "network.enabled",
+        ),
     ],
 )
 def test_create_refusals(
@@ -121,7 +149,7 @@ async def test_update_refusals(gw: GatewayHandle, bus: Bus) -> None:
     client = _sdk(gw)
     cases: list[tuple[dict[str, object], str, str]] = [
         ({"restart_policy": {"stable_after": "soon"}}, "invalid_restart_policy", "stable_after"),
-        ({"health_check": {"type": "none"}}, "not_supported", "health_check"),
+        ({"health_check": {"type": "exec"}}, "invalid_health_check", "health_check.exec"),
         ({"auto_standby": {"enabled": False}}, "not_supported", "auto_standby"),
         ({"env": {"API_KEY": "x"}}, "invalid_env", "env"),
         ({"ttl": "-1m"}, "invalid_ttl", "negative"),
@@ -150,6 +178,32 @@ async def test_update_refusals(gw: GatewayHandle, bus: Bus) -> None:
     }
     info = await bus.js.stream_info(bus.subjects.commands_stream)
     assert info.state.messages == 0  # nothing was sent
+
+
+async def test_user_mode_checks_need_a_port_mapping(gw: GatewayHandle, bus: Bus) -> None:
+    """A user-mode host has no route to its guests: an http/tcp check goes through the
+    host port mapped to its guest port, so one without that mapping is refused by name."""
+    s = bus.subjects
+    await bus.put(s.hosts_bucket, "hu", host_record("hu", network_mode="user"))
+    await bus.put(s.instances_bucket, A, instance_record(A, "web", "hu", network_enabled=True))
+    await _until_listed(gw, 1)
+    client = _sdk(gw)
+    check = {"http": {"port": 8080}}
+    with pytest.raises(BadRequestError) as refused:
+        client.instances.create(
+            name="web2",
+            image="busybox",
+            health_check=check,  # type: ignore[typeddict-item]
+            extra_body={"port_mappings": [{"guest_port": 9090, "host_port": 19090}]},
+        )
+    assert refused.value.body["code"] == "invalid_health_check"  # type: ignore[index]
+    assert "health_check.http.port" in refused.value.body["message"]  # type: ignore[index]
+    with pytest.raises(BadRequestError) as refused:
+        client.instances.update(A, health_check={"tcp": {"port": 22}})
+    assert refused.value.body["code"] == "invalid_health_check"  # type: ignore[index]
+    assert "health_check.tcp.port" in refused.value.body["message"]  # type: ignore[index]
+    assert [i.name for i in client.instances.list()] == ["web"]
+    assert client.instances.get(A).health_check is None
 
 
 async def test_resources_and_capabilities_from_heartbeats(gw: GatewayHandle, bus: Bus) -> None:

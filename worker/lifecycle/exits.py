@@ -30,6 +30,7 @@ __all__ = [
     "BOOT_MARKER",
     "ExitMarker",
     "after_exit",
+    "note_decision",
     "read_exit_marker",
     "record_vmm_exit",
 ]
@@ -94,11 +95,11 @@ def record_vmm_exit(ctx: OpContext, inst: LocalInstance, status: int | None) -> 
             exit_message=marker.message,
             restart=restart,
         )
-    _note_decision(ctx, inst, restart)
+    note_decision(ctx, inst, restart)
     return marker
 
 
-def _note_decision(ctx: OpContext, inst: LocalInstance, restart: RestartState) -> None:
+def note_decision(ctx: OpContext, inst: LocalInstance, restart: RestartState) -> None:
     if restart.next_attempt_at is not None:
         ctx.oplog(
             inst,

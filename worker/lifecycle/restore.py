@@ -10,7 +10,7 @@ import anyio
 from schemas.api import InstanceState
 from schemas.clock import utc_now
 from schemas.errors import Conflict
-from schemas.messages import Restore
+from schemas.messages import HealthState, Restore
 from worker.drivers.base import VmSpec
 from worker.guest.control import GuestControlError, guest_request
 from worker.lifecycle.context import LocalInstance, OpContext
@@ -48,7 +48,9 @@ async def restore(ctx: OpContext, inst: LocalInstance, cmd: Restore) -> None:
     inst.guest.write_pid(inst.process.pid)
     # 3. The snapshot has served; hypeman deletes it too.
     shutil.rmtree(snapshot, ignore_errors=True)
-    walk.advance(has_snapshot=False, started_at=utc_now())  # Running
+    now = utc_now()
+    # Running, in a fresh health window.
+    walk.advance(has_snapshot=False, started_at=now, health=HealthState(window_started_at=now))
     # 4. The guest's clock stood still during standby.
     await _resync_clock(ctx, inst, spec)
 

@@ -13,7 +13,7 @@ import msgspec
 
 from schemas.api import InstanceState
 from schemas.clock import utc_now
-from schemas.messages import RestartState, Start
+from schemas.messages import HealthState, RestartState, Start
 from worker.lifecycle.boot import boot_to_running
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.create import publish_address
@@ -47,7 +47,13 @@ async def start(ctx: OpContext, inst: LocalInstance, cmd: Start) -> None:
     take_address(ctx, inst)
     # Created: the last exit is history; the restart schedule is taken (written before the
     # boot, so that a worker dying in it does not take it again).
-    walk.advance(exit_code=None, exit_message=None, restart=_restart_state(inst, cmd))
+    # A fresh health window: failures of the last run say nothing about this one.
+    walk.advance(
+        exit_code=None,
+        exit_message=None,
+        restart=_restart_state(inst, cmd),
+        health=HealthState(window_started_at=utc_now()),
+    )
     try:
         await boot_to_running(ctx, walk, image)
     except BaseException as exc:

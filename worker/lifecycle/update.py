@@ -1,6 +1,7 @@
 """update (``PATCH /instances/{id}``): what changes in the record without touching the VM.
 
-Today that is the expiry and the restart policy. A ``ttl`` counts from here, when the
+Today that is the expiry, the restart policy and the health check (a new check opens a
+fresh health window). A ``ttl`` counts from here, when the
 owning worker commits it, not from when a gateway received it; an instance past its
 deadline is refused (it is about to be deleted by :mod:`worker.expiry`, and a new lease
 must not race the reaper).
@@ -14,7 +15,7 @@ from msgspec import UNSET
 
 from schemas.clock import utc_now
 from schemas.errors import BadRequest, Conflict
-from schemas.messages import RestartPolicySpec, RestartState, Update
+from schemas.messages import HealthCheckSpec, HealthState, RestartPolicySpec, RestartState, Update
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.states import Op, check_transition
 
@@ -36,6 +37,8 @@ async def update(ctx: OpContext, inst: LocalInstance, cmd: Update) -> None:
     _update_expiry(ctx, inst, cmd, now)
     if cmd.restart_policy is not UNSET:
         _update_restart_policy(ctx, inst, cmd.restart_policy)
+    if cmd.health_check is not UNSET:
+        _update_health_check(ctx, inst, cmd.health_check, now)
 
 
 def _update_expiry(ctx: OpContext, inst: LocalInstance, cmd: Update, now: datetime) -> None:
@@ -61,3 +64,11 @@ def _update_restart_policy(
         status = RestartState()
     ctx.save(inst, restart_policy=policy, restart=status)
     ctx.oplog(inst, "restart policy updated", policy=policy.policy if policy else "never")
+
+
+def _update_health_check(
+    ctx: OpContext, inst: LocalInstance, check: HealthCheckSpec | None, now: datetime
+) -> None:
+    """The new check replaces the old one whole and starts a fresh window."""
+    ctx.save(inst, health_check=check, health=HealthState(window_started_at=now))
+    ctx.oplog(inst, "health check updated", type=check.type if check else "none")
