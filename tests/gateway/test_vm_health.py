@@ -1,0 +1,123 @@
+"""Health checks through hypeman's SDK on one real guest: a busybox httpd behind a port
+mapping (the fleet's worker networks in user mode, where a check goes through it) turns
+healthy, unhealthy once the server is killed, is restarted by its on_failure policy and
+turns healthy again; then a PATCH replaces the check with an exec one, run through the
+guest agent."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+from hypeman import Hypeman
+from hypeman.lib import exec
+from hypeman.types import Instance
+
+from cli.embedded_nats import free_port
+from tests.gateway.conftest import Fleet
+
+pytestmark = pytest.mark.vm
+
+#: The app: a web server in the background, so that killing it leaves the program running
+#: (an unhealthy instance, not an exited one).
+SERVE = (
+    "mkdir -p /www && echo ok > /www/index.html && httpd -f -p 8080 -h /www & exec sleep 1000000"
+)
+
+
+def _client(fleet: Fleet) -> Hypeman:
+    return Hypeman(api_key=fleet.api.token, base_url=fleet.api.base_url, max_retries=0)
+
+
+def _until(
+    client: Hypeman, instance_id: str, done: Callable[[Instance], bool], timeout_s: float = 300
+) -> Instance:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        instance = client.instances.get(instance_id)
+        if done(instance):
+            return instance
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never reached: {instance}")
+        time.sleep(0.5)
+
+
+def _health(instance: Instance) -> str | None:
+    return instance.health_status.status if instance.health_status else None
+
+
+def test_http_check_unhealthy_restart_then_exec_check(fleet: Fleet, busybox_image: str) -> None:
+    client = _client(fleet)
+    created = client.instances.create(
+        name="web-health",
+        image=busybox_image,
+        size="256MB",
+        vcpus=1,
+        cmd=["sh", "-c", SERVE],
+        health_check={
+            "http": {"port": 8080},
+            "interval": "1s",
+            "timeout": "1s",
+            "start_period": "1s",
+            "failure_threshold": 2,
+        },
+        restart_policy={"policy": "on_failure", "backoff": "1s"},
+        extra_body={"port_mappings": [{"guest_port": 8080, "host_port": free_port()}]},
+    )
+    try:
+        check = created.health_check
+        assert check is not None and check.type == "http" and check.http is not None
+        assert (check.http.path, check.http.expected_status, check.http.scheme) == (
+            "/",
+            200,
+            "http",
+        )
+        assert (check.interval, check.timeout, check.start_period) == ("1s", "1s", "1s")
+        assert (check.failure_threshold, check.success_threshold) == (2, 1)
+
+        healthy = _until(client, created.id, lambda i: _health(i) == "healthy")
+        assert healthy.health_status is not None
+        assert healthy.health_status.last_success_at is not None
+        assert healthy.restart_status is None
+
+        killed = exec(client, created.id, ["killall", "httpd"])
+        assert killed.exit_code == 0
+        restarted = _until(
+            client,
+            created.id,
+            lambda i: i.restart_status is not None and i.restart_status.attempts >= 1,
+        )
+        assert restarted.restart_status is not None
+        assert restarted.restart_status.last_reason == "health_check_failed"
+        again = _until(
+            client, created.id, lambda i: i.state == "Running" and _health(i) == "healthy"
+        )
+        assert again.health_status is not None
+        assert again.health_status.consecutive_failures == 0
+        # The ops log says why it went down.
+        ops = "\n".join(client.instances.logs(created.id, source="hypeman", tail=500))
+        assert "health healthy -> unhealthy" in ops
+
+        # PATCH replaces the check whole: an exec one, run through the guest agent.
+        patched = client.instances.update(
+            created.id,
+            health_check={"exec": {"command": ["true"]}, "interval": "1s", "timeout": "1s"},
+        )
+        assert patched.health_check is not None and patched.health_check.type == "exec"
+        assert patched.health_check.http is None
+        assert patched.health_check.exec is not None
+        assert patched.health_check.exec.command == ["true"]
+        assert patched.health_check.start_period == "30s"  # hypeman's default
+        checked = _until(
+            client,
+            created.id,
+            lambda i: (
+                i.health_status is not None
+                and i.health_status.status == "healthy"
+                and i.health_status.consecutive_successes >= 1
+            ),
+        )
+        assert checked.health_check is not None and checked.health_check.type == "exec"
+    finally:
+        client.instances.delete(created.id)
