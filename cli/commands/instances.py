@@ -10,6 +10,7 @@ import argparse
 import json
 import re
 import secrets
+import sys
 from typing import Any, Final
 
 from cli.client import GatewayClient, GatewayError, segment
@@ -99,6 +100,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument(
         "--ttl", metavar="DURATION", help='delete the instance after this long, e.g. "1h"'
     )
+    _add_supervision_flags(run)
     run.add_argument("image", metavar="IMAGE")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD ...")
     client_command(run, _run)
@@ -156,6 +158,16 @@ def default_name(image: str) -> str:
 
 
 def _run(client: GatewayClient, args: argparse.Namespace) -> int:
+    tuning = {
+        "--health-interval": args.health_interval,
+        "--health-timeout": args.health_timeout,
+        "--health-start-period": args.health_start_period,
+        "--health-retries": args.health_retries,
+    }
+    given = [flag for flag, value in tuning.items() if value is not None]
+    if args.health_cmd is None and given:
+        print(f"vmfleet run: {' and '.join(given)} need --health-cmd", file=sys.stderr)
+        return 2
     image = wait_for_image(client, args.image, quiet_if_ready=True)
     body: dict[str, Any] = {"name": args.name or default_name(image["name"]), "image": args.image}
     optional = {
@@ -171,11 +183,74 @@ def _run(client: GatewayClient, args: argparse.Namespace) -> int:
         "host_labels": dict(args.label) or None,
         "tags": dict(args.tag) or None,
         "ttl": args.ttl,
+        "restart_policy": args.restart,
+        "health_check": _health_check(args),
     }
     body.update({key: value for key, value in optional.items() if value is not None})
     instance = client.call("POST", "/instances", json=body)
     print(instance["id"])
     return 0
+
+
+def _add_supervision_flags(run: argparse.ArgumentParser) -> None:
+    run.add_argument(
+        "--restart",
+        type=restart_policy,
+        metavar="POLICY",
+        help="no (default), always, or on-failure[:MAX_ATTEMPTS]: restart the program when "
+        "it ends (on-failure: when it fails, or its health check does)",
+    )
+    run.add_argument(
+        "--health-cmd",
+        metavar="CMD",
+        help="health check: a shell command run in the guest; exit 0 is healthy",
+    )
+    run.add_argument("--health-interval", metavar="DURATION", help='between checks (default "10s")')
+    run.add_argument(
+        "--health-timeout",
+        metavar="DURATION",
+        help='per check, at most the interval (default "2s")',
+    )
+    run.add_argument(
+        "--health-start-period",
+        metavar="DURATION",
+        help='failures this soon after a start do not count (default "30s")',
+    )
+    run.add_argument(
+        "--health-retries",
+        type=int,
+        metavar="N",
+        help="failures in a row that make it unhealthy (default 3)",
+    )
+
+
+def restart_policy(text: str) -> dict[str, Any]:
+    """``--restart``: docker's names for hypeman's restart_policy."""
+    name, _, count = text.partition(":")
+    if name == "on-failure":
+        if count and not count.isdigit():
+            raise argparse.ArgumentTypeError(f"on-failure:N wants a number, got {count!r}")
+        policy: dict[str, Any] = {"policy": "on_failure"}
+        if count:
+            policy["max_attempts"] = int(count)
+        return policy
+    if count or name not in ("no", "always"):
+        raise argparse.ArgumentTypeError(f"expected no, always or on-failure[:N], got {text!r}")
+    return {"policy": "never" if name == "no" else "always"}
+
+
+def _health_check(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.health_cmd is None:
+        return None
+    check: dict[str, Any] = {"exec": {"command": ["/bin/sh", "-c", args.health_cmd]}}
+    optional = {
+        "interval": args.health_interval,
+        "timeout": args.health_timeout,
+        "start_period": args.health_start_period,
+        "failure_threshold": args.health_retries,
+    }
+    check.update({key: value for key, value in optional.items() if value is not None})
+    return check
 
 
 def _by_id(client: GatewayClient, mount: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,8 @@ guest agent."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -16,6 +18,7 @@ from hypeman.types import Instance
 
 from cli.embedded_nats import free_port
 from tests.gateway.conftest import Fleet
+from tests.support.dev import VMFLEET
 
 pytestmark = pytest.mark.vm
 
@@ -121,3 +124,54 @@ def test_http_check_unhealthy_restart_then_exec_check(fleet: Fleet, busybox_imag
         assert checked.health_check is not None and checked.health_check.type == "exec"
     finally:
         client.instances.delete(created.id)
+
+
+def test_cli_run_with_restart_and_health_cmd(fleet: Fleet, busybox_image: str) -> None:
+    env = {**os.environ, "HYPEMAN_BASE_URL": fleet.api.base_url, "HYPEMAN_API_KEY": fleet.api.token}
+    flags = ["--restart", "on-failure:3", "--health-cmd", "test -d /proc"]
+    timing = ["--health-interval", "1s", "--health-timeout", "1s", "--ttl", "1h"]
+    ran = subprocess.run(
+        [
+            VMFLEET,
+            "run",
+            "--size",
+            "256MB",
+            "--vcpus",
+            "1",
+            "--tag",
+            "kind=health",
+            *flags,
+            *timing,
+            busybox_image,
+            "sleep",
+            "100000",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    instance_id = ran.stdout.strip()
+    client = _client(fleet)
+    try:
+        healthy = _until(client, instance_id, lambda i: _health(i) == "healthy")
+        assert healthy.restart_policy is not None
+        assert (healthy.restart_policy.policy, healthy.restart_policy.max_attempts) == (
+            "on_failure",
+            3,
+        )
+        assert healthy.health_check is not None and healthy.health_check.exec is not None
+        assert healthy.health_check.exec.command == ["/bin/sh", "-c", "test -d /proc"]
+        assert healthy.tags == {"kind": "health"} and healthy.expires_at is not None
+    finally:
+        client.instances.delete(instance_id)
+    for bad in (["--restart", "sometimes"], ["--health-interval", "1s"]):
+        refused = subprocess.run(
+            [VMFLEET, "run", *bad, busybox_image],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert refused.returncode != 0 and bad[0] in refused.stderr, refused.stderr
