@@ -286,7 +286,7 @@ def _ps(client: GatewayClient, args: argparse.Namespace) -> int:
             short_id(i["id"]),
             i["name"],
             i["image"],
-            i["state"],
+            _state_text(i),
             i.get("host") or "-",
             age(i["created_at"]),
         )
@@ -294,6 +294,14 @@ def _ps(client: GatewayClient, args: argparse.Namespace) -> int:
     ]
     print(render_table(("ID", "NAME", "IMAGE", "STATE", "HOST", "AGE"), rows))
     return 0
+
+
+def _state_text(instance: dict[str, Any]) -> str:
+    """``Running``, or ``Running (healthy)`` when the instance has a health check."""
+    health = instance.get("health_status")
+    if isinstance(health, dict) and health.get("status"):
+        return f"{instance['state']} ({health['status']})"
+    return str(instance["state"])
 
 
 def _update(client: GatewayClient, args: argparse.Namespace) -> int:

@@ -164,6 +164,14 @@ def test_cli_run_with_restart_and_health_cmd(fleet: Fleet, busybox_image: str) -
         assert healthy.health_check is not None and healthy.health_check.exec is not None
         assert healthy.health_check.exec.command == ["/bin/sh", "-c", "test -d /proc"]
         assert healthy.tags == {"kind": "health"} and healthy.expires_at is not None
+        listed = subprocess.run(
+            [VMFLEET, "ps", "--filter", "tag=kind=health"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert "Running (healthy)" in listed.stdout, listed.stdout
     finally:
         client.instances.delete(instance_id)
     for bad in (["--restart", "sometimes"], ["--health-interval", "1s"]):
