@@ -335,6 +335,21 @@ def _lifetime_fields(schemas: dict[str, Any]) -> None:
     instance["restart_policy"] = _ref("RestartPolicy")
     instance["restart_status"] = _ref("RestartStatus")
     instance["health_check"] = _ref("HealthCheck")
+    instance["current_phase"] = {
+        "type": "string",
+        "description": "The lowercase state the instance is in (running, stopped, ...)",
+    }
+    instance["current_phase_since"] = {
+        "type": "string",
+        "format": "date-time",
+        "description": "When the instance entered current_phase",
+    }
+    instance["phase_durations_ms"] = {
+        "type": "object",
+        "additionalProperties": {"type": "integer", "format": "int64"},
+        "description": "Milliseconds spent in each lowercase state since creation, the "
+        "current phase up to the response time",
+    }
     instance["health_status"] = _ref("InstanceHealthStatus")
     instance["exit_code"] = {
         "type": "integer",

@@ -273,6 +273,9 @@ class Instance(msgspec.Struct, kw_only=True):
     """Instance response. Build it with ``InstanceRecord.to_api()``, the single renderer."""
 
     created_at: Timestamp
+    #: The lowercase state it is in, since when (left out for records older than these).
+    current_phase: str | UnsetType = UNSET
+    current_phase_since: Timestamp | UnsetType = UNSET
     disk_io_bps: str | UnsetType = UNSET
     env: dict[str, str] | UnsetType = UNSET
     #: How the app ended, once it has (left out until then, and again after a start).
@@ -292,6 +295,8 @@ class Instance(msgspec.Struct, kw_only=True):
     name: str
     network: InstanceNetwork
     overlay_size: str
+    #: Milliseconds spent in each lowercase state, the current one up to the response.
+    phase_durations_ms: dict[str, int] | UnsetType = UNSET
     port_mappings: list[PortMapping] | UnsetType = UNSET
     restart_policy: RestartPolicy | UnsetType = UNSET
     restart_status: RestartStatus | UnsetType = UNSET

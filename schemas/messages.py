@@ -17,13 +17,15 @@ Why these rules:
 
 from __future__ import annotations
 
-from typing import Literal
+from datetime import timedelta
+from typing import Any, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
 
 from schemas import api
 from schemas.api import Hypervisor, ImageStatus, InstanceState, PortMapping, Timestamp
+from schemas.clock import utc_now
 from schemas.errors import ErrorInfo
 from schemas.sizes import format_rate, format_size
 from schemas.subjects import LogSource
@@ -308,6 +310,7 @@ class Create(InstanceCommand, frozen=True, kw_only=True):
             restart_policy=self.restart_policy,
             health_check=self.health_check,
             health=HealthState(window_started_at=created_at),
+            phase_since=created_at,
         )
 
 
@@ -472,6 +475,10 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
     restart: RestartState = msgspec.field(default_factory=RestartState)
     health_check: HealthCheckSpec | None = None
     health: HealthState = msgspec.field(default_factory=HealthState)
+    #: Milliseconds spent in each state left so far (lowercase names), and when the
+    #: current state began (None: a record older than these; nothing is reported).
+    phase_ms: dict[str, int] = {}
+    phase_since: Timestamp | None = None
 
     def to_api(self) -> api.Instance:
         """Render hypeman's Instance: sizes in HR form, empty optionals left out."""
@@ -506,7 +513,29 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
             # Left out without a check, as in hypeman's example Instance (the SDK reads
             # None); ``disabled`` is what the events say of it.
             health_status=self.health.to_api(self.state, True) if self.health_check else UNSET,
+            **self._phases(),
         )
+
+    def entered(self, now: Timestamp) -> dict[str, object]:
+        """The phase fields of a change of state at ``now``: the state left is counted."""
+        if self.phase_since is None:
+            return {"phase_since": now}
+        phases = dict(self.phase_ms)
+        name = self.state.value.lower()
+        phases[name] = phases.get(name, 0) + _ms(now - self.phase_since)
+        return {"phase_ms": phases, "phase_since": now}
+
+    def _phases(self) -> dict[str, Any]:
+        if self.phase_since is None:
+            return {}
+        current = self.state.value.lower()
+        durations = dict(self.phase_ms)
+        durations[current] = durations.get(current, 0) + _ms(utc_now() - self.phase_since)
+        return {
+            "current_phase": current,
+            "current_phase_since": self.phase_since,
+            "phase_durations_ms": durations,
+        }
 
     @property
     def health_status(self) -> api.HealthStatusName:
@@ -533,6 +562,10 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
             bandwidth_download=format_rate(down) if down > 0 else UNSET,
             bandwidth_upload=format_rate(up) if up > 0 else UNSET,
         )
+
+
+def _ms(delta: timedelta) -> int:
+    return max(0, int(delta.total_seconds() * 1000))
 
 
 class VolumeRecord(msgspec.Struct, kw_only=True):

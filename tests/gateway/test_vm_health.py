@@ -98,6 +98,11 @@ def test_http_check_unhealthy_restart_then_exec_check(fleet: Fleet, busybox_imag
         )
         assert again.health_status is not None
         assert again.health_status.consecutive_failures == 0
+        # Where its life went: every state it passed through, the current one live.
+        assert again.current_phase == "running" and again.current_phase_since is not None
+        assert again.phase_durations_ms is not None
+        walked = {"created", "initializing", "running", "shutdown", "stopped"}
+        assert walked <= set(again.phase_durations_ms)
         # The ops log says why it went down.
         ops = "\n".join(client.instances.logs(created.id, source="hypeman", tail=500))
         assert "health healthy -> unhealthy" in ops

@@ -122,8 +122,9 @@ class OpContext:
             log.error("%s: %s", inst.id, exc)
             self.on_refused_transition(previous, state, cause)
             raise
+        phases = inst.record.entered(utc_now())
         inst.record = msgspec.structs.replace(
-            inst.record, state=state, state_error=error, **changes
+            inst.record, state=state, state_error=error, **phases, **changes
         )
         inst.guest.write(inst.guest.metadata, inst.record)
         self.oplog(inst, f"state {previous.value} -> {state.value}", error=error)
