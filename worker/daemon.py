@@ -172,6 +172,7 @@ async def _serve(
         agent=hub,
         on_refused_transition=metrics.count_refused_transition,
         observe_pull=metrics.pull_duration.observe,
+        observe_create_phase=metrics.observe_create_phase,
         network=config.network,
         bridge=bridge,
         limits=HostLimits.of(

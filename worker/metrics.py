@@ -76,12 +76,23 @@ class WorkerMetrics:
             ["direction"],
             registry=registry,
         )
+        self.create_phase = Histogram(
+            "vmfleet_worker_create_phase_seconds",
+            "Time of each step of a create: pull, disks, vmm, boot (kernel to init), "
+            "agent (init to the guest agent's answer)",
+            ["phase"],
+            registry=registry,
+            buckets=_OP_BUCKETS,
+        )
         self.exec_duration = Histogram(
             "vmfleet_worker_exec_seconds",
             "Duration of exec sessions, open to end",
             registry=registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
         )
+
+    def observe_create_phase(self, phase: str, seconds: float) -> None:
+        self.create_phase.labels(phase=phase).observe(seconds)
 
     def count_refused_transition(self, previous: str, state: str, cause: str) -> None:
         self.refused_transitions.labels(previous, state, cause).inc()

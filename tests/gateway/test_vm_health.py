@@ -7,18 +7,22 @@ guest agent."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable
 
+import httpx
 import pytest
 from hypeman import Hypeman
 from hypeman.lib import exec
 from hypeman.types import Instance
+from prometheus_client.parser import text_string_to_metric_families
 
 from cli.embedded_nats import free_port
 from tests.gateway.conftest import Fleet
 from tests.support.dev import VMFLEET
+from worker.lifecycle.phases import PHASES
 
 pytestmark = pytest.mark.vm
 
@@ -27,6 +31,22 @@ pytestmark = pytest.mark.vm
 SERVE = (
     "mkdir -p /www && echo ok > /www/index.html && httpd -f -p 8080 -h /www & exec sleep 1000000"
 )
+
+
+#: The ops log's line at the end of a create.
+CREATE_PHASES = re.compile(r"create phases pull=\d+ms disks=\d+ms vmm=\d+ms boot=\d+ms agent=\d+ms")
+
+
+def _create_phase_counts(fleet: Fleet) -> dict[str, float]:
+    """Samples of the worker's histogram per create step."""
+    text = httpx.get(fleet.worker.metrics_url, timeout=10).text
+    return {
+        sample.labels["phase"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "vmfleet_worker_create_phase_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_count")
+    }
 
 
 def _client(fleet: Fleet) -> Hypeman:
@@ -106,6 +126,10 @@ def test_http_check_unhealthy_restart_then_exec_check(fleet: Fleet, busybox_imag
         # The ops log says why it went down.
         ops = "\n".join(client.instances.logs(created.id, source="hypeman", tail=500))
         assert "health healthy -> unhealthy" in ops
+        # Where its create went, step by step: in the ops log and in the worker's metrics.
+        assert CREATE_PHASES.search(ops), ops
+        counts = _create_phase_counts(fleet)
+        assert all(counts.get(phase, 0) >= 1 for phase in PHASES), counts
 
         # PATCH replaces the check whole: an exec one, run through the guest agent.
         patched = client.instances.update(

@@ -6,6 +6,7 @@ Running; :func:`wait_until_ready` is the step between the last two.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import anyio
@@ -20,6 +21,7 @@ from worker.lifecycle.context import LocalInstance, OpContext, Walk
 from worker.lifecycle.exits import read_exit_marker, record_vmm_exit
 from worker.lifecycle.mounts import volume_disks
 from worker.lifecycle.network import guest_network, nics, plug
+from worker.lifecycle.phases import CreatePhases, init_uptime_s
 from worker.storage import GuestDir, make_sparse_ext4
 
 __all__ = [
@@ -97,32 +99,43 @@ def vm_spec(
     )
 
 
-async def boot_vm(ctx: OpContext, inst: LocalInstance, image: ImageInfo) -> None:
+async def boot_vm(
+    ctx: OpContext, inst: LocalInstance, image: ImageInfo, phases: CreatePhases | None = None
+) -> None:
     """Write the config disk for the record as it is now, plug the NIC (bridge mode),
-    then start the VMM."""
-    await ensure_volume_overlays(inst.guest, inst.record.volumes)
-    disks, mounts = volume_disks(inst.record.volumes, ctx.volumes, inst.guest)
-    config = guest_config(ctx, inst, image, list(mounts))
-    await build_config_disk(inst.guest.config_disk, config)
+    then start the VMM (``phases``: a create's steps, timed)."""
+    phases = phases if phases is not None else CreatePhases()
+    with phases.timing("disks"):
+        await ensure_volume_overlays(inst.guest, inst.record.volumes)
+        disks, mounts = volume_disks(inst.record.volumes, ctx.volumes, inst.guest)
+        config = guest_config(ctx, inst, image, list(mounts))
+        await build_config_disk(inst.guest.config_disk, config)
     spec = vm_spec(ctx, inst, image, disks)
     inst.guest.write(inst.guest.vm_spec, spec)
     inst.app_status = None
-    await plug(ctx, inst)
-    inst.process = await ctx.driver.boot(spec, vmm_log=inst.guest.vmm_log)
+    with phases.timing("vmm"):
+        await plug(ctx, inst)
+        inst.process = await ctx.driver.boot(spec, vmm_log=inst.guest.vmm_log)
     inst.spec = spec
     inst.guest.write_pid(inst.process.pid)
     ctx.oplog(inst, "VMM started", pid=inst.process.pid, accel=spec.accel)
 
 
-async def boot_to_running(ctx: OpContext, walk: Walk, image: ImageInfo) -> None:
+async def boot_to_running(
+    ctx: OpContext, walk: Walk, image: ImageInfo, phases: CreatePhases | None = None
+) -> None:
     """From Created: boot the VM (Initializing once its VMM runs), then Running once the
     guest is ready. A program that ends before that (a short job) leaves the instance
     Stopped with its exit code. A failure leaves the instance where it was for the caller
-    to undo."""
+    to undo. ``phases``: a create's steps, timed (the guest's wait split at its init)."""
     inst = walk.inst
-    await boot_vm(ctx, inst, image)
+    phases = phases if phases is not None else CreatePhases()
+    await boot_vm(ctx, inst, image, phases)
     walk.advance(started_at=None)  # Initializing: the VMM runs the guest
-    if await wait_until_ready(ctx, inst):
+    waiting = time.monotonic()
+    ready = await wait_until_ready(ctx, inst)
+    phases.split_guest_wait(time.monotonic() - waiting, init_uptime_s(inst.guest.app_log))
+    if ready:
         walk.advance(started_at=utc_now())  # Running
         return
     assert inst.process is not None

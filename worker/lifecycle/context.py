@@ -90,6 +90,8 @@ class OpContext:
     on_transition: Transitioned = lambda inst, previous: None
     #: Told how long each image pull took (seconds), for the metrics.
     observe_pull: Callable[[float], None] = lambda seconds: None
+    #: Told how long each step of a create took (step, seconds; worker.lifecycle.phases).
+    observe_create_phase: Callable[[str, float], None] = lambda phase, seconds: None
     #: Called once an instance's record is gone for good (deleted, or its create undone).
     on_removed: Callable[[InstanceRecord], None] = lambda record: None
     #: The guest agents' hub: readiness waits for the agent (None: tests of one operation).

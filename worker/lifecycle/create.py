@@ -13,6 +13,7 @@ from worker.lifecycle.boot import boot_to_running
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.mounts import check_mounts
 from worker.lifecycle.network import check_network_limits, release_network, take_address
+from worker.lifecycle.phases import CreatePhases
 from worker.network import USER_GUEST_IP, check_port_mappings, claim_host_ports, mac_for
 from worker.states import Op
 from worker.storage import make_sparse_ext4
@@ -52,24 +53,35 @@ async def _make(ctx: OpContext, cmd: Create) -> LocalInstance:
     try:
         guest.write(guest.metadata, inst.record)
         ctx.oplog(inst, "creating instance", name=cmd.name, image=cmd.image)
+        phases = CreatePhases()
         # 3. The image, pulled on demand.
-        image = await ctx.pull_image(inst)
+        with phases.timing("pull"):
+            image = await ctx.pull_image(inst)
         ctx.save(inst, image_digest=image.digest)
-        # 4. Volumes: record the attachments (hypeman's sharing rules are checked here).
-        for mount in cmd.volumes:
-            ctx.volumes.attach(mount.volume_id, inst.id, mount.mount_path, mount.readonly)
-            attached.append(mount.volume_id)
-        # 5. bridge mode: an address (IP + MAC) and a TAP name.
-        take_address(ctx, inst)
-        # 6. The writable overlay, then boot.
-        await make_sparse_ext4(guest.overlay, cmd.overlay_bytes)
-        await boot_to_running(ctx, walk, image)
+        with phases.timing("disks"):
+            # 4. Volumes: record the attachments (hypeman's sharing rules are checked here).
+            for mount in cmd.volumes:
+                ctx.volumes.attach(mount.volume_id, inst.id, mount.mount_path, mount.readonly)
+                attached.append(mount.volume_id)
+            # 5. bridge mode: an address (IP + MAC) and a TAP name.
+            take_address(ctx, inst)
+            # 6. The writable overlay, then boot.
+            await make_sparse_ext4(guest.overlay, cmd.overlay_bytes)
+        await boot_to_running(ctx, walk, image, phases)
+        _report_phases(ctx, inst, phases)
         ctx.oplog(inst, "instance created", name=cmd.name, state=inst.state.value)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await _undo(ctx, inst, attached)
         raise
     return inst
+
+
+def _report_phases(ctx: OpContext, inst: LocalInstance, phases: CreatePhases) -> None:
+    """Where the create's time went: one ops log line, and the worker's histograms."""
+    ctx.oplog(inst, f"create phases {phases.summary()}")
+    for phase, seconds in phases.seconds.items():
+        ctx.observe_create_phase(phase, seconds)
 
 
 def publish_address(ctx: OpContext) -> str:
