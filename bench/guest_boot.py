@@ -4,7 +4,10 @@ vmfleet: HostEngine.execute(Create) until the app's first line is in app.log; St
 Restore until the guest answers again. Raw: the same kernel, initrd and disks booted by a
 plain `qemu-system-x86_64` command line (no vmfleet code in the loop), the app's first line
 read from its console file; raw standby/restore are QMP stop+migrate / -incoming+cont
-issued directly. Prints medians and ratios. Goal ([2/9]): overhead under 10% of the raw
+issued directly. Prints medians and ratios, and the steps of vmfleet's create (as its ops
+log line and ``vmfleet_worker_create_phase_seconds`` report them; this engine has no agent
+hub, so the guest's part is split at the init's logged uptime: kernel to init, then init
+to the app's first line). Goal ([2/9]): overhead under 10% of the raw
 boot; restore under 1.5x the raw restore.
 """
 
@@ -36,10 +39,13 @@ from worker.engine import HostEngine
 from worker.guest import ensure_initrd, ensure_kernel
 from worker.images import ImageCache
 from worker.lifecycle.context import BootAssets, OpContext
+from worker.lifecycle.phases import init_uptime_s
 from worker.storage import Storage
 from worker.volumes import VolumeStore
 
 MIB = 1 << 20
+#: The steps of a boot as printed: the create's on the host, then the guest's.
+_STEPS = ("pull", "disks", "vmm", "boot", "app")
 APP = "echo first-line; i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done"
 
 
@@ -78,7 +84,20 @@ class Qmp:
         self.sock.close()
 
 
-async def vmfleet_round(engine: HostEngine, image: str, n: int) -> tuple[float, float, float]:
+#: The steps of the last create, as the engine reported them (OpContext.observe_create_phase).
+create_steps: dict[str, float] = {}
+
+
+def guest_steps(app_log: Path, create_s: float, boot_s: float) -> dict[str, float]:
+    """The guest's part of a boot with no agent to wait for: kernel to init (the uptime the
+    init logs) and init to the app's first line (the rest of the boot after the create)."""
+    kernel = init_uptime_s(app_log) or 0.0
+    return {"boot": kernel, "app": max(boot_s - create_s - kernel, 0.0)}
+
+
+async def vmfleet_round(
+    engine: HostEngine, image: str, n: int
+) -> tuple[tuple[float, float, float], dict[str, float]]:
     iid = f"bench{n:04d}"
     create = Create(
         id=f"c{iid}",
@@ -92,10 +111,14 @@ async def vmfleet_round(engine: HostEngine, image: str, n: int) -> tuple[float, 
         hypervisor=Hypervisor.QEMU,
         cmd=["/bin/sh", "-c", APP],
     )
+    create_steps.clear()
     start = time.perf_counter()
     await engine.execute(create)
+    created = time.perf_counter() - start
     app_log = engine.instance(iid).guest.app_log
     boot = await wait_for(app_log, "first-line") - start
+    steps = {k: v for k, v in create_steps.items() if k in ("pull", "disks", "vmm")}
+    steps.update(guest_steps(app_log, created, boot))
     await wait_for(app_log, "tick 2")
     start = time.perf_counter()
     await engine.execute(Standby(id=f"s{iid}", instance_id=iid, issued_at=utc_now()))
@@ -106,7 +129,7 @@ async def vmfleet_round(engine: HostEngine, image: str, n: int) -> tuple[float, 
     await wait_for(app_log, "tick", after=size)
     restore = time.perf_counter() - start
     await engine.execute(Delete(id=f"d{iid}", instance_id=iid, issued_at=utc_now()))
-    return boot, standby, restore
+    return (boot, standby, restore), steps
 
 
 async def raw_round(
@@ -220,13 +243,17 @@ async def main(runs: int, as_json: bool = False) -> None:
             images=ImageCache(work / "data" / "images"),
             volumes=VolumeStore(work / "data", "bench"),
             boot=BootAssets(kernel=kernel.bzimage, initrd=initrd, accel=accel),
+            observe_create_phase=create_steps.__setitem__,
         )
         engine = HostEngine(ctx)
         await ctx.images.pull(image)  # the cache is warm in both cases
         results: dict[str, list[tuple[float, float, float]]] = {"vmfleet": [], "raw": []}
+        steps: list[dict[str, float]] = []
         for n in range(runs):
             results["raw"].append(await raw_round(engine, image, work))
-            results["vmfleet"].append(await vmfleet_round(engine, image, n))
+            timings, round_steps = await vmfleet_round(engine, image, n)
+            results["vmfleet"].append(timings)
+            steps.append(round_steps)
         med = {
             k: [statistics.median(r[i] for r in v) for i in range(3)] for k, v in results.items()
         }
@@ -250,6 +277,14 @@ async def main(runs: int, as_json: bool = False) -> None:
                 met=None if limit is None else v / r < limit,
                 issue="2/9",
             )
+        step_medians = {k: statistics.median(s.get(k, 0.0) for s in steps) for k in _STEPS if steps}
+        print(
+            "vmfleet boot by step (medians, ms): "
+            + " ".join(f"{k}={v * 1000:.0f}" for k, v in step_medians.items())
+            + f"  | raw qemu boot {med['raw'][0] * 1000:.0f}"
+        )
+        for k, v in step_medians.items():
+            summary.add(f"boot step {k} (median of {runs})", round(v, 3), unit="s", issue="3/6")
         if as_json:
             summary.emit()
     finally:
