@@ -273,6 +273,10 @@
       known.state_error = event.error ?? null;
       known.host = event.host;
       if (event.name) known.name = event.name;
+      if (event.health) known.health_status = { ...(known.health_status || {}), status: event.health };
+      // A transition may set or clear the exit code, count a restart or move the expiry:
+      // those are in the record, not the event.
+      if (event.kind !== "health") fillInstance(id, session.signal);
       return;
     }
     fleet.instances.set(id, {
@@ -282,7 +286,8 @@
     fillInstance(id, session.signal);
   }
 
-  // A new instance's event names it; its record has the rest (image, creation time).
+  // A new instance's event names it; its record has the rest (image, creation time, exit
+  // code, health, restarts, expiry). The state stays the one the events say.
   async function fillInstance(id, signal) {
     try {
       const record = await getJSON("/instances/" + encodeURIComponent(id), signal);
@@ -409,7 +414,7 @@
     const instances = [...fleet.instances.values()].sort(
       (a, b) => (a.name || "").localeCompare(b.name || "") || a.id.localeCompare(b.id));
     $("instance-count").textContent = "(" + instances.length + ")";
-    if (!instances.length) emptyRow(body, 6, "no instance");
+    if (!instances.length) emptyRow(body, 10, "no instance");
     for (const instance of instances) {
       const row = body.insertRow();
       row.dataset.instanceId = instance.id;
@@ -431,10 +436,46 @@
       state.textContent = instance.state;
       if (instance.state_error) state.title = instance.state_error;
       row.insertCell().append(state);
+      supervisionCells(row, instance);
       cell(row, instance.host || "", "mono");
       cell(row, age(instance.created_at), "num");
       if (instance.id === focused) row.focus();
     }
+  }
+
+  // Health, exit code, restarts and expiry: empty where the instance has none to show.
+  function supervisionCells(row, instance) {
+    const health = instance.health_status?.status;
+    const shown = health && health !== "disabled" ? health : "";
+    const healthCell = cell(row, shown, "health" + (shown ? " health-" + shown : ""));
+    if (instance.health_status?.last_error) healthCell.title = instance.health_status.last_error;
+    const exit = cell(row, instance.exit_code == null ? "" : String(instance.exit_code), "num exit");
+    if (instance.exit_message) exit.title = instance.exit_message;
+    const restarts = cell(row, restartsText(instance.restart_status), "restarts");
+    if (instance.restart_status?.last_reason) restarts.title = instance.restart_status.last_reason;
+    const expires = cell(row, instance.expires_at ? until(instance.expires_at) : "", "num expires");
+    if (instance.expires_at) expires.title = instance.expires_at;
+  }
+
+  function restartsText(status) {
+    if (!status) return "";
+    if (status.blocked_reason) return status.attempts + " (blocked: " + status.blocked_reason + ")";
+    if (status.next_attempt_at) return status.attempts + " (next in " + until(status.next_attempt_at) + ")";
+    return String(status.attempts);
+  }
+
+  // "in 5m" style, or "expired"/"now" once the time has passed.
+  function until(timestamp) {
+    const seconds = (Date.parse(timestamp) - Date.now()) / 1000;
+    if (!(seconds > 0)) return "now";
+    return "in " + span(seconds);
+  }
+
+  function span(seconds) {
+    if (seconds < 60) return Math.floor(seconds) + "s";
+    if (seconds < 3600) return Math.floor(seconds / 60) + "m";
+    if (seconds < 86400) return Math.floor(seconds / 3600) + "h";
+    return Math.floor(seconds / 86400) + "d";
   }
 
   function bytes(n) {
@@ -450,11 +491,7 @@
 
   function age(timestamp) {
     if (!timestamp) return "";
-    const seconds = Math.max(0, (Date.now() - Date.parse(timestamp)) / 1000);
-    if (seconds < 60) return Math.floor(seconds) + "s";
-    if (seconds < 3600) return Math.floor(seconds / 60) + "m";
-    if (seconds < 86400) return Math.floor(seconds / 3600) + "h";
-    return Math.floor(seconds / 86400) + "d";
+    return span(Math.max(0, (Date.now() - Date.parse(timestamp)) / 1000));
   }
 
   start();

@@ -26,7 +26,7 @@ import subprocess
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -42,7 +42,14 @@ from gateway import GatewayConfig, create_app
 from natsbus import BusOptions
 from schemas.api import InstanceState
 from schemas.codec import encode
-from schemas.messages import LogLine, StateEvent
+from schemas.messages import (
+    HealthCheckSpec,
+    HealthState,
+    LogLine,
+    RestartPolicySpec,
+    RestartState,
+    StateEvent,
+)
 from tests.support.gateway import (
     Bus,
     FakeHost,
@@ -72,6 +79,18 @@ INSTANCES = (
     ("i-db-0002", "db", InstanceState.STANDBY),
     ("i-job-0003", "batch-job", InstanceState.STOPPED),
 )
+
+#: What supervision says of some of them, as the worker records it (the rest have nothing).
+SUPERVISED: dict[str, dict[str, object]] = {
+    "i-web-0001": {
+        "health_check": HealthCheckSpec(type="tcp", port=80),
+        "health": HealthState(status="unhealthy", last_error="connection refused"),
+        "restart_policy": RestartPolicySpec(policy="on_failure", max_attempts=2),
+        "restart": RestartState(attempts=2, blocked_reason="max_attempts_exceeded"),
+        "expires_at": datetime.now(UTC) + timedelta(hours=2, minutes=5),
+    },
+    "i-job-0003": {"exit_code": 3, "exit_message": "exited with code 3"},
+}
 
 
 # -- the setting -------------------------------------------------------------------------------
@@ -164,7 +183,9 @@ async def ui_bus(nats_url: str, subject_prefix: str, ui_gw: GatewayHandle) -> As
 
 async def _put_instances(bus: Bus, api: GatewayHandle) -> None:
     for instance_id, name, state in INSTANCES:
-        record = instance_record(instance_id, name, HOST, state=state)
+        record = instance_record(
+            instance_id, name, HOST, state=state, **SUPERVISED.get(instance_id, {})
+        )
         await bus.put(bus.subjects.instances_bucket, instance_id, record)
     async with api.async_client() as client:
         with anyio.fail_after(10):
@@ -242,6 +263,13 @@ async def test_the_page_renders_the_fleet_from_the_api(
         assert f"<td>{name}</td>" in html
     assert html.count('class="state state-') == len(INSTANCES)
     assert "docker.io/library/busybox:latest" in html
+    # Supervision: health (its last error on hover), restarts, expiry and an exit code.
+    assert '<td class="health health-unhealthy" title="connection refused">unhealthy</td>' in html
+    assert '<td class="restarts">2 (blocked: max_attempts_exceeded)</td>' in html
+    assert '<td class="num expires" title="' in html and ">in 2h</td>" in html
+    assert '<td class="num exit" title="exited with code 3">3</td>' in html
+    # An instance without a check shows no health rather than "disabled".
+    assert "disabled" not in html and html.count('<td class="health">') == 2
 
     data = png.read_bytes()
     assert len(data) > 8_000, f"a {len(data)}-byte screenshot is as good as blank"
