@@ -133,13 +133,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     update = sub.add_parser(
         "update",
-        help="change an instance's expiry without restarting it",
-        description="Change when an instance is deleted on its own: --ttl counts from now, "
-        '"0s" clears the expiry.',
+        help="change an instance's expiry, restart policy or health check without restarting it",
+        description="Change how an instance is supervised, while it runs: when it is deleted "
+        'on its own (--ttl counts from now, "0s" clears the expiry), its restart policy, and '
+        "its health check (replaced whole: the --health-* flags not given take their "
+        "defaults). At least one change.",
     )
-    expiry = update.add_mutually_exclusive_group(required=True)
+    expiry = update.add_mutually_exclusive_group()
     expiry.add_argument("--ttl", metavar="DURATION", help='e.g. "30m"; "0s": never expire')
     expiry.add_argument("--expires-at", metavar="TIME", help="RFC 3339, e.g. 2030-01-01T00:00:00Z")
+    _add_supervision_flags(update)
     update.add_argument("instance", metavar="INSTANCE")
     add_json_flag(update)
     client_command(update, _update)
@@ -157,7 +160,8 @@ def default_name(image: str) -> str:
     return f"{base}-{secrets.token_hex(3)}"
 
 
-def _run(client: GatewayClient, args: argparse.Namespace) -> int:
+def _health_tuning_alone(command: str, args: argparse.Namespace) -> bool:
+    """--health-interval and the like without --health-cmd: said on stderr, True."""
     tuning = {
         "--health-interval": args.health_interval,
         "--health-timeout": args.health_timeout,
@@ -166,7 +170,13 @@ def _run(client: GatewayClient, args: argparse.Namespace) -> int:
     }
     given = [flag for flag, value in tuning.items() if value is not None]
     if args.health_cmd is None and given:
-        print(f"vmfleet run: {' and '.join(given)} need --health-cmd", file=sys.stderr)
+        print(f"vmfleet {command}: {' and '.join(given)} need --health-cmd", file=sys.stderr)
+        return True
+    return False
+
+
+def _run(client: GatewayClient, args: argparse.Namespace) -> int:
+    if _health_tuning_alone("run", args):
         return 2
     image = wait_for_image(client, args.image, quiet_if_ready=True)
     body: dict[str, Any] = {"name": args.name or default_name(image["name"]), "image": args.image}
@@ -305,16 +315,40 @@ def _state_text(instance: dict[str, Any]) -> str:
 
 
 def _update(client: GatewayClient, args: argparse.Namespace) -> int:
-    body = {"ttl": args.ttl} if args.ttl is not None else {"expires_at": args.expires_at}
+    if _health_tuning_alone("update", args):
+        return 2
+    changes = {
+        "ttl": args.ttl,
+        "expires_at": args.expires_at,
+        "restart_policy": args.restart,
+        "health_check": _health_check(args),
+    }
+    body = {key: value for key, value in changes.items() if value is not None}
+    if not body:
+        print(
+            "vmfleet update: nothing to change (--ttl, --expires-at, --restart, --health-cmd)",
+            file=sys.stderr,
+        )
+        return 2
     response = client.request(
         "PATCH", f"/instances/{segment(args.instance)}", json=body, what=f"instance {args.instance}"
     )
     if args.json:
         print_json(response)
         return 0
-    instance = response.json()
-    print(f"{instance['id']} expires {instance.get('expires_at') or 'never'}")
+    print(_update_summary(response.json()))
     return 0
+
+
+def _update_summary(instance: dict[str, Any]) -> str:
+    """``ID expires … restart … health …``: the supervision the instance has now."""
+    policy = instance.get("restart_policy") or {}
+    check = instance.get("health_check") or {}
+    return (
+        f"{instance['id']} expires {instance.get('expires_at') or 'never'}"
+        f" restart {policy.get('policy') or 'never'}"
+        f" health-check {check.get('type') or 'none'}"
+    )
 
 
 def _logs(client: GatewayClient, args: argparse.Namespace) -> int:

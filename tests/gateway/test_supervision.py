@@ -278,3 +278,10 @@ async def test_cli_filters_by_tag_and_updates_the_expiry(gw: GatewayHandle, bus:
     await _until_listed(gw, 4)
     late = await vmfleet("update", "--ttl", "1h", expired)
     assert late.returncode != 0 and "expired" in late.stderr
+    # What update cannot send is refused before anything reaches the gateway.
+    nothing = await vmfleet("update", A)
+    assert nothing.returncode == 2 and "nothing to change" in nothing.stderr
+    alone = await vmfleet("update", "--health-retries", "2", A)
+    assert alone.returncode == 2 and "--health-retries need --health-cmd" in alone.stderr
+    policy = await vmfleet("update", "--restart", "sometimes", A)
+    assert policy.returncode == 2 and "--restart" in policy.stderr

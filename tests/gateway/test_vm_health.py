@@ -201,6 +201,27 @@ def test_cli_run_with_restart_and_health_cmd(fleet: Fleet, busybox_image: str) -
             check=True,
         )
         assert "Running (healthy)" in listed.stdout, listed.stdout
+        # update swaps the policy and the check on the running instance, by its name.
+        name = healthy.name
+        flags = ["--restart", "always", "--health-cmd", "test -f /proc/version", "--ttl", "2h"]
+        updated = subprocess.run(
+            [VMFLEET, "update", *flags, "--health-retries", "5", name],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert updated.returncode == 0, updated.stderr
+        assert updated.stdout.startswith(f"{instance_id} expires ")
+        assert updated.stdout.rstrip().endswith("restart always health-check exec")
+        changed = client.instances.get(instance_id)
+        assert changed.state == "Running" and changed.restart_policy is not None
+        assert changed.restart_policy.policy == "always"
+        assert changed.health_check is not None and changed.health_check.exec is not None
+        assert changed.health_check.exec.command == ["/bin/sh", "-c", "test -f /proc/version"]
+        assert changed.health_check.failure_threshold == 5
+        assert changed.expires_at is not None and healthy.expires_at is not None
+        assert changed.expires_at > healthy.expires_at
     finally:
         client.instances.delete(instance_id)
     for bad in (["--restart", "sometimes"], ["--health-interval", "1s"]):
