@@ -294,14 +294,16 @@ async def test_exec_reaches_an_instance_on_either_host_from_either_gateway(
     from hypeman.lib import exec_async
 
     for gw in two_hosts.gateways:
-        client = AsyncHypeman(api_key=gw.token, base_url=gw.base_url, max_retries=0)
-        for created in pair.instances:
-            result = await exec_async(
-                client, created["id"], ["/bin/sh", "-c", "cat /etc/hostname; exit 4"]
-            )
-            assert result.exit_code == 4
-            info = await client.instances.stat(created["id"], path="/etc/hostname")
-            assert info.exists and info.is_file and info.size == len(result.output)
+        # Closed here, in this test's event loop: a client left to the garbage collector
+        # would close its connections in a later test's loop, or in none.
+        async with AsyncHypeman(api_key=gw.token, base_url=gw.base_url, max_retries=0) as client:
+            for created in pair.instances:
+                result = await exec_async(
+                    client, created["id"], ["/bin/sh", "-c", "cat /etc/hostname; exit 4"]
+                )
+                assert result.exit_code == 4
+                info = await client.instances.stat(created["id"], path="/etc/hostname")
+                assert info.exists and info.is_file and info.size == len(result.output)
 
 
 async def test_a_volume_bound_create_lands_on_the_volumes_host(

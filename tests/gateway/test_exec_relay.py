@@ -64,10 +64,15 @@ class Relay:
     hub: FakeHub
     instances: FakeInstances
 
+    clients: list[AsyncHypeman] = field(default_factory=list)
+
     def client(self, token: str | None = None) -> AsyncHypeman:
-        return AsyncHypeman(
+        """An SDK client, closed by the fixture in this test's event loop."""
+        client = AsyncHypeman(
             api_key=token or self.gw.token, base_url=self.gw.base_url, max_retries=0
         )
+        self.clients.append(client)
+        return client
 
     def url(self, instance: str, endpoint: str) -> str:
         return self.gw.base_url.replace("http://", "ws://") + f"/instances/{instance}/{endpoint}"
@@ -102,7 +107,10 @@ async def relay(gw: GatewayHandle, bus: Bus) -> AsyncIterator[Relay]:
                 while (await http.get(f"/instances/{A}")).json().get("state") != "Running":
                     await anyio.sleep(0.05)
         baseline = _subscriptions(bus)
-        yield Relay(gw, bus, hub, instances)
+        relay = Relay(gw, bus, hub, instances)
+        yield relay
+        for client in relay.clients:
+            await client.close()
         # Every session a test opened has ended: the worker's side subscribes to nothing
         # more than before (the session subjects are gone), and no agent session is open.
         await _until(lambda: _subscriptions(bus) <= baseline and hub.open_count() == 0)
@@ -385,12 +393,13 @@ async def test_a_silent_gateway_ends_the_session(relay: Relay) -> None:
 
 
 async def test_closing_mid_output_is_clean(relay: Relay) -> None:
-    with pytest.raises(ConnectionClosed):
-        async with relay.connect(A) as ws:
-            await ws.send(json.dumps({"command": ["yes"], "tty": False}))
-            await ws.recv()
-            await ws.close()
-            await ws.recv()
+    async with relay.connect(A) as ws:
+        await ws.send(json.dumps({"command": ["yes"], "tty": False}))
+        await ws.recv()
+        await ws.close()
+        with pytest.raises(ConnectionClosed):
+            for _ in range(10_000):  # what arrived before the close may still be read first
+                await ws.recv()
     await _until(lambda: relay.hub.open_count() == 0)
     assert websockets  # the client library the SDK uses
 

@@ -140,15 +140,17 @@ def test_tty_size_and_resize(client: Hypeman, guest: str) -> None:
 
 @pytest.mark.anyio
 async def test_concurrent_sessions_on_one_instance(fleet: Fleet, guest: str) -> None:
-    client = AsyncHypeman(api_key=fleet.api.token, base_url=fleet.api.base_url, max_retries=0)
     outputs: dict[int, bytes] = {}
+    async with AsyncHypeman(
+        api_key=fleet.api.token, base_url=fleet.api.base_url, max_retries=0
+    ) as client:
 
-    async def one(i: int) -> None:
-        outputs[i] = (await exec_async(client, guest, ["/bin/echo", str(i)])).output
+        async def one(i: int) -> None:
+            outputs[i] = (await exec_async(client, guest, ["/bin/echo", str(i)])).output
 
-    async with anyio.create_task_group() as tg:
-        for i in range(12):
-            tg.start_soon(one, i)
+        async with anyio.create_task_group() as tg:
+            for i in range(12):
+                tg.start_soon(one, i)
     assert outputs == {i: f"{i}\n".encode() for i in range(12)}
 
 
