@@ -350,8 +350,11 @@ def _control(ws: ClientConnection, path: str) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise GatewayError("copy_failed", f"{path}: unexpected answer {frame!r}")
     if message.get("type") == "error":
-        where = message.get("path") or path
-        raise GatewayError("copy_failed", f"{where}: {message.get('message')}")
+        where, said = message.get("path") or path, str(message.get("message"))
+        # The agent's message often names the path already (Go's "open X: ..." errors).
+        raise GatewayError(
+            "copy_failed", said if said.startswith(f"{where}:") else f"{where}: {said}"
+        )
     return message
 
 
