@@ -31,7 +31,7 @@ __all__ = ["default_name", "register"]
 
 LOG_SOURCES: Final = ("app", "vmm", "hypeman")
 #: States in which the instance's VM is alive: `rm` wants `-f` for those.
-LIVE_STATES: Final = frozenset({"Running", "Paused"})
+LIVE_STATES: Final = frozenset({"Created", "Initializing", "Running", "Paused", "Shutdown"})
 _LIFECYCLE: Final = {
     "stop": "stop an instance (its overlay disk is kept)",
     "start": "start a stopped instance",
