@@ -80,17 +80,21 @@ INSTANCES = (
     ("i-job-0003", "batch-job", InstanceState.STOPPED),
 )
 
-#: What supervision says of some of them, as the worker records it (the rest have nothing).
-SUPERVISED: dict[str, dict[str, object]] = {
-    "i-web-0001": {
-        "health_check": HealthCheckSpec(type="tcp", port=80),
-        "health": HealthState(status="unhealthy", last_error="connection refused"),
-        "restart_policy": RestartPolicySpec(policy="on_failure", max_attempts=2),
-        "restart": RestartState(attempts=2, blocked_reason="max_attempts_exceeded"),
-        "expires_at": datetime.now(UTC) + timedelta(hours=2, minutes=5),
-    },
-    "i-job-0003": {"exit_code": 3, "exit_message": "exited with code 3"},
-}
+
+def supervised() -> dict[str, dict[str, object]]:
+    """What supervision says of some of them, as the worker records it (the rest have
+    nothing). Made when a test runs: an expiry minted at import would be minutes closer by
+    the time a long suite reaches the test."""
+    return {
+        "i-web-0001": {
+            "health_check": HealthCheckSpec(type="tcp", port=80),
+            "health": HealthState(status="unhealthy", last_error="connection refused"),
+            "restart_policy": RestartPolicySpec(policy="on_failure", max_attempts=2),
+            "restart": RestartState(attempts=2, blocked_reason="max_attempts_exceeded"),
+            "expires_at": datetime.now(UTC) + timedelta(hours=2, minutes=5),
+        },
+        "i-job-0003": {"exit_code": 3, "exit_message": "exited with code 3"},
+    }
 
 
 # -- the setting -------------------------------------------------------------------------------
@@ -184,7 +188,7 @@ async def ui_bus(nats_url: str, subject_prefix: str, ui_gw: GatewayHandle) -> As
 async def _put_instances(bus: Bus, api: GatewayHandle) -> None:
     for instance_id, name, state in INSTANCES:
         record = instance_record(
-            instance_id, name, HOST, state=state, **SUPERVISED.get(instance_id, {})
+            instance_id, name, HOST, state=state, **supervised().get(instance_id, {})
         )
         await bus.put(bus.subjects.instances_bucket, instance_id, record)
     async with api.async_client() as client:
