@@ -18,17 +18,23 @@ checked too, so such a name is refused all the same.
 from __future__ import annotations
 
 import contextlib
+import logging
 from datetime import UTC, datetime
 
+import anyio
+import nats.errors
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from gateway.service import Gateway
+from natsbus.backoff import Backoff
 from schemas.codec import decode_name_claim, encode
 from schemas.errors import BadRequest
 from schemas.messages import NameClaim
 
-__all__ = ["CLAIM_GRACE_S", "claim_name", "release_name"]
+__all__ = ["CLAIM_GRACE_S", "claim_name", "release_name", "release_name_after_delete"]
+
+log = logging.getLogger(__name__)
 
 #: How long a claim whose instance does not exist (yet) holds its name.
 CLAIM_GRACE_S = 300.0
@@ -74,6 +80,29 @@ async def release_name(gw: Gateway, name: str, instance_id: str) -> None:
     # Taken over meanwhile (a wrong last sequence): the name is someone else's now.
     with contextlib.suppress(KeyWrongLastSequenceError):
         await kv.delete(name, last=entry.revision)
+
+
+async def release_name_after_delete(
+    gw: Gateway, name: str, instance_id: str, *, patience_s: float = 10.0
+) -> None:
+    """Give ``name`` up once its instance is deleted. The delete has happened: NATS failing
+    now (a cluster failing over) must not turn it into an error that a client retries into
+    a 404. Retried for a while; if NATS stays away, the claim stays until a later create
+    takes it over (no instance holds it, so after its grace)."""
+    backoff = Backoff(first_s=0.2, max_s=2.0)
+    with anyio.move_on_after(patience_s):
+        while True:
+            try:
+                await release_name(gw, name, instance_id)
+                return
+            except nats.errors.Error as exc:  # JetStream's errors are among them
+                log.info("releasing the name %r of deleted %s: %r; again", name, instance_id, exc)
+                await backoff.sleep()
+    log.warning(
+        "the name %r of deleted instance %s stays claimed until a create takes it over",
+        name,
+        instance_id,
+    )
 
 
 def _refuse_if_recorded(gw: Gateway, name: str, instance_id: str) -> None:

@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from gateway.ids import derived_id, new_id
 from gateway.logs import logs_stream
-from gateway.names import claim_name, release_name
+from gateway.names import claim_name, release_name, release_name_after_delete
 from gateway.plan import CreatePlan, plan_create
 from gateway.requests import (
     bad_request,
@@ -152,7 +152,7 @@ async def delete_instance(request: Request) -> Response:
     record = resolve_instance(gw.view, request.path_params["id"])
     cmd = Delete(id=_command_id(request), instance_id=record.id, issued_at=utc_now())
     await gw.execute(record.host, cmd, settled=lambda: record.id not in gw.view.instances)
-    await release_name(gw, record.name, record.id)
+    await release_name_after_delete(gw, record.name, record.id)
     return Response(status_code=204)
 
 
