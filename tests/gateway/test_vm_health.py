@@ -9,12 +9,9 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import time
-from collections.abc import Callable
 
 import httpx
 import pytest
-from hypeman import Hypeman
 from hypeman.lib import exec
 from hypeman.types import Instance
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cli.embedded_nats import free_port
 from tests.gateway.conftest import Fleet
 from tests.support.dev import VMFLEET
+from tests.support.sdk import sdk_client, wait_for_instance
 from worker.lifecycle.phases import PHASES
 
 pytestmark = pytest.mark.vm
@@ -49,29 +47,12 @@ def _create_phase_counts(fleet: Fleet) -> dict[str, float]:
     }
 
 
-def _client(fleet: Fleet) -> Hypeman:
-    return Hypeman(api_key=fleet.api.token, base_url=fleet.api.base_url, max_retries=0)
-
-
-def _until(
-    client: Hypeman, instance_id: str, done: Callable[[Instance], bool], timeout_s: float = 300
-) -> Instance:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        instance = client.instances.get(instance_id)
-        if done(instance):
-            return instance
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never reached: {instance}")
-        time.sleep(0.5)
-
-
 def _health(instance: Instance) -> str | None:
     return instance.health_status.status if instance.health_status else None
 
 
 def test_http_check_unhealthy_restart_then_exec_check(fleet: Fleet, busybox_image: str) -> None:
-    client = _client(fleet)
+    client = sdk_client(fleet)
     created = client.instances.create(
         name="web-health",
         image=busybox_image,
@@ -99,21 +80,21 @@ def test_http_check_unhealthy_restart_then_exec_check(fleet: Fleet, busybox_imag
         assert (check.interval, check.timeout, check.start_period) == ("1s", "1s", "1s")
         assert (check.failure_threshold, check.success_threshold) == (2, 1)
 
-        healthy = _until(client, created.id, lambda i: _health(i) == "healthy")
+        healthy = wait_for_instance(client, created.id, lambda i: _health(i) == "healthy")
         assert healthy.health_status is not None
         assert healthy.health_status.last_success_at is not None
         assert healthy.restart_status is None
 
         killed = exec(client, created.id, ["killall", "httpd"])
         assert killed.exit_code == 0
-        restarted = _until(
+        restarted = wait_for_instance(
             client,
             created.id,
             lambda i: i.restart_status is not None and i.restart_status.attempts >= 1,
         )
         assert restarted.restart_status is not None
         assert restarted.restart_status.last_reason == "health_check_failed"
-        again = _until(
+        again = wait_for_instance(
             client, created.id, lambda i: i.state == "Running" and _health(i) == "healthy"
         )
         assert again.health_status is not None
@@ -141,7 +122,7 @@ def test_http_check_unhealthy_restart_then_exec_check(fleet: Fleet, busybox_imag
         assert patched.health_check.exec is not None
         assert patched.health_check.exec.command == ["true"]
         assert patched.health_check.start_period == "30s"  # hypeman's default
-        checked = _until(
+        checked = wait_for_instance(
             client,
             created.id,
             lambda i: (
@@ -182,9 +163,9 @@ def test_cli_run_with_restart_and_health_cmd(fleet: Fleet, busybox_image: str) -
     )
     assert ran.returncode == 0, ran.stderr
     instance_id = ran.stdout.strip()
-    client = _client(fleet)
+    client = sdk_client(fleet)
     try:
-        healthy = _until(client, instance_id, lambda i: _health(i) == "healthy")
+        healthy = wait_for_instance(client, instance_id, lambda i: _health(i) == "healthy")
         assert healthy.restart_policy is not None
         assert (healthy.restart_policy.policy, healthy.restart_policy.max_attempts) == (
             "on_failure",

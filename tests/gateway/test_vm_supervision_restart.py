@@ -6,35 +6,17 @@ blocks it."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import pytest
 from hypeman import Hypeman
-from hypeman.types import Instance
 
 from tests.gateway.conftest import Fleet
+from tests.support.sdk import sdk_client, wait_for_instance
 
 pytestmark = pytest.mark.vm
 
 #: A job that fails on its first run and serves on later ones (its overlay keeps the mark).
 FAIL_ONCE = "[ -f /root/ran ] && exec sleep 3600; touch /root/ran; echo failing; exit 3"
-
-
-def _client(fleet: Fleet) -> Hypeman:
-    return Hypeman(api_key=fleet.api.token, base_url=fleet.api.base_url, max_retries=0)
-
-
-def _until(
-    client: Hypeman, instance_id: str, done: Callable[[Instance], bool], timeout_s: float = 300
-) -> Instance:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        instance = client.instances.get(instance_id)
-        if done(instance):
-            return instance
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never reached: {instance}")
-        time.sleep(0.5)
 
 
 def _runs(client: Hypeman, instance_id: str, word: str) -> int:
@@ -44,13 +26,13 @@ def _runs(client: Hypeman, instance_id: str, word: str) -> int:
 def test_a_job_exit_code_is_recorded_and_cleared_by_the_next_start(
     fleet: Fleet, busybox_image: str
 ) -> None:
-    client = _client(fleet)
+    client = sdk_client(fleet)
     created = client.instances.create(
         name="job", image=busybox_image, size="256MB", vcpus=1, cmd=["sh", "-c", FAIL_ONCE]
     )
     try:
         assert created.restart_policy is None
-        stopped = _until(client, created.id, lambda i: i.state == "Stopped")
+        stopped = wait_for_instance(client, created.id, lambda i: i.state == "Stopped")
         assert (stopped.exit_code, stopped.exit_message) == (3, "exit code 3")
         assert stopped.state_error is None and stopped.restart_status is None
         time.sleep(3)  # policy never: it stays Stopped
@@ -67,7 +49,7 @@ def test_a_job_exit_code_is_recorded_and_cleared_by_the_next_start(
 def test_on_failure_gives_up_after_max_attempts_even_across_a_worker_kill(
     fleet: Fleet, busybox_image: str
 ) -> None:
-    client = _client(fleet)
+    client = sdk_client(fleet)
     created = client.instances.create(
         name="flaky",
         image=busybox_image,
@@ -81,7 +63,7 @@ def test_on_failure_gives_up_after_max_attempts_even_across_a_worker_kill(
         assert created.restart_policy.backoff == "15s"
         assert created.restart_policy.stable_after == "10m0s"
         assert created.restart_policy.max_attempts == 2
-        waiting = _until(
+        waiting = wait_for_instance(
             client,
             created.id,
             lambda i: i.restart_status is not None and i.restart_status.next_attempt_at is not None,
@@ -90,7 +72,7 @@ def test_on_failure_gives_up_after_max_attempts_even_across_a_worker_kill(
         # SIGKILL the worker in the backoff: the next one takes the schedule from the record.
         fleet.worker.kill()
         fleet.worker.start()
-        blocked = _until(
+        blocked = wait_for_instance(
             client,
             created.id,
             lambda i: i.restart_status is not None and i.restart_status.blocked_reason is not None,
@@ -111,7 +93,7 @@ def test_on_failure_gives_up_after_max_attempts_even_across_a_worker_kill(
 def test_always_restarts_after_success_until_the_user_stops_it(
     fleet: Fleet, busybox_image: str
 ) -> None:
-    client = _client(fleet)
+    client = sdk_client(fleet)
     created = client.instances.create(
         name="loop",
         image=busybox_image,
@@ -121,12 +103,14 @@ def test_always_restarts_after_success_until_the_user_stops_it(
         restart_policy={"policy": "always", "backoff": "1s"},
     )
     try:
-        _until(
+        wait_for_instance(
             client,
             created.id,
-            lambda i: i.state == "Running"
-            and i.restart_status is not None
-            and (i.restart_status.attempts or 0) >= 1,
+            lambda i: (
+                i.state == "Running"
+                and i.restart_status is not None
+                and (i.restart_status.attempts or 0) >= 1
+            ),
         )
         client.instances.stop(created.id)
         stopped = client.instances.get(created.id)
@@ -135,7 +119,7 @@ def test_always_restarts_after_success_until_the_user_stops_it(
         time.sleep(5)  # past the backoff: no restart
         still = client.instances.get(created.id)
         assert still.state == "Stopped"
-        assert _runs(client, created.id, "HYPEMAN-EXIT code=0 message=\"success\"") >= 1
+        assert _runs(client, created.id, 'HYPEMAN-EXIT code=0 message="success"') >= 1
 
         restarted = client.instances.start(created.id)  # the block and counters go
         assert restarted.restart_status is None or restarted.restart_status.attempts == 0
