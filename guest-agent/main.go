@@ -102,40 +102,25 @@ func findPort(wait time.Duration) (string, error) {
 }
 
 // serveStream serves a virtio-serial port: one transport for the VM's whole life. Reads
-// return 0 while no host is connected; a HELLO from the host starts a new conn.
+// fail while no host is connected; a HELLO from the host starts a new conn.
 func serveStream(f *os.File) {
-	var wmu sync.Mutex
-	r := newReader(f)
-	var c *conn
-	for {
-		fr, err := r.next()
-		if err != nil {
-			// The host is gone (or not there yet): its sessions go with it.
-			if c != nil {
-				c.close()
-				c = nil
-			}
-			r.reset()
-			time.Sleep(100 * time.Millisecond)
-			continue
-		}
-		if fr.typ == tHello {
-			if c != nil {
-				c.close()
-			}
-			c = newConn(f, &wmu)
-			c.hello(fr.payload)
-			continue
-		}
-		if c != nil {
-			c.handle(fr)
-		}
-	}
+	serveFrames(f, func(r *reader) bool {
+		r.reset()
+		time.Sleep(100 * time.Millisecond)
+		return true
+	})
 }
 
 // serveConn serves one vsock connection until it ends.
 func serveConn(f io.ReadWriteCloser) {
 	defer f.Close()
+	serveFrames(f, func(*reader) bool { return false })
+}
+
+// serveFrames hands the frames read from one transport to the conn the latest HELLO
+// opened. When a read fails, the host is gone and its sessions go with it; retry says
+// whether the transport outlives its host (a port) or ends with it (a connection).
+func serveFrames(f io.ReadWriter, retry func(*reader) bool) {
 	var wmu sync.Mutex
 	r := newReader(f)
 	var c *conn
@@ -147,7 +132,14 @@ func serveConn(f io.ReadWriteCloser) {
 	for {
 		fr, err := r.next()
 		if err != nil {
-			return
+			if c != nil {
+				c.close()
+				c = nil
+			}
+			if !retry(r) {
+				return
+			}
+			continue
 		}
 		if fr.typ == tHello {
 			if c != nil {
