@@ -21,7 +21,7 @@ from starlette.middleware import Middleware
 from gateway.auth import BearerAuth
 from gateway.commands import CommandSender
 from gateway.config import GatewayConfig
-from gateway.errors import EXCEPTION_HANDLERS
+from gateway.errors import EXCEPTION_HANDLERS, StrayCancellation
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.openapi import build_spec, spec_json, spec_yaml
 from gateway.placement import Placement
@@ -92,6 +92,7 @@ def create_app(config: GatewayConfig, *, registry: CollectorRegistry | None = No
             *images.routes,
         ],
         middleware=[
+            Middleware(StrayCancellation),
             Middleware(MetricsMiddleware, metrics=metrics),
             # Ahead of the bearer check: a browser cannot send a token to load the page.
             Middleware(UiPages, enabled=config.ui),

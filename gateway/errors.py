@@ -6,17 +6,19 @@ bus is a 503 the SDK may retry, never an anonymous 500.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import nats.errors
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.responses import error_response
 from schemas.errors import HostUnavailable, VmfleetError
 
-__all__ = ["EXCEPTION_HANDLERS"]
+__all__ = ["EXCEPTION_HANDLERS", "StrayCancellation"]
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +63,45 @@ EXCEPTION_HANDLERS = {
     nats.errors.Error: _bus_error,
     Exception: _unexpected,
 }
+
+
+class StrayCancellation:
+    """A ``CancelledError`` that nobody aimed at the request becomes a 503 in the API's shape.
+
+    nats-py cancels its own futures (a pending ``next_msg``, a request's reply) when its
+    connection closes under a request; the handler then sees ``CancelledError`` although its
+    task was never cancelled. It is not an ``Exception``, so the handlers above miss it and
+    the server would answer a plain-text 500. A real cancellation (the task's own
+    ``cancelling()`` count is set) or one after the response started still propagates.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking_start(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking_start)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if started or task is None or task.cancelling():
+                raise
+            log.warning(
+                "a stray cancellation ended %s %s", scope["method"], scope["path"], exc_info=True
+            )
+            response = error_response(
+                HostUnavailable(
+                    "the fleet's message bus dropped the request; retry",
+                    code="nats_unavailable",
+                )
+            )
+            await response(scope, receive, send)

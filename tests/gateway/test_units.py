@@ -3,6 +3,7 @@ translation (no NATS, no server)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -15,11 +16,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.errors import EXCEPTION_HANDLERS
+from gateway.errors import EXCEPTION_HANDLERS, StrayCancellation
 from gateway.ids import derived_id, new_id
 from gateway.placement import Demand, Placement
 from gateway.requests import parse_duration
@@ -237,3 +239,24 @@ async def test_a_bus_failure_is_a_503_not_a_500() -> None:
     assert response.status_code == 503
     assert response.json()["code"] == "nats_unavailable"
     assert response.headers["x-should-retry"] == "true"
+
+
+@pytest.mark.anyio
+async def test_a_future_cancelled_under_a_request_is_a_503_not_a_plain_500() -> None:
+    async def dropped(request: Request) -> Response:
+        # What nats-py does to a pending reply when its connection closes.
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(future.cancel)
+        await future
+        raise AssertionError("unreachable")
+
+    app = Starlette(
+        routes=[Route("/x", dropped)],
+        middleware=[Middleware(StrayCancellation)],
+        exception_handlers=EXCEPTION_HANDLERS,
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        response = await client.get("/x")
+    assert response.status_code == 503
+    assert response.json()["code"] == "nats_unavailable"
