@@ -33,6 +33,8 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
+from schemas.autostandby import AutoStandbyPolicy
+
 __all__ = [
     "MAX_VCPUS",
     "NAME_MAX_LENGTH",
@@ -272,6 +274,7 @@ class InstanceGPU(msgspec.Struct, kw_only=True):
 class Instance(msgspec.Struct, kw_only=True):
     """Instance response. Build it with ``InstanceRecord.to_api()``, the single renderer."""
 
+    auto_standby: AutoStandbyPolicy | UnsetType = UNSET
     created_at: Timestamp
     #: The lowercase state it is in, since when (left out for records older than these).
     current_phase: str | UnsetType = UNSET

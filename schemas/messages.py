@@ -25,6 +25,13 @@ from msgspec import UNSET, UnsetType
 
 from schemas import api
 from schemas.api import Hypervisor, ImageStatus, InstanceState, PortMapping, Timestamp
+from schemas.autostandby import (
+    AutoStandbySpec,
+    AutoStandbyState,
+    StandbyCause,
+    TransitionCause,
+    WakeCause,
+)
 from schemas.clock import utc_now
 from schemas.errors import ErrorInfo
 from schemas.sizes import format_rate, format_size
@@ -266,6 +273,7 @@ class Create(InstanceCommand, frozen=True, kw_only=True):
     expires_at: Timestamp | None = None
     restart_policy: RestartPolicySpec | None = None
     health_check: HealthCheckSpec | None = None
+    auto_standby: AutoStandbySpec | None = None
 
     @property
     def disk_bytes(self) -> int:
@@ -309,6 +317,7 @@ class Create(InstanceCommand, frozen=True, kw_only=True):
             expires_at=self.expires_at,
             restart_policy=self.restart_policy,
             health_check=self.health_check,
+            auto_standby=self.auto_standby,
             health=HealthState(window_started_at=created_at),
             phase_since=created_at,
         )
@@ -335,9 +344,15 @@ class Stop(InstanceCommand, frozen=True, kw_only=True):
 class Standby(InstanceCommand, frozen=True, kw_only=True):
     """Pause, snapshot and stop the VMM."""
 
+    #: ``idle``: sent by the owning worker's auto-standby controller.
+    cause: StandbyCause = "api"
+
 
 class Restore(InstanceCommand, frozen=True, kw_only=True):
     """Restore a standby instance from its snapshot."""
+
+    #: ``connection``: sent by the owning worker's wake listener.
+    cause: WakeCause = "api"
 
 
 class Delete(InstanceCommand, frozen=True, kw_only=True):
@@ -356,6 +371,8 @@ class Update(InstanceCommand, frozen=True, kw_only=True):
     restart_policy: RestartPolicySpec | UnsetType | None = UNSET
     #: A new health check (None: none); left out: unchanged.
     health_check: HealthCheckSpec | UnsetType | None = UNSET
+    #: A new auto-standby policy (None: none); left out: unchanged.
+    auto_standby: AutoStandbySpec | UnsetType | None = UNSET
 
 
 class AttachVolume(InstanceCommand, frozen=True, kw_only=True):
@@ -479,6 +496,12 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
     #: current state began (None: a record older than these; nothing is reported).
     phase_ms: dict[str, int] = {}
     phase_since: Timestamp | None = None
+    auto_standby: AutoStandbySpec | None = None
+    #: The auto-standby controller's idle clock and hold (worker.autostandby).
+    idle: AutoStandbyState = msgspec.field(default_factory=AutoStandbyState)
+    #: The cause of the last standby or restore, set on its first step: ``idle`` means
+    #: the instance sleeps by its policy (its mapped ports then wake it).
+    cause: TransitionCause | None = None
 
     def to_api(self) -> api.Instance:
         """Render hypeman's Instance: sizes in HR form, empty optionals left out."""
@@ -513,6 +536,7 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
             # Left out without a check, as in hypeman's example Instance (the SDK reads
             # None); ``disabled`` is what the events say of it.
             health_status=self.health.to_api(self.state, True) if self.health_check else UNSET,
+            auto_standby=self.auto_standby.to_api() if self.auto_standby else UNSET,
             **self._phases(),
         )
 
@@ -726,6 +750,9 @@ class StateEvent(msgspec.Struct, kw_only=True):
     kind: Literal["state", "health"] = "state"
     #: The instance's health status after the event (None from older workers).
     health: api.HealthStatusName | None = None
+    #: On the steps of a standby or restore: why (a standby event is the step into
+    #: Standby; a wake is Paused -> Running); None on any other transition.
+    cause: TransitionCause | None = None
 
 
 class LogLine(msgspec.Struct, kw_only=True):

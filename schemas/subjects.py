@@ -205,6 +205,10 @@ class Subjects:
         """Where a gateway asks ``host`` to open an exec or cp session (a host query)."""
         return self.host_query(host, "session")
 
+    def autostandby_query(self, host: str) -> str:
+        """Where a gateway asks ``host`` for an instance's auto-standby status or hold."""
+        return self.host_query(host, "autostandby")
+
     def stat_query(self, host: str) -> str:
         """Where a gateway asks ``host`` to stat a path in one of its guests."""
         return self.host_query(host, "stat")
