@@ -6,6 +6,15 @@ instances run concurrently, bounded by a limiter. A command is acked only after 
 outcome is in the instance record and the result is published, so a worker killed at any
 moment leaves the command in the stream to be redelivered, and redelivery of a command
 that did finish is answered from the ledger instead of being run again.
+
+Recovery is fast because the ack wait is short (``ACK_WAIT_S``): a command held by a worker
+that died is redelivered a few seconds after its last sign of life, to the worker that
+replaced it. A live worker keeps every command it holds (running, or queued behind another
+command of its instance or the concurrency limit) from being redelivered by telling
+JetStream it is in progress every ``PROGRESS_EVERY_S``. Should that fail for a moment (the
+event loop held up for longer than the ack wait), the redelivery comes back to this same
+consumer, finds the command's id among those held, and replaces the delivery that is acked
+at the end instead of queueing the command a second time: a command never runs twice.
 """
 
 from __future__ import annotations
@@ -36,7 +45,12 @@ log = logging.getLogger(__name__)
 #: Runs one command and returns its result (the daemon's dispatcher).
 Executor = Callable[[AnyCommand], Awaitable[CommandResult]]
 
-_ACK_WAIT_S = 30.0
+#: How long JetStream waits for a sign of life before it redelivers a command: what a
+#: worker's crash costs the commands it held. Applied to an existing consumer on start.
+ACK_WAIT_S = 5.0
+#: How often each held command is reported in progress: several times per ack wait, so a
+#: late beat or two does not lose it.
+PROGRESS_EVERY_S = 1.0
 #: How long fetching may fail without a break before the worker gives up and exits, so
 #: that its supervisor starts a fresh one (a new connection, the consumer made again).
 FETCH_FAILURE_LIMIT_S = 120.0
@@ -60,6 +74,8 @@ class CommandConsumer:
         *,
         concurrency: int = 4,
         fetch_failure_limit_s: float = FETCH_FAILURE_LIMIT_S,
+        ack_wait_s: float = ACK_WAIT_S,
+        progress_every_s: float = PROGRESS_EVERY_S,
     ) -> None:
         self._nc = nc
         self._subjects = subjects
@@ -68,7 +84,11 @@ class CommandConsumer:
         self._ledger = ledger
         self._metrics = metrics
         self._limiter = anyio.CapacityLimiter(concurrency)
-        self._queues: dict[str, MemoryObjectSendStream[tuple[Msg, AnyCommand]]] = {}
+        self._queues: dict[str, MemoryObjectSendStream[AnyCommand]] = {}
+        #: command id → its latest delivery, from its arrival until it is answered.
+        self._held: dict[str, Msg] = {}
+        self._ack_wait_s = ack_wait_s
+        self._progress_every_s = progress_every_s
         self._fetch_failure_limit_s = fetch_failure_limit_s
         #: Since when fetching has failed without a break (None: it works).
         self._failing_since: float | None = None
@@ -83,19 +103,26 @@ class CommandConsumer:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         js = self._nc.jetstream()
-        subscription = await js.pull_subscribe(
-            self._subjects.command_filter(self._host_id),
-            durable=self._subjects.command_consumer(self._host_id),
-            stream=self._subjects.commands_stream,
+        durable = self._subjects.command_consumer(self._host_id)
+        stream = self._subjects.commands_stream
+        # Created, or updated in place when it exists (the ack wait of a consumer made by an
+        # older worker): pull_subscribe alone would take an existing consumer as it is.
+        await js.add_consumer(
+            stream,
             config=ConsumerConfig(
+                name=durable,
+                durable_name=durable,
+                filter_subject=self._subjects.command_filter(self._host_id),
                 ack_policy=AckPolicy.EXPLICIT,
                 deliver_policy=DeliverPolicy.ALL,
-                ack_wait=_ACK_WAIT_S,
+                ack_wait=self._ack_wait_s,
                 max_ack_pending=1000,
                 max_deliver=-1,
             ),
         )
+        subscription = await js.pull_subscribe_bind(durable, stream)
         async with anyio.create_task_group() as tg:
+            tg.start_soon(self._keep_held_in_progress)
             task_status.started()
             while True:
                 try:
@@ -153,22 +180,38 @@ class CommandConsumer:
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             await self._reject(msg, str(exc))
             return
+        if cmd.id in self._held:
+            # Redelivered while this worker still holds it (beats came late): the newest
+            # delivery is the one to keep alive and ack; the command runs once.
+            self._held[cmd.id] = msg
+            self._metrics.command_redeliveries_held.inc()
+            return
+        self._held[cmd.id] = msg
         key = getattr(cmd, "instance_id", None) or getattr(cmd, "volume_id", None) or cmd.id
         queue = self._queues.get(key)
         if queue is None:
-            send, receive = anyio.create_memory_object_stream[tuple[Msg, AnyCommand]](math.inf)
+            send, receive = anyio.create_memory_object_stream[AnyCommand](math.inf)
             self._queues[key] = queue = send
             tg.start_soon(self._drain, key, receive)
-        queue.send_nowait((msg, cmd))
+        queue.send_nowait(cmd)
 
-    async def _drain(
-        self, key: str, receive: MemoryObjectReceiveStream[tuple[Msg, AnyCommand]]
-    ) -> None:
+    async def _keep_held_in_progress(self) -> None:
+        """Every held command, queued or running, is kept from redelivery while this worker
+        lives; when it dies the beats stop and the ack wait hands them to its successor."""
+        while True:
+            await anyio.sleep(self._progress_every_s)
+            for msg in list(self._held.values()):
+                try:
+                    await msg.in_progress()
+                except Exception as exc:  # NATS away: redelivery comes back here, held
+                    log.debug("in_progress failed: %s", exc)
+
+    async def _drain(self, key: str, receive: MemoryObjectReceiveStream[AnyCommand]) -> None:
         """Run one key's commands in order; the queue goes away when it is empty."""
         async with receive:
             while True:
                 try:
-                    msg, cmd = receive.receive_nowait()
+                    cmd = receive.receive_nowait()
                 except anyio.WouldBlock:
                     # Nothing awaits between this check and the removal: no command can
                     # slip into a queue that is about to disappear.
@@ -178,25 +221,17 @@ class CommandConsumer:
                 # (every operation bounds its own waits) instead of abandoning it half-way.
                 async with self._limiter:
                     with anyio.CancelScope(shield=True):
-                        await self._handle(msg, cmd)
+                        await self._handle(cmd)
 
-    async def _handle(self, msg: Msg, cmd: AnyCommand) -> None:
+    async def _handle(self, cmd: AnyCommand) -> None:
         result = self._ledger.get(cmd.id)
         if result is None:
             with self._metrics.op_duration.labels(op=cmd.op).time():
-                result = await self._run_with_progress(msg, cmd)
+                result = await self._execute(cmd)
             self._ledger.put(result)
         outcome = "ok" if result.ok else (result.error.code if result.error else "error")
         self._metrics.commands.labels(op=cmd.op, outcome=outcome).inc()
-        await self._answer(msg, result)
-
-    async def _run_with_progress(self, msg: Msg, cmd: AnyCommand) -> CommandResult:
-        """Execute, telling JetStream the command is still being worked on meanwhile."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_keep_in_progress, msg)
-            result = await self._execute(cmd)
-            tg.cancel_scope.cancel()
-        return result
+        await self._answer(self._held.pop(cmd.id), result)
 
     async def _answer(self, msg: Msg, result: CommandResult) -> None:
         with anyio.CancelScope(shield=True):
@@ -219,12 +254,3 @@ class CommandConsumer:
             )
         else:
             await msg.ack()
-
-
-async def _keep_in_progress(msg: Msg) -> None:
-    while True:
-        await anyio.sleep(_ACK_WAIT_S / 3)
-        try:
-            await msg.in_progress()
-        except Exception as exc:
-            log.debug("in_progress failed: %s", exc)

@@ -47,6 +47,11 @@ class WorkerMetrics:
             "Failed fetches of this host's commands from NATS",
             registry=registry,
         )
+        self.command_redeliveries_held = Counter(
+            "vmfleet_worker_command_redeliveries_held",
+            "Commands JetStream redelivered while this worker still held them (not run again)",
+            registry=registry,
+        )
         self.command_fetch_failing = Gauge(
             "vmfleet_worker_command_fetch_failing",
             "1 while fetching this host's commands fails (the worker exits if it lasts)",

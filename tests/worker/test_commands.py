@@ -16,6 +16,7 @@ import anyio
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig
 from prometheus_client import CollectorRegistry
 
 from cli.embedded_nats import NatsServerProcess
@@ -24,7 +25,7 @@ from schemas.codec import decode_command_result, encode
 from schemas.messages import AnyCommand, CommandResult, Stop
 from schemas.subjects import Subjects
 from tests.support.fleet import now
-from worker.commands import CommandConsumer, CommandsUnreachable
+from worker.commands import ACK_WAIT_S, CommandConsumer, CommandsUnreachable
 from worker.ledger import Ledger
 from worker.metrics import WorkerMetrics
 
@@ -172,3 +173,177 @@ async def test_a_worker_that_cannot_fetch_its_commands_says_so_and_gives_up(
     failures = metrics.registry.get_sample_value("vmfleet_worker_command_fetch_failures_total")
     assert failures is not None and failures >= 1
     assert metrics.registry.get_sample_value("vmfleet_worker_command_fetch_failing") == 1
+
+
+class CountingExecutor:
+    """Counts the runs of each command; each takes ``hold_s`` unless it is to hang."""
+
+    def __init__(self, hold_s: float, hang: anyio.Event | None = None) -> None:
+        self.hold_s = hold_s
+        self.hang = hang
+        self.runs: dict[str, int] = {}
+
+    async def __call__(self, cmd: AnyCommand) -> CommandResult:
+        self.runs[cmd.id] = self.runs.get(cmd.id, 0) + 1
+        if self.hang is not None:
+            await self.hang.wait()
+        await anyio.sleep(self.hold_s)
+        return CommandResult(command_id=cmd.id, ok=True)
+
+
+def quick_consumer(
+    nc: Client,
+    prefix: str,
+    ledger: Path,
+    execute: CountingExecutor,
+    *,
+    progress_every_s: float,
+    metrics: WorkerMetrics | None = None,
+) -> CommandConsumer:
+    """A consumer whose ack wait (1 s) is shorter than the commands it runs."""
+    return CommandConsumer(
+        nc,
+        Subjects(prefix),
+        HOST,
+        execute,
+        Ledger(ledger),
+        metrics or WorkerMetrics(CollectorRegistry()),
+        ack_wait_s=1.0,
+        progress_every_s=progress_every_s,
+    )
+
+
+async def test_commands_longer_than_the_ack_wait_run_once(
+    nc: Client, subject_prefix: str, tmp_path: Path
+) -> None:
+    """The running command and the one queued behind it (same instance) are both kept
+    from redelivery by the in-progress beats: each runs once and is acked."""
+    subjects = Subjects(subject_prefix)
+    execute = CountingExecutor(hold_s=2.5)
+    results = await nc.subscribe(subjects.result("first").replace("first", "*"), max_msgs=2)
+    async with anyio.create_task_group() as tg:
+        await tg.start(
+            quick_consumer(nc, subject_prefix, tmp_path, execute, progress_every_s=0.2).run
+        )
+        await send(nc, subject_prefix, "first", "inst-a")
+        await send(nc, subject_prefix, "second", "inst-a")
+        answered = {
+            decode_command_result((await results.next_msg(timeout=60)).data).command_id
+            for _ in range(2)
+        }
+        tg.cancel_scope.cancel()
+
+    assert answered == {"first", "second"}
+    assert execute.runs == {"first": 1, "second": 1}
+    info = await nc.jetstream().consumer_info(
+        subjects.commands_stream, subjects.command_consumer(HOST)
+    )
+    assert info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def test_a_redelivery_of_a_command_still_running_does_not_run_it_again(
+    nc: Client, subject_prefix: str, tmp_path: Path
+) -> None:
+    """Beats too rare for the ack wait (as when the event loop is held up): JetStream
+    redelivers the running command to the same worker, which runs it once and acks it."""
+    subjects = Subjects(subject_prefix)
+    execute = CountingExecutor(hold_s=3.5)
+    metrics = WorkerMetrics(CollectorRegistry())
+    results = await nc.subscribe(subjects.result("slow"), max_msgs=1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(
+            quick_consumer(
+                nc, subject_prefix, tmp_path, execute, progress_every_s=60, metrics=metrics
+            ).run
+        )
+        await send(nc, subject_prefix, "slow", "inst-a")
+        result = decode_command_result((await results.next_msg(timeout=60)).data)
+        tg.cancel_scope.cancel()
+
+    assert result.ok and execute.runs == {"slow": 1}
+    info = await nc.jetstream().consumer_info(
+        subjects.commands_stream, subjects.command_consumer(HOST)
+    )
+    assert info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def test_the_successor_of_a_dead_worker_takes_up_its_command(
+    nats_url: str, nc: Client, subject_prefix: str, tmp_path: Path
+) -> None:
+    """A worker that took a command and went silent (its connection gone, no ack, no
+    beats): the next worker of the host gets the command after the short ack wait and
+    answers it."""
+    subjects = Subjects(subject_prefix)
+    results = await nc.subscribe(subjects.result("held"), max_msgs=1)
+    hang = anyio.Event()
+    dead = CountingExecutor(hold_s=0, hang=hang)
+    successor = CountingExecutor(hold_s=0)
+    first = await nats.connect(nats_url)
+    async with anyio.create_task_group() as tg:
+        await tg.start(
+            quick_consumer(first, subject_prefix, tmp_path / "a", dead, progress_every_s=0.2).run
+        )
+        await send(nc, subject_prefix, "held", "inst-a")
+        with anyio.fail_after(30):
+            while not dead.runs:
+                await anyio.sleep(0.02)
+        await first.close()  # the worker dies holding the command
+        second = await nats.connect(nats_url)
+        try:
+            await tg.start(
+                quick_consumer(
+                    second, subject_prefix, tmp_path / "b", successor, progress_every_s=0.2
+                ).run
+            )
+            result = decode_command_result((await results.next_msg(timeout=60)).data)
+        finally:
+            hang.set()
+            tg.cancel_scope.cancel()
+            await second.close()
+
+    assert result.ok and result.command_id == "held"
+    assert successor.runs == {"held": 1}
+
+
+async def test_an_existing_consumer_gets_the_short_ack_wait(
+    nc: Client, subject_prefix: str, tmp_path: Path
+) -> None:
+    """A consumer made by an older worker (30 s ack wait) is updated in place on start,
+    keeping the commands queued on it."""
+    subjects = Subjects(subject_prefix)
+    durable = subjects.command_consumer(HOST)
+    await nc.jetstream().add_consumer(
+        subjects.commands_stream,
+        config=ConsumerConfig(
+            name=durable,
+            durable_name=durable,
+            filter_subject=subjects.command_filter(HOST),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30.0,
+            max_deliver=-1,
+        ),
+    )
+    await send(nc, subject_prefix, "queued", "inst-a")
+    execute = CountingExecutor(hold_s=0)
+    results = await nc.subscribe(subjects.result("queued"), max_msgs=1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer_with_defaults(nc, subject_prefix, tmp_path, execute).run)
+        result = decode_command_result((await results.next_msg(timeout=60)).data)
+        tg.cancel_scope.cancel()
+
+    assert result.ok and execute.runs == {"queued": 1}
+    info = await nc.jetstream().consumer_info(subjects.commands_stream, durable)
+    assert info.config.ack_wait == ACK_WAIT_S
+
+
+def consumer_with_defaults(
+    nc: Client, prefix: str, tmp_path: Path, execute: CountingExecutor
+) -> CommandConsumer:
+    return CommandConsumer(
+        nc,
+        Subjects(prefix),
+        HOST,
+        execute,
+        Ledger(tmp_path / "ledger"),
+        WorkerMetrics(CollectorRegistry()),
+    )
