@@ -25,7 +25,18 @@ from gateway.errors import EXCEPTION_HANDLERS, StrayCancellation
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.openapi import build_spec, spec_json, spec_yaml
 from gateway.placement import Placement
-from gateway.routes import events, fleet, guest, health, images, instances, spec, usage, volumes
+from gateway.routes import (
+    autostandby,
+    events,
+    fleet,
+    guest,
+    health,
+    images,
+    instances,
+    spec,
+    usage,
+    volumes,
+)
 from gateway.routes.ui import UiPages
 from gateway.service import Gateway
 from gateway.sessions import GuestSessions
@@ -87,6 +98,7 @@ def create_app(config: GatewayConfig, *, registry: CollectorRegistry | None = No
             *events.routes,
             *instances.routes,
             *usage.routes,
+            *autostandby.routes,
             *guest.routes,
             *volumes.routes,
             *images.routes,

@@ -35,6 +35,7 @@ from schemas.api import (
     UpdateInstanceRequest,
     WaitForStateResponse,
 )
+from schemas.autostandby import AutoStandbyPolicy, AutoStandbyStatus
 from schemas.messages import HostRecord, StateEvent
 
 __all__ = ["EXTENSION", "HYPEMAN_OPERATIONS", "build_spec", "spec_json", "spec_yaml"]
@@ -53,6 +54,8 @@ HYPEMAN_OPERATIONS: Final[dict[str, frozenset[str]]] = {
     # The newer SDK's (hypeman 0.28), described here because the vendored document
     # predates them.
     "/instances/{id}/stats": frozenset({"get"}),
+    "/instances/{id}/auto-standby/status": frozenset({"get"}),
+    "/instances/{id}/auto-standby/hold": frozenset({"post"}),
     "/capabilities": frozenset({"get"}),
     "/instances/{id}/standby": frozenset({"post"}),
     "/instances/{id}/restore": frozenset({"post"}),
@@ -181,7 +184,14 @@ def _add_supervision(schemas: dict[str, Any], paths: dict[str, Any]) -> None:
     """Tags, expiry, PATCH, stats and capabilities, which the newer SDK has and the
     vendored description predates; the policies this build refuses are described as such."""
     _, generated = msgspec.json.schema_components(
-        [InstanceStats, Capabilities, UpdateInstanceRequest, HostResources],
+        [
+            InstanceStats,
+            Capabilities,
+            UpdateInstanceRequest,
+            HostResources,
+            AutoStandbyPolicy,
+            AutoStandbyStatus,
+        ],
         ref_template="#/components/schemas/{name}",
     )
     for name, schema in generated.items():
@@ -191,6 +201,8 @@ def _add_supervision(schemas: dict[str, Any], paths: dict[str, Any]) -> None:
     _resources_fields(schemas)
     paths["/instances/{id}"]["patch"] = _update_operation()
     paths["/instances/{id}/stats"] = {"get": _stats_operation()}
+    paths["/instances/{id}/auto-standby/status"] = {"get": _auto_standby_status_operation()}
+    paths["/instances/{id}/auto-standby/hold"] = {"post": _auto_standby_hold_operation()}
     paths["/capabilities"] = {"get": _capabilities_operation()}
 
 
@@ -211,10 +223,14 @@ _EXPIRES_AT: Final = {
     "format": "date-time",
     "description": "Absolute expiration time; must be in the future. Mutually exclusive with ttl.",
 }
-_UNAPPLIED: Final = {
-    "type": "object",
-    "description": "Not supported by this vmfleet build yet: refused with 400 not_supported.",
-}
+_AUTO_STANDBY_DESCRIPTION: Final = (
+    "Standby after idle_timeout without inbound TCP connections (ignored ports and source "
+    "CIDRs do not count). idle_timeout is required when enabled and echoed as Go prints "
+    'it ("10m0s"); '
+    "CIDRs are canonicalized, sorted and deduplicated, ports sorted and deduplicated (0 is "
+    "refused); a disabled policy is stored as {enabled: false}. Invalid values are 400 "
+    "invalid_auto_standby."
+)
 
 
 _RESTART_POLICY: Final[dict[str, Any]] = {
@@ -321,8 +337,9 @@ def _lifetime_fields(schemas: dict[str, Any]) -> None:
         "description": "Only keys bound to a credential's source.env; vmfleet has none, so "
         "a non-empty env is refused (400 invalid_env).",
     }
-    create["auto_standby"] = copy.deepcopy(_UNAPPLIED)
-    update["auto_standby"] = copy.deepcopy(_UNAPPLIED)
+    schemas["AutoStandbyPolicy"]["description"] = _AUTO_STANDBY_DESCRIPTION
+    create["auto_standby"] = _ref("AutoStandbyPolicy")
+    update["auto_standby"] = _ref("AutoStandbyPolicy")
     schemas["HealthCheck"] = copy.deepcopy(_HEALTH_CHECK)
     schemas["InstanceHealthStatus"] = copy.deepcopy(_HEALTH_STATUS)
     create["health_check"] = _ref("HealthCheck")
@@ -334,6 +351,7 @@ def _lifetime_fields(schemas: dict[str, Any]) -> None:
     instance = schemas["Instance"]["properties"]
     instance["restart_policy"] = _ref("RestartPolicy")
     instance["restart_status"] = _ref("RestartStatus")
+    instance["auto_standby"] = _ref("AutoStandbyPolicy")
     instance["health_check"] = _ref("HealthCheck")
     instance["current_phase"] = {
         "type": "string",
@@ -390,8 +408,8 @@ def _update_operation() -> dict[str, Any]:
         'it; `"0s"` clears it) and the restart policy (replaced whole; the counters start '
         "again unless the instance was stopped by its user). An empty body or an unknown "
         "field is 400; `health_check` replaces the check whole and starts a fresh health "
-        "window; `auto_standby` is 400 `not_supported` in this build; an expired instance is "
-        "409 `instance_expired`.",
+        "window; `auto_standby` replaces the policy whole (the idle clock keeps running); an "
+        "expired instance is 409 `instance_expired`.",
         "operationId": "updateInstance",
         "security": [{"bearerAuth": []}],
         "parameters": [_path_id()],
@@ -421,6 +439,45 @@ def _stats_operation() -> dict[str, Any]:
             "200": _json_response("Usage now", _ref("InstanceStats")),
             "404": _error_response("Instance not found"),
             "409": _error_response("Ambiguous instance reference"),
+            "503": _ext(_error_response("The instance's host is not live or not answering")),
+        },
+    }
+
+
+def _auto_standby_status_operation() -> dict[str, Any]:
+    return {
+        "summary": "Auto-standby status of an instance, read on its host",
+        "description": "Why the instance would or would not go to standby now. Inbound "
+        "connections are counted on the owning host: sockets of the mapped host ports in the "
+        "user network mode, conntrack flows to the guest's address in bridge mode "
+        "(`tracking_mode` says which). An instance without networking is `ineligible` / "
+        "`network_disabled`.",
+        "operationId": "getAutoStandbyStatus",
+        "security": [{"bearerAuth": []}],
+        "parameters": [_path_id()],
+        "responses": {
+            "200": _json_response("Auto-standby status", _ref("AutoStandbyStatus")),
+            "404": _error_response("Instance not found"),
+            "409": _error_response("Ambiguous instance reference"),
+            "503": _ext(_error_response("The instance's host is not live or not answering")),
+        },
+    }
+
+
+def _auto_standby_hold_operation() -> dict[str, Any]:
+    return {
+        "summary": "Hold off auto-standby for one idle_timeout",
+        "description": "Sets hold_until to now + idle_timeout (the newest hold wins) and "
+        "cancels a standby the policy queued. 409 `instance_in_standby` while the instance "
+        "is in Standby or its standby is executing; any other instance (no policy, disabled, "
+        "not running) gets 200 with its current status.",
+        "operationId": "holdAutoStandby",
+        "security": [{"bearerAuth": []}],
+        "parameters": [_path_id()],
+        "responses": {
+            "200": _json_response("Auto-standby status after the hold", _ref("AutoStandbyStatus")),
+            "404": _error_response("Instance not found"),
+            "409": _error_response("Instance in standby, or ambiguous instance reference"),
             "503": _ext(_error_response("The instance's host is not live or not answering")),
         },
     }

@@ -22,7 +22,12 @@ from msgspec import UNSET
 
 from gateway.health import health_check, require_reachable_port
 from gateway.placement import Demand
-from gateway.supervision import check_tags, expiry_on_create, refuse_unapplied, restart_policy
+from gateway.supervision import (
+    auto_standby_policy,
+    check_tags,
+    expiry_on_create,
+    restart_policy,
+)
 from gateway.view import FleetView
 from schemas.api import (
     MAX_VCPUS,
@@ -110,6 +115,7 @@ def plan_create(
         expires_at=expires_at,
         restart_policy=restart_policy(req.restart_policy),
         health_check=health_check(req.health_check, network_enabled=network.enabled),
+        auto_standby=auto_standby_policy(req.auto_standby),
     )
     needs_bridge = _check_bandwidth(command, view) or _check_health_route(command, view)
     demand = Demand(
@@ -180,7 +186,6 @@ def _refuse_unsupported(req: CreateInstanceRequest) -> None:
         raise BadRequest("device passthrough is not supported by vmfleet", code="not_supported")
     if req.gpu is not UNSET and getattr(req.gpu, "profile", UNSET) is not UNSET:
         raise BadRequest("vGPU profiles are not supported by vmfleet", code="not_supported")
-    refuse_unapplied({"auto_standby": req.auto_standby})
 
 
 def _check_image(reference: str, view: FleetView) -> frozenset[str]:

@@ -1,6 +1,6 @@
 """Checks of what the newer SDK adds to an instance: tags, its lifetime (``ttl`` /
-``expires_at``), the restart policy (the health check: :mod:`gateway.health`), and the
-supervision policies this build does not apply yet.
+``expires_at``), the restart policy, the auto-standby policy (the health check:
+:mod:`gateway.health`).
 
 Every refusal is a 400 in hypeman's error shape that names the field, raised before
 anything is sent: a client that set ``ttl: "1h"`` must never get a VM that silently
@@ -10,6 +10,7 @@ and counts from when the owning worker commits it.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import datetime, timedelta
 from typing import Final
@@ -19,19 +20,20 @@ from msgspec import UNSET, UnsetType
 
 from gateway.health import health_check, require_reachable_port
 from gateway.requests import parse_duration
-from schemas.api import UpdateInstanceRequest
+from schemas.api import UpdateInstanceRequest, go_duration
+from schemas.autostandby import AutoStandbySpec
 from schemas.errors import BadRequest, Conflict
 from schemas.messages import HealthCheckSpec, InstanceRecord, RestartPolicySpec, Update
 
 __all__ = [
     "MAX_TAGS",
     "UPDATE_DECODER",
+    "auto_standby_policy",
     "check_tags",
     "expiry_on_create",
     "expiry_update",
     "future_expiry",
     "plan_update",
-    "refuse_unapplied",
     "restart_policy",
     "ttl_seconds",
 ]
@@ -44,9 +46,10 @@ TAG_KEY_PATTERN: Final = r"[A-Za-z0-9]([A-Za-z0-9._:/-]*[A-Za-z0-9])?"
 #: Go's longest duration (about 292 years): a ttl beyond it is not one hypeman accepts.
 _MAX_TTL_S: Final = float((1 << 63) - 1) / 1e9
 
-#: Create/PATCH fields of hypeman 0.28 that vmfleet decodes but does not apply yet.
-UNAPPLIED: Final = ("auto_standby",)
 _RESTART_FIELDS: Final = frozenset({"policy", "backoff", "max_attempts", "stable_after"})
+_AUTO_STANDBY_FIELDS: Final = frozenset(
+    {"enabled", "idle_timeout", "ignore_destination_ports", "ignore_source_cidrs"}
+)
 
 
 def check_tags(tags: dict[str, str]) -> dict[str, str]:
@@ -179,16 +182,91 @@ def _bad_policy(message: str) -> BadRequest:
     return BadRequest(f"invalid restart_policy: {message}", code="invalid_restart_policy")
 
 
-def refuse_unapplied(fields: dict[str, object]) -> None:
-    """400 ``not_supported`` naming the first policy field that is set (null counts as
-    not set): accepted and ignored, it would be the worst kind of silence."""
-    for name in UNAPPLIED:
-        value = fields.get(name, UNSET)
-        if value is not UNSET and value is not None:
-            raise BadRequest(
-                f"{name} is not supported by this vmfleet build yet; leave it out",
-                code="not_supported",
-            )
+def auto_standby_policy(raw: object) -> AutoStandbySpec | None:
+    """A checked, normalized ``auto_standby`` (None: no policy), or 400
+    ``invalid_auto_standby`` naming what is wrong. As hypeman: ``idle_timeout`` is required
+    and positive when enabled and echoed as Go prints it; CIDRs canonical, sorted and
+    unique; ports sorted and unique, 0 refused; a disabled policy keeps nothing else."""
+    if raw is None or raw is UNSET:
+        return None
+    if not isinstance(raw, dict):
+        raise _bad_standby("it must be an object")
+    unknown = sorted(set(raw) - _AUTO_STANDBY_FIELDS)
+    if unknown:
+        raise _bad_standby(f"unknown field {unknown[0]!r}")
+    enabled = raw.get("enabled")
+    if enabled is not None and not isinstance(enabled, bool):
+        raise _bad_standby(f"enabled must be true or false, not {enabled!r}")
+    # Everything given is checked, even in a disabled policy: nothing wrong is stored.
+    timeout_s = _idle_timeout(raw.get("idle_timeout"), required=bool(enabled))
+    ports = _ignored_ports(raw.get("ignore_destination_ports"))
+    cidrs = _ignored_cidrs(raw.get("ignore_source_cidrs"))
+    if not enabled:
+        return AutoStandbySpec(enabled=False)
+    return AutoStandbySpec(
+        enabled=True,
+        idle_timeout=go_duration(timeout_s),
+        idle_timeout_s=timeout_s,
+        ignore_destination_ports=ports,
+        ignore_source_cidrs=cidrs,
+    )
+
+
+def _idle_timeout(value: object, *, required: bool) -> float:
+    if value is None or value == "":
+        if required:
+            raise _bad_standby('idle_timeout is required when enabled (e.g. "5m")')
+        return 0.0
+    if not isinstance(value, str):
+        raise _bad_standby(f'idle_timeout must be a duration such as "5m", not {value!r}')
+    if value.startswith("-"):
+        raise _bad_standby(f"idle_timeout must be positive, not {value!r}")
+    try:
+        # Go's ParseDuration: a number needs its unit ("30" alone is refused).
+        if re.fullmatch(r"[0-9.]+", value):
+            raise ValueError(value)
+        seconds = parse_duration(value)
+    except ValueError:
+        raise _bad_standby(
+            f'idle_timeout must be a duration such as "30s" or "5m", not {value!r}'
+        ) from None
+    if seconds <= 0 or seconds > _MAX_TTL_S:
+        raise _bad_standby(f"idle_timeout must be positive, not {value!r}")
+    return seconds
+
+
+def _ignored_ports(value: object) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _bad_standby("ignore_destination_ports must be a list of port numbers")
+    for port in value:
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise _bad_standby(f"ignore_destination_ports: {port!r} is not a port (1-65535)")
+    return tuple(sorted(set(value)))
+
+
+def _ignored_cidrs(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _bad_standby("ignore_source_cidrs must be a list of CIDRs")
+    networks: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
+    for cidr in value:
+        # Go's ParseCIDR: an address alone is not a CIDR; host bits are masked off.
+        try:
+            if not isinstance(cidr, str) or "/" not in cidr:
+                raise ValueError
+            networks.add(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError:
+            raise _bad_standby(
+                f'ignore_source_cidrs: {cidr!r} is not a CIDR such as "10.0.0.0/8"'
+            ) from None
+    return tuple(sorted(str(network) for network in networks))
+
+
+def _bad_standby(message: str) -> BadRequest:
+    return BadRequest(f"invalid auto_standby: {message}", code="invalid_auto_standby")
 
 
 def plan_update(
@@ -210,7 +288,7 @@ def plan_update(
             "health_check, restart_policy, ttl)",
             code="Bad Request",
         )
-    refuse_unapplied(given)
+    standby = UNSET if req.auto_standby is UNSET else auto_standby_policy(req.auto_standby)
     if req.env:
         raise BadRequest(
             "env: only keys bound to a credential's source.env can be updated, and vmfleet "
@@ -234,6 +312,7 @@ def plan_update(
         expires_at=expires_at,
         restart_policy=policy,
         health_check=check,
+        auto_standby=standby,
     )
 
 

@@ -2,10 +2,11 @@
 the checked policy and the idle clock an instance's record keeps, and the host query the
 gateway asks the owning worker (status, hold).
 
-The policy is checked and normalized by the gateway (:mod:`gateway.autostandby`): the
-record holds it in the shape hypeman echoes (``idle_timeout`` as Go prints it, CIDRs
-canonical, sorted and unique, ports sorted and unique), plus the timeout in seconds for
-the worker. This module imports nothing of :mod:`schemas.api` (which imports it).
+The policy is checked and normalized by the gateway
+(:func:`gateway.supervision.auto_standby_policy`): the record holds it in the shape
+hypeman echoes (``idle_timeout`` as Go prints it, CIDRs canonical, sorted and unique,
+ports sorted and unique), plus the timeout in seconds for the worker. This module
+imports nothing of :mod:`schemas.api` (which imports it).
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ async def test_tags_and_expiry_are_shown_and_filtered(gw: GatewayHandle, bus: Bu
         ({"restart_policy": {"backoff": "0s"}}, "invalid_restart_policy", "backoff"),
         ({"restart_policy": {"max_attempts": -1}}, "invalid_restart_policy", "max_attempts"),
         ({"restart_policy": {"policy": "always", "wait": "1s"}}, "invalid_restart_policy", "wait"),
-        ({"auto_standby": {"enabled": True}}, "not_supported", "auto_standby"),
+        ({"auto_standby": {"enabled": True}}, "invalid_auto_standby", "idle_timeout"),
         *[
             ({"health_check": check}, "invalid_health_check", named)
             for check, named in _BAD_HEALTH_CHECKS
@@ -150,7 +150,11 @@ async def test_update_refusals(gw: GatewayHandle, bus: Bus) -> None:
     cases: list[tuple[dict[str, object], str, str]] = [
         ({"restart_policy": {"stable_after": "soon"}}, "invalid_restart_policy", "stable_after"),
         ({"health_check": {"type": "exec"}}, "invalid_health_check", "health_check.exec"),
-        ({"auto_standby": {"enabled": False}}, "not_supported", "auto_standby"),
+        (
+            {"auto_standby": {"enabled": True, "idle_timeout": "soon"}},
+            "invalid_auto_standby",
+            "soon",
+        ),
         ({"env": {"API_KEY": "x"}}, "invalid_env", "env"),
         ({"ttl": "-1m"}, "invalid_ttl", "negative"),
         ({"ttl": "1h", "expires_at": "2999-01-01T00:00:00Z"}, "invalid_ttl", "exclusive"),

@@ -1,10 +1,10 @@
 """update (``PATCH /instances/{id}``): what changes in the record without touching the VM.
 
-Today that is the expiry, the restart policy and the health check (a new check opens a
-fresh health window). A ``ttl`` counts from here, when the
-owning worker commits it, not from when a gateway received it; an instance past its
-deadline is refused (it is about to be deleted by :mod:`worker.expiry`, and a new lease
-must not race the reaper).
+Today that is the expiry, the restart policy, the health check (a new check opens a
+fresh health window) and the auto-standby policy (the idle clock keeps running). A
+``ttl`` counts from here, when the owning worker commits it, not from when a gateway
+received it; an instance past its deadline is refused (it is about to be deleted by
+:mod:`worker.expiry`, and a new lease must not race the reaper).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 
 from msgspec import UNSET
 
+from schemas.autostandby import AutoStandbySpec
 from schemas.clock import utc_now
 from schemas.errors import BadRequest, Conflict
 from schemas.messages import HealthCheckSpec, HealthState, RestartPolicySpec, RestartState, Update
@@ -39,6 +40,8 @@ async def update(ctx: OpContext, inst: LocalInstance, cmd: Update) -> None:
         _update_restart_policy(ctx, inst, cmd.restart_policy)
     if cmd.health_check is not UNSET:
         _update_health_check(ctx, inst, cmd.health_check, now)
+    if cmd.auto_standby is not UNSET:
+        _update_auto_standby(ctx, inst, cmd.auto_standby)
 
 
 def _update_expiry(ctx: OpContext, inst: LocalInstance, cmd: Update, now: datetime) -> None:
@@ -72,3 +75,17 @@ def _update_health_check(
     """The new check replaces the old one whole and starts a fresh window."""
     ctx.save(inst, health_check=check, health=HealthState(window_started_at=now))
     ctx.oplog(inst, "health check updated", type=check.type if check else "none")
+
+
+def _update_auto_standby(
+    ctx: OpContext, inst: LocalInstance, policy: AutoStandbySpec | None
+) -> None:
+    """The new policy replaces the old one whole; how long the instance has been idle is a
+    fact about its traffic, not its policy, so the idle clock and any hold stay."""
+    ctx.save(inst, auto_standby=policy)
+    enabled = policy is not None and policy.enabled
+    ctx.oplog(
+        inst,
+        "auto-standby policy updated",
+        idle_timeout=policy.idle_timeout if policy and enabled else "disabled",
+    )
