@@ -107,6 +107,7 @@ def worker_config(
         stop_instances_on_exit=stop_instances_on_exit,
         assets_dir=settings.assets_dir,
         log_max_bytes=settings.log_max_bytes,
+        transfer_cache_bytes=settings.transfer_cache_bytes,
         labels=dict(settings.host_labels),
         network=NetworkSettings(
             mode=settings.network, publish_addr=settings.publish_addr, subnet=settings.subnet

@@ -61,6 +61,7 @@ class Settings:
     agent_binary: Path | None = None
     insecure_registries: frozenset[str] = frozenset()
     log_max_bytes: int = 50 << 20
+    transfer_cache_bytes: int = 20 << 30
     network: str = "user"
     host_labels: dict[str, str] = field(default_factory=dict)
     publish_addr: str = "127.0.0.1"
@@ -112,6 +113,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         publish_addr=_ip("VMFLEET_PUBLISH_ADDR", env.get("VMFLEET_PUBLISH_ADDR", "127.0.0.1")),
         subnet=_subnet("VMFLEET_SUBNET", env.get("VMFLEET_SUBNET", "10.100.0.0/16")),
         log_max_bytes=_size("VMFLEET_LOG_MAX_SIZE", env.get("VMFLEET_LOG_MAX_SIZE", "50MB")),
+        transfer_cache_bytes=_size(
+            "VMFLEET_TRANSFER_CACHE_SIZE", env.get("VMFLEET_TRANSFER_CACHE_SIZE", "20GB")
+        ),
         cpu_overcommit=_ratio(
             "VMFLEET_CPU_OVERCOMMIT",
             env.get("VMFLEET_CPU_OVERCOMMIT", f"{DEFAULT_CPU_OVERCOMMIT:g}"),

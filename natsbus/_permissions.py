@@ -13,8 +13,9 @@ so a rule can only be as narrow as the subject is:
   (``$KV.<p>_hosts.<host>``), and replies (only on its own inbox prefix);
 - not restrictable by host, because the subject carries no host: instance, volume and
   image records (keyed by instance id, volume id, image name), log lines
-  (``<p>.logs.<instance>.<source>``), command results (``<p>.result.<command id>``) and
-  volume archives in transit (object names are upload ids).
+  (``<p>.logs.<instance>.<source>``), command results (``<p>.result.<command id>``),
+  volume archives in transit (object names are upload ids) and bundles moving between
+  hosts (the transfers object store: any host may upload a snapshot another fetches).
 
 Wildcard subject patterns are formatted here, next to the names ``Subjects`` builds;
 the tests check every pattern against the subjects the components really use.
@@ -88,6 +89,7 @@ def _streams(s: Subjects) -> dict[str, str]:
         "drains": f"KV_{s.drains_bucket}",
         "names": f"KV_{s.names_bucket}",
         "archives": f"OBJ_{s.archives_bucket}",
+        "transfers": f"OBJ_{s.transfers_bucket}",
     }
 
 
@@ -164,11 +166,15 @@ def worker_permissions(subjects: Subjects, host: str) -> Permissions:
         # volume archives: read one, then delete it (meta marker and purge of its chunks)
         f"$O.{s.archives_bucket}.M.>",
         f"{_API}.STREAM.PURGE.{streams['archives']}",
+        # snapshots and moved instances between hosts: upload (chunks, then the meta
+        # message), fetch, and delete what was moved (worker.transfer)
+        f"$O.{s.transfers_bucket}.>",
+        f"{_API}.STREAM.PURGE.{streams['transfers']}",
     ]
     # Reading: an archive; image records (updated on the revision read); instance and
     # volume records, whole buckets, since at start a worker looks for records of its
     # own that no longer exist on disk, and keys do not say which host a record is of.
-    for role in ("archives", "images", "instances", "volumes"):
+    for role in ("archives", "transfers", "images", "instances", "volumes"):
         publish += _read(streams[role])
     # Looking streams up (start-up checks, opening a bucket, the object store finding its
     # stream by subject); creating them is a gateway's.

@@ -61,6 +61,9 @@ class Layout:
     archive_ttl_s: float = 3600.0
     #: One log line message may be at most this big; longer lines are split by the worker.
     max_log_line_bytes: int = 64 * 1024
+    #: A bundle in the transfers object store (a snapshot fetched by other hosts, an
+    #: instance being moved) is dropped this long after it was written.
+    transfer_ttl_s: float = DAY_S
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,29 @@ def _layout(js: JetStreamContext, s: Subjects, layout: Layout) -> list[_Wanted]:
 
     create = functools.partial(js.create_object_store, s.archives_bucket, config=archives)
     wanted.append(_Wanted(f"OBJ_{s.archives_bucket}", settings, create))
+    wanted.append(_transfers(js, s, layout))
     return wanted
+
+
+def _transfers(js: JetStreamContext, s: Subjects, layout: Layout) -> _Wanted:
+    """Snapshots and moved instances in transit between hosts (worker.transfer). No
+    max_bytes: a limit is a reservation on every server of the cluster; what is left
+    behind by a broken move ages out instead."""
+    transfers = ObjectStoreConfig(
+        bucket=s.transfers_bucket,
+        description="snapshots and moved instances in transit between hosts",
+        ttl=layout.transfer_ttl_s,
+        storage=StorageType.FILE,
+        replicas=layout.replicas,
+    )
+    settings: dict[str, object] = {
+        "description": transfers.description,
+        "max_age": transfers.ttl,
+        "storage": transfers.storage,
+        "num_replicas": transfers.replicas,
+    }
+    create = functools.partial(js.create_object_store, s.transfers_bucket, config=transfers)
+    return _Wanted(f"OBJ_{s.transfers_bucket}", settings, create)
 
 
 def _streams(s: Subjects, layout: Layout) -> list[StreamConfig]:

@@ -18,6 +18,7 @@ guest sessions         ``p.sess.<host>.<session>.in|out``         core NATS (sch
 instance records       key = instance id                          KV ``p_instances``
 host heartbeats        key = host id                              KV ``p_hosts``
 volumes / images       key = volume id / image digest or name     KV ``p_volumes``/``p_images``
+files between hosts    objects ``<bundle>/...``                   object store ``p_transfers``
 =====================  =========================================  ============================
 
 Host ids, instance ids, ops, methods and command ids each fill exactly one subject token, so
@@ -251,6 +252,12 @@ class Subjects:
     def archives_bucket(self) -> str:
         """Object store: volume archives on their way from a gateway to a worker."""
         return f"{self.prefix}_archives"
+
+    @property
+    def transfers_bucket(self) -> str:
+        """Object store: snapshots and moved instances on their way between hosts
+        (``schemas.transfers``; object names are bundle ids, not subjects)."""
+        return f"{self.prefix}_transfers"
 
     @property
     def images_bucket(self) -> str:

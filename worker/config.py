@@ -47,5 +47,8 @@ class WorkerConfig:
     memory_overcommit: float = DEFAULT_MEMORY_OVERCOMMIT
     #: A log file over this size is rotated (to ``<name>.1``) once shipped.
     log_max_bytes: int = 50 << 20
+    #: VMFLEET_TRANSFER_CACHE_SIZE: disk for snapshots fetched from other hosts
+    #: (worker.transfer.HostCache); least recently used ones are evicted above it.
+    transfer_cache_bytes: int = 20 << 30
     #: Registries reached over plain HTTP although not on loopback.
     insecure_registries: frozenset[str] = frozenset()

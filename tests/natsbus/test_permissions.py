@@ -68,6 +68,12 @@ def test_a_worker_publishes_what_it_must_for_its_own_host_only() -> None:
         f"$KV.{S.images_bucket}.ZG9ja2Vy",
         S.logs("i-1", "app"),
         S.result("cmd-1"),
+        # worker.transfer: upload (chunks, meta), fetch (ordered consumer), delete
+        f"$O.{S.transfers_bucket}.C.abc",
+        f"$O.{S.transfers_bucket}.M.c25hcC1zMS9tYW5pZmVzdA==",
+        f"$JS.API.CONSUMER.CREATE.OBJ_{S.transfers_bucket}",
+        f"$JS.API.STREAM.MSG.GET.OBJ_{S.transfers_bucket}",
+        f"$JS.API.STREAM.PURGE.OBJ_{S.transfers_bucket}",
     ]
     for subject in own:
         assert allowed(mine, subject), subject
@@ -91,6 +97,8 @@ def test_a_worker_publishes_what_it_must_for_its_own_host_only() -> None:
             f"$JS.API.STREAM.CREATE.{S.commands_stream}",
             f"$JS.API.STREAM.UPDATE.{S.commands_stream}",
             f"$JS.API.STREAM.DELETE.{S.commands_stream}",
+            f"$JS.API.STREAM.CREATE.OBJ_{S.transfers_bucket}",  # a gateway provisions it
+            f"$JS.API.STREAM.DELETE.OBJ_{S.transfers_bucket}",
         ):
             assert not allowed(mine, subject), subject
 

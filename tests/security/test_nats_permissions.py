@@ -284,6 +284,30 @@ async def test_a_worker_cannot_write_another_hosts_records(
     assert fleet.component_violations() == []
 
 
+async def test_workers_move_bundles_between_hosts_with_their_own_credentials(
+    fleet: Fleet, as_gateway: Probe, as_h1: Probe, tmp_path: Path
+) -> None:
+    """worker.transfer as h1 uploads and as h2 fetches and deletes (a snapshot forked on
+    another host, an instance moved), with nothing refused."""
+    from worker.transfer import HostCache, delete_bundle, open_store, upload_bundle
+
+    await _wait_for_heartbeat(fleet, as_gateway)  # the gateway has provisioned the store
+    source = tmp_path / "bundle"
+    source.mkdir()
+    (source / "memory").write_bytes(secrets.token_bytes(300_000))
+    await upload_bundle(await open_store(as_h1.nc.jetstream(), fleet.subjects), "snap-p", source)
+    as_h2 = await fleet.nats.connect(H2)
+    try:
+        store = await open_store(as_h2.nc.jetstream(), fleet.subjects)
+        fetched = await HostCache(store, tmp_path / "cache", 1 << 30).fetch("snap-p")
+        assert (fetched / "memory").read_bytes() == (source / "memory").read_bytes()
+        await delete_bundle(store, "snap-p")
+        assert as_h2.violations() == []
+    finally:
+        await as_h2.close()
+    assert as_h1.violations() == []
+
+
 async def test_a_worker_cannot_ask_or_answer_for_another_host(
     fleet: Fleet, as_gateway: Probe, as_h1: Probe
 ) -> None:

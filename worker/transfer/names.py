@@ -1,0 +1,29 @@
+"""Object names of a bundle in the transfers store (schemas.transfers describes the layout).
+
+Object names are not subjects (nats-py base64-encodes them into the meta subject), so any
+bundle id made of subject-token characters is safe; ``/`` separates the levels."""
+
+from __future__ import annotations
+
+from schemas.subjects import is_valid_token
+
+__all__ = ["check_bundle", "manifest_object", "part_object", "parts_prefix"]
+
+
+def check_bundle(bundle: str) -> str:
+    """``bundle`` if usable as a bundle id (and as a directory name), else ValueError."""
+    if not is_valid_token(bundle) or "/" in bundle or bundle.startswith("."):
+        raise ValueError(f"invalid bundle id {bundle!r}: one token, no '/', not hidden")
+    return bundle
+
+
+def manifest_object(bundle: str) -> str:
+    return f"{check_bundle(bundle)}/manifest"
+
+
+def parts_prefix(bundle: str) -> str:
+    return f"{check_bundle(bundle)}/part/"
+
+
+def part_object(bundle: str, file_index: int, part_index: int) -> str:
+    return f"{parts_prefix(bundle)}{file_index}/{part_index}"
