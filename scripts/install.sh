@@ -48,13 +48,14 @@ install_debian_packages() {
 install_virtualenv() {
     # Reinstall only when the project's dependency list changed since the last install.
     local want
-    want=$(sha256sum pyproject.toml constraints/nats-server.txt | sha256sum | cut -d' ' -f1)
+    want=$(sha256sum pyproject.toml constraints/*.txt | sha256sum | cut -d' ' -f1)
     if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/vmfleet" ]; then
         return 0
     fi
     say "creating the virtualenv in $VENV"
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check --require-hashes -r constraints/nats-server.txt
+    "$VENV/bin/pip" install -q --disable-pip-version-check --require-hashes \
+        -r constraints/nats-server.txt -r constraints/inotify-simple.txt
     "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
     echo "$want" > "$STAMP"
 }

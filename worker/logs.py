@@ -7,6 +7,9 @@ reached is saved beside the logs, so a restarted worker neither loses nor repeat
 (and the ``Nats-Msg-Id`` of each line lets JetStream drop any repeat inside its window).
 A line longer than the limit is split into pieces, never dropped. Rotation is followed:
 a file replaced by a new one is read to its end first; a truncated file is read anew.
+Followers sleep until inotify reports a change (:mod:`worker.filewatch`, one watch per
+log directory shared by its three followers), so idle instances cost no CPU; a follower
+whose directory is removed (the instance deleted) reads what is left and ends.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from schemas.clock import utc_now
 from schemas.codec import encode
 from schemas.messages import LogLine
 from schemas.subjects import Subjects
+from worker.filewatch import FileWatcher, Subscription
 from worker.storage import write_atomic
 
 __all__ = ["LogFollower", "LogShipper", "Publish", "split_line"]
@@ -62,7 +66,7 @@ class _Position:
 
 
 class LogFollower:
-    """Follows one instance's log files until cancelled."""
+    """Follows one instance's log files until cancelled or their directory is removed."""
 
     def __init__(
         self,
@@ -73,8 +77,8 @@ class LogFollower:
         *,
         max_line_bytes: int = 64 * 1024,
         max_file_bytes: int = 50 << 20,
-        poll_s: float = 0.02,
         on_line: Callable[[str], None] = lambda source: None,
+        watcher: FileWatcher | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.logs_dir = logs_dir
@@ -82,17 +86,33 @@ class LogFollower:
         self.publish = publish
         self.max_line_bytes = max_line_bytes
         self.max_file_bytes = max_file_bytes
-        self.poll_s = poll_s
         self.on_line = on_line
+        #: Shared by all the host's followers; a follower on its own runs one of its own.
+        self.watcher = watcher
         self._state_file = logs_dir / ".positions.json"
         self._positions = self._load_positions()
 
     async def run(self) -> None:
+        if self.watcher is not None:
+            await self._follow_all(self.watcher)
+            return
+        watcher = FileWatcher()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watcher.run)
+            await self._follow_all(watcher)
+            tg.cancel_scope.cancel()
+
+    async def _follow_all(self, watcher: FileWatcher) -> None:
         async with anyio.create_task_group() as tg:
             for source, name in SOURCES.items():
-                tg.start_soon(self._follow, source, self.logs_dir / name)
+                path = self.logs_dir / name
+                tg.start_soon(self._follow_watched, watcher, source, path)
 
-    async def _follow(self, source: str, path: Path) -> None:
+    async def _follow_watched(self, watcher: FileWatcher, source: str, path: Path) -> None:
+        with watcher.subscribe(path) as changes:
+            await self._follow(source, path, changes)
+
+    async def _follow(self, source: str, path: Path, changes: Subscription) -> None:
         position = self._positions.setdefault(source, _Position())
         handle: BinaryIO | None = None
         try:
@@ -111,7 +131,10 @@ class LogFollower:
                 # At the end of what we hold: has the file been rotated or truncated?
                 switched = await self._switch_if_rotated(source, path, handle, position)
                 if switched is handle:
-                    await anyio.sleep(self.poll_s)
+                    if changes.gone:  # read to the end after the directory went away
+                        await self._flush_partial(source, position)
+                        return
+                    await changes.wait()
                 handle = switched
         finally:
             if handle is not None:
@@ -146,7 +169,13 @@ class LogFollower:
         try:
             stat = path.stat()
         except FileNotFoundError:
-            return handle
+            if handle is None or os.fstat(handle.fileno()).st_nlink > 0:
+                return handle
+            # Deleted, and read to its end: let it go. Held open, it would also keep its
+            # directory's removal from being reported (an open file pins its directory).
+            await self._flush_partial(source, position)
+            handle.close()
+            return None
         if handle is not None and stat.st_ino == position.inode:
             if stat.st_size < handle.tell():  # truncated in place (copytruncate)
                 handle.seek(0)
@@ -155,9 +184,7 @@ class LogFollower:
         if handle is not None:
             # Replaced by a new file, and the old one is read to its end: its last,
             # unterminated line is a line too.
-            if position.partial:
-                await self._publish_line(source, position, position.partial)
-                position.partial = b""
+            await self._flush_partial(source, position)
             handle.close()
         new = open(path, "rb")  # noqa: SIM115 - held open across iterations on purpose
         if stat.st_ino == position.inode and position.offset <= stat.st_size:
@@ -165,6 +192,11 @@ class LogFollower:
         else:
             position.inode, position.offset, position.partial = stat.st_ino, 0, b""
         return new
+
+    async def _flush_partial(self, source: str, position: _Position) -> None:
+        if position.partial:
+            await self._publish_line(source, position, position.partial)
+            position.partial = b""
 
     async def _ship(self, source: str, position: _Position, chunk: bytes) -> None:
         *lines, rest = (position.partial + chunk).split(b"\n")
@@ -232,9 +264,11 @@ class LogShipper:
         self._on_line = on_line
         self._rescan_s = rescan_s
         self._running: dict[str, anyio.CancelScope] = {}
+        self._watcher = FileWatcher()
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watcher.run)
             while True:
                 current = self._guests()
                 for instance_id, logs_dir in current.items():
@@ -254,6 +288,7 @@ class LogShipper:
             max_line_bytes=self._max_line_bytes,
             max_file_bytes=self._max_file_bytes,
             on_line=self._on_line,
+            watcher=self._watcher,
         )
         with scope:
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import anyio
@@ -11,6 +12,7 @@ import pytest
 from schemas.codec import decode_log_line
 from schemas.messages import LogLine
 from schemas.subjects import Subjects
+from worker.filewatch import FileWatcher
 from worker.logs import LogFollower, split_line
 
 pytestmark = pytest.mark.anyio
@@ -39,7 +41,7 @@ async def follow_until(follower: LogFollower, done: object, timeout_s: float = 1
 
 
 def follower(logs: Path, sink: Collector, **options: int) -> LogFollower:
-    return LogFollower("inst", logs, Subjects("t"), sink, poll_s=0.005, **options)  # type: ignore[arg-type]
+    return LogFollower("inst", logs, Subjects("t"), sink, **options)  # type: ignore[arg-type]
 
 
 async def test_lines_in_order_without_carriage_returns(tmp_path: Path) -> None:
@@ -123,6 +125,64 @@ async def test_restart_resumes_where_it_stopped(tmp_path: Path) -> None:
     assert second.texts() == ["3"]
     assert [line.seq for line in second.lines] == [3]
     assert second.ids == ["inst.app.3"]
+
+
+async def test_a_file_made_after_following_started_is_followed(tmp_path: Path) -> None:
+    sink = Collector()
+
+    async def write_later() -> None:
+        await anyio.sleep(0.1)
+        (tmp_path / "vmm.log").write_bytes(b"vmm started\n")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(write_later)
+        await follow_until(follower(tmp_path, sink), lambda: sink.texts("vmm"))
+    assert sink.texts("vmm") == ["vmm started"]
+
+
+async def test_follower_ends_when_its_directory_is_removed(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "app.log").write_bytes(b"first\n")
+    sink = Collector()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follower(logs, sink).run)
+        with anyio.fail_after(5):
+            while not sink.lines:
+                await anyio.sleep(0.01)
+        with open(logs / "app.log", "ab") as out:
+            out.write(b"last, unterminated")
+        shutil.rmtree(logs)
+        # The follower ends by itself: the task group exits without being cancelled.
+        with anyio.fail_after(5):
+            while sink.texts() != ["first", "last, unterminated"]:
+                await anyio.sleep(0.01)
+    assert sink.texts() == ["first", "last, unterminated"]
+
+
+async def test_followers_of_one_directory_share_one_watch(tmp_path: Path) -> None:
+    watcher = FileWatcher()
+    woken: list[str] = []
+
+    async def follow(name: str) -> None:
+        with watcher.subscribe(tmp_path / name) as changes:
+            await changes.wait()  # the first wait returns at once: read what is there
+            await changes.wait()
+            woken.append(name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watcher.run)
+        for name in ["app.log", "app.log", "vmm.log"]:
+            tg.start_soon(follow, name)
+        await anyio.sleep(0.1)
+        assert watcher.watches == 1
+        (tmp_path / "app.log").write_bytes(b"x\n")
+        with anyio.fail_after(5):
+            while len(woken) < 2:
+                await anyio.sleep(0.01)
+        assert woken == ["app.log", "app.log"]
+        tg.cancel_scope.cancel()
+    assert watcher.watches == 0
 
 
 def test_split_keeps_utf8_characters_whole() -> None:
