@@ -52,6 +52,9 @@ class DiskSpec(msgspec.Struct, frozen=True, kw_only=True):
     slot: int | None = None
     #: The volume this disk belongs to (a volume with an overlay has two disks).
     volume_id: str | None = None
+    #: The image format of ``path``: ``raw``, or ``qcow2`` for a copy-on-write layer over
+    #: another file (a fork's disks; see worker/resume.py).
+    format: str = "raw"
 
 
 class PortForward(msgspec.Struct, frozen=True, kw_only=True):
@@ -153,6 +156,14 @@ class Hypervisor(Protocol):
 
     async def restore(self, spec: VmSpec, snapshot_dir: Path, *, vmm_log: Path) -> VmmProcess:
         """Start a VMM from ``snapshot_dir`` and resume the guest."""
+        ...
+
+    async def restore_swapped(
+        self, spec: VmSpec, saved_spec: VmSpec, snapshot_dir: Path, *, vmm_log: Path
+    ) -> VmmProcess:
+        """Start a VMM from ``snapshot_dir`` (saved with ``saved_spec``) with ``spec``'s files
+        in place of the saved ones (the same device model: worker/resume.py checks it), make
+        the guest see each disk's own size, and resume the guest."""
         ...
 
     async def resume(self, spec: VmSpec, process: VmmProcess) -> None:

@@ -53,10 +53,12 @@ Decisions (What / Why):
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -268,6 +270,22 @@ class CloudHypervisorDriver:
             raise
         return process
 
+    async def restore_swapped(
+        self, spec: VmSpec, saved_spec: VmSpec, snapshot_dir: Path, *, vmm_log: Path
+    ) -> VmmProcess:
+        """CH restores the devices its snapshot's ``config.json`` names: a private copy of
+        the snapshot (its big files hard-linked) names the new files, serial log, vsock
+        socket and NICs. CH's API has no disk resize, and a restored disk keeps the capacity
+        the guest read at boot: a disk of another size is refused."""
+        _check_same_disk_sizes(saved_spec, spec)
+        source = Path(spec.run_dir) / "restore-source"
+        shutil.rmtree(source, ignore_errors=True)
+        try:
+            _swapped_snapshot_copy(snapshot_dir, source, spec)
+            return await self.restore(spec, source, vmm_log=vmm_log)
+        finally:
+            shutil.rmtree(source, ignore_errors=True)
+
     async def _start_vmm(self, spec: VmSpec, vmm_log: Path) -> tuple[VmmProcess, str]:
         """A CH process whose API answers; returns it and CH's version."""
         socket = self.api_socket(spec)
@@ -397,6 +415,68 @@ class CloudHypervisorDriver:
             self.api_socket(spec), timeout_s=timeout_s or self.api_timeout_s
         ) as api:
             yield api
+
+
+def _swapped_snapshot_copy(snapshot_dir: Path, target: Path, spec: VmSpec) -> None:
+    """``snapshot_dir`` in ``target``: every file hard-linked (copied across filesystems)
+    but ``config.json``, rewritten for ``spec``'s files."""
+    target.mkdir(parents=True)
+    for item in snapshot_dir.iterdir():
+        if item.name == "config.json" or not item.is_file():
+            continue
+        try:
+            os.link(item, target / item.name)
+        except OSError:
+            shutil.copy2(item, target / item.name)
+    try:
+        config = json.loads((snapshot_dir / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise HypervisorError(f"cannot read the snapshot's config.json: {exc}") from exc
+    (target / "config.json").write_text(json.dumps(_swap_config(config, spec)))
+
+
+def _swap_config(config: dict[str, Any], spec: VmSpec) -> dict[str, Any]:
+    """CH's saved VM config with ``spec``'s disk paths, NICs, serial log and vsock socket."""
+    disks = {d.id: d for d in spec.disks}
+    for disk in config.get("disks") or []:
+        new = disks.get(str(disk.get("id")))
+        if new is None:
+            raise HypervisorError(f"the snapshot's disk {disk.get('id')} has no new file")
+        disk["path"] = new.path
+    nics = {n.id: n for n in spec.nics}
+    for net in config.get("net") or []:
+        nic = nics.get(str(net.get("id")))
+        if nic is None:
+            raise HypervisorError(f"the snapshot's NIC {net.get('id')} has no new one")
+        net["mac"], net["tap"] = nic.mac, nic.tap
+    if isinstance(config.get("serial"), dict):
+        config["serial"]["file"] = spec.serial_log
+    if isinstance(config.get("vsock"), dict):
+        config["vsock"]["socket"] = str(Path(spec.run_dir) / AGENT_SOCKET)
+    return config
+
+
+def _check_same_disk_sizes(saved: VmSpec, spec: VmSpec) -> None:
+    before = {d.id: d for d in saved.disks}
+    for disk in spec.disks:
+        old = before.get(disk.id)
+        if old is None or not Path(old.path).exists():
+            continue  # the saved file is gone (a fork's source): its copy has its size
+        if disk_virtual_size(disk) != disk_virtual_size(old):
+            raise HypervisorError(
+                f"Cloud Hypervisor cannot give a restored VM's disk {disk.id} another size "
+                f"({disk_virtual_size(old)} -> {disk_virtual_size(disk)} bytes)"
+            )
+
+
+def disk_virtual_size(disk: DiskSpec) -> int:
+    """The size the guest sees: a raw file's length, a qcow2's virtual size (its header)."""
+    path = Path(disk.path)
+    if disk.format != "qcow2":
+        return path.stat().st_size
+    with path.open("rb") as f:
+        header = f.read(32)
+    return int.from_bytes(header[24:32], "big")
 
 
 async def _pvh_kernel(spec: VmSpec) -> Path:

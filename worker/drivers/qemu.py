@@ -162,7 +162,7 @@ def _disk_args(disk: DiskSpec, disk_io_bps: int = 0) -> list[str]:
         "-blockdev",
         f"driver=file,filename={disk.path},node-name=file-{disk.id}{readonly}",
         "-blockdev",
-        f"driver=raw,file=file-{disk.id},node-name={raw}{readonly}",
+        f"driver={disk.format},file=file-{disk.id},node-name={raw}{readonly}",
     ]
     if disk_io_bps > 0:
         group = json.dumps(_throttle_group(disk, disk_io_bps), separators=(",", ":"))
@@ -283,6 +283,32 @@ class QemuDriver:
             raise
         return process
 
+    async def restore_swapped(
+        self, spec: VmSpec, saved_spec: VmSpec, snapshot_dir: Path, *, vmm_log: Path
+    ) -> VmmProcess:
+        """The saved guest on other files: the migration stream holds no disk contents, so
+        the new command line's drives are what the guest reads from now on. The stream does
+        hold each disk's capacity as the guest last read it; a resize while paused makes the
+        guest read it again (a config-change interrupt on ``cont``)."""
+        memory = snapshot_dir / "memory"
+        process = await spawn_vmm(
+            build_args(spec, binary=self.binary, incoming=True),
+            log_path=vmm_log,
+            socket_path=self.api_socket(spec),
+        )
+        try:
+            async with open_qmp(self.api_socket(spec)) as qmp:
+                await qmp.execute(
+                    "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(memory))}"}
+                )
+                await self._wait_until_loaded(qmp)
+                await _fit_disk_sizes(qmp, spec)
+                await qmp.execute("cont")
+        except BaseException:
+            await process.kill_and_reap()
+            raise
+        return process
+
     async def _wait_until_loaded(self, qmp: QmpClient) -> None:
         with anyio.fail_after(self.migrate_timeout_s):
             while True:
@@ -357,6 +383,58 @@ class QemuDriver:
                 await qmp.execute(command, arguments)
 
 
+async def _fit_disk_sizes(qmp: QmpClient, spec: VmSpec) -> None:
+    """``block_resize`` each disk to its own file's size (the file is left as it is). QEMU
+    refuses to resize a read-only node, so a read-only disk's nodes are reopened writable
+    for that one command and read-only again; the VM is paused meanwhile, so the guest
+    never has a writable disk."""
+    sizes = await _virtual_sizes(qmp)
+    for disk in spec.disks:
+        size = sizes.get(_raw_node(disk, spec.disk_io_bps))
+        if size is None:
+            raise HypervisorError(f"QEMU reports no size for disk {disk.id}")
+        if disk.readonly:
+            await qmp.execute("blockdev-reopen", {"options": _reopen_chain(disk, spec, False)})
+        await qmp.execute("block_resize", {"node-name": disk.id, "size": size})
+        if disk.readonly:
+            await qmp.execute("blockdev-reopen", {"options": _reopen_chain(disk, spec, True)})
+
+
+async def _virtual_sizes(qmp: QmpClient) -> dict[str, int]:
+    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+    sizes: dict[str, int] = {}
+    for node in nodes if isinstance(nodes, list) else []:
+        image = node.get("image") or {}
+        if "node-name" in node and "virtual-size" in image:
+            sizes[str(node["node-name"])] = int(image["virtual-size"])
+    return sizes
+
+
+def _reopen_chain(disk: DiskSpec, spec: VmSpec, readonly: bool) -> list[dict[str, object]]:
+    """The options of every node of a disk, as :func:`_disk_args` made them, with
+    ``read-only`` set (blockdev-reopen resets what it is not given)."""
+    raw = _raw_node(disk, spec.disk_io_bps)
+    chain: list[dict[str, object]] = [
+        {"driver": disk.format, "node-name": raw, "file": f"file-{disk.id}", "read-only": readonly},
+        {
+            "driver": "file",
+            "node-name": f"file-{disk.id}",
+            "filename": disk.path,
+            "read-only": readonly,
+        },
+    ]
+    if spec.disk_io_bps > 0:
+        throttle: dict[str, object] = {
+            "driver": "throttle",
+            "node-name": disk.id,
+            "throttle-group": _group_id(disk),
+            "file": raw,
+            "read-only": readonly,
+        }
+        chain.insert(0, throttle)
+    return chain
+
+
 Step = tuple[str, dict[str, object], tuple[str, dict[str, object]]]
 
 
@@ -378,7 +456,7 @@ def _hotplug_steps(disk: DiskSpec, disk_io_bps: int) -> list[Step]:
         (
             "blockdev-add",
             {
-                "driver": "raw",
+                "driver": disk.format,
                 "file": f"file-{disk.id}",
                 "node-name": raw,
                 "read-only": disk.readonly,

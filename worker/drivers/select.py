@@ -121,6 +121,13 @@ class DriverSet:
     async def restore(self, spec: VmSpec, snapshot_dir: Path, *, vmm_log: Path) -> VmmProcess:
         return await self.driver_for(spec).restore(spec, snapshot_dir, vmm_log=vmm_log)
 
+    async def restore_swapped(
+        self, spec: VmSpec, saved_spec: VmSpec, snapshot_dir: Path, *, vmm_log: Path
+    ) -> VmmProcess:
+        return await self.driver_for(spec).restore_swapped(
+            spec, saved_spec, snapshot_dir, vmm_log=vmm_log
+        )
+
     async def resume(self, spec: VmSpec, process: VmmProcess) -> None:
         await self.driver_for(spec).resume(spec, process)
 

@@ -14,6 +14,8 @@
 #   shutdown <timeout_s>         -> ok, then the VM powers off
 #   mount <dev> <path> <rw|ro>   -> ok | err <message>   (also: mount <dev> <path> overlay <dev2>)
 #   umount <path>                -> ok | err <message>
+#   identity <epoch> <seed_hex> <mac|-> <hostname> <off|dhcp|static> [ip cidr gw [dns..]]
+#                                -> ok | err <message>   (a resumed VM's new identity)
 # Markers on the console: "[vmfleet] app started pid=N", "[vmfleet] app exited with code N",
 # then (unless a stop caused the exit) 'HYPEMAN-EXIT code=N message="..."' before the VM powers
 # off, and "[vmfleet] agent ready ..." (from the agent: /bin/vmfleet-agent, docs/agent-protocol.md).
@@ -163,6 +165,74 @@ umount_volume() {
 	fi
 }
 
+# --- a resumed VM's new identity (worker/resume.py) -----------------------------------------------
+
+# A template's init waits here, before it touches any disk, for the instance it becomes;
+# a cold boot (no vmfleet.wait=1) goes straight on.
+wait_for_instance() {
+	[ "$WAIT_CONFIG" = 1 ] || return 0
+	rm -f "$RUN/go"
+	mkfifo "$RUN/go" || fatal template "cannot make $RUN/go"
+	: >"$RUN/waiting"
+	log INFO template "waiting for the instance config at $(uptime_s)s"
+	read -r _ <"$RUN/go"
+	rm -f "$RUN/go"
+	log INFO template "instance config given at $(uptime_s)s"
+}
+
+first_nic() { # the first network interface but lo (empty: none)
+	for _p in /sys/class/net/*; do
+		[ "${_p##*/}" = lo ] || [ ! -e "$_p" ] || { echo "${_p##*/}"; return 0; }
+	done
+}
+
+# take_identity EPOCH SEED_HEX MAC|- HOSTNAME off|dhcp|static [IP CIDR GW|- [DNS...]]
+# The clock, randomness for the RNG, the NIC's MAC; disks read afresh. An init waiting for
+# its config then boots on (config.sh gives hostname and network); a running guest (a fork)
+# takes hostname and network here.
+take_identity() {
+	[ $# -ge 5 ] || { echo "usage: identity EPOCH SEED MAC HOSTNAME MODE [IP CIDR GW [DNS...]]"; return 1; }
+	date -u -s "@$1" >/dev/null 2>&1 || { echo "bad time $1"; return 1; }
+	# Mixed into the input pool: the kernel's next reseed takes it, so two VMs resumed
+	# from one memory image do not draw the same numbers.
+	printf '%s' "$2" | xxd -r -p >/dev/urandom || { echo "cannot seed the RNG"; return 1; }
+	_nic=$(first_nic)
+	if [ "$3" != - ] && [ -n "$_nic" ]; then
+		ip link set dev "$_nic" address "$3" || { echo "cannot set MAC $3 on $_nic"; return 1; }
+	fi
+	# Sectors read before the VM was saved may be cached; they belong to other files now.
+	sync
+	echo 3 >/proc/sys/vm/drop_caches
+	set +f
+	for _d in /dev/vd*; do [ -b "$_d" ] && blockdev --flushbufs "$_d" 2>/dev/null; done
+	set -f
+	if [ -e "$RUN/waiting" ]; then
+		rm -f "$RUN/waiting"
+		echo go >"$RUN/go"
+		return 0
+	fi
+	_host=$4 _mode=$5
+	shift 5
+	[ "$_host" = - ] || hostname "$_host"
+	VMFLEET_HOSTNAME=$_host
+	[ -n "$_nic" ] || return 0
+	case $_mode in
+	static)
+		ip addr flush dev "$_nic"
+		ip addr add "$1/$2" dev "$_nic" || { echo "cannot set address $1/$2"; return 1; }
+		[ "$3" = - ] || ip route replace default via "$3" dev "$_nic"
+		write_hosts "$1"
+		shift 3
+		write_resolv "$@"
+		;;
+	dhcp)
+		[ -f "$RUN/udhcpc.pid" ] && kill -USR1 "$(cat "$RUN/udhcpc.pid")" 2>/dev/null
+		write_hosts 127.0.1.1
+		;;
+	esac
+	return 0
+}
+
 # --- control channel (ttyS1 or hvc0) ------------------------------------------------------------
 
 status_line() {
@@ -172,6 +242,8 @@ status_line() {
 		echo "failed $(head -n 1 "$RUN/failed")"
 	elif [ -e "$RUN/app.pid" ]; then
 		echo "running $(cat "$RUN/app.pid")"
+	elif [ -e "$RUN/waiting" ]; then
+		echo waiting
 	else
 		echo booting
 	fi
@@ -200,6 +272,10 @@ control_loop() {
 			if date -u -s "@$2" >/dev/null 2>&1; then _reply=ok; else _reply="err bad time $2"; fi
 			;;
 		status) _reply=$(status_line) ;;
+		identity)
+			shift
+			if _out=$(take_identity "$@" 2>&1); then _reply=ok; else _reply="err $(echo "$_out" | oneline)"; fi
+			;;
 		shutdown)
 			stop_app "$2"
 			printf 'ok\n' >&3
@@ -516,14 +592,17 @@ signal_text() {
 }
 
 # read_cmdline: vmfleet.ctl=DEV (the control channel's device), vmfleet.probe=1,
-# vmfleet.agent=virtio|vsock (the agent's channel)
+# vmfleet.agent=virtio|vsock (the agent's channel), vmfleet.wait=1 (a template: wait for
+# the instance config before touching the disks)
 read_cmdline() {
 	PROBE=0
+	WAIT_CONFIG=0
 	for _arg in $(cat /proc/cmdline); do
 		case $_arg in
 		vmfleet.ctl=*) CTL=/dev/${_arg#vmfleet.ctl=} ;;
 		vmfleet.probe=1) PROBE=1 ;;
 		vmfleet.agent=*) AGENT_CHANNEL=${_arg#vmfleet.agent=} ;;
+		vmfleet.wait=1) WAIT_CONFIG=1 ;;
 		esac
 	done
 }
@@ -563,6 +642,7 @@ boot() {
 	if [ -d /sys/class/input ]; then
 		acpid -c /etc/acpi -l /var/log/acpid.log 2>/dev/null || log WARN acpi "acpid did not start"
 	fi
+	wait_for_instance
 	setup_root
 	setup_volumes
 	bind_system
