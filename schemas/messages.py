@@ -35,6 +35,7 @@ from schemas.autostandby import (
 from schemas.clock import utc_now
 from schemas.errors import ErrorInfo
 from schemas.sizes import format_rate, format_size
+from schemas.snapshots import ForkSource, ScheduleState, SnapshotKind, TargetState
 from schemas.subjects import LogSource
 
 __all__ = [
@@ -274,6 +275,8 @@ class Create(InstanceCommand, frozen=True, kw_only=True):
     restart_policy: RestartPolicySpec | None = None
     health_check: HealthCheckSpec | None = None
     auto_standby: AutoStandbySpec | None = None
+    #: A fork: the instance is made from this snapshot instead of booting its image.
+    fork: ForkSource | None = None
 
     @property
     def disk_bytes(self) -> int:
@@ -391,6 +394,37 @@ class DetachVolume(InstanceCommand, frozen=True, kw_only=True):
     volume_id: str
 
 
+class CreateSnapshot(InstanceCommand, frozen=True, kw_only=True):
+    """Save the instance as snapshot ``snapshot_id`` (kind Standby: memory + disks, the VM
+    paused only for the copy; Stopped: disks only). The instance stays as it was."""
+
+    snapshot_id: str
+    kind: SnapshotKind
+    name: str | None = None
+    tags: dict[str, str] = {}
+    #: Taken by the instance's schedule: its retention may delete it.
+    scheduled: bool = False
+
+
+class RestoreSnapshot(InstanceCommand, frozen=True, kw_only=True):
+    """Put the instance back to a snapshot of it, in place (same id, name and address)."""
+
+    snapshot_id: str
+    target_state: TargetState | None = None
+
+
+class SetSnapshotSchedule(InstanceCommand, frozen=True, kw_only=True):
+    """Set (or with None, remove) the instance's snapshot schedule; its worker runs it."""
+
+    schedule: ScheduleState | None = None
+
+
+class DeleteSnapshot(Command, frozen=True, kw_only=True):
+    """Delete the host's copy of a snapshot (and its record, on the host that took it)."""
+
+    snapshot_id: str
+
+
 class CreateVolume(Command, frozen=True, kw_only=True):
     """Create an empty ext4 volume on the host the command is addressed to."""
 
@@ -437,6 +471,10 @@ AnyCommand = (
     | DeleteVolume
     | PullImage
     | DeleteImage
+    | CreateSnapshot
+    | RestoreSnapshot
+    | SetSnapshotSchedule
+    | DeleteSnapshot
 )
 """Every concrete command; the type ``schemas.codec.decode_command`` returns."""
 
@@ -502,6 +540,8 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
     #: The cause of the last standby or restore, set on its first step: ``idle`` means
     #: the instance sleeps by its policy (its mapped ports then wake it).
     cause: TransitionCause | None = None
+    #: The instance's snapshot schedule (None: none); its worker takes the snapshots.
+    snapshot_schedule: ScheduleState | None = None
 
     def to_api(self) -> api.Instance:
         """Render hypeman's Instance: sizes in HR form, empty optionals left out."""

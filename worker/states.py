@@ -59,6 +59,9 @@ class Op(enum.StrEnum):
     UPDATE = "update"
     ATTACH_VOLUME = "attachvolume"
     DETACH_VOLUME = "detachvolume"
+    SNAPSHOT = "createsnapshot"
+    RESTORE_SNAPSHOT = "restoresnapshot"
+    SET_SNAPSHOT_SCHEDULE = "setsnapshotschedule"
 
 
 class Event(enum.StrEnum):
@@ -156,6 +159,24 @@ TRANSITIONS: dict[Op, Transition] = {
         "invalid state transition: cannot detach volume in state {state}, "
         "must be Running or Stopped",
     ),
+    # A snapshot leaves the instance as it was: a Running one is paused only inside its
+    # VMM, for the copy (worker.snapshots.capture).
+    Op.SNAPSHOT: Transition(
+        frozenset({S.RUNNING, S.STANDBY, S.STOPPED}),
+        (),
+        "invalid state transition: cannot snapshot from state {state}, "
+        "must be Running, Standby or Stopped",
+    ),
+    # In place: whatever ran is stopped, then the snapshot's memory resumes (kind Standby).
+    # A Stopped snapshot's disks are put back by a restore that stays Stopped (no path).
+    Op.RESTORE_SNAPSHOT: Transition(
+        frozenset({S.RUNNING, S.STANDBY, S.STOPPED}),
+        (S.PAUSED, S.RUNNING),
+        "invalid state transition: cannot restore a snapshot in state {state}, "
+        "must be Running, Standby or Stopped",
+        on_failure=frozenset({S.STOPPED}),
+    ),
+    Op.SET_SNAPSHOT_SCHEDULE: Transition(_ANY, (), ""),
 }
 
 #: The state of an instance's first record (before its image is pulled).
