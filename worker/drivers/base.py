@@ -8,6 +8,7 @@ when the snapshot was taken, hot-plugged volumes included.
 from __future__ import annotations
 
 import enum
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -156,6 +157,18 @@ class Hypervisor(Protocol):
 
     async def restore(self, spec: VmSpec, snapshot_dir: Path, *, vmm_log: Path) -> VmmProcess:
         """Start a VMM from ``snapshot_dir`` and resume the guest."""
+        ...
+
+    async def save_live(
+        self,
+        spec: VmSpec,
+        process: VmmProcess,
+        snapshot_dir: Path,
+        while_paused: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Pause, save the VM into ``snapshot_dir`` as :meth:`snapshot` does, run
+        ``while_paused`` (the disks are quiet then: a copy of them matches the memory), and
+        resume: the VM keeps running. On any failure the VM is resumed too."""
         ...
 
     async def restore_swapped(

@@ -56,7 +56,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +353,30 @@ class CloudHypervisorDriver:
         # Past the point of no return: the snapshot is the VM now.
         with anyio.CancelScope(shield=True):
             await self._shut_down_vmm(spec, process)
+
+    async def save_live(
+        self,
+        spec: VmSpec,
+        process: VmmProcess,
+        snapshot_dir: Path,
+        while_paused: Callable[[], Awaitable[None]],
+    ) -> None:
+        """As :meth:`snapshot`, but ``vm.resume`` instead of shutting the VMM down."""
+        async with self._api(spec) as api:
+            version = (await api.ping()).version
+            await api.put("vm.pause")
+            try:
+                await api.put(
+                    "vm.snapshot", VmSnapshotConfig(destination_url=_file_url(snapshot_dir))
+                )
+                write_atomic(
+                    snapshot_dir / ORIGIN_FILE,
+                    msgspec.json.encode(_Origin(hypervisor=NAME, version=version)),
+                )
+                await while_paused()
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    await api.put("vm.resume")
 
     async def power_off(self, spec: VmSpec, process: VmmProcess, timeout_s: float) -> bool:
         """``vm.shutdown`` + ``vmm.shutdown``; True if CH exited within ``timeout_s``. When
