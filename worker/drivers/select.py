@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +120,15 @@ class DriverSet:
 
     async def restore(self, spec: VmSpec, snapshot_dir: Path, *, vmm_log: Path) -> VmmProcess:
         return await self.driver_for(spec).restore(spec, snapshot_dir, vmm_log=vmm_log)
+
+    async def save_live(
+        self,
+        spec: VmSpec,
+        process: VmmProcess,
+        snapshot_dir: Path,
+        while_paused: Callable[[], Awaitable[None]],
+    ) -> None:
+        await self.driver_for(spec).save_live(spec, process, snapshot_dir, while_paused)
 
     async def restore_swapped(
         self, spec: VmSpec, saved_spec: VmSpec, snapshot_dir: Path, *, vmm_log: Path
