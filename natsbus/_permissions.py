@@ -85,6 +85,7 @@ def _streams(s: Subjects) -> dict[str, str]:
         "instances": f"KV_{s.instances_bucket}",
         "hosts": f"KV_{s.hosts_bucket}",
         "volumes": f"KV_{s.volumes_bucket}",
+        "snapshots": f"KV_{s.snapshots_bucket}",
         "images": f"KV_{s.images_bucket}",
         "drains": f"KV_{s.drains_bucket}",
         "names": f"KV_{s.names_bucket}",
@@ -160,6 +161,7 @@ def worker_permissions(subjects: Subjects, host: str) -> Permissions:
         # -- not restrictable by host: the subject names no host --------------------------
         f"$KV.{s.instances_bucket}.>",
         f"$KV.{s.volumes_bucket}.>",
+        f"$KV.{s.snapshots_bucket}.>",  # the records of the snapshots a host holds
         f"$KV.{s.images_bucket}.>",
         s.logs_filter(),
         f"{s.prefix}.result.*",
@@ -174,7 +176,7 @@ def worker_permissions(subjects: Subjects, host: str) -> Permissions:
     # Reading: an archive; image records (updated on the revision read); instance and
     # volume records, whole buckets, since at start a worker looks for records of its
     # own that no longer exist on disk, and keys do not say which host a record is of.
-    for role in ("archives", "transfers", "images", "instances", "volumes"):
+    for role in ("archives", "transfers", "images", "instances", "volumes", "snapshots"):
         publish += _read(streams[role])
     # Looking streams up (start-up checks, opening a bucket, the object store finding its
     # stream by subject); creating them is a gateway's.

@@ -192,6 +192,7 @@ def _buckets(s: Subjects, layout: Layout) -> list[KeyValueConfig]:
         bucket(s.instances_bucket, "instance records, written only by the owning worker"),
         bucket(s.hosts_bucket, "host heartbeats and capacity", ttl=layout.host_ttl_s),
         bucket(s.volumes_bucket, "volume records, written only by the owning worker"),
+        bucket(s.snapshots_bucket, "snapshot records, written by the hosts holding them"),
         bucket(s.images_bucket, "image pull status per host"),
         bucket(s.drains_bucket, "hosts drained by an operator: no new placements"),
         bucket(s.names_bucket, "instance names, claimed by a gateway's create until delete"),

@@ -254,6 +254,11 @@ class Subjects:
         return f"{self.prefix}_archives"
 
     @property
+    def snapshots_bucket(self) -> str:
+        """KV: snapshot records (key = snapshot id), written by the hosts holding them."""
+        return f"{self.prefix}_snapshots"
+
+    @property
     def transfers_bucket(self) -> str:
         """Object store: snapshots and moved instances on their way between hosts
         (``schemas.transfers``; object names are bundle ids, not subjects)."""
