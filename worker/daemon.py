@@ -31,6 +31,9 @@ from schemas.errors import NotFound
 from schemas.messages import InstanceRecord
 from schemas.subjects import Subjects
 from worker.agent import AgentHub, track_instance
+from worker.autostandby.controller import AutoStandbyController
+from worker.autostandby.metrics import StandbyByCause
+from worker.autostandby.service import serve_autostandby
 from worker.commands import CommandConsumer
 from worker.config import WorkerConfig
 from worker.dispatch import Dispatcher
@@ -250,8 +253,14 @@ async def _run_components(
         tg.start_soon(reap_expired, engine)
         tg.start_soon(supervise_restarts, engine)
         tg.start_soon(supervise_health, engine)
+        standby = AutoStandbyController(
+            engine, engine.ctx.inbound, bridge=config.network.mode == "bridge"
+        )
+        await tg.start(standby.run)
+        StandbyByCause(engine.records).register(metrics.registry)
         InstanceUsageCollector(lambda: local_instances(engine)).register(metrics.registry)
         await tg.start(serve_queries, nc, subjects, config.host_id, ledger, engine)
+        await tg.start(serve_autostandby, nc, subjects, config.host_id, standby)
         await tg.start(serve_sessions, nc, subjects, config.host_id, engine, metrics)
         await tg.start(consumer.run)
         log.info("worker %s is taking commands", config.host_id)

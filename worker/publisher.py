@@ -45,6 +45,7 @@ from nats.js.kv import KeyValue
 from natsbus import PublishDenials, kv_subject
 from natsbus.backoff import Backoff
 from schemas.api import InstanceState
+from schemas.autostandby import TransitionCause
 from schemas.clock import utc_now
 from schemas.codec import decode_instance_record, decode_volume_record, encode
 from schemas.errors import HostUnavailable, VmfleetError
@@ -336,8 +337,20 @@ class RecordPublisher:
             deleted=change.deleted,
             kind="health" if change.health_changed else "state",
             health=record.health_status,
+            cause=_transition_cause(change),
         )
         await self._js.publish(self._subjects.state(self._host_id, record.id), encode(event))
+
+
+def _transition_cause(change: _Change) -> TransitionCause | None:
+    """The cause of a standby's or a restore's steps (into or out of Paused, into Standby);
+    the record carries it from the operation's first step."""
+    if change.deleted or change.health_changed:
+        return None
+    record = change.record
+    if record.state in (InstanceState.PAUSED, InstanceState.STANDBY):
+        return record.cause
+    return record.cause if change.previous is InstanceState.PAUSED else None
 
 
 def _key(change: _Change | _VolumeChange) -> str:

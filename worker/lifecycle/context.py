@@ -15,6 +15,7 @@ from schemas.api import InstanceState
 from schemas.clock import utc_now
 from schemas.messages import InstanceRecord
 from worker.agent.hub import AgentHub
+from worker.autostandby.registry import InboundRegistry
 from worker.drivers.base import Hypervisor, VmSpec
 from worker.host import HostLimits
 from worker.images import ImageCache, ImageInfo
@@ -97,6 +98,9 @@ class OpContext:
     #: The guest agents' hub: readiness waits for the agent (None: tests of one operation).
     agent: AgentHub | None = None
     on_refused_transition: Refused = lambda previous, state, cause: None
+    #: Inbound connections the worker itself holds or relays for an instance: the wake
+    #: listener reports them, the auto-standby controller counts them.
+    inbound: InboundRegistry = field(default_factory=InboundRegistry)
 
     def walk(self, inst: LocalInstance, op: Op) -> Walk:
         """Begin ``op`` on ``inst``: refused (hypeman's 409) from a state it may not start

@@ -8,6 +8,7 @@ from schemas.api import InstanceState
 from schemas.clock import utc_now
 from schemas.errors import HypervisorError
 from schemas.messages import Standby
+from worker.autostandby.policy import check_idle_standby
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.states import Op
 
@@ -19,13 +20,17 @@ async def standby(ctx: OpContext, inst: LocalInstance, cmd: Standby) -> None:
     walk = ctx.walk(inst, Op.STANDBY)
     if not ctx.driver.capabilities.snapshot:
         raise HypervisorError(f"{ctx.driver.name} cannot snapshot")
+    if cmd.cause == "idle":
+        # Sent by the auto-standby controller, maybe before a connection or a hold came:
+        # decided again now that this holds the instance's lock.
+        check_idle_standby(inst.record, utc_now())
     assert inst.process is not None and inst.spec is not None
     # 2. A fresh snapshot directory holding the device model the memory image belongs to.
     snapshot = inst.guest.snapshot
     shutil.rmtree(snapshot, ignore_errors=True)
     snapshot.mkdir(parents=True)
     inst.guest.write(snapshot / "vm.json", inst.spec)
-    walk.advance()  # Paused
+    walk.advance(cause=cmd.cause)  # Paused; the cause names the standby in its events
     # 3. Pause + save + stop the VMM. A failure before the save resumes the VM.
     try:
         await ctx.driver.snapshot(inst.spec, inst.process, snapshot)
