@@ -616,7 +616,8 @@ def _drain_operations(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
     return {
         "post": _ext(
             {
-                "summary": "Drain a host: no new placements; optionally standby its instances",
+                "summary": "Drain a host: no new placements; optionally standby its instances "
+                "and move Standby ones to other hosts",
                 "operationId": "drainHost",
                 "security": secured,
                 "parameters": host,

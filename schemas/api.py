@@ -509,6 +509,9 @@ class DrainRequest(msgspec.Struct, kw_only=True):
     """Body of ``POST /hosts/{id}/drain`` (all optional)."""
 
     standby: bool | UnsetType = UNSET
+    #: vmfleet extension: move the host's Standby instances (with ``standby``, its running
+    #: ones too, once in standby) to other hosts, keeping id, name and memory state.
+    move: bool | UnsetType = UNSET
     reason: str | UnsetType = UNSET
 
 
@@ -518,6 +521,8 @@ class DrainResult(msgspec.Struct, kw_only=True):
     #: Instances put in standby by this drain, and those that could not be (id → error).
     standby: list[str] = []
     errors: dict[str, str] = {}
+    #: Instances moved to another host by this drain (id → the host it lives on now).
+    moved: dict[str, str] = {}
 
 
 # -- what instances and hosts use (hypeman's InstanceStats, Resources, Capabilities) -------

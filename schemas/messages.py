@@ -52,10 +52,13 @@ __all__ = [
     "DeleteVolume",
     "DetachVolume",
     "DrainRecord",
+    "ExportInstance",
+    "FinishMove",
     "HealthCheckSpec",
     "HealthState",
     "HostRecord",
     "ImageRecord",
+    "ImportInstance",
     "InstanceCommand",
     "InstanceRecord",
     "LogLine",
@@ -425,6 +428,33 @@ class DeleteSnapshot(Command, frozen=True, kw_only=True):
     snapshot_id: str
 
 
+class ExportInstance(Command, frozen=True, kw_only=True):
+    """Move, step 1, to the instance's host: upload the Standby instance's files to the
+    transfers store as ``bundle`` (worker.transfer.move). The instance stays there,
+    refusing other commands, until FinishMove."""
+
+    instance_id: str
+    bundle: str
+
+
+class ImportInstance(Command, frozen=True, kw_only=True):
+    """Move, step 2, to the new host: fetch ``bundle``, verify it, take the instance in
+    (same id, name, memory and disks) and write its record, which now names this host."""
+
+    instance_id: str
+    bundle: str
+    record: InstanceRecord
+
+
+class FinishMove(Command, frozen=True, kw_only=True):
+    """Move, step 3, to the old host: ``moved`` — the record names the new host, delete
+    the local copy; not ``moved`` — the move failed, the instance is here as before."""
+
+    instance_id: str
+    bundle: str
+    moved: bool
+
+
 class CreateVolume(Command, frozen=True, kw_only=True):
     """Create an empty ext4 volume on the host the command is addressed to."""
 
@@ -475,6 +505,9 @@ AnyCommand = (
     | RestoreSnapshot
     | SetSnapshotSchedule
     | DeleteSnapshot
+    | ExportInstance
+    | ImportInstance
+    | FinishMove
 )
 """Every concrete command; the type ``schemas.codec.decode_command`` returns."""
 

@@ -16,13 +16,18 @@ from schemas.messages import (
     CreateVolume,
     DeleteImage,
     DeleteVolume,
+    ExportInstance,
+    FinishMove,
+    ImportInstance,
     InstanceCommand,
+    InstanceRecord,
     PullImage,
     VolumeRecord,
 )
 from worker.engine import HostEngine
 from worker.images import ImagePuller
 from worker.publisher import RecordPublisher
+from worker.transfer.move import Mover
 from worker.volumes import VolumeStore
 
 __all__ = ["Dispatcher"]
@@ -38,12 +43,14 @@ class Dispatcher:
         publisher: RecordPublisher,
         archives: ObjectStore | None = None,
         puller: ImagePuller | None = None,
+        mover: Mover | None = None,
     ) -> None:
         self.engine = engine
         self.volumes = volumes
         self.publisher = publisher
         self.archives = archives
         self.puller = puller
+        self.mover = mover
 
     async def __call__(self, cmd: AnyCommand) -> CommandResult:
         try:
@@ -87,6 +94,8 @@ class Dispatcher:
                     raise BadRequest("this worker keeps no images")
                 await self.puller.remove(cmd, self._image_in_use)
                 return CommandResult(command_id=cmd.id, ok=True)
+            case ExportInstance() | ImportInstance() | FinishMove():
+                return await self._move(cmd)
             case InstanceCommand():
                 if self._already_applied(cmd):
                     return CommandResult(
@@ -95,6 +104,19 @@ class Dispatcher:
                 record = await self.engine.execute(cmd)
                 return CommandResult(command_id=cmd.id, ok=True, instance=record)
         raise BadRequest(f"unknown command {cmd.op}")
+
+    async def _move(self, cmd: ExportInstance | ImportInstance | FinishMove) -> CommandResult:
+        """One step of moving an instance between hosts (worker.transfer.move)."""
+        if self.mover is None:
+            raise BadRequest("this worker moves no instances")
+        match cmd:
+            case ExportInstance():
+                record: InstanceRecord | None = await self.mover.export(cmd)
+            case ImportInstance():
+                record = await self.mover.import_(cmd)
+            case FinishMove():
+                record = await self.mover.finish(cmd)
+        return CommandResult(command_id=cmd.id, ok=True, instance=record)
 
     async def _volume_from_archive(self, cmd: CreateVolume, name: str) -> VolumeRecord:
         """Fetch the uploaded archive to a local file, build the volume, drop the upload."""

@@ -28,6 +28,7 @@ from worker.lifecycle import create, delete, restore, standby, start, stop, upda
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.recovery import recover
 from worker.states import TRANSITIONS, Op
+from worker.transfer.names import MOVING_MARK
 from worker.vmm_watch import watch_vmms
 
 __all__ = ["OPERATIONS", "HostEngine"]
@@ -87,6 +88,7 @@ class HostEngine:
         """Run one lifecycle command; return the record after it (None once deleted)."""
         instance_id = cmd.instance_id
         async with self._lock(instance_id), self._under_way(cmd):
+            self._refuse_while_moving(instance_id)
             op = Op(cmd.op)
             if op is Op.CREATE:
                 assert isinstance(cmd, Create)
@@ -215,6 +217,33 @@ class HostEngine:
             log.warning("could not list the ready images: %s", exc)
             return ()
         return tuple(sorted({ref for info in ready for ref in (info.digest, info.name)}))
+
+    # -- moves between hosts (worker.transfer.move) ------------------------------------------
+
+    def has(self, instance_id: str) -> bool:
+        return instance_id in self._instances
+
+    def lock(self, instance_id: str) -> anyio.Lock:
+        """The instance's operation lock (a move holds it while it sends the files)."""
+        return self._lock(instance_id)
+
+    def adopt(self, inst: LocalInstance) -> None:
+        """Take in an instance moved here from another host."""
+        self._instances[inst.id] = inst
+
+    def forget(self, instance_id: str) -> None:
+        """Drop an instance moved to another host: its record is that host's now, so
+        nothing is published (and nothing deleted) for it from here."""
+        self._instances.pop(instance_id, None)
+
+    def _refuse_while_moving(self, instance_id: str) -> None:
+        inst = self._instances.get(instance_id)
+        if inst is not None and (inst.guest.root / MOVING_MARK).exists():
+            raise Conflict(
+                f"instance {instance_id} is being moved to another host; try again once "
+                "the move is done",
+                code="moving",
+            )
 
     def _require(self, instance_id: str) -> LocalInstance:
         inst = self._instances.get(instance_id)

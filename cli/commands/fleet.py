@@ -42,6 +42,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     drain = actions.add_parser("drain", help="no new placements on a host")
     drain.add_argument("host_id")
     drain.add_argument("--standby", action="store_true", help="also standby its running instances")
+    drain.add_argument(
+        "--move",
+        action="store_true",
+        help="move its Standby instances to other hosts (same id, name and memory state)",
+    )
     drain.add_argument("--reason", default="", help="kept with the drain record")
     client_command(drain, _drain)
     undrain = actions.add_parser("undrain", help="take a drained host back into placement")
@@ -104,13 +109,16 @@ def _event_line(event_id: str | None, event: dict[str, Any]) -> str:
 
 
 def _drain(client: GatewayClient, args: argparse.Namespace) -> int:
-    body = {"standby": args.standby, "reason": args.reason}
+    body = {"standby": args.standby, "move": args.move, "reason": args.reason}
     result = client.call("POST", f"/hosts/{segment(args.host_id)}/drain", json=body)
     print(f"host {result['host']} drained")
     for instance_id in result["standby"]:
         print(f"  standby: {instance_id}")
+    for instance_id, host in result.get("moved", {}).items():
+        print(f"  moved: {instance_id} -> host {host}")
+    failed = "not moved" if args.move else "not in standby"
     for instance_id, error in result["errors"].items():
-        print(f"  not in standby: {instance_id}: {error}")
+        print(f"  {failed}: {instance_id}: {error}")
     return EXIT_REFUSED if result["errors"] else EXIT_OK
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.moves import move_instance
 from gateway.requests import decode_body, read_body
 from gateway.responses import MsgspecResponse
 from gateway.service import Gateway, gateway
@@ -17,6 +20,8 @@ from schemas.errors import NotFound, VmfleetError
 from schemas.messages import DrainRecord, HostRecord, Standby
 
 __all__ = ["routes"]
+
+log = logging.getLogger(__name__)
 
 
 def shown(gw: Gateway, host: HostRecord) -> HostRecord:
@@ -32,7 +37,8 @@ async def list_hosts(request: Request) -> Response:
 
 async def drain_host(request: Request) -> Response:
     """No new instance or volume is placed on the host; with ``standby``, its running
-    instances are put in standby (one after another)."""
+    instances are put in standby (one after another); with ``move`` (a vmfleet extension),
+    its Standby instances are moved to other hosts (gateway/moves.py)."""
     gw = gateway(request)
     host_id = request.path_params["id"]
     if gw.view.live_host(host_id) is None and host_id not in gw.view.drains:
@@ -47,7 +53,26 @@ async def drain_host(request: Request) -> Response:
     result = DrainResult(host=host_id, drained=True)
     if req.standby is True:
         await _standby_all(gw, host_id, result)
+    if req.move is True:
+        await _move_all(gw, host_id, result)
     return MsgspecResponse(result)
+
+
+async def _move_all(gw: Gateway, host_id: str, result: DrainResult) -> None:
+    standby = [
+        r
+        for r in gw.view.instances.values()
+        if r.host == host_id and r.state is InstanceState.STANDBY
+    ]
+    for record in sorted(standby, key=lambda r: r.id):
+        try:
+            target, seconds = await move_instance(gw, record)
+            result.moved[record.id] = target
+            log.info(
+                "moved instance %s from %s to %s in %.1fs", record.id, host_id, target, seconds
+            )
+        except VmfleetError as exc:
+            result.errors[record.id] = exc.message
 
 
 async def _standby_all(gw: Gateway, host_id: str, result: DrainResult) -> None:

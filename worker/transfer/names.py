@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from schemas.subjects import is_valid_token
 
-__all__ = ["check_bundle", "manifest_object", "part_object", "parts_prefix"]
+__all__ = ["MOVING_MARK", "check_bundle", "manifest_object", "part_object", "parts_prefix"]
+
+#: A file in an instance's directory while it is being moved away (holds the bundle's
+#: name): its host refuses every other command on it (worker.transfer.move).
+MOVING_MARK = "moving"
 
 
 def check_bundle(bundle: str) -> str:

@@ -66,11 +66,14 @@ async def read_manifest(store: ObjectStore, bundle: str) -> TransferManifest | N
     return decode_manifest(result.data or b"")
 
 
-def _regular_files(directory: Path) -> list[Path]:
-    """Every regular file below ``directory``, in a stable order; anything else (a socket
-    of a running VMM, a symlink out of the tree) is refused rather than silently left out."""
+def _regular_files(directory: Path, exclude: frozenset[str]) -> list[Path]:
+    """Every regular file below ``directory`` but those under the top-level names in
+    ``exclude``, in a stable order; anything else (a socket of a running VMM, a symlink
+    out of the tree) is refused rather than silently left out."""
     found: list[Path] = []
     for path in sorted(directory.rglob("*")):
+        if path.relative_to(directory).parts[0] in exclude:
+            continue
         if path.is_symlink() or not (path.is_dir() or path.is_file()):
             raise ValueError(f"{path} is not a regular file: a bundle holds files only")
         if path.is_file():
@@ -153,6 +156,7 @@ async def upload_bundle(
     part_bytes: int = DEFAULT_PART_BYTES,
     parallel: int = DEFAULT_PARALLEL,
     on_part: Callable[[int], None] | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> UploadStats:
     """Upload ``directory`` as ``bundle``; a bundle already complete is left as it is
     (bundles are immutable: a snapshot is published once, fetched by many hosts).
@@ -166,7 +170,7 @@ async def upload_bundle(
     uploader = _Uploader(store, bundle, part_bytes, parallel, on_part)
     files: list[TransferFile] = []
     async with parts_group() as tg:
-        for index, path in enumerate(_regular_files(directory)):
+        for index, path in enumerate(_regular_files(directory, exclude)):
             files.append(await uploader.file(tg, index, directory, path))
     manifest = TransferManifest(
         bundle=bundle, part_bytes=part_bytes, files=files, created_at=utc_now()
