@@ -108,6 +108,8 @@ def worker_config(
         assets_dir=settings.assets_dir,
         log_max_bytes=settings.log_max_bytes,
         transfer_cache_bytes=settings.transfer_cache_bytes,
+        templates=settings.templates,
+        templates_disk_bytes=settings.templates_disk_bytes,
         labels=dict(settings.host_labels),
         network=NetworkSettings(
             mode=settings.network, publish_addr=settings.publish_addr, subnet=settings.subnet

@@ -62,6 +62,9 @@ class Settings:
     insecure_registries: frozenset[str] = frozenset()
     log_max_bytes: int = 50 << 20
     transfer_cache_bytes: int = 20 << 30
+    #: VMFLEET_TEMPLATES / VMFLEET_TEMPLATES_DISK: warm templates and their disk budget.
+    templates: bool = True
+    templates_disk_bytes: int = 4 << 30
     network: str = "user"
     host_labels: dict[str, str] = field(default_factory=dict)
     publish_addr: str = "127.0.0.1"
@@ -115,6 +118,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_max_bytes=_size("VMFLEET_LOG_MAX_SIZE", env.get("VMFLEET_LOG_MAX_SIZE", "50MB")),
         transfer_cache_bytes=_size(
             "VMFLEET_TRANSFER_CACHE_SIZE", env.get("VMFLEET_TRANSFER_CACHE_SIZE", "20GB")
+        ),
+        templates=_flag("VMFLEET_TEMPLATES", env.get("VMFLEET_TEMPLATES", "on")),
+        templates_disk_bytes=_size(
+            "VMFLEET_TEMPLATES_DISK", env.get("VMFLEET_TEMPLATES_DISK", "4GB")
         ),
         cpu_overcommit=_ratio(
             "VMFLEET_CPU_OVERCOMMIT",

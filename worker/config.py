@@ -50,5 +50,10 @@ class WorkerConfig:
     #: VMFLEET_TRANSFER_CACHE_SIZE: disk for snapshots fetched from other hosts
     #: (worker.transfer.HostCache); least recently used ones are evicted above it.
     transfer_cache_bytes: int = 20 << 30
+    #: VMFLEET_TEMPLATES: warm templates (worker/templates). Off unless the settings turn it
+    #: on (``vmfleet worker`` does by default): a worker made in a test boots cold.
+    templates: bool = False
+    #: VMFLEET_TEMPLATES_DISK: the disk the host's templates may take together.
+    templates_disk_bytes: int = 4 << 30
     #: Registries reached over plain HTTP although not on loopback.
     insecure_registries: frozenset[str] = frozenset()

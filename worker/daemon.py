@@ -56,6 +56,7 @@ from worker.queries import serve_queries
 from worker.sessions import serve_sessions
 from worker.storage import Storage
 from worker.supervisor import supervise_restarts
+from worker.templates import TemplateManager
 from worker.usage import InstanceUsageCollector, local_instances
 from worker.volumes import VolumeStore
 
@@ -184,6 +185,7 @@ async def _serve(
             memory_ratio=config.memory_overcommit,
         ),
     )
+    ctx.templates = _templates(config, driver, boot)
     engine = HostEngine(ctx)
     hub.on_news = functools.partial(_agent_news, engine)
     async with anyio.create_task_group() as infra:
@@ -253,6 +255,8 @@ async def _run_components(
         tg.start_soon(reap_expired, engine)
         tg.start_soon(supervise_restarts, engine)
         tg.start_soon(supervise_health, engine)
+        if engine.ctx.templates is not None:
+            tg.start_soon(engine.ctx.templates.run)
         standby = AutoStandbyController(
             engine, engine.ctx.inbound, bridge=config.network.mode == "bridge"
         )
@@ -287,6 +291,20 @@ async def _count_instances(engine: HostEngine, metrics: WorkerMetrics) -> None:
         for state in InstanceState:
             metrics.instances.labels(state=state.value).set(counts.get(state, 0))
         await anyio.sleep(2)
+
+
+def _templates(config: WorkerConfig, driver: DriverSet, boot: BootAssets) -> TemplateManager | None:
+    """Warm templates (VMFLEET_TEMPLATES): QEMU hosts only, since Cloud Hypervisor's API
+    cannot give a restored disk another size."""
+    if not config.templates or driver.name != "qemu":
+        return None
+    return TemplateManager(
+        config.data_dir / "templates",
+        driver,
+        boot,
+        budget_bytes=config.templates_disk_bytes,
+        vmm_binary=getattr(driver.primary, "binary", None),
+    )
 
 
 async def _publish_everything(engine: HostEngine, publisher: RecordPublisher) -> None:

@@ -130,7 +130,8 @@ def _device_model(spec: VmSpec) -> tuple[object, ...]:
         spec.hotplug_slots,
         spec.agent_channel,
         tuple((d.id, d.serial, d.readonly, d.slot) for d in spec.disks),
-        tuple((n.id, n.mode) for n in spec.nics),
+        # NIC backends (user mode or a TAP) are not in the saved state: only the NICs count.
+        tuple(n.id for n in spec.nics),
     )
 
 

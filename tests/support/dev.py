@@ -49,6 +49,7 @@ def dev_stack(
         **os.environ,
         "VMFLEET_HOST_ID": host_id,
         "VMFLEET_LOG_LEVEL": "WARNING",
+        "VMFLEET_TEMPLATES": "off",  # no background template builds in tests
         "VMFLEET_ASSETS_DIR": str(ASSETS),
         **(env or {}),
     }

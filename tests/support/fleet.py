@@ -45,6 +45,7 @@ class WorkerProcess:
             "VMFLEET_ASSETS_DIR": str(assets),
             "VMFLEET_SUBJECT_PREFIX": prefix,
             "VMFLEET_LOG_LEVEL": "INFO",
+            "VMFLEET_TEMPLATES": "off",  # no background template builds in tests
             "VMFLEET_METRICS_ADDR": f"127.0.0.1:{free_port()}",
             **env,
         }

@@ -22,6 +22,7 @@ from worker.lifecycle.exits import read_exit_marker, record_vmm_exit
 from worker.lifecycle.mounts import volume_disks
 from worker.lifecycle.network import guest_network, nics, plug
 from worker.lifecycle.phases import CreatePhases, init_uptime_s
+from worker.snapshots.layers import instance_disk
 from worker.storage import GuestDir, make_sparse_ext4
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "boot_vm",
     "ensure_volume_overlays",
     "guest_config",
+    "run_until_ready",
     "vm_spec",
     "wait_until_ready",
 ]
@@ -74,7 +76,7 @@ def vm_spec(
     guest = inst.guest
     boot_disks = (
         DiskSpec(id="root", path=str(image.disk), readonly=True, serial="vmfleet-root"),
-        DiskSpec(id="overlay", path=str(guest.overlay), readonly=False, serial="vmfleet-overlay"),
+        _overlay_disk(guest),
         DiskSpec(id="config", path=str(guest.config_disk), readonly=True, serial="vmfleet-config"),
     )
     return VmSpec(
@@ -96,6 +98,16 @@ def vm_spec(
         hypervisor=inst.record.hypervisor.value,
         agent_channel=True,
         disk_io_bps=inst.record.disk_io_bps,
+    )
+
+
+def _overlay_disk(guest: GuestDir) -> DiskSpec:
+    """The writable layer: the instance's own overlay, or the qcow2 layer a fork or a
+    snapshot restore put over a snapshot's disk (worker.snapshots.layers)."""
+    layer = instance_disk(guest.root, "overlay")
+    path, fmt = layer if layer is not None else (guest.overlay, "raw")
+    return DiskSpec(
+        id="overlay", path=str(path), readonly=False, serial="vmfleet-overlay", format=fmt
     )
 
 
@@ -128,9 +140,15 @@ async def boot_to_running(
     guest is ready. A program that ends before that (a short job) leaves the instance
     Stopped with its exit code. A failure leaves the instance where it was for the caller
     to undo. ``phases``: a create's steps, timed (the guest's wait split at its init)."""
-    inst = walk.inst
     phases = phases if phases is not None else CreatePhases()
-    await boot_vm(ctx, inst, image, phases)
+    await boot_vm(ctx, walk.inst, image, phases)
+    await run_until_ready(ctx, walk, phases)
+
+
+async def run_until_ready(ctx: OpContext, walk: Walk, phases: CreatePhases) -> None:
+    """From Created with the VMM just started (booted, or resumed from a warm template):
+    Initializing, then Running once the guest is ready (or Stopped: a short job)."""
+    inst = walk.inst
     walk.advance(started_at=None)  # Initializing: the VMM runs the guest
     waiting = time.monotonic()
     ready = await wait_until_ready(ctx, inst)

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -24,6 +24,9 @@ from worker.proc import VmmProcess
 from worker.states import Cause, IllegalTransition, Op, check_edge, check_transition
 from worker.storage import GuestDir, Storage
 from worker.volumes import VolumeStore
+
+if TYPE_CHECKING:
+    from worker.templates.manager import TemplateManager
 
 __all__ = ["BootAssets", "LocalInstance", "OpContext", "Timeouts", "Transitioned", "Walk"]
 
@@ -98,6 +101,8 @@ class OpContext:
     #: The guest agents' hub: readiness waits for the agent (None: tests of one operation).
     agent: AgentHub | None = None
     on_refused_transition: Refused = lambda previous, state, cause: None
+    #: The host's warm templates (worker/templates); None: every create boots cold.
+    templates: TemplateManager | None = None
     #: Inbound connections the worker itself holds or relays for an instance: the wake
     #: listener reports them, the auto-standby controller counts them.
     inbound: InboundRegistry = field(default_factory=InboundRegistry)

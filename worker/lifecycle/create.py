@@ -6,17 +6,19 @@ import anyio
 
 from schemas.api import MAX_VCPUS, Hypervisor
 from schemas.clock import utc_now
-from schemas.errors import BadRequest
+from schemas.errors import BadRequest, HypervisorError
 from schemas.messages import Create, InstanceRecord
 from worker.capacity import CapacityAccount
-from worker.lifecycle.boot import boot_to_running
+from worker.images import ImageInfo
+from worker.lifecycle.boot import boot_to_running, run_until_ready
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.mounts import check_mounts
-from worker.lifecycle.network import check_network_limits, release_network, take_address
+from worker.lifecycle.network import check_network_limits, release_network, take_address, unplug
 from worker.lifecycle.phases import CreatePhases
 from worker.network import USER_GUEST_IP, check_port_mappings, claim_host_ports, mac_for
 from worker.states import Op
 from worker.storage import make_sparse_ext4
+from worker.templates.start import resume_from_template, template_shape
 
 __all__ = ["check_create", "create", "publish_address"]
 
@@ -67,7 +69,10 @@ async def _make(ctx: OpContext, cmd: Create) -> LocalInstance:
             take_address(ctx, inst)
             # 6. The writable overlay, then boot.
             await make_sparse_ext4(guest.overlay, cmd.overlay_bytes)
-        await boot_to_running(ctx, walk, image, phases)
+        if await _resumed_from_template(ctx, inst, image, phases):
+            await run_until_ready(ctx, walk, phases)
+        else:
+            await boot_to_running(ctx, walk, image, phases)
         _report_phases(ctx, inst, phases)
         ctx.oplog(inst, "instance created", name=cmd.name, state=inst.state.value)
     except BaseException:
@@ -75,6 +80,29 @@ async def _make(ctx: OpContext, cmd: Create) -> LocalInstance:
             await _undo(ctx, inst, attached)
         raise
     return inst
+
+
+async def _resumed_from_template(
+    ctx: OpContext, inst: LocalInstance, image: ImageInfo, phases: CreatePhases
+) -> bool:
+    """A warm start when the host has a template of the instance's shape; False: boot cold
+    (no template, or the resume failed: the cold boot still works, and says why not)."""
+    templates = ctx.templates
+    shape = template_shape(ctx, inst)
+    if templates is None or shape is None:
+        return False
+    template = templates.ready_for(shape)  # none yet: it asks for one, for the next create
+    if template is None:
+        return False
+    try:
+        await resume_from_template(ctx, inst, image, template, phases)
+    except HypervisorError as exc:
+        ctx.oplog(inst, "warm template start failed; booting cold", level="WARN", error=exc)
+        inst.process = None  # resume killed and reaped it
+        inst.guest.write_pid(None)
+        await unplug(ctx, inst)
+        return False
+    return True
 
 
 def _report_phases(ctx: OpContext, inst: LocalInstance, phases: CreatePhases) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 __all__ = ["PHASES", "CreatePhases", "init_uptime_s"]
 
 #: The steps in the order a create takes them (the ops log line keeps this order).
-PHASES = ("pull", "disks", "vmm", "boot", "agent")
+#: ``template``: a warm-template start's resume (worker/templates), in place of vmm + boot.
+PHASES = ("pull", "disks", "vmm", "template", "boot", "agent")
 
 #: The init's first line on the console: the guest's uptime when the init began.
 _INIT_LINE = re.compile(rb"vmfleet init on kernel \S+ at (\d+(?:\.\d+)?)s")
