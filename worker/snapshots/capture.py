@@ -1,0 +1,202 @@
+"""createsnapshot: save an instance as a snapshot of its own, leaving the instance as it was.
+
+- kind Standby of a Running instance: the driver pauses the VM, saves its memory and device
+  state, the disks are copied while it is paused (so they match the memory), and the VM goes
+  on running (``Hypervisor.save_live``). The pause lasts the memory save plus the disk copy.
+- kind Standby of a Standby instance: its standby files are hard-linked (they are never
+  written again; a restore removes only its own names for them), its disks copied.
+- kind Stopped: the disks only, of a Stopped or Standby instance (their disks are quiet).
+
+A disk "copy" is a reflink where the filesystem has them, else a sparse copy of the
+written blocks (``store.copy_cow``); the files below a forked instance's own layer are
+hard-linked. Everything is made in a partial directory that is removed on any failure
+(a full disk answers 507), and the manifest is written last.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from schemas.api import InstanceState
+from schemas.clock import utc_now
+from schemas.errors import Conflict
+from schemas.messages import CreateSnapshot
+from schemas.snapshots import SnapshotDisk, SnapshotKind, SnapshotManifest, SnapshotSource
+from worker.drivers.base import DiskSpec, VmSpec
+from worker.lifecycle.context import LocalInstance, OpContext
+from worker.snapshots.identity import file_identity, vmm_version
+from worker.snapshots.layers import chain, disk_format
+from worker.snapshots.store import (
+    DISKS_DIR,
+    VM_DIR,
+    SnapshotStore,
+    copy_cow,
+    file_entries,
+    link_tree,
+)
+from worker.states import Op
+from worker.storage import storage_error
+
+__all__ = ["create_snapshot", "snapshot_store"]
+
+
+def snapshot_store(ctx: OpContext) -> SnapshotStore:
+    return SnapshotStore(ctx.storage.guests.parent)
+
+
+async def create_snapshot(ctx: OpContext, inst: LocalInstance, cmd: CreateSnapshot) -> None:
+    # 1. Refused from a state without a consistent VM to save, before anything is made.
+    ctx.walk(inst, Op.SNAPSHOT)
+    store = snapshot_store(ctx)
+    if store.read(cmd.snapshot_id) is not None:
+        return  # made already (a redelivered command)
+    _check_kind(inst, cmd.kind)
+    _check_name(store, inst, cmd.name)
+    spec = _current_spec(inst)
+    partial = store.begin(cmd.snapshot_id)
+    try:
+        # 2. The VM (kind Standby) and the disks, then what the snapshot depends on.
+        await _save(ctx, inst, cmd.kind, spec, partial)
+        manifest = await _manifest(ctx, inst, cmd, spec, partial)
+        store.complete(partial, manifest)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise storage_error(f"snapshot {cmd.snapshot_id} failed: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    ctx.oplog(
+        inst,
+        "snapshot taken",
+        snapshot=cmd.snapshot_id,
+        kind=cmd.kind.value,
+        bytes=manifest.size_bytes,
+        allocated=manifest.allocated_bytes,
+    )
+
+
+def _check_kind(inst: LocalInstance, kind: SnapshotKind) -> None:
+    state = inst.state
+    if kind is SnapshotKind.STANDBY and state is InstanceState.STOPPED:
+        raise Conflict(
+            "a Stopped instance has no memory to save: take a snapshot of kind Stopped",
+            code="invalid_state",
+        )
+    if kind is SnapshotKind.STOPPED and state is InstanceState.RUNNING:
+        raise Conflict(
+            "a snapshot of kind Stopped holds disks only, and a Running instance's disks are "
+            "in use: stop it first, or take a snapshot of kind Standby",
+            code="invalid_state",
+        )
+
+
+def _check_name(store: SnapshotStore, inst: LocalInstance, name: str | None) -> None:
+    """hypeman: a snapshot's name is unique among its source instance's snapshots."""
+    if name is None:
+        return
+    for manifest in store.list():
+        if manifest.source.id == inst.id and manifest.name == name:
+            raise Conflict(
+                f"instance {inst.record.name} already has a snapshot named {name}",
+                code="already_exists",
+            )
+
+
+def _current_spec(inst: LocalInstance) -> VmSpec:
+    """The device model the instance runs (or was saved or last booted) with."""
+    if inst.state is InstanceState.RUNNING and inst.spec is not None:
+        return inst.spec
+    guest = inst.guest
+    for path in (guest.snapshot / "vm.json", guest.vm_spec):
+        if path.exists():
+            return guest.read(path, VmSpec)
+    raise Conflict(f"instance {inst.id} has never run: nothing to snapshot", code="invalid_state")
+
+
+async def _save(
+    ctx: OpContext, inst: LocalInstance, kind: SnapshotKind, spec: VmSpec, partial: Path
+) -> None:
+    disks = partial / DISKS_DIR
+    if kind is SnapshotKind.STOPPED:
+        await _copy_disks(spec, disks)
+        return
+    vm = partial / VM_DIR
+    if inst.state is InstanceState.STANDBY:
+        link_tree(inst.guest.snapshot, vm)
+        await _copy_disks(spec, disks)
+        return
+    assert inst.process is not None
+    vm.mkdir()
+    inst.guest.write(vm / "vm.json", spec)
+    await ctx.driver.save_live(spec, inst.process, vm, lambda: _copy_disks(spec, disks))
+
+
+async def _copy_disks(spec: VmSpec, disks: Path) -> None:
+    """Each writable disk's file: its top copied, the files below it hard-linked; and the
+    config disk copied (the guest has it mounted; a fork resumes with it)."""
+    for disk in spec.disks:
+        if disk.readonly and disk.id != "config":
+            continue  # the image's rootfs, a read-only volume: the host provides them
+        top = Path(disk.path)
+        target = disks / top.name
+        await copy_cow(top, target)
+        for below in list(chain(top))[1:]:
+            if not (disks / below.name).exists():
+                (disks / below.name).hardlink_to(below)
+
+
+async def _manifest(
+    ctx: OpContext, inst: LocalInstance, cmd: CreateSnapshot, spec: VmSpec, partial: Path
+) -> SnapshotManifest:
+    record = inst.record
+    files = await file_entries(partial)
+    if not files:
+        raise storage_error("the snapshot holds no files")
+    return SnapshotManifest(
+        id=cmd.snapshot_id,
+        name=cmd.name,
+        kind=cmd.kind,
+        created_at=utc_now(),
+        host=ctx.host_id,
+        tags=dict(cmd.tags),
+        scheduled=cmd.scheduled,
+        source=SnapshotSource(
+            id=record.id,
+            name=record.name,
+            image=record.image,
+            image_digest=record.image_digest,
+            size_bytes=record.size_bytes,
+            hotplug_bytes=record.hotplug_bytes,
+            overlay_bytes=record.overlay_bytes,
+            disk_io_bps=record.disk_io_bps,
+            vcpus=record.vcpus,
+            env=dict(record.env),
+            network_enabled=record.network_enabled,
+            cmd=record.cmd,
+            entrypoint=record.entrypoint,
+            state=record.state,
+            volume_ids=[m.volume_id for m in record.volumes],
+        ),
+        hypervisor=spec.hypervisor,
+        vmm_version=await vmm_version(ctx.driver, spec),
+        kernel=await file_identity(spec.kernel),
+        initrd=await file_identity(spec.initrd),
+        memory_bytes=spec.memory_bytes,
+        vcpus=spec.vcpus,
+        disks=tuple(_disk_entry(disk, partial) for disk in spec.disks),
+        files=files,
+    )
+
+
+def _disk_entry(disk: DiskSpec, partial: Path) -> SnapshotDisk:
+    copied = partial / DISKS_DIR / Path(disk.path).name
+    held = copied.exists() and not (disk.readonly and disk.id != "config")
+    return SnapshotDisk(
+        id=disk.id,
+        serial=disk.serial,
+        readonly=disk.readonly,
+        file=f"{DISKS_DIR}/{copied.name}" if held else None,
+        format=disk_format(copied) if held else "raw",
+        volume_id=disk.volume_id,
+    )
