@@ -105,6 +105,15 @@ class TemplateManager:
             if not self._wanted:
                 await self._wake.wait()
 
+    async def ensure(self, shape: TemplateShape) -> Template | None:
+        """``shape``'s template, built now if there is none (tests and benchmarks; a worker
+        builds in :meth:`run`, never both at once)."""
+        if self.host is None:
+            self.host = await self._identity()
+            await self._sweep()
+        await self._build(shape)
+        return self.store.find(shape, self.host)
+
     async def _build(self, shape: TemplateShape) -> None:
         assert self.host is not None
         if self.store.find(shape, self.host) is not None:
