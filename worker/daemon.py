@@ -59,6 +59,8 @@ from worker.supervisor import supervise_restarts
 from worker.templates import TemplateManager
 from worker.usage import InstanceUsageCollector, local_instances
 from worker.volumes import VolumeStore
+from worker.wake import WakeManager, attach_wake
+from worker.wake.metrics import WakeMetrics
 
 __all__ = ["prepare_host", "run_worker"]
 
@@ -188,9 +190,11 @@ async def _serve(
     ctx.templates = _templates(config, driver, boot)
     engine = HostEngine(ctx)
     hub.on_news = functools.partial(_agent_news, engine)
+    wake = attach_wake(engine, on_woke=WakeMetrics(metrics.registry).woke)
     async with anyio.create_task_group() as infra:
         await infra.start(publisher.run)
         await infra.start(hub.run)
+        await infra.start(wake.run)  # before recovery: sleeping instances' ports come first
         try:
             await _run_components(nc, config, subjects, metrics, engine, publisher, task_status)
         finally:
@@ -210,6 +214,8 @@ async def _run_components(
 ) -> None:
     js = nc.jetstream()
     await engine.recover()
+    if isinstance(engine.ctx.wake, WakeManager):
+        engine.ctx.wake.arm_sleeping()  # before anything else: the next connection wakes them
     _follow_recovered(engine)
     await _publish_everything(engine, publisher)
     hosts = await js.key_value(subjects.hosts_bucket)
