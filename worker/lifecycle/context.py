@@ -24,6 +24,7 @@ from worker.proc import VmmProcess
 from worker.states import Cause, IllegalTransition, Op, check_edge, check_transition
 from worker.storage import GuestDir, Storage
 from worker.volumes import VolumeStore
+from worker.wake.hooks import WakeHooks
 
 if TYPE_CHECKING:
     from worker.templates.manager import TemplateManager
@@ -101,11 +102,14 @@ class OpContext:
     #: The guest agents' hub: readiness waits for the agent (None: tests of one operation).
     agent: AgentHub | None = None
     on_refused_transition: Refused = lambda previous, state, cause: None
-    #: The host's warm templates (worker/templates); None: every create boots cold.
-    templates: TemplateManager | None = None
     #: Inbound connections the worker itself holds or relays for an instance: the wake
     #: listener reports them, the auto-standby controller counts them.
     inbound: InboundRegistry = field(default_factory=InboundRegistry)
+    #: The host's warm templates (worker/templates); None: every create boots cold.
+    templates: TemplateManager | None = None
+    #: The wake-on-connection component: how a restore starts the VMM while the worker
+    #: holds the instance's ports (None: nothing is ever held).
+    wake: WakeHooks | None = None
 
     def walk(self, inst: LocalInstance, op: Op) -> Walk:
         """Begin ``op`` on ``inst``: refused (hypeman's 409) from a state it may not start
@@ -119,9 +123,12 @@ class OpContext:
         *,
         cause: Cause,
         error: str | None = None,
+        record_cause: object = None,
         **changes: object,
     ) -> None:
         """Record a transition: the record, its file on disk, then whoever listens.
+        ``record_cause``: the record's own ``cause`` field (what asked for a standby or
+        restore), which the ``cause`` parameter (the state table's) would shadow.
 
         An edge the state table does not have for ``cause`` is a bug in the caller: it is
         logged, counted and raised as IllegalTransition, and the record stays as it was.
@@ -133,6 +140,8 @@ class OpContext:
             log.error("%s: %s", inst.id, exc)
             self.on_refused_transition(previous, state, cause)
             raise
+        if record_cause is not None:
+            changes["cause"] = record_cause
         phases = inst.record.entered(utc_now())
         inst.record = msgspec.structs.replace(
             inst.record, state=state, state_error=error, **phases, **changes
@@ -194,7 +203,8 @@ class Walk:
         if self._taken >= len(self.path):
             raise IllegalTransition(f"{self.op.value} has no state after {self.path[-1].value}")
         state = self.path[self._taken]
-        self.ctx.set_state(self.inst, state, cause=self.op, **changes)
+        record_cause = changes.pop("cause", None)  # the record's field, see set_state
+        self.ctx.set_state(self.inst, state, cause=self.op, record_cause=record_cause, **changes)
         self._taken += 1
         return state
 
@@ -204,4 +214,7 @@ class Walk:
 
     def fail(self, state: InstanceState, *, error: str | None, **changes: object) -> None:
         """Leave the path for ``state`` (one of the op's failure states in the table)."""
-        self.ctx.set_state(self.inst, state, cause=self.op, error=error, **changes)
+        record_cause = changes.pop("cause", None)  # the record's field, see set_state
+        self.ctx.set_state(
+            self.inst, state, cause=self.op, error=error, record_cause=record_cause, **changes
+        )

@@ -27,25 +27,34 @@ async def restore(ctx: OpContext, inst: LocalInstance, cmd: Restore) -> None:
     if not inst.guest.has_snapshot():
         raise Conflict("instance has no snapshot to restore", code="invalid_state")
     spec = inst.guest.read(snapshot / "vm.json", VmSpec)
-    walk.advance()  # Paused
+    asleep_by = inst.record.cause  # what put it to sleep, again its cause if this fails
+    walk.advance(cause=cmd.cause)  # Paused; the cause names the wake in its events
     # 2. The same devices (bridge mode: the TAP the snapshot names, on the same lease), then
-    # the saved memory, then continue.
+    # the saved memory, then continue. While the worker holds the instance's mapped ports
+    # (it sleeps by its policy), the VMM starts without taking them (worker.wake).
+    launch = ctx.wake.launch_spec(inst.id, spec, cmd.cause) if ctx.wake else spec
     try:
         for nic in spec.nics:
             if nic.mode == "tap":
                 await plug(ctx, inst, nic.tap)
-        inst.process = await ctx.driver.restore(spec, snapshot, vmm_log=inst.guest.vmm_log)
+        inst.process = await ctx.driver.restore(launch, snapshot, vmm_log=inst.guest.vmm_log)
     except BaseException as exc:
         if ctx.bridge is not None and inst.record.tap:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await ctx.bridge.remove_tap(inst.record.tap)
         inst.process = None  # the driver killed the new VMM; the snapshot is still there
         inst.guest.write_pid(None)
-        walk.fail(InstanceState.STANDBY, error=f"restore failed: {exc}")
+        # Asleep for the same reason as before.
+        walk.fail(InstanceState.STANDBY, error=f"restore failed: {exc}", cause=asleep_by)
+        if ctx.wake:
+            ctx.wake.restore_failed(inst.id, str(exc))
         raise
     inst.spec = spec
     inst.guest.write(inst.guest.vm_spec, spec)
     inst.guest.write_pid(inst.process.pid)
+    # The guest runs: connections held for it need nothing more (the record, the clock).
+    if ctx.wake:
+        ctx.wake.vm_running(inst.id)
     # 3. The snapshot has served; hypeman deletes it too.
     shutil.rmtree(snapshot, ignore_errors=True)
     now = utc_now()

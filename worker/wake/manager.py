@@ -1,0 +1,376 @@
+"""Wake on connection: the worker holds the mapped ports of instances its auto-standby
+policy put to sleep, and restores an instance when a client connects to one.
+
+Which instances: a record in Standby with cause ``idle`` (worker.autostandby's standby),
+or any Standby of an instance whose auto_standby policy is enabled (:func:`asleep_by_policy`).
+Its TCP port mappings are bound by the worker the moment the record says so (inside the
+transition callback, so no connection finds the port closed) and again right after a
+worker start's recovery, before commands are taken. A Standby for another cause, a
+delete, or the end of a wake releases them.
+
+How a wake goes (:class:`worker.wake.sleeper.Sleeper` has the queue and fault rules):
+
+- user mode: the restored QEMU's forwards for the held ports point at internal loopback
+  ports (:meth:`WakeManager.launch_spec`), so the worker keeps the public ones; held
+  connections go through the internal forwards. Once the guest listens, the worker closes
+  its listeners and adds the public forward to the running QEMU with HMP ``hostfwd_add``
+  (QEMU 7.2 has it; well under a millisecond, the only moment a connection may be
+  refused). Later traffic goes through QEMU alone.
+- bridge mode: at sleep the instance's DNAT rules go and the worker binds the mapped
+  ports on every address; the restore's plug puts the rules back, so new connections take
+  the kernel path from then on, and the held ones are relayed to the guest's address.
+
+The wake is a ``Restore`` command with cause ``connection`` executed by the engine, so it
+queues behind (and before) API operations on the same instance like any command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import msgspec
+from anyio.abc import ByteStream, TaskGroup, TaskStatus
+
+from schemas.api import InstanceState
+from schemas.clock import utc_now
+from schemas.errors import NotFound
+from schemas.messages import InstanceRecord, Restore
+from worker.drivers.base import PortForward, VmSpec
+from worker.wake.sleeper import (
+    Backend,
+    GuestNotListening,
+    HeldConnection,
+    Listener,
+    Sleeper,
+    WakeSettings,
+)
+from worker.wake.usernet import UserNet
+
+if TYPE_CHECKING:
+    from worker.engine import HostEngine
+    from worker.lifecycle.context import LocalInstance
+
+__all__ = ["WakeManager", "attach_wake"]
+
+log = logging.getLogger(__name__)
+
+#: Observes a finished wake: (cause, seconds).
+WokeObserver = Callable[[str, float], None]
+
+
+class WakeManager:
+    def __init__(
+        self,
+        engine: HostEngine,
+        settings: WakeSettings | None = None,
+        *,
+        on_woke: WokeObserver = lambda cause, seconds: None,
+    ) -> None:
+        self._engine = engine
+        self._settings = settings or WakeSettings()
+        self._on_woke = on_woke
+        self._sleepers: dict[str, Sleeper] = {}
+        self._tg: TaskGroup | None = None
+        #: instance id -> when its restore began (an API restore of an instance not held).
+        self._restoring: dict[str, float] = {}
+        #: instance id -> guest port -> internal loopback port (user mode, during a wake).
+        self._internal: dict[str, dict[int, int]] = {}
+        self._seq = 0
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Own the sleepers' tasks until cancelled; then every held port is let go."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            self._tg = None
+            for sleeper in list(self._sleepers.values()):
+                sleeper.close()
+
+    # -- which instances sleep --------------------------------------------------------------
+
+    def arm_sleeping(self) -> None:
+        """A worker's start: bind the ports of every instance asleep by its policy."""
+        for record in self._engine.records():
+            with contextlib.suppress(NotFound):
+                self.transitioned(self._engine.instance(record.id))
+
+    def transitioned(self, inst: LocalInstance) -> None:
+        """Follow a record: asleep by its policy -> its ports held; Standby for another
+        cause -> let go. Never blocks (binding a socket does not)."""
+        record = inst.record
+        if record.state is not InstanceState.STANDBY:
+            return
+        if asleep_by_policy(record):
+            self._arm(inst)
+        else:
+            self.release(inst.id)
+
+    def release(self, instance_id: str) -> None:
+        sleeper = self._sleepers.pop(instance_id, None)
+        if sleeper is not None:
+            sleeper.close()
+
+    def holds(self, instance_id: str) -> bool:
+        return instance_id in self._sleepers
+
+    def _arm(self, inst: LocalInstance) -> None:
+        if inst.id in self._sleepers or self._tg is None or not inst.record.network_enabled:
+            return
+        listeners = self._bind(inst)
+        if not listeners:
+            return
+        sleeper = Sleeper(
+            inst.id,
+            listeners,
+            _InstanceBackend(self, inst.id),
+            self._settings,
+            on_done=self._forget,
+        )
+        self._sleepers[inst.id] = sleeper
+        self._tg.start_soon(sleeper.run)
+        if self._engine.ctx.bridge is not None:
+            self._tg.start_soon(self._drop_rules, inst.id)
+        self._tg.start_soon(_keep_in_page_cache, inst.guest.snapshot / "memory")
+        ports = ", ".join(str(listener.host_port) for listener in listeners)
+        self._engine.ctx.oplog(inst, f"asleep: port(s) {ports} wake it on the next connection")
+
+    def _bind(self, inst: LocalInstance) -> list[Listener]:
+        address = self._bind_address()
+        listeners = []
+        for mapping in inst.record.port_mappings:
+            if str(mapping.protocol or "tcp") != "tcp":
+                continue  # UDP has no connection to hold
+            try:
+                sock = _listen(address, mapping.host_port)
+            except OSError as exc:
+                self._engine.ctx.oplog(
+                    inst,
+                    f"cannot hold port {mapping.host_port} while asleep: a connection to it "
+                    "will not wake the instance",
+                    level="ERROR",
+                    error=exc,
+                )
+                continue
+            listeners.append(Listener(mapping.host_port, mapping.guest_port, sock))
+        return listeners
+
+    def _bind_address(self) -> str:
+        """user mode: where QEMU would publish the ports; bridge mode: every address (the
+        DNAT rules matched any local one)."""
+        return (
+            "0.0.0.0"
+            if self._engine.ctx.bridge is not None
+            else self._engine.ctx.network.publish_addr
+        )
+
+    async def _drop_rules(self, instance_id: str) -> None:
+        bridge = self._engine.ctx.bridge
+        assert bridge is not None
+        try:
+            await bridge.nat.remove(instance_id)
+        except Exception as exc:
+            log.error("%s: could not take the DNAT rules off while asleep: %s", instance_id, exc)
+
+    def _forget(self, sleeper: Sleeper) -> None:
+        if self._sleepers.get(sleeper.instance_id) is sleeper:
+            del self._sleepers[sleeper.instance_id]
+        self._internal.pop(sleeper.instance_id, None)
+
+    # -- the restore's hooks (worker.wake.hooks.WakeHooks) ----------------------------------
+
+    def launch_spec(self, instance_id: str, spec: VmSpec, cause: str) -> VmSpec:
+        sleeper = self._sleepers.get(instance_id)
+        if sleeper is None:
+            self._restoring[instance_id] = time.monotonic()
+            return spec
+        sleeper.restore_started(cause)
+        if self._engine.ctx.bridge is not None:
+            return spec
+        held = {listener.host_port for listener in sleeper.listeners}
+        internal: dict[int, int] = {}
+        nics = []
+        for nic in spec.nics:
+            forwards = []
+            for fwd in nic.forwards:
+                if fwd.protocol == "tcp" and fwd.host_port in held:
+                    port = internal.setdefault(fwd.guest_port, _free_loopback_port())
+                    fwd = PortForward(
+                        protocol="tcp",
+                        host_addr="127.0.0.1",
+                        host_port=port,
+                        guest_port=fwd.guest_port,
+                    )
+                forwards.append(fwd)
+            nics.append(msgspec.structs.replace(nic, forwards=tuple(forwards)))
+        self._internal[instance_id] = internal
+        return msgspec.structs.replace(spec, nics=tuple(nics))
+
+    def vm_running(self, instance_id: str) -> None:
+        sleeper = self._sleepers.get(instance_id)
+        if sleeper is not None:
+            sleeper.vm_running()
+            return
+        started = self._restoring.pop(instance_id, None)
+        if started is not None:
+            self._on_woke("api", time.monotonic() - started)
+
+    def restore_failed(self, instance_id: str, error: str) -> None:
+        self._restoring.pop(instance_id, None)
+        sleeper = self._sleepers.get(instance_id)
+        if sleeper is not None:
+            sleeper.restore_failed(error)
+
+    # -- what the sleepers do through the worker ---------------------------------------------
+
+    async def restore(self, instance_id: str) -> None:
+        self._seq += 1
+        await self._engine.execute(
+            Restore(
+                id=f"wake-{instance_id}-{self._seq}-{os.getpid()}",
+                instance_id=instance_id,
+                issued_at=utc_now(),
+                cause="connection",
+            )
+        )
+
+    async def connect(self, instance_id: str, guest_port: int) -> ByteStream:
+        inst = self._engine.instance(instance_id)
+        if self._engine.ctx.bridge is not None:
+            assert inst.record.ip is not None
+            return await anyio.connect_tcp(inst.record.ip, guest_port)
+        port = self._internal.get(instance_id, {}).get(guest_port)
+        if port is None or inst.spec is None:
+            raise GuestNotListening(f"no internal forward to guest port {guest_port}")
+        return await UserNet(self._engine.ctx.driver.api_socket(inst.spec)).connect(port)
+
+    async def hand_off(self, instance_id: str, listeners: list[Listener]) -> None:
+        self._sleepers.pop(instance_id, None)
+        inst = self._engine.instance(instance_id)
+        bridge = self._engine.ctx.bridge
+        if bridge is not None:
+            if inst.record.ip is not None:
+                await bridge.nat.add(instance_id, inst.record.ip, inst.record.port_mappings)
+            return
+        if inst.spec is None or inst.process is None:
+            return  # gone to sleep or stopped again meanwhile: its next VMM forwards them
+        forwards = [
+            fwd
+            for nic in inst.spec.nics
+            for fwd in nic.forwards
+            if fwd.protocol == "tcp" and fwd.host_port in {li.host_port for li in listeners}
+        ]
+        nic_id = next((nic.id for nic in inst.spec.nics if nic.mode == "user"), "net0")
+        try:
+            await UserNet(self._engine.ctx.driver.api_socket(inst.spec)).add_forwards(
+                nic_id, forwards
+            )
+        except Exception as exc:
+            self._engine.ctx.oplog(
+                inst, "could not give the mapped ports back to QEMU", level="ERROR", error=exc
+            )
+
+    def woke(self, cause: str, seconds: float) -> None:
+        self._on_woke(cause, seconds)
+
+
+class _InstanceBackend(Backend):
+    def __init__(self, manager: WakeManager, instance_id: str) -> None:
+        self._manager, self._id = manager, instance_id
+
+    async def restore(self) -> None:
+        await self._manager.restore(self._id)
+
+    async def connect(self, guest_port: int) -> ByteStream:
+        return await self._manager.connect(self._id, guest_port)
+
+    async def hand_off(self, listeners: list[Listener]) -> None:
+        await self._manager.hand_off(self._id, listeners)
+
+    def opened(self, conn: HeldConnection) -> None:
+        self._report(conn, opened=True)
+
+    def closed(self, conn: HeldConnection) -> None:
+        self._report(conn, opened=False)
+
+    def _report(self, conn: HeldConnection, *, opened: bool) -> None:
+        registry = getattr(self._manager._engine.ctx, "inbound", None)
+        if registry is None:
+            return
+        report = registry.opened if opened else registry.closed
+        with contextlib.suppress(Exception):
+            report(self._id, conn.listener.host_port, conn.peer[0], conn.peer[1])
+
+    def woke(self, cause: str, seconds: float) -> None:
+        self._manager.woke(cause, seconds)
+
+
+def asleep_by_policy(record: InstanceRecord) -> bool:
+    """A Standby the auto-standby policy stands behind: its own (cause ``idle``), or any
+    Standby of an instance whose policy is enabled (a scale-to-zero service put to sleep
+    by hand wakes on demand too)."""
+    policy = record.auto_standby
+    return record.cause == "idle" or (policy is not None and policy.enabled)
+
+
+def _listen(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _free_loopback_port() -> int:
+    """A loopback port free now, for QEMU to bind a moment later (the kernel hands out
+    ephemeral ports in turn, so it is not handed to anyone else in between)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _keep_in_page_cache(memory: Path) -> None:
+    """The snapshot's memory is read whole by the restore: ask the kernel to have it in the
+    page cache while the instance sleeps, so a wake reads memory, not disk."""
+
+    def advise() -> None:
+        with contextlib.suppress(OSError), open(memory, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+
+    await anyio.to_thread.run_sync(advise)
+
+
+def attach_wake(engine: HostEngine, on_woke: WokeObserver) -> WakeManager:
+    """A wake manager that follows the engine's instances and serves its restores' hooks;
+    run it (:meth:`WakeManager.run`) before the engine recovers."""
+    wake = WakeManager(engine, on_woke=on_woke)
+    ctx = engine.ctx
+    transitioned, removed = ctx.on_transition, ctx.on_removed
+
+    def on_transition(inst: LocalInstance, previous: InstanceState | None) -> None:
+        transitioned(inst, previous)
+        wake.transitioned(inst)
+
+    def on_removed(record: InstanceRecord) -> None:
+        removed(record)
+        wake.release(record.id)
+
+    ctx.on_transition, ctx.on_removed, ctx.wake = on_transition, on_removed, wake
+    return wake
