@@ -27,6 +27,8 @@ from worker.host import HostUsage, read_capacity, unwritten_bytes
 from worker.lifecycle import create, delete, restore, standby, start, stop, update, volumes
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.recovery import recover
+from worker.snapshots import capture, fork, ops
+from worker.snapshots import restore as snapshot_restore
 from worker.states import TRANSITIONS, Op
 from worker.transfer.names import MOVING_MARK
 from worker.vmm_watch import watch_vmms
@@ -49,6 +51,9 @@ OPERATIONS: Final[dict[Op, Operation]] = {
     Op.UPDATE: update.update,
     Op.ATTACH_VOLUME: volumes.attach_volume,
     Op.DETACH_VOLUME: volumes.detach_volume,
+    Op.SNAPSHOT: capture.create_snapshot,
+    Op.RESTORE_SNAPSHOT: snapshot_restore.restore_snapshot,
+    Op.SET_SNAPSHOT_SCHEDULE: ops.set_snapshot_schedule,
 }
 
 
@@ -106,7 +111,11 @@ class HostEngine:
     async def _create(self, cmd: Create) -> None:
         if await self._finish_interrupted_create(cmd):
             return
-        self._instances[cmd.instance_id] = await create.create(self.ctx, cmd, self.capacity)
+        if cmd.fork is not None:
+            made = await fork.fork_instance(self.ctx, cmd, self.capacity)
+        else:
+            made = await create.create(self.ctx, cmd, self.capacity)
+        self._instances[cmd.instance_id] = made
 
     async def _delete(self, cmd: Delete) -> None:
         await delete.delete(self.ctx, self._require(cmd.instance_id), cmd)
