@@ -134,6 +134,9 @@ class TemplateManager:
         except TemplateBuildError as exc:
             log.error("warm template for %s failed; cold boots go on: %s", _describe(shape), exc)
             self._failed.add(shape)
+        except Exception:  # a bug here must not take the worker down: creates boot cold
+            log.exception("warm template for %s failed; cold boots go on", _describe(shape))
+            self._failed.add(shape)
         else:
             log.info(
                 "warm template %s for %s ready in %.1fs (%d MiB)",

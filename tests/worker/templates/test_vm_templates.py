@@ -15,9 +15,10 @@ import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from schemas.api import InstanceState
+from schemas.clock import utc_now as now
 from schemas.messages import Restore, Standby
 from tests.worker.agent.conftest import Output, _delete_all, collect
-from tests.worker.conftest import MIB, create_command, make_context, now
+from tests.worker.conftest import MIB, create_command, make_context
 from worker.agent import AgentHub, Frame, track_instance
 from worker.daemon import _agent_news
 from worker.drivers.qemu import qemu_binary
