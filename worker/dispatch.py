@@ -13,8 +13,10 @@ from schemas.errors import BadRequest, NotFound, VmfleetError
 from schemas.messages import (
     AnyCommand,
     CommandResult,
+    CreateSnapshot,
     CreateVolume,
     DeleteImage,
+    DeleteSnapshot,
     DeleteVolume,
     ExportInstance,
     FinishMove,
@@ -27,6 +29,7 @@ from schemas.messages import (
 from worker.engine import HostEngine
 from worker.images import ImagePuller
 from worker.publisher import RecordPublisher
+from worker.snapshots.service import SnapshotService
 from worker.transfer.move import Mover
 from worker.volumes import VolumeStore
 
@@ -44,6 +47,7 @@ class Dispatcher:
         archives: ObjectStore | None = None,
         puller: ImagePuller | None = None,
         mover: Mover | None = None,
+        snapshots: SnapshotService | None = None,
     ) -> None:
         self.engine = engine
         self.volumes = volumes
@@ -51,6 +55,7 @@ class Dispatcher:
         self.archives = archives
         self.puller = puller
         self.mover = mover
+        self.snapshots = snapshots
 
     async def __call__(self, cmd: AnyCommand) -> CommandResult:
         try:
@@ -96,6 +101,15 @@ class Dispatcher:
                 return CommandResult(command_id=cmd.id, ok=True)
             case ExportInstance() | ImportInstance() | FinishMove():
                 return await self._move(cmd)
+            case DeleteSnapshot():
+                await self._snapshots().delete(cmd.snapshot_id)
+                return CommandResult(command_id=cmd.id, ok=True)
+            case CreateSnapshot():
+                # The snapshot is on disk once the engine returns; its record follows (a
+                # redelivery finds the snapshot made and writes the record again).
+                record = await self.engine.execute(cmd)
+                await self._snapshots().publish(cmd.snapshot_id)
+                return CommandResult(command_id=cmd.id, ok=True, instance=record)
             case InstanceCommand():
                 if self._already_applied(cmd):
                     return CommandResult(
@@ -104,6 +118,11 @@ class Dispatcher:
                 record = await self.engine.execute(cmd)
                 return CommandResult(command_id=cmd.id, ok=True, instance=record)
         raise BadRequest(f"unknown command {cmd.op}")
+
+    def _snapshots(self) -> SnapshotService:
+        if self.snapshots is None:
+            raise BadRequest("this worker keeps no snapshots")
+        return self.snapshots
 
     async def _move(self, cmd: ExportInstance | ImportInstance | FinishMove) -> CommandResult:
         """One step of moving an instance between hosts (worker.transfer.move)."""
