@@ -94,8 +94,8 @@ class AutoStandbyController:
             task_status.started()
             try:
                 while True:
-                    await self.tick()
                     await anyio.sleep(self._interval_s)
+                    await self.tick()
             finally:
                 self._tg = None
 
