@@ -1,50 +1,59 @@
 """Running this host's instances' health checks and acting on what they find.
 
-One loop per worker, like :mod:`worker.supervisor`: it looks at the records a few times
-a second and starts each Running instance's check when its interval has passed, in a
-task of its own, at most :data:`MAX_CONCURRENT_CHECKS` at once. A check never takes the
-instance's lock, so a slow probe never holds up a command; its result is applied only if
-the instance is still Running in the same health window with the same check.
-
-Probes, as hypeman defines them: ``exec`` runs the command through the guest agent (exit
-0: healthy); ``http`` GETs the path and wants the exact status; ``tcp`` wants the
-connection accepted. A bridge-mode host probes the guest's address; in user mode the
-host has no route to the guest, so http/tcp go through the host port mapped to the
-checked guest port (the gateway refuses such a check without one).
+One loop per worker, like :mod:`worker.supervisor`. It wakes :data:`TICK_S` apart, looks
+at the records, and starts every check whose interval has passed, all in that one pass: a
+plain http or tcp check is a :class:`worker.health_probe.NetProbe` (a non-blocking socket
+on the loop's callbacks, at most :data:`MAX_OPEN_PROBES` open at once, the rest queued);
+``exec`` (through the guest agent) and ``https`` checks run as tasks, at most
+:data:`MAX_CONCURRENT_CHECKS` at once. A check never takes the instance's lock, so a slow
+probe never holds up a command; its result is applied only if the instance is still
+Running in the same health window with the same check. Where a probe goes, in either
+networking mode, is :func:`worker.health_probe.probe_target`.
 
 Counting (:func:`judge`): ``success_threshold`` successes in a row make the instance
 healthy, ``failure_threshold`` failures in a row unhealthy; failures within
-``start_period`` of the window's start are noted but never counted. With restart_policy
-``on_failure`` an unhealthy instance is stopped through the engine by a ``Stop`` marked
-``health_check_failed``, whose record write schedules the restart that
-:mod:`worker.supervisor` then takes, counted like any other attempt.
+``start_period`` of the window's start are noted but never counted; a success clears
+``last_error`` (as hypeman does). With restart_policy ``on_failure`` an unhealthy instance
+is stopped through the engine by a ``Stop`` marked ``health_check_failed``, whose record
+write schedules the restart that :mod:`worker.supervisor` then takes, counted like any
+other attempt.
 
-The record is written (and so published) when the health status, the failure count or
-the error changes, and otherwise at most every :data:`STEADY_SAVE_S` while it stays
-healthy: a check every second on a thousand instances must not be a thousand record
-writes a second.
+What it costs. Each checked instance has one :class:`_Watch`, kept between checks, that
+holds the health as the checks see it. The record (written to disk and published) follows
+it only when the status or the last error changes, and otherwise at most every
+:data:`STEADY_SAVE_S`: a check every second on a thousand instances must not be a thousand
+record writes a second. A success that changes nothing, the common case, only counts in
+the watch: no struct, no clock read beyond one float, no log line.
 """
 
 from __future__ import annotations
 
-import json
+import collections
 import logging
-import ssl
+import socket
 import time
-from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Final
 
 import anyio
 import msgspec
-from anyio.abc import ByteStream, TaskGroup
+from anyio.abc import TaskGroup
 
 from schemas.api import InstanceState
 from schemas.clock import utc_now
 from schemas.errors import NotFound
 from schemas.messages import HealthCheckSpec, HealthState, InstanceRecord, Stop
-from worker.agent import Frame
 from worker.engine import HostEngine
+from worker.health_probe import (
+    MAX_ERROR_CHARS,
+    Deadlines,
+    NetProbe,
+    ProbeResult,
+    http_request,
+    ip_literal,
+    probe,
+    probe_target,
+)
 from worker.lifecycle.stop import health_restart_due
 
 __all__ = ["MAX_ERROR_CHARS", "ProbeResult", "judge", "probe", "supervise_health"]
@@ -52,136 +61,270 @@ __all__ = ["MAX_ERROR_CHARS", "ProbeResult", "judge", "probe", "supervise_health
 log = logging.getLogger(__name__)
 
 TICK_S: Final = 0.25
+#: exec and https checks running at once (each is a task).
 MAX_CONCURRENT_CHECKS: Final = 32
-#: hypeman's ``last_error`` is at most 512 characters.
-MAX_ERROR_CHARS: Final = 512
+#: Plain http/tcp probes open at once (each holds a socket); the rest wait their turn.
+MAX_OPEN_PROBES: Final = 128
 STEADY_SAVE_S: Final = 30.0
-_MAX_HTTP_HEAD: Final = 8192
 
 
-@dataclass(frozen=True)
-class ProbeResult:
-    ok: bool
-    error: str | None = None
+class _Watch:
+    """One instance's checks within one health window with one check."""
+
+    __slots__ = (
+        "busy",
+        "check",
+        "family",
+        "health",
+        "instance_id",
+        "last_ok",
+        "next_due",
+        "ok_since_save",
+        "record",
+        "request",
+        "saved",
+        "saved_at",
+        "seen",
+        "target",
+        "window",
+    )
+
+    def __init__(self, record: InstanceRecord, check: HealthCheckSpec, now: float) -> None:
+        self.instance_id = record.id
+        #: The record last seen to match (records are replaced, never changed, so the
+        #: same object needs no second look).
+        self.record = record
+        self.check = check
+        self.window = record.health.window_started_at
+        #: The health as the checks see it, and the last one written to the record.
+        self.health = record.health
+        self.saved = record.health
+        self.saved_at = now
+        #: Successes since ``health`` that changed nothing, and the wall time of the last.
+        self.ok_since_save = 0
+        self.last_ok = 0.0
+        self.next_due = now
+        self.busy = False
+        #: The tick that last saw the instance checked (a watch not seen is dropped).
+        self.seen = 0
+        #: The plain probe's address and request, once known (they follow the record).
+        self.target: tuple[str, int] | None = None
+        self.family: socket.AddressFamily | None = None
+        self.request: bytes | None = None
+
+    def matches(self, record: InstanceRecord) -> bool:
+        if record is self.record:
+            return True
+        check = record.health_check
+        same = (check is self.check or check == self.check) and (
+            record.health.window_started_at == self.window
+        )
+        if same:
+            self.record = record
+        return same
+
+    def current(self) -> HealthState:
+        """``health`` with the quiet successes counted in."""
+        if not self.ok_since_save:
+            return self.health
+        at = datetime.fromtimestamp(self.last_ok, UTC)
+        return msgspec.structs.replace(
+            self.health,
+            consecutive_successes=self.health.consecutive_successes + self.ok_since_save,
+            last_checked_at=at,
+            last_success_at=at,
+        )
+
+    def quiet_success(self) -> bool:
+        """Whether one more success would change nothing but the counters: healthy, and no
+        failure or error to clear."""
+        health = self.health
+        return (
+            health.status == "healthy"
+            and health.consecutive_failures == 0
+            and health.last_error is None
+        )
 
 
-@dataclass
-class _Loop:
-    engine: HostEngine
-    limiter: anyio.CapacityLimiter
-    #: Monotonic time of each instance's next check.
-    next_due: dict[str, float] = field(default_factory=dict)
-    checking: set[str] = field(default_factory=set)
-    stopping: set[str] = field(default_factory=set)
-    saved_at: dict[str, float] = field(default_factory=dict)
+class _Supervisor:
+    def __init__(self, engine: HostEngine, tg: TaskGroup, concurrency: int) -> None:
+        self.engine = engine
+        self.tg = tg
+        self.limiter = anyio.CapacityLimiter(concurrency)
+        self.watches: dict[str, _Watch] = {}
+        self.stopping: set[str] = set()
+        self.queued: collections.deque[tuple[_Watch, InstanceRecord]] = collections.deque()
+        self.open = 0
+        self.deadlines = Deadlines()
+        self.ticks = 0
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Start every due check; forget the instances no longer checked."""
+        self.ticks += 1
+        watched = 0
+        for record in self.engine.records():
+            check = record.health_check
+            if check is None or record.state is not InstanceState.RUNNING:
+                continue
+            watch = self.watches.get(record.id)
+            if watch is None or not watch.matches(record):
+                # A new window (start, restore) or a new check: counted from scratch.
+                watch = self.watches[record.id] = _Watch(record, check, now)
+            watch.seen = self.ticks
+            watched += 1
+            if watch.next_due <= now and not watch.busy:
+                watch.busy = True
+                # Keep the cadence, unless the loop fell a whole interval behind.
+                watch.next_due = max(watch.next_due + check.interval_s, now)
+                self._start(watch, record)
+        if watched != len(self.watches):
+            self._forget_unseen()
+
+    def _forget_unseen(self) -> None:
+        for instance_id, watch in list(self.watches.items()):
+            if watch.seen != self.ticks:
+                # Stopped, deleted or unchecked: the next window starts afresh.
+                del self.watches[instance_id]
+
+    def _start(self, watch: _Watch, record: InstanceRecord) -> None:
+        check = watch.check
+        if check.type == "exec" or check.scheme == "https" or not self._plain_target(watch, record):
+            self.tg.start_soon(self._run_task_probe, watch, record)
+        elif self.open < MAX_OPEN_PROBES:
+            self._open(watch, record)
+        else:
+            self.queued.append((watch, record))
+
+    def _plain_target(self, watch: _Watch, record: InstanceRecord) -> bool:
+        """Whether ``watch`` has an IP address to probe with a plain socket (else the task
+        path tries, and reports why it cannot)."""
+        try:
+            target = probe_target(
+                record,
+                watch.check.port,
+                bridge=self.engine.ctx.bridge is not None,
+                publish_addr=self.engine.ctx.network.publish_addr,
+            )
+        except OSError:
+            return False
+        if target != watch.target:
+            watch.family = ip_literal(target[0])
+            if watch.family is None:
+                return False
+            watch.target = target
+            http = watch.check.type == "http"
+            watch.request = http_request(watch.check, *target) if http else None
+        return True
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _open(self, watch: _Watch, record: InstanceRecord) -> None:
+        assert watch.target is not None and watch.family is not None
+        self.open += 1
+
+        def done(result: ProbeResult) -> None:
+            self.open -= 1
+            self._finished(watch, record, result)
+            while self.queued and self.open < MAX_OPEN_PROBES:
+                self._open(*self.queued.popleft())
+
+        check, target, family, request = watch.check, watch.target, watch.family, watch.request
+        NetProbe(check, target, family, request, done, self.deadlines).start()
+
+    async def _run_task_probe(self, watch: _Watch, record: InstanceRecord) -> None:
+        async with self.limiter:
+            result = await probe(self.engine, record, watch.check)
+        self._finished(watch, record, result)
+
+    def _finished(self, watch: _Watch, seen: InstanceRecord, result: ProbeResult) -> None:
+        watch.busy = False
+        try:
+            self._apply(watch, result)
+        except Exception:
+            log.exception("health check of instance %s could not be counted", seen.id)
+
+    # -- counting --------------------------------------------------------------------------
+
+    def _apply(self, watch: _Watch, result: ProbeResult) -> None:
+        """Count the result, unless the instance left the window it was probed in."""
+        if self.watches.get(watch.instance_id) is not watch:
+            return
+        try:
+            inst = self.engine.instance(watch.instance_id)
+        except NotFound:
+            return
+        record = inst.record
+        if record.state is not InstanceState.RUNNING or not watch.matches(record):
+            return
+        if result.ok and watch.quiet_success():
+            watch.ok_since_save += 1
+            watch.last_ok = time.time()
+            if time.monotonic() - watch.saved_at >= STEADY_SAVE_S:
+                self._save(watch, watch.current())
+            return
+        before = watch.current()
+        after = judge(before, watch.check, result, utc_now())
+        watch.health, watch.ok_since_save = after, 0
+        saved = watch.saved
+        if (
+            after.status != saved.status
+            or after.last_error != saved.last_error
+            or time.monotonic() - watch.saved_at >= STEADY_SAVE_S
+        ):
+            self._save(watch, after)
+        if after.status != before.status:
+            self.engine.ctx.oplog(
+                inst, f"health {before.status} -> {after.status}", error=after.last_error
+            )
+        if (
+            after.status == "unhealthy"
+            and watch.instance_id not in self.stopping
+            and health_restart_due(inst)
+        ):
+            self.stopping.add(watch.instance_id)
+            self.tg.start_soon(self._restart_unhealthy, inst.record)
+
+    def _save(self, watch: _Watch, health: HealthState) -> None:
+        inst = self.engine.instance(watch.instance_id)
+        self.engine.ctx.save(inst, health=health)
+        watch.health = watch.saved = health
+        watch.ok_since_save = 0
+        watch.saved_at = time.monotonic()
+
+    async def _restart_unhealthy(self, record: InstanceRecord) -> None:
+        """Stop through the engine; the stop's record schedules the start."""
+        cmd = Stop(
+            id=f"health-{record.id}-{record.restart.attempts + 1}",
+            instance_id=record.id,
+            issued_at=utc_now(),
+            restart_reason="health_check_failed",
+        )
+        try:
+            await self.engine.execute(cmd)
+            log.info("instance %s (%s) unhealthy: stopped for a restart", record.id, record.name)
+        except NotFound:
+            pass
+        except Exception as exc:
+            log.warning("could not stop unhealthy instance %s: %s", record.id, exc)
+        finally:
+            self.stopping.discard(record.id)
 
 
 async def supervise_health(
     engine: HostEngine, *, tick_s: float = TICK_S, concurrency: int = MAX_CONCURRENT_CHECKS
 ) -> None:
     """Until cancelled: run every due check of this host's Running instances."""
-    loop = _Loop(engine, anyio.CapacityLimiter(concurrency))
     async with anyio.create_task_group() as tg:
+        supervisor = _Supervisor(engine, tg, concurrency)
         while True:
-            _start_due(tg, loop, time.monotonic())
+            try:
+                supervisor.tick(time.monotonic())
+            except Exception:
+                # A bug in one pass must not end the checks of every instance for good.
+                log.exception("health checks: a pass failed")
             await anyio.sleep(tick_s)
-
-
-def _checked(record: InstanceRecord) -> bool:
-    return record.health_check is not None and record.state is InstanceState.RUNNING
-
-
-def _start_due(tg: TaskGroup, loop: _Loop, now: float) -> None:
-    present = set()
-    for record in list(loop.engine.records()):
-        if not _checked(record):
-            continue
-        present.add(record.id)
-        check = record.health_check
-        assert check is not None
-        due = loop.next_due.setdefault(record.id, now)
-        if due <= now and record.id not in loop.checking:
-            loop.checking.add(record.id)
-            loop.next_due[record.id] = now + check.interval_s
-            tg.start_soon(_check_one, tg, loop, record, check)
-    for gone in set(loop.next_due) - present:
-        # Stopped, deleted or unchecked: the next window checks at once.
-        loop.next_due.pop(gone, None)
-        loop.saved_at.pop(gone, None)
-
-
-async def _check_one(
-    tg: TaskGroup, loop: _Loop, record: InstanceRecord, check: HealthCheckSpec
-) -> None:
-    try:
-        async with loop.limiter:
-            result = await probe(loop.engine, record, check)
-        _apply(tg, loop, record, check, result)
-    except Exception:
-        log.exception("health check of instance %s failed to run", record.id)
-    finally:
-        loop.checking.discard(record.id)
-
-
-def _apply(
-    tg: TaskGroup,
-    loop: _Loop,
-    seen: InstanceRecord,
-    check: HealthCheckSpec,
-    result: ProbeResult,
-) -> None:
-    """Count the result, unless the instance left the window it was probed in."""
-    try:
-        inst = loop.engine.instance(seen.id)
-    except NotFound:
-        return
-    record = inst.record
-    same_window = record.health.window_started_at == seen.health.window_started_at
-    if record.health_check != check or record.state is not InstanceState.RUNNING or not same_window:
-        return
-    before = record.health
-    after = judge(before, check, result, utc_now())
-    if _worth_saving(loop, seen.id, before, after):
-        loop.engine.ctx.save(inst, health=after)
-        loop.saved_at[seen.id] = time.monotonic()
-    if after.status != before.status:
-        loop.engine.ctx.oplog(
-            inst, f"health {before.status} -> {after.status}", error=after.last_error
-        )
-    if after.status == "unhealthy" and seen.id not in loop.stopping and health_restart_due(inst):
-        loop.stopping.add(seen.id)
-        tg.start_soon(_restart_unhealthy, loop, inst.record)
-
-
-def _worth_saving(loop: _Loop, instance_id: str, before: HealthState, after: HealthState) -> bool:
-    steady = (
-        before.status == after.status
-        and before.consecutive_failures == after.consecutive_failures
-        and before.last_error == after.last_error
-        and before.last_failure_at == after.last_failure_at
-    )
-    if not steady:
-        return True
-    return time.monotonic() - loop.saved_at.get(instance_id, 0.0) >= STEADY_SAVE_S
-
-
-async def _restart_unhealthy(loop: _Loop, record: InstanceRecord) -> None:
-    """Stop through the engine; the stop's record schedules the start."""
-    cmd = Stop(
-        id=f"health-{record.id}-{record.restart.attempts + 1}",
-        instance_id=record.id,
-        issued_at=utc_now(),
-        restart_reason="health_check_failed",
-    )
-    try:
-        await loop.engine.execute(cmd)
-        log.info("instance %s (%s) unhealthy: stopped for a restart", record.id, record.name)
-    except NotFound:
-        pass
-    except Exception as exc:
-        log.warning("could not stop unhealthy instance %s: %s", record.id, exc)
-    finally:
-        loop.stopping.discard(record.id)
 
 
 def judge(
@@ -198,6 +341,7 @@ def judge(
             consecutive_failures=0,
             last_checked_at=now,
             last_success_at=now,
+            last_error=None,
         )
     error = (result.error or "check failed")[:MAX_ERROR_CHARS]
     noted = msgspec.structs.replace(
@@ -213,101 +357,3 @@ def judge(
         status="unhealthy" if unhealthy else state.status,
         consecutive_failures=failures,
     )
-
-
-async def probe(engine: HostEngine, record: InstanceRecord, check: HealthCheckSpec) -> ProbeResult:
-    """One check, within its timeout."""
-    try:
-        with anyio.fail_after(check.timeout_s):
-            if check.type == "exec":
-                return await _probe_exec(engine, record.id, check)
-            host, port = _target(engine, record, check.port)
-            if check.type == "tcp":
-                stream = await anyio.connect_tcp(host, port)
-                await stream.aclose()
-                return ProbeResult(True)
-            return await _probe_http(host, port, check)
-    except TimeoutError:
-        return ProbeResult(False, f"timed out after {check.timeout_s:g}s")
-    except Exception as exc:
-        return ProbeResult(
-            False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        )
-
-
-def _target(engine: HostEngine, record: InstanceRecord, guest_port: int) -> tuple[str, int]:
-    """Where the guest's port is reachable from this host."""
-    if engine.ctx.bridge is not None:
-        if not record.ip:
-            raise OSError("the instance has no address")
-        return record.ip, guest_port
-    for mapping in record.port_mappings:
-        if mapping.guest_port == guest_port and mapping.protocol == "tcp":
-            address = engine.ctx.network.publish_addr
-            return ("127.0.0.1" if address in ("0.0.0.0", "") else address), mapping.host_port
-    raise OSError(f"guest port {guest_port} has no host port mapping (user network mode)")
-
-
-async def _probe_http(host: str, port: int, check: HealthCheckSpec) -> ProbeResult:
-    if check.scheme == "https":
-        # A health check asks whether the app answers, not who it is: no verification.
-        tls = ssl.create_default_context()
-        tls.check_hostname = False
-        tls.verify_mode = ssl.CERT_NONE
-        stream: ByteStream = await anyio.connect_tcp(
-            host, port, ssl_context=tls, tls_standard_compatible=False
-        )
-    else:
-        stream = await anyio.connect_tcp(host, port)
-    async with stream:
-        request = (
-            f"GET {check.path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            "User-Agent: vmfleet-health\r\nConnection: close\r\n\r\n"
-        )
-        await stream.send(request.encode())
-        head = b""
-        while b"\r\n" not in head and len(head) < _MAX_HTTP_HEAD:
-            try:
-                head += await stream.receive()
-            except anyio.EndOfStream:
-                break
-    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-        return ProbeResult(False, f"not an HTTP answer: {status_line[:100]!r}")
-    status = int(parts[1])
-    if status != check.expected_status:
-        return ProbeResult(
-            False, f"GET {check.path}: status {status}, expected {check.expected_status}"
-        )
-    return ProbeResult(True)
-
-
-async def _probe_exec(engine: HostEngine, instance_id: str, check: HealthCheckSpec) -> ProbeResult:
-    hub = engine.ctx.agent
-    if hub is None:
-        return ProbeResult(False, "this host has no guest agent")
-    request: dict[str, object] = {"command": list(check.command), "tty": False}
-    if check.working_dir:
-        request["cwd"] = check.working_dir
-    output = bytearray()
-    async with await hub.open_session(instance_id, "exec") as session:
-        await session.send(Frame.json(request))
-        await session.send_eof()
-        while True:
-            try:
-                frame = await session.receive()
-            except anyio.EndOfStream:
-                return ProbeResult(False, "the agent ended the check without an exit code")
-            if not frame.text:
-                output += frame.data[: MAX_ERROR_CHARS - len(output)]
-                continue
-            answer = json.loads(frame.data)
-            if "exitCode" in answer:
-                code = answer["exitCode"]
-                if code == 0:
-                    return ProbeResult(True)
-                text = output.decode("utf-8", errors="replace").strip()
-                return ProbeResult(False, f"exit code {code}" + (f": {text}" if text else ""))
-            if "error" in answer:
-                return ProbeResult(False, str(answer["error"]))
