@@ -56,12 +56,28 @@ def _hash_range(path: Path, offset: int, length: int) -> str:
     return h.hexdigest()
 
 
-def _write_at(path: Path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
+class _PartWriter:
+    """Where the store writes one part's chunks as they come (nats-py calls ``write`` in
+    a thread): straight into its place in the file, hashed on the way. No part is ever
+    held whole in memory."""
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self.fd = os.open(path, os.O_WRONLY)
+        self.offset = offset
+        self.written = 0
+        self.sha256 = hashlib.sha256()
+
+    def write(self, chunk: bytes) -> int:
+        self.sha256.update(chunk)
+        os.pwrite(self.fd, chunk, self.offset + self.written)
+        self.written += len(chunk)
+        return len(chunk)
+
+    def __enter__(self) -> _PartWriter:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        os.close(self.fd)
 
 
 def _prepare(partial: Path, manifest: TransferManifest) -> bool:
@@ -133,20 +149,20 @@ class _Fetcher:
                 self.kept += 1
                 return
             name = part_object(self.manifest.bundle, file_index, part_index)
-            try:
-                data = (await self.store.get(name)).data or b""
-            except DigestMismatchError as exc:
-                raise CorruptTransfer(
-                    f"{name}: the store's chunks do not match its digest"
-                ) from exc
-            except NotFoundError as exc:
-                raise BundleNotFound(self.manifest.bundle) from exc
-            if len(data) != length or hashlib.sha256(data).hexdigest() != expected:
+            with _PartWriter(path, offset) as writer:
+                try:
+                    await self.store.get(name, writeinto=writer)  # type: ignore[arg-type]
+                except DigestMismatchError as exc:
+                    raise CorruptTransfer(
+                        f"{name}: the store's chunks do not match its digest"
+                    ) from exc
+                except NotFoundError as exc:
+                    raise BundleNotFound(self.manifest.bundle) from exc
+            if writer.written != length or writer.sha256.hexdigest() != expected:
                 raise CorruptTransfer(
                     f"{f.path} part {part_index}: SHA-256 does not match the manifest"
                 )
-            await anyio.to_thread.run_sync(_write_at, path, offset, data)
-            self.fetched += len(data)
+            self.fetched += writer.written
             self.parts += 1
             if self.on_part is not None:
                 self.on_part(self.parts)

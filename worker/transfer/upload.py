@@ -11,11 +11,13 @@ last: until it is there, no host fetches the bundle.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import anyio
 from nats.js.api import ObjectMeta, ObjectMetaOptions
@@ -81,6 +83,19 @@ def _regular_files(directory: Path, exclude: frozenset[str]) -> list[Path]:
     return found
 
 
+def _read_part(f: BinaryIO, size: int, whole: Any) -> tuple[bytes, bool]:
+    """The next part, fed to the file's hash; and whether it is all zeros. In a thread:
+    hashlib lets go of the GIL, so this runs beside the sends."""
+    data = f.read(size)
+    whole.update(data)
+    return data, data.count(0) == len(data)
+
+
+def _hex_of(digest: str) -> str:
+    """The hex SHA-256 of an object store digest (``SHA-256=<urlsafe base64>``)."""
+    return base64.urlsafe_b64decode(digest.split("=", 1)[1]).hex()
+
+
 class _Uploader:
     def __init__(
         self,
@@ -98,25 +113,31 @@ class _Uploader:
         self.sent = 0
         self.skipped = 0
         self.done = 0
+        #: Looking for parts an earlier, broken upload left; off at the first one missing.
+        self.resuming = True
 
     async def file(
         self, tg: anyio.abc.TaskGroup, index: int, root: Path, path: Path
     ) -> TransferFile:
         whole = hashlib.sha256()
-        parts: list[str] = []
-        zero_parts: list[int] = []
         size = path.stat().st_size
+        count = (size + self.part_bytes - 1) // self.part_bytes
+        # Filled in as the sends finish: the store hashes each part as it sends it.
+        parts = [""] * count
+        zero_parts: list[int] = []
         with path.open("rb") as f:
-            for part_index in range((size + self.part_bytes - 1) // self.part_bytes):
-                data = await anyio.to_thread.run_sync(f.read, self.part_bytes)
-                whole.update(data)
-                parts.append(hashlib.sha256(data).hexdigest())
-                if data.count(0) == len(data):
+            for part_index in range(count):
+                data, zero = await anyio.to_thread.run_sync(_read_part, f, self.part_bytes, whole)
+                if zero:
+                    parts[part_index] = _zero_digest(len(data))
                     zero_parts.append(part_index)
                     self.skipped += 1
                     continue
                 await self.slots.acquire()
-                tg.start_soon(self._send, part_object(self.bundle, index, part_index), data)
+                name = part_object(self.bundle, index, part_index)
+                tg.start_soon(self._send, name, data, parts, part_index)
+        # ``parts`` is complete once the sends are: the caller builds the manifest after
+        # the task group, so this record is only read then.
         return TransferFile(
             path=path.relative_to(root).as_posix(),
             size=size,
@@ -126,26 +147,38 @@ class _Uploader:
             zero_parts=zero_parts,
         )
 
-    async def _send(self, name: str, data: bytes) -> None:
+    async def _send(self, name: str, data: bytes, parts: list[str], part_index: int) -> None:
         try:
-            if await self._already_there(name, data):
+            digest = await self._already_there(name, data)
+            if digest is not None:
                 self.skipped += 1
             else:
                 meta = ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=CHUNK_BYTES))
-                await self.store.put(name, data, meta=meta)
+                digest = (await self.store.put(name, data, meta=meta)).digest or ""
                 self.sent += len(data)
+            parts[part_index] = _hex_of(digest)
             self.done += 1
             if self.on_part is not None:
                 self.on_part(self.done)
         finally:
             self.slots.release()
 
-    async def _already_there(self, name: str, data: bytes) -> bool:
+    async def _already_there(self, name: str, data: bytes) -> str | None:
+        """The digest of the stored part if an earlier upload sent these very bytes."""
+        if not self.resuming:
+            return None
         try:
             info = await self.store.get_info(name)
         except NotFoundError:
-            return False
-        return info.size == len(data) and info.digest == object_digest(data)
+            self.resuming = False
+            return None
+        digest = await anyio.to_thread.run_sync(object_digest, data)
+        return digest if info.size == len(data) and info.digest == digest else None
+
+
+@functools.cache
+def _zero_digest(size: int) -> str:
+    return hashlib.sha256(bytes(size)).hexdigest()
 
 
 async def upload_bundle(
