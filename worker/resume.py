@@ -91,16 +91,15 @@ def swap_spec(
     disk_io_bps: int | None = None,
 ) -> VmSpec:
     """The saved device model with a new instance's files. ``disks`` by DiskSpec.id: a new
-    path, or a whole DiskSpec (same id); every saved disk must be given one. ``nics``: the
-    new NICs (MAC, TAP, port forwards), as many and of the same mode as the saved ones."""
+    path, or a whole DiskSpec (same id); a saved disk not named keeps its file (a shared
+    read-only image). ``nics``: the new NICs (MAC, TAP, port forwards), as many as the
+    saved ones."""
     unknown = set(disks) - {d.id for d in saved.disks}
     if unknown:
         raise ResumeError(f"the saved VM has no disk {', '.join(sorted(unknown))}")
     swapped: list[DiskSpec] = []
     for disk in saved.disks:
-        new = disks.get(disk.id)
-        if new is None:
-            raise ResumeError(f"no file given for the saved VM's disk {disk.id}")
+        new = disks.get(disk.id, disk)
         swapped.append(msgspec.structs.replace(disk, path=new) if isinstance(new, str) else new)
     spec = msgspec.structs.replace(
         saved,

@@ -135,8 +135,8 @@ def test_swap_spec_puts_the_new_files_under_the_same_devices(tmp_path: Path) -> 
 def test_swap_spec_refuses_another_device_model(tmp_path: Path) -> None:
     saved = _saved(tmp_path)
     files = {"root": "/a", "overlay": "/b", "config": "/c"}
-    with pytest.raises(ResumeError, match="no file given"):
-        swap_spec(saved, disks={"root": "/a"}, instance_id="i1", run_dir="/r", serial_log="/l")
+    kept = swap_spec(saved, disks={"root": "/a"}, instance_id="i1", run_dir="/r", serial_log="/l")
+    assert [d.path for d in kept.disks] == ["/a", *(d.path for d in saved.disks[1:])]
     with pytest.raises(ResumeError, match="has no disk"):
         swap_spec(
             saved, disks={**files, "vol": "/v"}, instance_id="i1", run_dir="/r", serial_log="/l"
