@@ -23,6 +23,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskStatus
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
 from natsbus import PublishDenials, close, connect, provision
@@ -57,6 +58,8 @@ from worker.sessions import serve_sessions
 from worker.storage import Storage
 from worker.supervisor import supervise_restarts
 from worker.templates import TemplateManager
+from worker.transfer import HostCache, open_store
+from worker.transfer.move import Mover
 from worker.usage import InstanceUsageCollector, local_instances
 from worker.volumes import VolumeStore
 from worker.wake import WakeManager, attach_wake
@@ -244,6 +247,7 @@ async def _run_components(
             ImagePuller(
                 await js.key_value(subjects.images_bucket), engine.ctx.images, config.host_id
             ),
+            mover=await _mover(js, subjects, config, engine),
         ),
         ledger,
         metrics,
@@ -297,6 +301,15 @@ async def _count_instances(engine: HostEngine, metrics: WorkerMetrics) -> None:
         for state in InstanceState:
             metrics.instances.labels(state=state.value).set(counts.get(state, 0))
         await anyio.sleep(2)
+
+
+async def _mover(
+    js: JetStreamContext, subjects: Subjects, config: WorkerConfig, engine: HostEngine
+) -> Mover:
+    """Instances moving between hosts, and the cache of what this host fetched."""
+    store = await open_store(js, subjects)
+    cache = HostCache(store, config.data_dir / "transfers", config.transfer_cache_bytes)
+    return Mover(engine, store, cache, await js.key_value(subjects.instances_bucket))
 
 
 def _templates(config: WorkerConfig, driver: DriverSet, boot: BootAssets) -> TemplateManager | None:
