@@ -138,7 +138,7 @@ class WakeManager:
             on_done=self._forget,
         )
         self._sleepers[inst.id] = sleeper
-        self._tg.start_soon(sleeper.run)
+        self._tg.start_soon(self._run_sleeper, sleeper)
         if self._engine.ctx.bridge is not None:
             self._tg.start_soon(self._drop_rules, inst.id)
         self._tg.start_soon(_keep_in_page_cache, inst.guest.snapshot / "memory")
@@ -173,6 +173,13 @@ class WakeManager:
             if self._engine.ctx.bridge is not None
             else self._engine.ctx.network.publish_addr
         )
+
+    async def _run_sleeper(self, sleeper: Sleeper) -> None:
+        """A sleeper's failure is its instance's, not the worker's: logged, the ports let go."""
+        try:
+            await sleeper.run()
+        except Exception:
+            log.exception("%s: holding its ports failed", sleeper.instance_id)
 
     async def _drop_rules(self, instance_id: str) -> None:
         bridge = self._engine.ctx.bridge

@@ -140,6 +140,7 @@ class Sleeper:
         if not self._restoring:
             self._restoring, self._restore_cause = True, cause
             self._restore_started = time.monotonic()
+            self._arrived.set()
 
     def vm_running(self) -> None:
         self._running.set()

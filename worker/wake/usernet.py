@@ -11,6 +11,7 @@ and see whether ours reads EOF.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from collections.abc import Iterable
@@ -83,10 +84,13 @@ async def _until_answered(qmp: QmpClient, forward_port: int) -> None:
 
 
 def _reads_eof(stream: SocketStream) -> bool:
-    sock: socket.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
+    """A peek that does not wait (the stream's own socket object is the event loop's
+    wrapper, which has no recv: a duplicate of its descriptor peeks at the same socket)."""
+    fd = stream.extra(anyio.abc.SocketAttribute.raw_socket).fileno()
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True

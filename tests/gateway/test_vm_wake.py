@@ -1,0 +1,140 @@
+"""Wake on connection through hypeman's SDK, on one real guest: a busybox httpd behind a
+mapped port, with an auto_standby policy, put to Standby; a plain HTTP GET to the mapped
+port answers 200 with the VM's page (the client never retries) and the instance is Running
+again; the port then serves through QEMU alone. Then the worker is SIGKILLed while the
+instance sleeps, started again, and a connection still wakes it."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from hypeman import Hypeman
+from prometheus_client.parser import text_string_to_metric_families
+
+from cli.embedded_nats import free_port
+from tests.gateway.conftest import Fleet
+from tests.support.sdk import sdk_client, wait_for_instance
+
+pytestmark = pytest.mark.vm
+
+PAGE = "served-by-the-sleeping-vm"
+SERVE = f"mkdir -p /www && echo {PAGE} > /www/index.html && exec httpd -f -p 8080 -h /www"
+
+
+@dataclass(frozen=True)
+class Web:
+    client: Hypeman
+    instance_id: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+
+@pytest.fixture(scope="module")
+def web(fleet: Fleet, busybox_image: str) -> Iterator[Web]:
+    client = sdk_client(fleet)
+    port = free_port()
+    created = client.instances.create(
+        name="wake-web",
+        image=busybox_image,
+        size="256MB",
+        vcpus=1,
+        cmd=["sh", "-c", SERVE],
+        # A policy whose own clock never runs out in a test: the tests send it to sleep.
+        auto_standby={"enabled": True, "idle_timeout": "1h"},
+        extra_body={"port_mappings": [{"guest_port": 8080, "host_port": port}]},
+    )
+    web = Web(client, created.id, port)
+    try:
+        wait_for_instance(client, created.id, lambda i: i.state == "Running")
+        _wait_until_served(web.url)
+        yield web
+    finally:
+        client.instances.delete(created.id)
+
+
+def _wait_until_served(url: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
+
+
+def _wait_until_bound(port: int, timeout_s: float = 120) -> None:
+    """Until something (the worker) holds ``port``: binding it ourselves fails. (A connect
+    would tell too, but would wake the instance.)"""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing bound port {port} again")
+
+
+def _asleep(web: Web) -> None:
+    asleep = web.client.instances.standby(web.instance_id)
+    assert asleep.state == "Standby"
+
+
+def _get_once(url: str) -> httpx.Response:
+    """One GET, no retry: the sleeping instance must answer this very connection."""
+    with httpx.Client(transport=httpx.HTTPTransport(retries=0), timeout=120) as http:
+        return http.get(url)
+
+
+def _wakes(fleet: Fleet, cause: str) -> float:
+    text = httpx.get(fleet.worker.metrics_url, timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "vmfleet_worker_wakes"
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels.get("cause") == cause
+    )
+
+
+def test_a_get_to_a_sleeping_instance_wakes_it_and_is_answered(fleet: Fleet, web: Web) -> None:
+    _asleep(web)
+    before = _wakes(fleet, "connection")
+
+    answer = _get_once(web.url)
+
+    assert answer.status_code == 200
+    assert answer.text.strip() == PAGE
+    assert web.client.instances.get(web.instance_id).state == "Running"
+    assert _wakes(fleet, "connection") == before + 1
+    # Awake, the port serves without the worker: a later GET answers as well.
+    assert _get_once(web.url).text.strip() == PAGE
+    ops = "\n".join(web.client.instances.logs(web.instance_id, source="hypeman", tail=200))
+    assert "wake it on the next connection" in ops
+
+
+def test_a_restarted_worker_holds_the_ports_of_a_sleeping_instance(fleet: Fleet, web: Web) -> None:
+    _asleep(web)
+    fleet.worker.kill()
+    fleet.worker.start()
+    try:
+        _wait_until_bound(web.port)  # the new worker holds the port again
+        answer = _get_once(web.url)
+        assert answer.status_code == 200
+        assert answer.text.strip() == PAGE
+        assert web.client.instances.get(web.instance_id).state == "Running"
+    finally:
+        if fleet.worker.proc is not None and fleet.worker.proc.poll() is not None:
+            fleet.worker.start()
