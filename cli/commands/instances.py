@@ -24,6 +24,7 @@ from cli.commands._common import (
     print_json,
     volume_mount,
 )
+from cli.commands.autostandby import add_auto_standby_flag, auto_standby_body, with_standby
 from cli.commands.images import wait_for_image
 from cli.tables import age, parse_time, render_table, short_id
 
@@ -101,6 +102,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--ttl", metavar="DURATION", help='delete the instance after this long, e.g. "1h"'
     )
     _add_supervision_flags(run)
+    add_auto_standby_flag(run)
     run.add_argument("image", metavar="IMAGE")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD ...")
     client_command(run, _run)
@@ -143,6 +145,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     expiry.add_argument("--ttl", metavar="DURATION", help='e.g. "30m"; "0s": never expire')
     expiry.add_argument("--expires-at", metavar="TIME", help="RFC 3339, e.g. 2030-01-01T00:00:00Z")
     _add_supervision_flags(update)
+    add_auto_standby_flag(update)
     update.add_argument("instance", metavar="INSTANCE")
     add_json_flag(update)
     client_command(update, _update)
@@ -195,6 +198,7 @@ def _run(client: GatewayClient, args: argparse.Namespace) -> int:
         "ttl": args.ttl,
         "restart_policy": args.restart,
         "health_check": _health_check(args),
+        "auto_standby": auto_standby_body(args.auto_standby),
     }
     body.update({key: value for key, value in optional.items() if value is not None})
     instance = client.call("POST", "/instances", json=body)
@@ -296,7 +300,7 @@ def _ps(client: GatewayClient, args: argparse.Namespace) -> int:
             short_id(i["id"]),
             i["name"],
             i["image"],
-            _state_text(i),
+            with_standby(client, i, _state_text(i)),
             i.get("host") or "-",
             age(i["created_at"]),
         )
@@ -322,11 +326,13 @@ def _update(client: GatewayClient, args: argparse.Namespace) -> int:
         "expires_at": args.expires_at,
         "restart_policy": args.restart,
         "health_check": _health_check(args),
+        "auto_standby": auto_standby_body(args.auto_standby),
     }
     body = {key: value for key, value in changes.items() if value is not None}
     if not body:
         print(
-            "vmfleet update: nothing to change (--ttl, --expires-at, --restart, --health-cmd)",
+            "vmfleet update: nothing to change (--ttl, --expires-at, --restart, --health-cmd, "
+            "--auto-standby)",
             file=sys.stderr,
         )
         return 2
