@@ -36,6 +36,7 @@ from schemas.api import (
     WaitForStateResponse,
 )
 from schemas.autostandby import AutoStandbyPolicy, AutoStandbyStatus
+from gateway.snapshot_spec import SNAPSHOT_OPERATIONS, add_snapshots
 from schemas.messages import HostRecord, StateEvent
 
 __all__ = ["EXTENSION", "HYPEMAN_OPERATIONS", "build_spec", "spec_json", "spec_yaml"]
@@ -66,6 +67,7 @@ HYPEMAN_OPERATIONS: Final[dict[str, frozenset[str]]] = {
     "/instances/{id}/volumes/{volumeId}": frozenset({"post", "delete"}),
     "/volumes": frozenset({"get", "post"}),
     "/volumes/{id}": frozenset({"get", "delete"}),
+    **SNAPSHOT_OPERATIONS,
 }
 _FLEET_ERRORS: Final = {
     "503": "No live host can take it, or its host is not live (nothing was sent)",
@@ -118,6 +120,7 @@ def build_spec() -> dict[str, Any]:
                 operation["responses"] = {str(k): v for k, v in operation["responses"].items()}
     _extend_schemas(spec["components"]["schemas"])
     _add_supervision(spec["components"]["schemas"], spec["paths"])
+    add_snapshots(spec["components"]["schemas"], spec["paths"])
     spec["paths"].update(_extension_paths())
     _add_fleet_errors(spec["paths"])
     _drop_unused_schemas(spec)

@@ -455,6 +455,13 @@
     if (instance.restart_status?.last_reason) restarts.title = instance.restart_status.last_reason;
     const expires = cell(row, instance.expires_at ? until(instance.expires_at) : "", "num expires");
     if (instance.expires_at) expires.title = instance.expires_at;
+    cell(row, autoStandbyText(instance.auto_standby), "num standby");
+  }
+
+  // The policy: "after 30s" (idle that long, the instance goes to standby), "off", or "".
+  function autoStandbyText(policy) {
+    if (!policy) return "";
+    return policy.enabled ? "after " + policy.idle_timeout : "off";
   }
 
   function restartsText(status) {
