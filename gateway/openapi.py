@@ -23,6 +23,7 @@ from typing import Any, Final
 import msgspec
 import yaml
 
+from gateway.snapshot_spec import SNAPSHOT_OPERATIONS, add_snapshots
 from schemas.api import (
     VOLUME_ID_PATTERN,
     Capabilities,
@@ -36,7 +37,6 @@ from schemas.api import (
     WaitForStateResponse,
 )
 from schemas.autostandby import AutoStandbyPolicy, AutoStandbyStatus
-from gateway.snapshot_spec import SNAPSHOT_OPERATIONS, add_snapshots
 from schemas.messages import HostRecord, StateEvent
 
 __all__ = ["EXTENSION", "HYPEMAN_OPERATIONS", "build_spec", "spec_json", "spec_yaml"]
