@@ -21,7 +21,7 @@ from schemas.snapshots import (
 __all__ = ["SNAPSHOT_OPERATIONS", "add_snapshots"]
 
 _EXTENSION: Final = "x-vmfleet-extension"
-_SECURED: Final = [{"bearerAuth": []}]
+_SECURED: Final[list[dict[str, list[str]]]] = [{"bearerAuth": []}]
 
 #: hypeman's operations on snapshots (path -> methods).
 SNAPSHOT_OPERATIONS: Final[dict[str, frozenset[str]]] = {
