@@ -55,6 +55,9 @@ from worker.network import BridgeNetwork, check_bridge_host
 from worker.publisher import PublishStalled, RecordPublisher
 from worker.queries import serve_queries
 from worker.sessions import serve_sessions
+from worker.snapshots.schedule import run_schedules
+from worker.snapshots.service import SnapshotService
+from worker.snapshots.store import SnapshotStore
 from worker.storage import Storage
 from worker.supervisor import supervise_restarts
 from worker.templates import TemplateManager
@@ -235,6 +238,12 @@ async def _run_components(
         on_line=lambda source: metrics.log_lines.labels(source=source).inc(),
     )
     ledger = Ledger(config.data_dir / "commands")
+    snapshots = SnapshotService(
+        SnapshotStore(config.data_dir),
+        await js.key_value(subjects.snapshots_bucket),
+        config.host_id,
+    )
+    await snapshots.publish_missing()
     consumer = CommandConsumer(
         nc,
         subjects,
@@ -248,6 +257,7 @@ async def _run_components(
                 await js.key_value(subjects.images_bucket), engine.ctx.images, config.host_id
             ),
             mover=await _mover(js, subjects, config, engine),
+            snapshots=snapshots,
         ),
         ledger,
         metrics,
@@ -265,6 +275,7 @@ async def _run_components(
         tg.start_soon(reap_expired, engine)
         tg.start_soon(supervise_restarts, engine)
         tg.start_soon(supervise_health, engine)
+        tg.start_soon(run_schedules, engine, snapshots)
         if engine.ctx.templates is not None:
             tg.start_soon(engine.ctx.templates.run)
         standby = AutoStandbyController(
