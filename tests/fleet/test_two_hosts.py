@@ -456,3 +456,61 @@ async def test_a_killed_workers_instances_read_unknown_until_it_is_back(
             back = await until_state(api, victim["id"], "Running")
             assert back["state_error"] is None
             assert sorted(await hosts(api)) == sorted(two_hosts.host_ids)
+
+
+async def test_a_standby_instance_moves_to_the_other_host_with_its_memory(
+    two_hosts: TwoHosts, pair: Pair, volume_bound: VolumeBound
+) -> None:
+    """`vmfleet host drain ID --move`: same id and name, the guest's memory (a tmpfs file)
+    and disk (a file on its overlay) on the other host; nothing left on the old one. An
+    instance with a volume (files of its host) is refused and stays as it was."""
+    from hypeman import AsyncHypeman
+    from hypeman.lib import exec_async
+
+    source = volume_bound.volume_host
+    moving, bound = pair.on(source), volume_bound.instance
+    target = two_hosts.other(source)
+    token = secrets.token_hex(8)
+    g1, g2 = two_hosts.gateways
+    script = (
+        "mkdir -p /run/mem && mount -t tmpfs none /run/mem && "
+        f"echo {token} > /run/mem/mark && echo disk-{token} > /root/mark && sync"
+    )
+    async with AsyncHypeman(api_key=g1.token, base_url=g1.base_url, max_retries=0) as client:
+        wrote = await exec_async(client, moving["id"], ["/bin/sh", "-c", script])
+        assert wrote.exit_code == 0, wrote.output
+    async with g1.async_client() as api:
+        for standing in (moving, bound):
+            standby = await api.post(f"/instances/{standing['id']}/standby")
+            assert standby.status_code == 200, standby.text
+
+    done = await anyio.to_thread.run_sync(cli, g1, "host", "drain", source, "--move")
+    try:
+        assert done.returncode == 1, done.stdout + done.stderr  # one of two was refused
+        assert f"moved: {moving['id']} -> host {target}" in done.stdout
+        assert (
+            f"not moved: {bound['id']}: instance {bound['id']} has volumes attached "
+            f"({volume_bound.volume_id}): volumes are files on host {source} and do not "
+            "move; detach them first"
+        ) in done.stdout
+        async with g2.async_client() as api:
+            moved = await until(
+                lambda: instance(api, moving["id"]), lambda body: body["host"] == target
+            )
+            assert (moved["name"], moved["state"]) == (moving["name"], "Standby")
+            restored = await api.post(f"/instances/{moving['id']}/restore")
+            assert (restored.status_code, restored.json()["state"]) == (200, "Running")
+            stayed = await instance(api, bound["id"])
+            assert (stayed["host"], stayed["state"]) == (source, "Standby")
+            again = await api.post(f"/instances/{bound['id']}/restore")
+            assert (again.status_code, again.json()["state"]) == (200, "Running"), again.text
+        assert not (two_hosts.worker(source).data_dir / "guests" / moving["id"]).exists()
+        async with AsyncHypeman(api_key=g2.token, base_url=g2.base_url, max_retries=0) as client:
+            read = await exec_async(
+                client, moving["id"], ["/bin/sh", "-c", "cat /run/mem/mark /root/mark"]
+            )
+            assert read.exit_code == 0, read.output
+            assert read.output.decode().split() == [token, f"disk-{token}"]
+    finally:
+        back = await anyio.to_thread.run_sync(cli, g1, "host", "undrain", source)
+        assert back.returncode == 0, back.stderr
