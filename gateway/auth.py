@@ -15,6 +15,7 @@ WebSocket upgrades are checked like HTTP requests, and refused before the upgrad
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
@@ -74,6 +75,11 @@ def verify_token(header: str | None, secret: str) -> str:
 
 def verify_identity(header: str | None, secret: str) -> TokenIdentity:
     """The token's subject and scopes, or Unauthorized with hypeman's reason text."""
+    return _verify_with_expiry(header, secret)[0]
+
+
+def _verify_with_expiry(header: str | None, secret: str) -> tuple[TokenIdentity, float]:
+    """verify_identity, and the token's expiry (seconds since the epoch)."""
     if not header:
         raise Unauthorized("security requirements failed: authorization header required")
     scheme, _, token = header.partition(" ")
@@ -92,7 +98,8 @@ def verify_identity(header: str | None, secret: str) -> TokenIdentity:
         raise Unauthorized("security requirements failed: invalid token") from None
     if any(claim in claims for claim in _FOREIGN_CLAIMS):
         raise Unauthorized("security requirements failed: invalid token type")
-    return TokenIdentity(str(claims.get("sub", "")), _scopes(claims.get("scopes")))
+    identity = TokenIdentity(str(claims.get("sub", "")), _scopes(claims.get("scopes")))
+    return identity, float(claims["exp"])
 
 
 def _scopes(claim: object) -> frozenset[str] | None:
@@ -125,12 +132,23 @@ def _check_scope(identity: TokenIdentity, method: str, path: str) -> None:
         raise Forbidden(f"this token lacks the '{needed}' scope")
 
 
+#: How many verified tokens the middleware remembers (a client keeps one token for many
+#: requests; past this many, the memory starts afresh).
+_VERIFIED_CACHE_SIZE = 1024
+
+
 class BearerAuth:
-    """ASGI middleware: every HTTP route outside PUBLIC_PATHS needs a valid token."""
+    """ASGI middleware: every HTTP route outside PUBLIC_PATHS needs a valid token.
+
+    A verified token is remembered until it expires: checking its HMAC and claims again is
+    the same answer, and was most of what a cached read costs. Only the expiry changes with
+    time, and it is checked on every use.
+    """
 
     def __init__(self, app: ASGIApp, *, secret: str) -> None:
         self.app = app
         self.secret = secret
+        self._verified: dict[str, tuple[TokenIdentity, float]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or scope["path"] in PUBLIC_PATHS:
@@ -138,7 +156,7 @@ class BearerAuth:
             return
         header = _header(scope, b"authorization")
         try:
-            identity = verify_identity(header, self.secret)
+            identity = self._identity(header)
             _check_scope(identity, scope.get("method", "GET"), scope["path"])
         except (Unauthorized, Forbidden) as exc:
             # For a WebSocket this is the denial response: an HTTP answer, no upgrade.
@@ -146,6 +164,20 @@ class BearerAuth:
             return
         scope.setdefault("state", {})["subject"] = identity.subject
         await self.app(scope, receive, send)
+
+    def _identity(self, header: str | None) -> TokenIdentity:
+        """verify_identity, answered from memory for a token verified before and not expired."""
+        if header is not None and (known := self._verified.get(header)) is not None:
+            identity, expires = known
+            if time.time() < expires:
+                return identity
+            del self._verified[header]
+        identity, expires = _verify_with_expiry(header, self.secret)
+        if header is not None:
+            if len(self._verified) >= _VERIFIED_CACHE_SIZE:
+                self._verified.clear()
+            self._verified[header] = (identity, expires)
+        return identity
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

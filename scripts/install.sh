@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(qemu-system-x86 busybox-static e2fsprogs erofs-utils skopeo umoci
                  docker-registry cpio kmod lz4 python3-venv iproute2 nftables conntrack golang-go
-                 docker-compose chromium)  # only for the tests: docker-compose validates
-                                           # compose.yaml, chromium renders /ui
+                 docker-compose chromium  # only for the tests: docker-compose validates
+                                          # compose.yaml, chromium renders /ui
+                 wrk)  # only for bench/gateway.py: a load generator that saturates first
 VENV=.venv
 STAMP=$VENV/.installed
 

@@ -99,8 +99,9 @@ class Report:
             "once; with QEMU killed, it either completes or fails with an error, and a VM whose "
             "QEMU died is recorded `Stopped` with a `state_error` (a failed restore stays in "
             "`Standby`, snapshot kept). A command the killed worker had taken is redelivered "
-            "after the consumer's ack wait (30 s), which is why those first answers take that "
-            "long.",
+            "to the restarted worker once the consumer's ack wait (5 s) has passed since the "
+            "killed worker's last in-progress beat (sent every second for every command it "
+            "held); each cell says how long after the restart its first answer came.",
             "",
             "## Fault x operation",
             "",

@@ -72,9 +72,10 @@ def test_fault_during_operation(stack: Stack, chains: dict[str, str], fault: str
     call = stack.in_flight(method, path, key=key, json=body)
     time.sleep(delay)
     injection = _inject(stack, fault, iid, call, started, leader)
-    _bring_back(stack, fault, leader)
+    restarted = _bring_back(stack, fault, leader)
     first = call.result()
-    first_after = time.monotonic() - started
+    answered = time.monotonic()
+    first_after = answered - started
     final, attempts = (first, 1)
     if first.retryable:
         final, attempts = stack.retry(method, path, key=key, json=body)
@@ -88,6 +89,7 @@ def test_fault_during_operation(stack: Stack, chains: dict[str, str], fault: str
         f"{injection.what} {injection.at_s:.2f} s in"
         + ("" if injection.during_op else " (after the operation had answered)")
         + f"; first answer {first.short()} after {first_after:.0f} s"
+        + (f" ({answered - restarted:.1f} s after the restart)" if restarted else "")
         + (f", {attempts} calls in all, last {final.short()}" if attempts > 1 else "")
         + f"; ended {state}"
         + (f" (state_error: {record['state_error']})" if record and record["state_error"] else "")
@@ -247,10 +249,12 @@ def _inject(
     return Injection(what=what, at_s=time.monotonic() - started, during_op=during)
 
 
-def _bring_back(stack: Stack, fault: str, leader: int | None) -> None:
+def _bring_back(stack: Stack, fault: str, leader: int | None) -> float | None:
+    """Start the killed component again; when it was started (None: QEMU, not restarted)."""
     if fault == "qemu":
-        return
+        return None
     time.sleep(OUTAGE_S)
+    restarted = time.monotonic()
     if fault == "worker":
         stack.restart_worker()
     elif fault == "gateway":
@@ -258,6 +262,7 @@ def _bring_back(stack: Stack, fault: str, leader: int | None) -> None:
     else:
         assert leader is not None
         stack.restart_nats(leader)
+    return restarted
 
 
 # -- convergence -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import anyio
 import httpx
 import jwt
 import pytest
@@ -74,3 +75,17 @@ async def test_wrong_method_is_json_405() -> None:
         response = await client.post("/health")
     assert response.status_code == 405
     assert response.json()["code"] == "method_not_allowed"
+
+
+async def test_a_token_accepted_before_is_refused_once_it_expires() -> None:
+    """The gateway remembers tokens it verified, never past their expiry."""
+    expires = int(time.time()) + 2
+    headers = {"Authorization": f"Bearer {_token(exp=expires)}"}
+    async with _client() as client:
+        accepted = await client.get("/no-such-route", headers=headers)
+        while time.time() <= expires:
+            await anyio.sleep(0.2)
+        refused = await client.get("/no-such-route", headers=headers)
+    assert accepted.status_code == 404
+    assert refused.status_code == 401
+    assert refused.json()["message"] == "security requirements failed: token has expired"
