@@ -326,17 +326,43 @@ fatal() { # fatal PHASE MESSAGE: keep the VM up so the control channel can repor
 	park
 }
 
+# virtio_devices: the device ids of the VM's virtio PCI devices, into $VIRTIO_DEVICES.
+virtio_devices() {
+	VIRTIO_DEVICES=
+	for _p in /sys/bus/pci/devices/*; do
+		[ -r "$_p/vendor" ] || continue
+		read -r _v <"$_p/vendor"
+		[ "$_v" = 0x1af4 ] || continue
+		read -r _i <"$_p/device"
+		VIRTIO_DEVICES="$VIRTIO_DEVICES $_i"
+	done
+}
+
+# load_modules WHEN...: the modules /etc/vmfleet/module-devices gives for any WHEN, with
+# one modprobe (dependencies from the initrd's own modules.dep); none for a device this VM
+# does not have. Everything here is read by the shell itself: no process but modprobe.
 load_modules() {
-	_count=0
-	while read -r _m; do
-		[ -n "$_m" ] || continue
-		if _err=$(insmod "$_m" 2>&1); then
-			_count=$((_count + 1))
-		else
-			log WARN modules "insmod ${_m##*/}: $_err"
-		fi
-	done </etc/vmfleet/modules
-	log INFO modules "loaded $_count modules"
+	[ -f /etc/vmfleet/module-devices ] || return 0
+	_mods=
+	while read -r _when _name; do
+		case " $* " in *" $_when "*) _mods="$_mods $_name" ;; esac
+	done </etc/vmfleet/module-devices
+	[ -n "$_mods" ] || return 0
+	# shellcheck disable=SC2086
+	if _err=$(modprobe -a $_mods 2>&1); then
+		log INFO modules "loaded$_mods"
+	else
+		log WARN modules "modprobe$_mods: $(echo "$_err" | oneline)"
+	fi
+}
+
+# ACPI's power button (the host's fallback when the control channel does not answer a
+# stop) is not needed to boot: set up in the background.
+start_acpid() {
+	(
+		load_modules acpi
+		[ -d /sys/class/input ] && acpid -c /etc/acpi -l /var/log/acpid.log 2>/dev/null
+	) &
 }
 
 setup_root() {
@@ -635,7 +661,9 @@ boot() {
 		control_loop &
 		_ctl_up=1
 	fi
-	load_modules
+	virtio_devices
+	# shellcheck disable=SC2086
+	load_modules boot $VIRTIO_DEVICES
 	# A control channel on a virtio console (hvc0, Cloud Hypervisor) appears only once
 	# virtio_console is loaded; a serial one (ttyS1, QEMU) was there from the start.
 	if [ -z "$_ctl_up" ]; then
@@ -645,15 +673,13 @@ boot() {
 			log WARN control "no $CTL: control channel disabled"
 		fi
 	fi
-	if [ -d /sys/class/input ]; then
-		acpid -c /etc/acpi -l /var/log/acpid.log 2>/dev/null || log WARN acpi "acpid did not start"
-	fi
 	wait_for_instance
 	setup_root
 	setup_volumes
 	bind_system
 	setup_network
 	start_agent
+	start_acpid
 	run_app
 	park
 }

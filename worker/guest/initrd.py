@@ -13,7 +13,11 @@ Inside the initrd:
     /bin/busybox + applet links (from ``busybox --list-full`` at build time)
     /bin/vmfleet-agent          the guest agent, when it was built (docs/agent-protocol.md)
     /lib/modules/<ver>/...      the modules, uncompressed, at their modules.dep paths
+    /lib/modules/<ver>/modules.dep  their dependencies (only theirs): the init loads the
+                                modules its VM's devices need with one ``modprobe -a``
     /etc/vmfleet/modules        absolute module paths in load order, one per line
+    /etc/vmfleet/module-devices ``<when> <name>``: which module the init loads for which
+                                device (MODULE_DEVICES)
     /etc/acpi/PWRF/00000080     ACPI power button handler -> ``/init --shutdown``
     /usr/share/udhcpc/default.script -> ``/init --udhcpc``
 """
@@ -42,6 +46,7 @@ __all__ = [
     "DEFAULT_AGENT",
     "DEFAULT_BUSYBOX",
     "INIT_SCRIPT",
+    "MODULE_DEVICES",
     "OPTIONAL_MODULES",
     "REQUIRED_MODULES",
     "ensure_initrd",
@@ -70,9 +75,24 @@ OPTIONAL_MODULES: tuple[str, ...] = (
     "virtio_rng",
     "virtio_console",  # the control channel (CH) and the agent's port (QEMU)
     "vmw_vsock_virtio_transport",  # the agent's channel under Cloud Hypervisor (+ vsock)
-    "button",  # ACPI power button -> acpid -> graceful shutdown
+    "button",  # ACPI power button -> acpid -> graceful shutdown (a fallback: see init.sh)
     "evdev",
 )
+
+#: When the init loads each module: ``boot`` always, a virtio PCI device id (transitional
+#: and modern) only when its VM has such a device, ``acpi`` in the background, for acpid.
+#: Written to /etc/vmfleet/module-devices for the names that are modules of this kernel.
+MODULE_DEVICES: dict[str, tuple[str, ...]] = {
+    "virtio_pci": ("boot",),
+    "virtio_blk": ("boot",),
+    "overlay": ("boot",),
+    "virtio_net": ("0x1000", "0x1041"),
+    "virtio_console": ("0x1003", "0x1043"),
+    "virtio_rng": ("0x1005", "0x1044"),
+    "vmw_vsock_virtio_transport": ("0x1053",),
+    "button": ("acpi",),
+    "evdev": ("acpi",),
+}
 
 _HELPERS: dict[str, bytes] = {
     "etc/acpi/PWRF/00000080": b"#!/bin/sh\nexec /init --shutdown 10\n",
@@ -234,6 +254,8 @@ class _Inputs:
     version: str
     modules: tuple[tuple[str, Path], ...]  # (path relative to lib/modules/<ver>, host file)
     agent: bytes | None = None
+    #: modules.dep's lines of the modules that go in (paths relative to lib/modules/<ver>).
+    deps: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def key(self) -> str:
         h = hashlib.sha256()
@@ -242,6 +264,7 @@ class _Inputs:
             h.update(len(part).to_bytes(8, "little") + part)
         for rel, host in self.modules:
             h.update(rel.encode() + b"\0" + hashlib.sha256(host.read_bytes()).digest())
+        h.update(_modules_dep(self.deps))
         for name, data in sorted(_HELPERS.items()):
             h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
         return h.hexdigest()
@@ -261,6 +284,27 @@ def _stored_rel(rel: str) -> str:
         if rel.endswith(".ko" + suffix):
             return rel[: -len(suffix)]
     return rel
+
+
+def _module_devices(modules: Iterable[tuple[str, Path]]) -> bytes:
+    """``<when> <module name>`` lines for the modules that went in (see MODULE_DEVICES)."""
+    present = {module_name(rel) for rel, _ in modules}
+    lines = (
+        f"{when} {name}\n"
+        for name, whens in MODULE_DEVICES.items()
+        if name in present
+        for when in whens
+    )
+    return "".join(lines).encode()
+
+
+def _modules_dep(deps: Iterable[tuple[str, Sequence[str]]]) -> bytes:
+    """A modules.dep for the stored (uncompressed) modules: what busybox modprobe reads."""
+    lines = (
+        f"{_stored_rel(mod)}: {' '.join(_stored_rel(d) for d in needs)}".rstrip() + "\n"
+        for mod, needs in deps
+    )
+    return "".join(lines).encode()
 
 
 def _parents(path: str) -> Iterator[str]:
@@ -291,6 +335,11 @@ def _entries(inputs: _Inputs, module_data: Mapping[str, bytes]) -> list[_Entry]:
         )
     )
     files.append(_Entry("etc/vmfleet/kernel", stat.S_IFREG | 0o644, f"{inputs.version}\n".encode()))
+    if inputs.modules:
+        dep = _modules_dep(inputs.deps)
+        files.append(_Entry(f"{mod_base}/modules.dep", stat.S_IFREG | 0o644, dep))
+        devices = _module_devices(inputs.modules)
+        files.append(_Entry("etc/vmfleet/module-devices", stat.S_IFREG | 0o644, devices))
     for name, data in _HELPERS.items():
         files.append(_Entry(name, stat.S_IFREG | 0o755, data))
     links = []
@@ -314,10 +363,14 @@ def _entries(inputs: _Inputs, module_data: Mapping[str, bytes]) -> list[_Entry]:
     ]
 
 
-async def _module_list(kernel: KernelAssets) -> tuple[tuple[str, Path], ...]:
+_ModuleList = tuple[tuple[tuple[str, Path], ...], tuple[tuple[str, tuple[str, ...]], ...]]
+
+
+async def _module_list(kernel: KernelAssets) -> _ModuleList:
+    """The modules that go in, in load order, and their modules.dep lines."""
     root = kernel.modules_root
     if root is None:
-        return ()
+        return (), ()
     dep_file = root / "modules.dep"
     if not dep_file.is_file():
         if root.parent.name != "modules" or root.parent.parent.name != "lib":
@@ -331,7 +384,9 @@ async def _module_list(kernel: KernelAssets) -> tuple[tuple[str, Path], ...]:
     order = resolve_load_order(
         deps, REQUIRED_MODULES, optional=OPTIONAL_MODULES, builtin=builtin, softdeps=soft
     )
-    return tuple((rel, root / rel) for rel in order)
+    return tuple((rel, root / rel) for rel in order), tuple(
+        (rel, tuple(deps[rel])) for rel in order
+    )
 
 
 async def _applets(busybox: Path) -> tuple[str, ...]:
@@ -342,13 +397,15 @@ async def _applets(busybox: Path) -> tuple[str, ...]:
 async def _collect(kernel: KernelAssets, busybox: Path, init: bytes, agent: Path | None) -> _Inputs:
     if not busybox.is_file():
         raise GuestAssetError(f"busybox binary {busybox} not found (install busybox-static)")
+    modules, deps = await _module_list(kernel)
     return _Inputs(
         init=init,
         busybox=busybox.read_bytes(),
         applets=await _applets(busybox),
         version=kernel.version,
-        modules=await _module_list(kernel),
+        modules=modules,
         agent=agent.read_bytes() if agent is not None and agent.is_file() else None,
+        deps=deps,
     )
 
 

@@ -19,6 +19,7 @@ from worker.guest import GuestNetwork
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.network import tap_name, user_nic
 from worker.network.shaping import Bandwidth
+from worker.network.user import USER_DNS, USER_GATEWAY, USER_GUEST_IP, USER_PREFIXLEN
 
 __all__ = [
     "check_network_limits",
@@ -56,9 +57,18 @@ def take_address(ctx: OpContext, inst: LocalInstance) -> None:
 
 def guest_network(ctx: OpContext, inst: LocalInstance) -> GuestNetwork:
     record = inst.record
-    if ctx.bridge is None or not record.network_enabled:
-        # user mode: QEMU's DHCP gives the guest its address, gateway and DNS.
-        return GuestNetwork(enabled=record.network_enabled, mode="dhcp")
+    if not record.network_enabled:
+        return GuestNetwork(enabled=False)
+    if ctx.bridge is None:
+        # user mode: QEMU's fixed addresses, given as they are (no DHCP round trips at boot).
+        return GuestNetwork(
+            enabled=True,
+            mode="static",
+            ip=USER_GUEST_IP,
+            cidr=USER_PREFIXLEN,
+            gw=USER_GATEWAY,
+            dns=(USER_DNS,),
+        )
     return GuestNetwork(
         enabled=True,
         mode="static",

@@ -1,5 +1,6 @@
-"""``user`` mode: QEMU's user-mode network stack. No root, no bridge: the guest gets
-10.0.2.15 by DHCP from QEMU, egress goes through the host's sockets, and port mappings are
+"""``user`` mode: QEMU's user-mode network stack. No root, no bridge: the guest has QEMU's
+fixed addresses (10.0.2.15, gateway 10.0.2.2, DNS 10.0.2.3; set statically, which spares
+the boot a DHCP exchange), egress goes through the host's sockets, and port mappings are
 forwarded from the host's loopback (or ``VMFLEET_PUBLISH_ADDR``) into the guest."""
 
 from __future__ import annotations
@@ -10,10 +11,22 @@ from dataclasses import dataclass
 from schemas.api import PortMapping
 from worker.drivers.base import NicSpec, PortForward
 
-__all__ = ["USER_GUEST_IP", "NetworkSettings", "mac_for", "user_nic"]
+__all__ = [
+    "USER_DNS",
+    "USER_GATEWAY",
+    "USER_GUEST_IP",
+    "USER_PREFIXLEN",
+    "NetworkSettings",
+    "mac_for",
+    "user_nic",
+]
 
-#: The address QEMU's user-mode DHCP hands the guest.
+#: The address QEMU's user-mode DHCP would hand the guest, in its /24.
 USER_GUEST_IP = "10.0.2.15"
+USER_PREFIXLEN = 24
+#: QEMU's user-mode router and DNS forwarder (its defaults: no ``net=`` is given).
+USER_GATEWAY = "10.0.2.2"
+USER_DNS = "10.0.2.3"
 
 
 @dataclass(frozen=True)

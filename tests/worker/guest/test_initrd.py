@@ -149,6 +149,35 @@ async def test_initrd_contents(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_the_init_is_told_which_module_each_device_needs(tmp_path: Path) -> None:
+    kernel = _fake_kernel(tmp_path / "k")
+    tree = tmp_path / "tree"
+    _cpio_extract(await ensure_initrd(tmp_path / "data", kernel), tree)
+    when = [
+        tuple(line.split())
+        for line in (tree / "etc/vmfleet/module-devices").read_text().splitlines()
+    ]
+    # Modules of this kernel only (no console, vsock or ACPI modules in the fake one).
+    assert when == [
+        ("boot", "virtio_pci"),
+        ("boot", "virtio_blk"),
+        ("boot", "overlay"),
+        ("0x1000", "virtio_net"),
+        ("0x1041", "virtio_net"),
+        ("0x1005", "virtio_rng"),
+        ("0x1044", "virtio_rng"),
+    ]
+    # busybox modprobe's modules.dep: the stored (decompressed) paths, nothing else.
+    dep = parse_modules_dep((tree / f"lib/modules/{VERSION}/modules.dep").read_text())
+    assert dep["kernel/drivers/char/hw_random/virtio-rng.ko"] == [
+        "kernel/drivers/virtio/virtio.ko",
+        "kernel/drivers/virtio/virtio_ring.ko",
+    ]
+    assert "kernel/fs/unrelated.ko" not in dep
+    assert all((tree / f"lib/modules/{VERSION}" / rel).is_file() for rel in dep)
+
+
+@pytest.mark.anyio
 async def test_cache_hit_does_not_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel = _fake_kernel(tmp_path / "k")
     data = tmp_path / "data"
