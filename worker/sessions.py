@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Final, Literal, Protocol
 
 import anyio
@@ -106,7 +107,13 @@ async def serve_sessions(
     if engine.ctx.agent is None:
         raise RuntimeError("the worker's engine has no agent hub")
     server = SessionServer(
-        nc, subjects, host_id, EngineSessionHost(engine), engine.ctx.agent, metrics
+        nc,
+        subjects,
+        host_id,
+        EngineSessionHost(engine),
+        engine.ctx.agent,
+        metrics,
+        on_session=engine.ctx.inbound.session_changed,
     )
     await server.run(task_status=task_status)
 
@@ -122,8 +129,12 @@ class SessionServer:
         host: SessionHost,
         agents: AgentOpener,
         metrics: WorkerMetrics,
+        *,
+        on_session: Callable[[str, int], None] = lambda instance_id, delta: None,
     ) -> None:
         self._nc = nc
+        #: Told of each session opened (+1) and ended (-1): an idle standby waits for them.
+        self._on_session = on_session
         self._subjects = subjects
         self._host_id = host_id
         self._host = host
@@ -173,6 +184,7 @@ class SessionServer:
         started = time.monotonic()
         gauge = self._metrics.guest_sessions.labels(kind=request.kind)
         gauge.inc()
+        self._on_session(request.instance_id, 1)
         subscription: Subscription | None = None
         try:
             subscription = await self._nc.subscribe(
@@ -191,6 +203,7 @@ class SessionServer:
                 if subscription is not None:
                     await _unsubscribe_quietly(subscription)
                 gauge.dec()
+                self._on_session(request.instance_id, -1)
                 if request.kind == "exec":
                     self._metrics.exec_duration.observe(time.monotonic() - started)
 

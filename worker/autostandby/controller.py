@@ -170,6 +170,8 @@ class AutoStandbyController:
             return
         if self._retry_after.get(instance_id, now) > now:
             return
+        if self._inbound.in_session(instance_id):
+            return  # a user's exec or cp is under way: the standby waits for its end
         self._queued.add(instance_id)
         self._seen[instance_id] = dataclasses.replace(
             self._seen[instance_id], standby_requested=True

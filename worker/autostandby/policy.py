@@ -48,9 +48,10 @@ class IdleStandbyCancelled(Conflict):
     code = "standby_cancelled"
 
 
-def check_idle_standby(record: InstanceRecord, now: datetime) -> None:
-    """Raise :class:`IdleStandbyCancelled` unless an idle standby may go ahead now."""
-    refusal = idle_standby_refusal(record, now)
+def check_idle_standby(record: InstanceRecord, now: datetime, *, in_session: bool = False) -> None:
+    """Raise :class:`IdleStandbyCancelled` unless an idle standby may go ahead now (never
+    while an exec or cp session is open)."""
+    refusal = "an exec or cp session is open" if in_session else idle_standby_refusal(record, now)
     if refusal is not None:
         raise IdleStandbyCancelled(f"idle standby of {record.id} cancelled: {refusal}")
 

@@ -1,11 +1,12 @@
 """Inbound connections that the worker itself accepts for an instance: the wake listener
 holds them while the instance sleeps and relays them afterwards. The kernel shows such a
 connection as the worker's own socket, which the observer leaves out (it is vmfleet's own
-traffic), so the listener reports it here instead."""
+traffic), so the listener reports it here instead. Also the instance's open exec and cp
+sessions, which an idle standby waits for."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import NamedTuple
 
 __all__ = ["Connection", "InboundRegistry"]
@@ -25,6 +26,7 @@ class InboundRegistry:
 
     def __init__(self) -> None:
         self._open: defaultdict[str, set[Connection]] = defaultdict(set)
+        self._sessions: Counter[str] = Counter()
 
     def opened(self, instance_id: str, host_port: int, peer_ip: str, peer_port: int) -> None:
         self._open[instance_id].add(Connection(host_port, peer_ip, peer_port))
@@ -42,3 +44,15 @@ class InboundRegistry:
 
     def count(self, instance_id: str) -> int:
         return len(self._open.get(instance_id, ()))
+
+    # Exec and cp sessions are the agent's traffic, not inbound connections: they do not
+    # keep the clock from running, but an idle standby waits until none is open, so that
+    # it never freezes a user's command half-way.
+
+    def session_changed(self, instance_id: str, delta: int) -> None:
+        self._sessions[instance_id] += delta
+        if self._sessions[instance_id] <= 0:
+            del self._sessions[instance_id]
+
+    def in_session(self, instance_id: str) -> bool:
+        return self._sessions.get(instance_id, 0) > 0

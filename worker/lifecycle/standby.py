@@ -23,7 +23,7 @@ async def standby(ctx: OpContext, inst: LocalInstance, cmd: Standby) -> None:
     if cmd.cause == "idle":
         # Sent by the auto-standby controller, maybe before a connection or a hold came:
         # decided again now that this holds the instance's lock.
-        check_idle_standby(inst.record, utc_now())
+        check_idle_standby(inst.record, utc_now(), in_session=ctx.inbound.in_session(inst.id))
     assert inst.process is not None and inst.spec is not None
     # 2. A fresh snapshot directory holding the device model the memory image belongs to.
     snapshot = inst.guest.snapshot

@@ -134,3 +134,20 @@ async def test_a_start_after_the_clock_was_stamped_begins_it_again() -> None:
     status = controller.status("a")
     assert status.idle_since == started
     assert status.next_standby_at == started + timedelta(seconds=10)
+
+
+async def test_an_open_exec_session_defers_the_standby() -> None:
+    engine, inbound, controller = _controller(record("a", auto_standby=POLICY))
+    start = utc_now() - timedelta(seconds=30)
+    inbound.session_changed("a", 1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(controller.run)
+        await controller.tick(start)
+        await controller.tick(utc_now())
+        assert engine.executed == [] and not controller.queued()
+        inbound.session_changed("a", -1)
+        await controller.tick(utc_now())
+        with anyio.fail_after(5):
+            while engine.get("a").state is not InstanceState.STANDBY:
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
