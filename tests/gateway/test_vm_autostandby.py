@@ -7,11 +7,13 @@ with a PATCH (the create's is an hour) and leaves the instance Running."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -98,6 +100,10 @@ def test_held_connection_keeps_it_running_then_idle_standby(guest: Guest, fleet:
     body = refused.value.body
     assert isinstance(body, dict) and body["code"] == "instance_in_standby", body
     _wake(guest)
+    # The events say why: the policy put it to sleep, a user's restore woke it.
+    standby, wake = _standby_and_wake_events(fleet, guest.id)
+    assert (standby["previous"], standby["cause"]) == ("Paused", "idle")
+    assert (wake["state"], wake["cause"]) == ("Running", "api")
 
 
 def test_ignored_port_does_not_keep_it_awake(guest: Guest) -> None:
@@ -170,6 +176,27 @@ def _until(done: Callable[[], bool], timeout_s: float = 60) -> None:
 
 def _get(port: int) -> httpx.Response:
     return httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+
+
+def _standby_and_wake_events(fleet: Fleet, instance_id: str) -> tuple[dict[str, Any], ...]:
+    """The instance's first step into Standby and the Paused -> Running after it, from
+    ``/events`` replayed from the start of the stream."""
+    standby: dict[str, Any] | None = None
+    with (
+        fleet.api.client() as client,
+        client.stream(
+            "GET", "/events", params={"instance": instance_id}, headers={"Last-Event-ID": "0"}
+        ) as response,
+    ):
+        for line in response.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            event = json.loads(line[5:])
+            if standby is None and event["state"] == "Standby":
+                standby = event
+            elif standby is not None and event["previous"] == "Paused":
+                return standby, event
+    raise AssertionError("the events stream ended")
 
 
 def _standby_by_cause(fleet: Fleet) -> dict[str, float]:
