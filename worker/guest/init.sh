@@ -16,6 +16,7 @@
 #   umount <path>                -> ok | err <message>
 #   identity <epoch> <seed_hex> <mac|-> <hostname> <off|dhcp|static> [ip cidr gw [dns..]]
 #                                -> ok | err <message>   (a resumed VM's new identity)
+#   zerofree                     -> ok   (a template before it is saved: free memory zeroed)
 # Markers on the console: "[vmfleet] app started pid=N", "[vmfleet] app exited with code N",
 # then (unless a stop caused the exit) 'HYPEMAN-EXIT code=N message="..."' before the VM powers
 # off, and "[vmfleet] agent ready ..." (from the agent: /bin/vmfleet-agent, docs/agent-protocol.md).
@@ -180,6 +181,22 @@ wait_for_instance() {
 	log INFO template "instance config given at $(uptime_s)s"
 }
 
+# zero_free_memory: before a template is saved, fill the free memory with zeros and give it
+# back (a tmpfs file of /dev/zero, then removed): pages the kernel freed keep their old bytes
+# (the initrd's cpio, init sections), and a saved VM carries only the pages that are not
+# zero, so every resume of the template loads less. Leaves 16 MiB free.
+zero_free_memory() {
+	_kb=$(sed -n 's/^MemAvailable: *\([0-9]*\) kB/\1/p' /proc/meminfo)
+	_kb=$((_kb - 16384))
+	[ "$_kb" -gt 0 ] || return 0
+	echo 3 >/proc/sys/vm/drop_caches
+	mkdir -p /run/zero
+	mount -t tmpfs -o "size=${_kb}k" zero /run/zero || return 1
+	dd if=/dev/zero of=/run/zero/fill bs=1M 2>/dev/null
+	rm -f /run/zero/fill
+	umount /run/zero
+}
+
 first_nic() { # the first network interface but lo (empty: none)
 	for _p in /sys/class/net/*; do
 		[ "${_p##*/}" = lo ] || [ ! -e "$_p" ] || { echo "${_p##*/}"; return 0; }
@@ -278,6 +295,9 @@ control_loop() {
 			if date -u -s "@$2" >/dev/null 2>&1; then _reply=ok; else _reply="err bad time $2"; fi
 			;;
 		status) _reply=$(status_line) ;;
+		zerofree)
+			if _out=$(zero_free_memory 2>&1); then _reply=ok; else _reply="err $(echo "$_out" | oneline)"; fi
+			;;
 		identity)
 			shift
 			if _out=$(take_identity "$@" 2>&1); then _reply=ok; else _reply="err $(echo "$_out" | oneline)"; fi

@@ -102,6 +102,7 @@ async def build_template(
         Path(spec.run_dir).mkdir()
         process = await driver.boot(spec, vmm_log=build / "vmm.log")
         await _wait_until_waiting(driver, spec, process, wait_timeout_s)
+        await _zero_free_memory(driver, spec)
         await driver.snapshot(spec, process, build)  # saved; the VMM is gone on return
         process = None
         write_atomic(build / "vm.json", msgspec.json.encode(spec))
@@ -124,6 +125,16 @@ async def build_template(
         if isinstance(exc, Exception) and not isinstance(exc, TemplateBuildError):
             raise TemplateBuildError(f"template {key} not built: {exc}") from exc
         raise
+
+
+async def _zero_free_memory(driver: Hypervisor, spec: VmSpec) -> None:
+    """Free guest memory still holds what the kernel freed (init sections, the initrd's
+    archive); zeroed, it is left out of the saved state: a smaller template loads faster
+    on every resume. Only an optimization: a guest that cannot do it is saved as it is."""
+    try:
+        await guest_request(driver.control_socket(spec), "zerofree", timeout_s=60)
+    except GuestControlError as exc:
+        log.warning("template VM could not zero its free memory: %s", exc)
 
 
 def _make_placeholders(spec: VmSpec) -> None:
