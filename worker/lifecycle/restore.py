@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import time
 
 import anyio
 
@@ -23,6 +24,7 @@ __all__ = ["restore"]
 async def restore(ctx: OpContext, inst: LocalInstance, cmd: Restore) -> None:
     # 1. Only from Standby, and only with a snapshot to restore.
     walk = ctx.walk(inst, Op.RESTORE)
+    steps = _Steps()
     snapshot = inst.guest.snapshot
     if not inst.guest.has_snapshot():
         raise Conflict("instance has no snapshot to restore", code="invalid_state")
@@ -37,7 +39,9 @@ async def restore(ctx: OpContext, inst: LocalInstance, cmd: Restore) -> None:
         for nic in spec.nics:
             if nic.mode == "tap":
                 await plug(ctx, inst, nic.tap)
+        steps.done("plug")
         inst.process = await ctx.driver.restore(launch, snapshot, vmm_log=inst.guest.vmm_log)
+        steps.done("vmm")
     except BaseException as exc:
         if ctx.bridge is not None and inst.record.tap:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
@@ -60,8 +64,29 @@ async def restore(ctx: OpContext, inst: LocalInstance, cmd: Restore) -> None:
     now = utc_now()
     # Running, in a fresh health window.
     walk.advance(has_snapshot=False, started_at=now, health=HealthState(window_started_at=now))
+    steps.done("record")
     # 4. The guest's clock stood still during standby.
     await _resync_clock(ctx, inst, spec)
+    steps.done("clock")
+    ctx.oplog(inst, f"restore steps {steps}", cause=cmd.cause)
+
+
+class _Steps:
+    """How long each step of a restore took (the ops log line says where a slow one went:
+    plug = TAP and rules, vmm = the VMM's spawn, loading the memory and continuing it,
+    record = the snapshot's removal and the record, clock = the guest's clock resync)."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self._steps: list[str] = []
+
+    def done(self, step: str) -> None:
+        now = time.monotonic()
+        self._steps.append(f"{step}={(now - self._last) * 1000:.0f}ms")
+        self._last = now
+
+    def __str__(self) -> str:
+        return " ".join(self._steps)
 
 
 async def _resync_clock(ctx: OpContext, inst: LocalInstance, spec: VmSpec) -> None:
