@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas import api, codec, errors, messages
+from schemas import api, autostandby, codec, errors, messages
 from schemas.sizes import (
     EIB,
     GIB,
@@ -89,6 +89,8 @@ def strategy(t: mi.Type) -> st.SearchStrategy[Any]:
             return st.sampled_from(t.values)
         case mi.ListType():
             return st.lists(strategy(t.item_type), max_size=3)
+        case mi.VarTupleType():
+            return st.lists(strategy(t.item_type), max_size=3).map(tuple)
         case mi.DictType():
             return st.dictionaries(strategy(t.key_type), strategy(t.value_type), max_size=3)
         case mi.UnionType():
@@ -125,7 +127,7 @@ def _structs(*modules: object) -> list[type[msgspec.Struct]]:
 
 
 #: Every Struct that goes over HTTP or NATS, or into a KV bucket.
-STRUCTS: Final = _structs(api, messages, errors)
+STRUCTS: Final = _structs(api, messages, errors, autostandby)
 
 
 def test_every_wire_struct_is_covered() -> None:
