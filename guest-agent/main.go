@@ -25,7 +25,14 @@ func main() {
 	vsockPort := flag.Uint("vsock-port", 5170, "the vsock port to listen on (-channel vsock)")
 	wait := flag.Duration("wait", 30*time.Second, "how long to wait for the channel's device")
 	groups := flag.String("groups", "", "a file (outside -root) listing the commands' process groups; a new agent kills those an old one left")
+	reseedHex := flag.String("reseed", "", "credit these hex bytes to the kernel's RNG, reseed it and exit (the init, after a resume)")
 	flag.Parse()
+	if *reseedHex != "" {
+		if err := reseed(*reseedHex); err != nil {
+			fatal(err)
+		}
+		return
+	}
 	if *groups != "" {
 		if err := openLedger(*groups); err != nil {
 			fmt.Fprintf(os.Stderr, "[vmfleet] agent: no process-group ledger: %v\n", err)

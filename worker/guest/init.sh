@@ -221,6 +221,8 @@ _take_identity() {
 	# Mixed into the input pool: the kernel's next reseed takes it, so two VMs resumed
 	# from one memory image do not draw the same numbers.
 	printf '%s' "$2" | xxd -r -p >/dev/urandom || { echo "cannot seed the RNG"; return 1; }
+	# ... and reseed now: the kernel's own next reseed may be a minute away.
+	[ ! -x "$AGENT" ] || "$AGENT" -reseed "$2" >/dev/null 2>&1 || log WARN identity "RNG not reseeded"
 	_nic=$(first_nic)
 	if [ "$3" != - ] && [ -n "$_nic" ]; then
 		ip link set dev "$_nic" address "$3" || { echo "cannot set MAC $3 on $_nic"; return 1; }

@@ -117,6 +117,8 @@ def test_each_has_its_own_mac_hostname_and_address(fleet: Fleet) -> None:
 def test_random_numbers_differ(fleet: Fleet) -> None:
     draws = [fleet.sh(iid, "head -c 32 /dev/urandom | od -An -tx1") for iid in fleet.ids]
     assert draws[0] != draws[1]
+    for iid in fleet.ids:  # each guest's RNG was reseeded at resume, not only fed
+        assert "RNG not reseeded" not in fleet.engine.instance(iid).guest.app_log.read_text()
 
 
 def test_each_reads_its_own_disks_and_config(fleet: Fleet) -> None:
