@@ -15,18 +15,23 @@ import time
 
 from gateway.placement import Demand
 from gateway.service import Gateway
-from schemas.api import InstanceState
+from gateway.view import FleetView
+from schemas.api import Hypervisor, InstanceState
 from schemas.clock import utc_now
-from schemas.errors import InvalidState, VmfleetError
+from schemas.errors import HostUnavailable, InvalidState, VmfleetError
 from schemas.messages import (
     ExportInstance,
+    FetchSnapshot,
     FinishMove,
     ImportInstance,
     InstanceRecord,
+    PublishSnapshot,
     host_port_key,
 )
+from schemas.snapshots import SnapshotRecord
+from schemas.transfers import snapshot_bundle
 
-__all__ = ["move_instance"]
+__all__ = ["fork_host", "move_instance"]
 
 #: Moving a guest's memory and disks takes longer than a lifecycle command.
 MOVE_STEP_TIMEOUT_S = 900.0
@@ -105,4 +110,54 @@ async def _finish(gw: Gateway, source: str, instance_id: str, bundle: str, *, mo
             bundle=bundle,
             moved=moved,
         ),
+    )
+
+
+async def fork_host(gw: Gateway, snapshot: SnapshotRecord) -> str:
+    """The host a fork of ``snapshot`` runs on, chosen by placement with the snapshot's
+    hosts preferred; a host without it first gets it through the transfers store (sent
+    once by a host that has it, fetched once per host)."""
+    source = snapshot.source
+    demand = Demand(
+        vcpus=source.vcpus,
+        memory_bytes=source.size_bytes + source.hotplug_bytes,
+        hypervisor=Hypervisor(snapshot.hypervisor),
+        disk_bytes=source.overlay_bytes,
+    )
+    target = gw.placement.instance_host(demand, prefer=frozenset(snapshot.hosts))
+    holder = _live_holder(gw.view, snapshot)
+    if target == holder:
+        return target
+    bundle = snapshot_bundle(snapshot.id)
+    await gw.execute(
+        holder,
+        PublishSnapshot(
+            id=_command_id("publish", snapshot.id),
+            issued_at=utc_now(),
+            snapshot_id=snapshot.id,
+            bundle=bundle,
+        ),
+        timeout_s=MOVE_STEP_TIMEOUT_S,
+    )
+    await gw.execute(
+        target,
+        FetchSnapshot(
+            id=_command_id("fetch", snapshot.id),
+            issued_at=utc_now(),
+            snapshot_id=snapshot.id,
+            bundle=bundle,
+        ),
+        timeout_s=MOVE_STEP_TIMEOUT_S,
+    )
+    return target
+
+
+def _live_holder(view: FleetView, snapshot: SnapshotRecord) -> str:
+    """The first live host holding the snapshot (the one that took it, while it lives)."""
+    for host in snapshot.hosts:
+        if view.live_host(host) is not None:
+            return host
+    raise HostUnavailable(
+        f"snapshot {snapshot.id} is on {', '.join(snapshot.hosts) or 'no host'}, "
+        "and none of them is live"
     )

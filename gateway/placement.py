@@ -105,11 +105,13 @@ class Placement:
         labels: dict[str, str] | None = None,
         exclude: frozenset[str] = frozenset(),
         images: frozenset[str] = frozenset(),
+        prefer: frozenset[str] = frozenset(),
     ) -> str:
         """The host a new instance should run on; 503 when none can take it, 409
         ``port_in_use`` when some could but all hold one of its host ports. ``exclude``:
         hosts that just refused it; ``images``: the image's name and digest (hosts that
-        list one of them in their heartbeat have it ready)."""
+        list one of them in their heartbeat have it ready); ``prefer``: hosts that win
+        over all others that fit (a snapshot's hosts, for a fork: no transfer)."""
         hosts = [
             h
             for h in self.view.live_hosts()
@@ -140,7 +142,9 @@ class Placement:
             raise Conflict(
                 f"host port {', '.join(taken)} is already in use on {where}", code="port_in_use"
             )
-        warm = [h for h in free_ports if images & set(h.images)]
+        warm = [h for h in free_ports if h.id in prefer] or [
+            h for h in free_ports if images & set(h.images)
+        ]
         return max(warm or free_ports, key=lambda h: (room[h.id].memory, room[h.id].vcpus, h.id)).id
 
     def volume_host(self, size_bytes: int = 0) -> str:

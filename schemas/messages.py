@@ -53,6 +53,7 @@ __all__ = [
     "DetachVolume",
     "DrainRecord",
     "ExportInstance",
+    "FetchSnapshot",
     "FinishMove",
     "HealthCheckSpec",
     "HealthState",
@@ -64,6 +65,7 @@ __all__ = [
     "LogLine",
     "MountSpec",
     "NameClaim",
+    "PublishSnapshot",
     "PullImage",
     "RestartPolicySpec",
     "RestartState",
@@ -455,6 +457,23 @@ class FinishMove(Command, frozen=True, kw_only=True):
     moved: bool
 
 
+class PublishSnapshot(Command, frozen=True, kw_only=True):
+    """Cross-host fork, step 1, to a host holding the snapshot: put it into the transfers
+    store as ``bundle`` (done once: a bundle already there is left as it is)."""
+
+    snapshot_id: str
+    bundle: str
+
+
+class FetchSnapshot(Command, frozen=True, kw_only=True):
+    """Cross-host fork, step 2, to the host the fork is placed on: fetch and verify the
+    snapshot (once per host; kept in its transfer cache) and list this host in its record.
+    Then the fork's Create goes there as to any host holding the snapshot."""
+
+    snapshot_id: str
+    bundle: str
+
+
 class CreateVolume(Command, frozen=True, kw_only=True):
     """Create an empty ext4 volume on the host the command is addressed to."""
 
@@ -508,6 +527,8 @@ AnyCommand = (
     | ExportInstance
     | ImportInstance
     | FinishMove
+    | PublishSnapshot
+    | FetchSnapshot
 )
 """Every concrete command; the type ``schemas.codec.decode_command`` returns."""
 

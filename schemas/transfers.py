@@ -15,7 +15,18 @@ from datetime import datetime
 
 import msgspec
 
-__all__ = ["TransferFile", "TransferManifest", "decode_manifest", "encode_manifest"]
+__all__ = [
+    "TransferFile",
+    "TransferManifest",
+    "decode_manifest",
+    "encode_manifest",
+    "snapshot_bundle",
+]
+
+
+def snapshot_bundle(snapshot_id: str) -> str:
+    """The bundle a snapshot travels as: one per snapshot, every host fetches the same."""
+    return f"snap-{snapshot_id}"
 
 
 class TransferFile(msgspec.Struct, frozen=True, kw_only=True):

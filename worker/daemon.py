@@ -19,6 +19,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -63,6 +64,7 @@ from worker.supervisor import supervise_restarts
 from worker.templates import TemplateManager
 from worker.transfer import HostCache, open_store
 from worker.transfer.move import Mover
+from worker.transfer.snapshots import SnapshotTransfers
 from worker.usage import InstanceUsageCollector, local_instances
 from worker.volumes import VolumeStore
 from worker.wake import WakeManager, attach_wake
@@ -256,8 +258,8 @@ async def _run_components(
             ImagePuller(
                 await js.key_value(subjects.images_bucket), engine.ctx.images, config.host_id
             ),
-            mover=await _mover(js, subjects, config, engine),
             snapshots=snapshots,
+            **await _transfers(js, subjects, config, engine),
         ),
         ledger,
         metrics,
@@ -314,13 +316,23 @@ async def _count_instances(engine: HostEngine, metrics: WorkerMetrics) -> None:
         await anyio.sleep(2)
 
 
-async def _mover(
+async def _transfers(
     js: JetStreamContext, subjects: Subjects, config: WorkerConfig, engine: HostEngine
-) -> Mover:
-    """Instances moving between hosts, and the cache of what this host fetched."""
+) -> dict[str, Any]:
+    """Instances moving between hosts and snapshots forked on other hosts, sharing one
+    cache of what this host fetched (one fetch per bundle, one disk budget)."""
     store = await open_store(js, subjects)
     cache = HostCache(store, config.data_dir / "transfers", config.transfer_cache_bytes)
-    return Mover(engine, store, cache, await js.key_value(subjects.instances_bucket))
+    return {
+        "mover": Mover(engine, store, cache, await js.key_value(subjects.instances_bucket)),
+        "snapshot_transfers": SnapshotTransfers(
+            store,
+            cache,
+            SnapshotStore(config.data_dir),
+            await js.key_value(subjects.snapshots_bucket),
+            config.host_id,
+        ),
+    }
 
 
 def _templates(config: WorkerConfig, driver: DriverSet, boot: BootAssets) -> TemplateManager | None:

@@ -19,10 +19,12 @@ from schemas.messages import (
     DeleteSnapshot,
     DeleteVolume,
     ExportInstance,
+    FetchSnapshot,
     FinishMove,
     ImportInstance,
     InstanceCommand,
     InstanceRecord,
+    PublishSnapshot,
     PullImage,
     VolumeRecord,
 )
@@ -31,6 +33,7 @@ from worker.images import ImagePuller
 from worker.publisher import RecordPublisher
 from worker.snapshots.service import SnapshotService
 from worker.transfer.move import Mover
+from worker.transfer.snapshots import SnapshotTransfers
 from worker.volumes import VolumeStore
 
 __all__ = ["Dispatcher"]
@@ -47,6 +50,7 @@ class Dispatcher:
         archives: ObjectStore | None = None,
         puller: ImagePuller | None = None,
         mover: Mover | None = None,
+        snapshot_transfers: SnapshotTransfers | None = None,
         snapshots: SnapshotService | None = None,
     ) -> None:
         self.engine = engine
@@ -55,6 +59,7 @@ class Dispatcher:
         self.archives = archives
         self.puller = puller
         self.mover = mover
+        self.snapshot_transfers = snapshot_transfers
         self.snapshots = snapshots
 
     async def __call__(self, cmd: AnyCommand) -> CommandResult:
@@ -101,6 +106,12 @@ class Dispatcher:
                 return CommandResult(command_id=cmd.id, ok=True)
             case ExportInstance() | ImportInstance() | FinishMove():
                 return await self._move(cmd)
+            case PublishSnapshot():
+                await self._transfers().publish(cmd)
+                return CommandResult(command_id=cmd.id, ok=True)
+            case FetchSnapshot():
+                await self._transfers().fetch(cmd)
+                return CommandResult(command_id=cmd.id, ok=True)
             case DeleteSnapshot():
                 await self._snapshots().delete(cmd.snapshot_id)
                 return CommandResult(command_id=cmd.id, ok=True)
@@ -123,6 +134,11 @@ class Dispatcher:
         if self.snapshots is None:
             raise BadRequest("this worker keeps no snapshots")
         return self.snapshots
+
+    def _transfers(self) -> SnapshotTransfers:
+        if self.snapshot_transfers is None:
+            raise BadRequest("this worker sends and fetches no snapshots")
+        return self.snapshot_transfers
 
     async def _move(self, cmd: ExportInstance | ImportInstance | FinishMove) -> CommandResult:
         """One step of moving an instance between hosts (worker.transfer.move)."""

@@ -26,6 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.ids import derived_id, new_id
+from gateway.moves import fork_host
 from gateway.names import claim_name, release_name
 from gateway.requests import (
     bad_request,
@@ -256,7 +257,8 @@ async def _fork(
     cmd = _fork_command(snapshot, name, instance_id, target_state, key or new_id())
     await claim_name(gw, name, instance_id)
     try:
-        result = await gw.execute(snapshot.hosts[0], cmd, settled=_applied(gw, instance_id, cmd.id))
+        host = await fork_host(gw, snapshot)  # the snapshot's host, or one it is sent to
+        result = await gw.execute(host, cmd, settled=_applied(gw, instance_id, cmd.id))
     except OpTimeout:
         raise  # the command stays queued and may still make the instance: the claim stays
     except BaseException:

@@ -514,3 +514,50 @@ async def test_a_standby_instance_moves_to_the_other_host_with_its_memory(
     finally:
         back = await anyio.to_thread.run_sync(cli, g1, "host", "undrain", source)
         assert back.returncode == 0, back.stderr
+
+
+async def test_a_fork_placed_on_the_other_host_fetches_the_snapshot(
+    two_hosts: TwoHosts, pair: Pair, volume_bound: VolumeBound
+) -> None:
+    """The snapshot's host is drained, so placement puts the fork on the other host: the
+    snapshot travels through the transfers store, and the fork has the parent's memory."""
+    from hypeman import AsyncHypeman
+    from hypeman.lib import exec_async
+
+    g1, g2 = two_hosts.gateways
+    # The instance the move test took to the other host (or, run alone, did not).
+    parent = pair.on(volume_bound.volume_host)
+    async with g1.async_client() as api:
+        parent = await instance(api, parent["id"])
+    holder, elsewhere = parent["host"], two_hosts.other(parent["host"])
+    token = secrets.token_hex(8)
+    async with AsyncHypeman(api_key=g1.token, base_url=g1.base_url, max_retries=0) as client:
+        wrote = await exec_async(
+            client,
+            parent["id"],
+            [
+                "/bin/sh",
+                "-c",
+                f"mkdir -p /run/fork && mount -t tmpfs none /run/fork && "
+                f"echo {token} > /run/fork/mark",
+            ],
+        )
+        assert wrote.exit_code == 0, wrote.output
+        snap = await client.instances.snapshots.create(parent["id"], kind="Standby", name="warm")
+        drained = await anyio.to_thread.run_sync(cli, g1, "host", "drain", holder)
+        assert drained.returncode == 0, drained.stderr
+        try:
+            fork = await client.snapshots.fork(snap.id, name="far-fork")
+            assert fork.state == "Running"
+            async with g2.async_client() as api:
+                assert (await instance(api, fork.id))["host"] == elsewhere
+                snapshot = (await api.get(f"/snapshots/{snap.id}")).json()
+            read = await exec_async(client, fork.id, ["/bin/sh", "-c", "cat /run/fork/mark"])
+            assert read.output.decode().split() == [token], read.output
+            assert (two_hosts.worker(elsewhere).data_dir / "transfers" / f"snap-{snap.id}").is_dir()
+            assert snapshot["hosts"] == [holder, elsewhere], snapshot
+            await client.instances.delete(fork.id)
+            await client.snapshots.delete(snap.id)
+        finally:
+            back = await anyio.to_thread.run_sync(cli, g1, "host", "undrain", holder)
+            assert back.returncode == 0, back.stderr

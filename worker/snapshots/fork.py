@@ -14,6 +14,7 @@ later step removes the instance's directory, address and name as a failed create
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from worker.snapshots.identity import check_compatible
 from worker.snapshots.layers import link_chain, new_top_layer
 from worker.snapshots.store import VM_DIR, copy_cow, link_tree
 from worker.states import Op
+from worker.transfer.names import SHIPPED_DISKS
 
 __all__ = ["fork_instance"]
 
@@ -160,7 +162,7 @@ async def _fork_disks(
     found: dict[str, tuple[str, str]] = {}
     for disk in manifest.disks:
         if disk.file is None:
-            found[disk.id] = (await _host_disk(ctx, inst, disk.id), "raw")
+            found[disk.id] = (await _host_disk(ctx, inst, disk.id, directory), "raw")
         elif disk.id == "config":
             # The config disk is the instance's own (a cold start rewrites it): a copy.
             await copy_cow(directory / disk.file, guest.config_disk)
@@ -172,10 +174,19 @@ async def _fork_disks(
     return found
 
 
-async def _host_disk(ctx: OpContext, inst: LocalInstance, disk_id: str) -> str:
-    """A disk this host provides: the image's rootfs (pulled if this host lacks it)."""
+async def _host_disk(ctx: OpContext, inst: LocalInstance, disk_id: str, directory: Path) -> str:
+    """A disk this host provides: the image's rootfs (pulled if this host lacks it); for a
+    snapshot fetched from another host, the disk of that host it came with (worker.transfer
+    .snapshots: each host's disk of an image is other bytes), hard-linked as the fork's."""
     if disk_id != "root":
         raise Conflict(f"the snapshot's disk {disk_id} is not on this host", code="not_supported")
+    shipped = directory / SHIPPED_DISKS / "root.ext4"
+    if shipped.exists():
+        own = inst.guest.root / "disks" / "root.ext4"
+        own.parent.mkdir(parents=True, exist_ok=True)
+        own.unlink(missing_ok=True)
+        os.link(shipped, own)
+        return str(own)
     return str((await ctx.pull_image(inst)).disk)
 
 

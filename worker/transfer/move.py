@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 #: What does not travel: the VMM's sockets, its pid and command marks, the moving mark.
 _LOCAL_ONLY = frozenset({"run", "vmm.pid", "command", MOVING_MARK})
+#: The image disk the saved VM ran on, travelling with it: each host builds an image's
+#: disk itself (mkfs), so another host's disk of the same image is not the same bytes,
+#: and the guest's page cache holds blocks of this one. It stays the instance's own.
+IMAGE_DISK = "image-root.ext4"
 
 
 class Mover:
@@ -72,9 +76,14 @@ class Mover:
                 mark.write_text(cmd.bundle)
             elif mark.read_text() != cmd.bundle:
                 raise Conflict(f"instance {inst.id} is being moved already", code="moving")
+            saved = inst.guest.read(inst.guest.snapshot / "vm.json", VmSpec)
             try:
                 stats = await upload_bundle(
-                    self.store, cmd.bundle, inst.guest.root, exclude=_LOCAL_ONLY
+                    self.store,
+                    cmd.bundle,
+                    inst.guest.root,
+                    exclude=_LOCAL_ONLY | {IMAGE_DISK},
+                    extra={IMAGE_DISK: _image_disk(inst.guest, saved)},
                 )
             except BaseException:
                 mark.unlink(missing_ok=True)
@@ -101,14 +110,13 @@ class Mover:
             guest = ctx.storage.guest(cmd.instance_id)
             record = msgspec.structs.replace(cmd.record, host=self.host_id)
             inst = LocalInstance(record=record, guest=guest)
-            image = await ctx.pull_image(inst)  # the disk the overlay lies on
             await self.cache.fetch(cmd.bundle)
             shutil.rmtree(guest.root, ignore_errors=True)  # an earlier import's remains
             guest.root.parent.mkdir(parents=True, exist_ok=True)
             self.cache.take(cmd.bundle, guest.root)
             for sub in (guest.run_dir, guest.logs):
                 sub.mkdir(exist_ok=True)
-            _repoint(guest, str(image.disk), ctx.boot.kernel, ctx.boot.initrd)
+            _repoint(guest, str(guest.root / IMAGE_DISK), ctx.boot.kernel, ctx.boot.initrd)
             inst.guest.write(guest.metadata, record)
             self.engine.adopt(inst)
             ctx.oplog(inst, "moved here from another host", bundle=cmd.bundle)
@@ -174,6 +182,17 @@ def _check_movable(inst: LocalInstance) -> None:
             "leased here): only user-mode instances move between hosts yet",
             code="not_movable",
         )
+
+
+def _image_disk(guest: GuestDir, saved: VmSpec) -> Path:
+    """The image disk the saved VM runs on (its own copy, if it was moved here before)."""
+    own = guest.root / IMAGE_DISK
+    if own.exists():
+        return own
+    root = next((d for d in saved.disks if d.id == "root"), None)
+    if root is None:
+        raise BadRequest(f"instance {guest.id}'s saved VM has no image disk", code="not_movable")
+    return Path(root.path)
 
 
 def _repoint(guest: GuestDir, image_disk: str, kernel: Path, initrd: Path) -> None:

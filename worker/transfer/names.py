@@ -7,7 +7,18 @@ from __future__ import annotations
 
 from schemas.subjects import is_valid_token
 
-__all__ = ["MOVING_MARK", "check_bundle", "manifest_object", "part_object", "parts_prefix"]
+__all__ = [
+    "MOVING_MARK",
+    "SHIPPED_DISKS",
+    "check_bundle",
+    "manifest_object",
+    "part_object",
+    "parts_prefix",
+]
+
+#: In a snapshot fetched from another host: the disks of that host its saved VM ran on
+#: (``root.ext4``, the image's), which this host's copy of the image does not replace.
+SHIPPED_DISKS = "host-disks"
 
 #: A file in an instance's directory while it is being moved away (holds the bundle's
 #: name): its host refuses every other command on it (worker.transfer.move).

@@ -14,7 +14,7 @@ import base64
 import functools
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -117,7 +117,7 @@ class _Uploader:
         self.resuming = True
 
     async def file(
-        self, tg: anyio.abc.TaskGroup, index: int, root: Path, path: Path
+        self, tg: anyio.abc.TaskGroup, index: int, name: str, path: Path
     ) -> TransferFile:
         whole = hashlib.sha256()
         size = path.stat().st_size
@@ -134,12 +134,12 @@ class _Uploader:
                     self.skipped += 1
                     continue
                 await self.slots.acquire()
-                name = part_object(self.bundle, index, part_index)
-                tg.start_soon(self._send, name, data, parts, part_index)
+                part_name = part_object(self.bundle, index, part_index)
+                tg.start_soon(self._send, part_name, data, parts, part_index)
         # ``parts`` is complete once the sends are: the caller builds the manifest after
         # the task group, so this record is only read then.
         return TransferFile(
-            path=path.relative_to(root).as_posix(),
+            path=name,
             size=size,
             mode=path.stat().st_mode & 0o777,
             sha256=whole.hexdigest(),
@@ -190,12 +190,15 @@ async def upload_bundle(
     parallel: int = DEFAULT_PARALLEL,
     on_part: Callable[[int], None] | None = None,
     exclude: frozenset[str] = frozenset(),
+    extra: Mapping[str, Path] | None = None,
 ) -> UploadStats:
     """Upload ``directory`` as ``bundle``; a bundle already complete is left as it is
     (bundles are immutable: a snapshot is published once, fetched by many hosts).
     ``on_part`` is called with the count of parts done so far (progress; tests break
-    an upload off with it)."""
+    an upload off with it). ``extra``: files from elsewhere, by the path they get in the
+    bundle (the image disk a saved VM was running on)."""
     check_bundle(bundle)
+    extra = extra or {}
     started = time.monotonic()
     existing = await read_manifest(store, bundle)
     if existing is not None:
@@ -203,8 +206,11 @@ async def upload_bundle(
     uploader = _Uploader(store, bundle, part_bytes, parallel, on_part)
     files: list[TransferFile] = []
     async with parts_group() as tg:
-        for index, path in enumerate(_regular_files(directory, exclude)):
-            files.append(await uploader.file(tg, index, directory, path))
+        found = [
+            (p.relative_to(directory).as_posix(), p) for p in _regular_files(directory, exclude)
+        ]
+        for index, (name, path) in enumerate([*found, *sorted(extra.items())]):
+            files.append(await uploader.file(tg, index, name, path))
     manifest = TransferManifest(
         bundle=bundle, part_bytes=part_bytes, files=files, created_at=utc_now()
     )
