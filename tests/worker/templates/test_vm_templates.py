@@ -16,7 +16,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from schemas.api import InstanceState
 from schemas.clock import utc_now as now
-from schemas.messages import Restore, Standby
+from schemas.messages import AttachVolume, Restore, Standby, Start, Stop
 from tests.worker.agent.conftest import Output, _delete_all, collect
 from tests.worker.conftest import MIB, create_command, make_context
 from worker.agent import AgentHub, Frame, track_instance
@@ -142,3 +142,32 @@ def test_standby_and_restore_of_a_warm_started_instance(fleet: Fleet) -> None:
     )
     assert record is not None and record.state is InstanceState.RUNNING
     assert fleet.sh(iid, "cat /written-here") == "one"
+
+
+def test_hot_attach_then_stop_and_start_of_a_warm_started_instance(fleet: Fleet) -> None:
+    iid = fleet.ids[1]
+
+    async def attach() -> None:
+        await fleet.engine.ctx.volumes.create("vol-tmpl", "tmpl", 1)
+        await fleet.engine.execute(
+            AttachVolume(
+                id=f"att-{iid}",
+                instance_id=iid,
+                issued_at=now(),
+                volume_id="vol-tmpl",
+                mount_path="/mnt/data",
+                readonly=False,
+            )
+        )
+
+    fleet.portal.call(attach)
+    fleet.sh(iid, "echo kept > /mnt/data/file && sync")
+    # A stopped instance starts with a cold boot, its volume mounted at boot this time.
+    fleet.portal.call(
+        fleet.engine.execute, Stop(id=f"stop-{iid}", instance_id=iid, issued_at=now())
+    )
+    record = fleet.portal.call(
+        fleet.engine.execute, Start(id=f"start-{iid}", instance_id=iid, issued_at=now())
+    )
+    assert record is not None and record.state is InstanceState.RUNNING
+    assert fleet.sh(iid, "cat /mnt/data/file /written-here") == "kept\ntwo"
