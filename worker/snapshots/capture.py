@@ -16,6 +16,7 @@ hard-linked. Everything is made in a partial directory that is removed on any fa
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 from schemas.api import InstanceState
@@ -57,7 +58,9 @@ async def create_snapshot(ctx: OpContext, inst: LocalInstance, cmd: CreateSnapsh
     partial = store.begin(cmd.snapshot_id)
     try:
         # 2. The VM (kind Standby) and the disks, then what the snapshot depends on.
+        started = time.monotonic()
         await _save(ctx, inst, cmd.kind, spec, partial)
+        saved_s = time.monotonic() - started
         manifest = await _manifest(ctx, inst, cmd, spec, partial)
         store.complete(partial, manifest)
     except OSError as exc:
@@ -73,6 +76,8 @@ async def create_snapshot(ctx: OpContext, inst: LocalInstance, cmd: CreateSnapsh
         kind=cmd.kind.value,
         bytes=manifest.size_bytes,
         allocated=manifest.allocated_bytes,
+        save_ms=int(saved_s * 1000),
+        total_ms=int((time.monotonic() - started) * 1000),
     )
 
 

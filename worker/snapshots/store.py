@@ -120,8 +120,34 @@ def link_tree(source: Path, target: Path) -> None:
 
 
 def sha256_file(path: Path) -> str:
+    """``sparse-sha256:<hex>``: sha256 over each data extent of the file as
+    ``offset (8 bytes BE) + length (8 bytes BE) + bytes``, then the file's size. Holes are
+    skipped, not read: a 10 GiB overlay with 50 MiB written is hashed in the time of 50
+    MiB. (A hole and written zeros differ here, which a copy made with ``cp --sparse`` may
+    change: the digest is of a file as stored, checked against the same file moved whole.)"""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
     with open(path, "rb") as data:
-        return "sha256:" + hashlib.file_digest(data, "sha256").hexdigest()
+        fd = data.fileno()
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            digest.update(start.to_bytes(8, "big") + (end - start).to_bytes(8, "big"))
+            data.seek(start)
+            left = end - start
+            while left:
+                chunk = data.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                left -= len(chunk)
+            offset = end
+    digest.update(size.to_bytes(8, "big"))
+    return "sparse-sha256:" + digest.hexdigest()
 
 
 async def file_entries(directory: Path) -> tuple[SnapshotFile, ...]:
