@@ -241,10 +241,9 @@ class CreateInstanceRequest(msgspec.Struct, kw_only=True):
     tags: dict[str, str] | UnsetType = UNSET
     ttl: str | UnsetType = UNSET
     expires_at: Timestamp | UnsetType = UNSET
-    #: Supervision policies this build cannot apply yet: decoded only to be refused by name
-    #: (``not_supported``), never silently dropped.
+    #: The supervision policies, decoded loosely and checked by ``gateway.supervision`` and
+    #: ``gateway.health`` so that a bad one gets hypeman's code naming the field.
     restart_policy: Any | UnsetType = UNSET
-    #: Checked by ``gateway.supervision.health_check`` (hypeman's defaults and codes).
     health_check: Any | UnsetType = UNSET
     auto_standby: Any | UnsetType = UNSET
 
@@ -417,8 +416,7 @@ def _trim(value: int, unit: int) -> str:
 class UpdateInstanceRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of ``PATCH /instances/{id}`` (hypeman's InstanceUpdateParams). Unlike create, an
     unknown field is refused: a client that believes it changed something must be told
-    it did not. The policies are decoded only to be refused by name until vmfleet applies
-    them."""
+    it did not. The policies are decoded loosely and checked by ``gateway.supervision``."""
 
     auto_standby: Any | UnsetType = UNSET
     env: dict[str, str] | UnsetType = UNSET
