@@ -153,6 +153,10 @@ def copy_snapshot(data: Path, iid: str, memory: Path) -> VmSpec:
     return msgspec.json.decode((snapshot / "vm.json").read_bytes(), type=VmSpec)
 
 
+def ops_log(data: Path, iid: str) -> list[str]:
+    return (data / "guests" / iid / "logs" / "ops.log").read_text().splitlines()
+
+
 def _status(qmp: RawQmp) -> object:
     answer = qmp.cmd("query-status").get("return")
     return answer.get("status") if isinstance(answer, dict) else None
@@ -245,6 +249,9 @@ def measure(
         direct = throughput(raw_port)
     finally:
         stop_raw(proc)
+    steps = [line for line in ops_log(data, iid) if "restore steps" in line]
+    summary.notes += [line.split(" INFO ", 1)[-1] for line in steps]
+    print("\n".join(steps))
     api.delete(f"/instances/{iid}")
     report(summary, wakes, restores, raws, raw_fb, mapped, direct)
 

@@ -339,7 +339,8 @@ class QemuDriver:
                     return
                 if status in ("guest-panicked", "internal-error", "io-error", "shutdown"):
                     raise HypervisorError(f"restore failed: the VM is {status}")
-                await anyio.sleep(0.02)
+                # Short: a restore is on a wake's path (a query costs well under 1 ms).
+                await anyio.sleep(0.002)
 
     async def resume(self, spec: VmSpec, process: VmmProcess) -> None:
         async with open_qmp(self.api_socket(spec)) as qmp:

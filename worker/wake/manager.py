@@ -83,6 +83,8 @@ class WakeManager:
         self._restoring: dict[str, float] = {}
         #: instance id -> guest port -> internal loopback port (user mode, during a wake).
         self._internal: dict[str, dict[int, int]] = {}
+        #: instance id -> guest ports the woken guest took a connection on.
+        self._listening: dict[str, set[int]] = {}
         self._seq = 0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -193,6 +195,7 @@ class WakeManager:
         if self._sleepers.get(sleeper.instance_id) is sleeper:
             del self._sleepers[sleeper.instance_id]
         self._internal.pop(sleeper.instance_id, None)
+        self._listening.pop(sleeper.instance_id, None)
 
     # -- the restore's hooks (worker.wake.hooks.WakeHooks) ----------------------------------
 
@@ -221,6 +224,7 @@ class WakeManager:
                 forwards.append(fwd)
             nics.append(msgspec.structs.replace(nic, forwards=tuple(forwards)))
         self._internal[instance_id] = internal
+        self._listening.pop(instance_id, None)
         return msgspec.structs.replace(spec, nics=tuple(nics))
 
     def vm_running(self, instance_id: str) -> None:
@@ -259,7 +263,12 @@ class WakeManager:
         port = self._internal.get(instance_id, {}).get(guest_port)
         if port is None or inst.spec is None:
             raise GuestNotListening(f"no internal forward to guest port {guest_port}")
-        return await UserNet(self._engine.ctx.driver.api_socket(inst.spec)).connect(port)
+        listening = self._listening.setdefault(instance_id, set())
+        if guest_port in listening:  # it took one already: no need to ask slirp again
+            return await anyio.connect_tcp("127.0.0.1", port)
+        stream = await UserNet(self._engine.ctx.driver.api_socket(inst.spec)).connect(port)
+        listening.add(guest_port)
+        return stream
 
     async def hand_off(self, instance_id: str, listeners: list[Listener]) -> None:
         self._sleepers.pop(instance_id, None)
