@@ -171,3 +171,12 @@ def test_hot_attach_then_stop_and_start_of_a_warm_started_instance(fleet: Fleet)
     )
     assert record is not None and record.state is InstanceState.RUNNING
     assert fleet.sh(iid, "cat /mnt/data/file /written-here") == "kept\ntwo"
+
+
+def test_a_disk_bandwidth_limit_is_kept_on_a_warm_start(fleet: Fleet, busybox_image: str) -> None:
+    cmd = create_command(busybox_image, name="gamma", cmd=["sleep", "100000"], disk_io_bps=50 * MIB)
+    fleet.portal.call(fleet.engine.execute, cmd)
+    inst = fleet.engine.instance(cmd.instance_id)
+    assert "VMM started from a warm template" in inst.guest.ops_log.read_text()
+    assert inst.spec is not None and inst.spec.disk_io_bps == 50 * MIB
+    assert fleet.sh(cmd.instance_id, "cat /sys/block/vdb/size") == str(256 * MIB // 512)
