@@ -12,7 +12,9 @@
 #   3. makes the worker's own hypervisor choice with VMFLEET_HYPERVISOR=cloud-hypervisor,
 #      including its probe boot (the check that KVM really runs guests here);
 #   4. drives one instance through the worker's host engine under Cloud Hypervisor:
-#      create, standby, restore, hot attach and detach of a volume, stop, delete. The
+#      create, standby, restore, a snapshot that keeps it running and a fork of that
+#      snapshot (which must count on from the snapshot), hot attach and detach of a
+#      volume, stop, delete. The
 #      instance has no network (bridge mode needs root and changes the host's network;
 #      VMFLEET_NETWORK=bridge is the worker's business, not this check's);
 #   5. prints the time each step took, and whether the app went on counting after restore.
@@ -71,12 +73,14 @@ from schemas.api import Hypervisor, InstanceState
 from schemas.messages import (
     AttachVolume,
     Create,
+    CreateSnapshot,
     Delete,
     DetachVolume,
     Restore,
     Standby,
     Stop,
 )
+from schemas.snapshots import ForkSource, SnapshotKind
 from tests.support.images import build_busybox_image, push_image
 from tests.support.registry import LocalRegistry
 from worker.drivers.select import HypervisorUnavailable, choose_hypervisor
@@ -84,6 +88,7 @@ from worker.engine import HostEngine
 from worker.guest import ensure_initrd, ensure_kernel
 from worker.images import ImageCache
 from worker.lifecycle.context import BootAssets, OpContext
+from worker.snapshots.capture import snapshot_store
 from worker.storage import Storage
 from worker.volumes import VolumeStore
 
@@ -233,6 +238,9 @@ async def lifecycle(engine: HostEngine, image: str) -> int:
     after = last_tick(app_log)
     check(after > before, f"the app went on counting after restore (tick {before} -> {after})")
 
+    # 3b. A snapshot that keeps the VM running, and a fork of it counting on from there.
+    await snapshot_and_fork(engine, create)
+
     # 4. A volume: hot attach (vm.add-disk + mount in the guest) and detach.
     await engine.ctx.volumes.create("vol-chcheck", "chcheck", 1)
     attach = AttachVolume(
@@ -255,6 +263,39 @@ async def lifecycle(engine: HostEngine, image: str) -> int:
 
     print("all checks passed" if not failures else f"{len(failures)} check(s) failed")
     return 1 if failures else 0
+
+
+FORK = "chcheckfork00000000000001"
+
+
+async def snapshot_and_fork(engine: HostEngine, create: Create) -> None:
+    app_log = engine.instance(INSTANCE).guest.app_log
+    snapshot = CreateSnapshot(
+        id="snap",
+        instance_id=INSTANCE,
+        issued_at=now(),
+        snapshot_id="chcheck-snap",
+        kind=SnapshotKind.STANDBY,
+    )
+    report("snapshot (VM kept running)", await timed(engine, snapshot))
+    check(engine.get(INSTANCE).state is InstanceState.RUNNING, "the source kept running")
+    at_snapshot = last_tick(app_log)
+    fork = Create(
+        **{f: getattr(create, f) for f in create.__struct_fields__ if f not in ("fork",)}
+        | {"id": "fork", "instance_id": FORK, "name": "chcheck-fork"},
+        fork=ForkSource(snapshot_id="chcheck-snap"),
+    )
+    try:
+        report("fork -> Running", await timed(engine, fork))
+        fork_log = engine.instance(FORK).guest.app_log
+        await wait_until(lambda: last_tick(fork_log) > 0, 30, "the fork printed")
+        first = last_tick(fork_log)
+        check(first >= at_snapshot - 1, f"the fork counts on from the snapshot ({first})")
+    finally:
+        with anyio.CancelScope(shield=True):
+            if FORK in {r.id for r in engine.records()}:
+                await engine.execute(Delete(id="del-fork", instance_id=FORK, issued_at=now()))
+            snapshot_store(engine.ctx).remove("chcheck-snap")
 
 
 sys.exit(anyio.run(main))
