@@ -32,7 +32,30 @@ CONSOLE=/dev/ttyS0
 log() { # log LEVEL PHASE MESSAGE...
 	_lvl=$1 _phase=$2
 	shift 2
-	printf '%s [%s] [%s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$_lvl" "$_phase" "$*" >"$CONSOLE"
+	if ! utc_now; then
+		printf '%s [%s] [%s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$_lvl" "$_phase" "$*" >"$CONSOLE"
+		return
+	fi
+	printf '%04d-%02d-%02dT%02d:%02d:%02dZ [%s] [%s] %s\n' "$_y" "$_m" "$_d" \
+		$((_sod / 3600)) $((_sod % 3600 / 60)) $((_sod % 60)) "$_lvl" "$_phase" "$*" >"$CONSOLE"
+}
+
+# utc_now: today's UTC date in $_y $_m $_d and the second of the day in $_sod, computed by
+# the shell itself: a `date` process per log line costs the boot more than the line is
+# worth under emulation. Days to a civil date: H. Hinnant's algorithm. Fails without
+# $EPOCHSECONDS (a busybox too old for it).
+utc_now() {
+	_t=${EPOCHSECONDS:-}
+	[ -n "$_t" ] || return 1
+	_z=$((_t / 86400 + 719468)) _sod=$((_t % 86400))
+	_era=$((_z / 146097))
+	_doe=$((_z - _era * 146097))
+	_yoe=$(((_doe - _doe / 1460 + _doe / 36524 - _doe / 146096) / 365))
+	_doy=$((_doe - (365 * _yoe + _yoe / 4 - _yoe / 100)))
+	_mp=$(((5 * _doy + 2) / 153))
+	_d=$((_doy - (153 * _mp + 2) / 5 + 1))
+	_m=$((_mp < 10 ? _mp + 3 : _mp - 9))
+	_y=$((_yoe + _era * 400 + (_m <= 2)))
 }
 
 uptime_s() { read -r _up _ </proc/uptime && echo "$_up"; }
@@ -379,28 +402,43 @@ load_modules() {
 }
 
 # ACPI's power button (the host's fallback when the control channel does not answer a
-# stop) is not needed to boot: set up in the background.
+# stop) is not needed to boot: set up in the background, once the app had the CPU first.
 start_acpid() {
 	(
+		sleep 2
 		load_modules acpi
 		[ -d /sys/class/input ] && acpid -c /etc/acpi -l /var/log/acpid.log 2>/dev/null
 	) &
+}
+
+# mounted DIR: whether something is mounted on DIR (read by the shell: no process).
+mounted() {
+	while read -r _ _dir _; do
+		[ "$_dir" = "$1" ] && return 0
+	done </proc/mounts
+	return 1
+}
+
+disks_not_mounted() { # the first disk of fstab.disks that is not mounted is fatal
+	mounted /lower || fatal rootfs "cannot mount image disk /dev/vda"
+	mounted /overlay || fatal rootfs "cannot mount overlay disk /dev/vdb"
+	mounted "$CFG" || fatal config "cannot mount config disk /dev/vdc"
 }
 
 setup_root() {
 	for _d in vda vdb vdc; do
 		wait_dev "/dev/$_d" 10 || fatal disks "/dev/$_d did not appear"
 	done
-	mount -t ext4 -o ro,noload /dev/vda /lower || fatal rootfs "cannot mount image disk /dev/vda"
-	mount -t ext4 /dev/vdb /overlay || fatal rootfs "cannot mount overlay disk /dev/vdb"
-	mkdir -p /overlay/upper /overlay/work
+	# The three disks with one mount process; which one failed is told after a failure.
+	mount -a -T /etc/vmfleet/fstab.disks 2>/dev/null || disks_not_mounted
+	[ -d /overlay/upper ] && [ -d /overlay/work ] || mkdir -p /overlay/upper /overlay/work
 	mount -t overlay -o lowerdir=/lower,upperdir=/overlay/upper,workdir=/overlay/work \
 		overlay "$NEWROOT" || fatal rootfs "cannot mount the overlay root"
-	mount -t ext4 -o ro,noload /dev/vdc "$CFG" || fatal config "cannot mount config disk /dev/vdc"
 	[ -f "$CFG/config.sh" ] || fatal config "config disk has no config.sh"
 	# shellcheck source=/dev/null
 	. "$CFG/config.sh" || fatal config "cannot read config.sh"
-	log INFO rootfs "root ready (image ro, overlay rw) at $(uptime_s)s"
+	read -r _up _ </proc/uptime
+	log INFO rootfs "root ready (image ro, overlay rw) at ${_up}s"
 }
 
 setup_volumes() {
@@ -418,27 +456,27 @@ setup_volumes() {
 }
 
 bind_system() {
-	for _d in proc sys dev; do
-		mkdir -p "$NEWROOT/$_d"
-		mount -o rbind "/$_d" "$NEWROOT/$_d" || log ERROR mounts "cannot bind /$_d"
-	done
-	ln -sfn /proc/self/fd /dev/fd
-	ln -sfn /proc/self/fd/0 /dev/stdin
-	ln -sfn /proc/self/fd/1 /dev/stdout
-	ln -sfn /proc/self/fd/2 /dev/stderr
-	mkdir -p "$NEWROOT/tmp" "$NEWROOT/run"
+	mkdir -p "$NEWROOT/proc" "$NEWROOT/sys" "$NEWROOT/dev" "$NEWROOT/tmp" "$NEWROOT/run"
+	# /proc, /sys and /dev (with its fd links, made at boot) in one mount process.
+	mount -a -T /etc/vmfleet/fstab.bind || log ERROR mounts "cannot bind /proc, /sys or /dev"
 }
 
 write_resolv() { # nameservers...
 	[ $# -gt 0 ] || return 0
-	mkdir -p "$NEWROOT/etc"
-	rm -f "$NEWROOT/etc/resolv.conf"
+	etc_file "$NEWROOT/etc/resolv.conf"
 	for _ns in "$@"; do echo "nameserver $_ns"; done >"$NEWROOT/etc/resolv.conf"
 }
 
+# etc_file PATH: PATH's directory exists and PATH is no symlink (an image's resolv.conf
+# often points into a /run this guest does not have): ready to be written. Tested by the
+# shell first, so a boot makes no process for what is already so.
+etc_file() {
+	[ -d "${1%/*}" ] || mkdir -p "${1%/*}"
+	if [ -L "$1" ]; then rm -f "$1"; fi
+}
+
 write_hosts() { # ADDRESS: where this guest's own hostname resolves
-	mkdir -p "$NEWROOT/etc"
-	rm -f "$NEWROOT/etc/hosts"
+	etc_file "$NEWROOT/etc/hosts"
 	{
 		printf '127.0.0.1\tlocalhost\n'
 		printf '::1\tlocalhost ip6-localhost ip6-loopback\n'
@@ -448,7 +486,8 @@ write_hosts() { # ADDRESS: where this guest's own hostname resolves
 
 setup_network() {
 	ip link set lo up
-	[ -n "$VMFLEET_HOSTNAME" ] && hostname "$VMFLEET_HOSTNAME"
+	# Written by the shell: no hostname process.
+	[ -n "$VMFLEET_HOSTNAME" ] && echo "$VMFLEET_HOSTNAME" >/proc/sys/kernel/hostname
 	# The instance's own address when it has a fixed one; else Debian's 127.0.1.1.
 	if [ "$VMFLEET_NET_ENABLED" = 1 ] && [ "$VMFLEET_NET_MODE" != dhcp ]; then
 		write_hosts "$VMFLEET_NET_IP"
@@ -579,7 +618,7 @@ resolve_argv0() { # NAME: the image's path of NAME, found in the app's PATH
 run_app() {
 	eval "set -- $VMFLEET_ARGV"
 	_wd=${VMFLEET_WORKDIR:-/}
-	mkdir -p "$NEWROOT$_wd"
+	[ -d "$NEWROOT$_wd" ] || mkdir -p "$NEWROOT$_wd"
 	if [ $# -eq 0 ]; then
 		log WARN app "no entrypoint or cmd: nothing to run"
 		set -- /bin/true
@@ -593,7 +632,8 @@ run_app() {
 		shift
 		set -- "$_a0" "$@"
 	fi
-	log INFO app "starting in $_wd at $(uptime_s)s: $VMFLEET_ARGV"
+	read -r _up _ </proc/uptime
+	log INFO app "starting in $_wd at ${_up}s: $VMFLEET_ARGV"
 	env -i /bin/busybox sh -c "$APP_SCRIPT" vmfleet-app \
 		"--root=$NEWROOT" "--wd=$NEWROOT$_wd" -- "$@" </dev/null >"$CONSOLE" 2>&1
 	_code=$?
@@ -651,7 +691,8 @@ signal_text() {
 read_cmdline() {
 	PROBE=0
 	WAIT_CONFIG=0
-	for _arg in $(cat /proc/cmdline); do
+	read -r _cmdline </proc/cmdline
+	for _arg in $_cmdline; do
 		case $_arg in
 		vmfleet.ctl=*) CTL=/dev/${_arg#vmfleet.ctl=} ;;
 		vmfleet.probe=1) PROBE=1 ;;
@@ -662,12 +703,12 @@ read_cmdline() {
 }
 
 boot() {
-	mount -t proc proc /proc
-	mount -t sysfs sysfs /sys
-	mount -t devtmpfs devtmpfs /dev 2>/dev/null
-	mkdir -p /dev/pts /dev/shm "$RUN" /var/log /var/run
-	mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
-	mount -t tmpfs -o mode=1777,nosuid,nodev shm /dev/shm
+	# One process per step (the initrd's fstabs): /proc, /sys, /dev; its subdirectories.
+	mount -a -T /etc/vmfleet/fstab.sys 2>/dev/null
+	mkdir -p /dev/pts /dev/shm "$RUN"
+	mount -a -T /etc/vmfleet/fstab.dev
+	cp -a /etc/vmfleet/dev/fd /etc/vmfleet/dev/stdin /etc/vmfleet/dev/stdout \
+		/etc/vmfleet/dev/stderr /dev/
 	[ -c "$CONSOLE" ] || CONSOLE=/dev/ttyS0
 	exec </dev/null >"$CONSOLE" 2>&1
 	stty -F "$CONSOLE" -onlcr 2>/dev/null # plain \n in app.log
@@ -677,7 +718,9 @@ boot() {
 		echo "vmfleet-probe-ok"
 		poweroff -f
 	fi
-	log INFO boot "vmfleet init on kernel $(uname -r) at $(uptime_s)s"
+	read -r _up _ </proc/uptime
+	read -r _release </proc/sys/kernel/osrelease
+	log INFO boot "vmfleet init on kernel $_release at ${_up}s"
 	_ctl_up=
 	if [ -c "$CTL" ]; then
 		control_loop &

@@ -127,10 +127,14 @@ async def test_initrd_contents(tmp_path: Path) -> None:
     assert len(image.parent.name) == 64  # sha256 hex
     names = set(_cpio_list(image))
     for required in ("init", "bin/busybox", "bin/sh", "sbin/insmod", "etc/vmfleet/modules",
-                     "etc/acpi/PWRF/00000080", "dev/console"):  # fmt: skip
+                     "etc/acpi/PWRF/00000080", "dev/console", "etc/vmfleet/fstab.disks",
+                     "run/vmfleet"):  # fmt: skip
         assert required in names
     tree = tmp_path / "tree"
     _cpio_extract(image, tree)
+    # The init mounts each step with one `mount -a -T` and copies these links into /dev.
+    assert "/dev/vdc /cfg ext4 ro,noload" in (tree / "etc/vmfleet/fstab.disks").read_text()
+    assert (tree / "etc/vmfleet/dev/stdin").readlink() == Path("/proc/self/fd/0")
     assert (tree / "init").read_bytes() == initrd_mod.INIT_SCRIPT.read_bytes()
     order = (tree / "etc/vmfleet/modules").read_text().splitlines()
     assert all(p.startswith(f"/lib/modules/{VERSION}/") for p in order)
