@@ -35,6 +35,7 @@ from worker.autostandby.observe import (
     ObserverError,
     bridge_connections,
     own_endpoints,
+    own_inodes,
     read_conntrack,
     read_tcp_sockets,
     user_connections,
@@ -117,8 +118,14 @@ class AutoStandbyController:
         if not records:
             return {}, None
         try:
-            sockets = read_tcp_sockets(self._proc)
-            own = own_endpoints(sockets, self._proc)
+            inodes = own_inodes(self._proc)
+            ports = (
+                set() if self._bridge else {m.host_port for r in records for m in r.port_mappings}
+            )
+            sockets = read_tcp_sockets(
+                self._proc, keep=lambda port, inode: port in ports or inode in inodes
+            )
+            own = own_endpoints(sockets, inodes=inodes)
             if self._bridge:
                 flows = await read_conntrack()
                 return {r.id: bridge_connections(r, flows, own) for r in records}, None

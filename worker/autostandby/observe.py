@@ -20,7 +20,7 @@ import ipaddress
 import os
 import shutil
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -28,6 +28,7 @@ from typing import Final
 from schemas.autostandby import AutoStandbySpec
 from schemas.messages import InstanceRecord
 from worker.autostandby.registry import Connection
+from worker.autostandby.sockdiag import dump_tcp
 from worker.run import CommandFailed, run_command
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "bridge_connections",
     "counted",
     "own_endpoints",
+    "own_inodes",
     "parse_conntrack",
     "parse_tcp_table",
     "read_conntrack",
@@ -49,10 +51,16 @@ __all__ = [
 _OPEN_STATES: Final = frozenset({0x01, 0x03, 0x04, 0x05, 0x08, 0x09, 0x0B, 0x0C})
 #: conntrack's TCP states that are no longer a connection (as hypeman counts).
 _CLOSED_FLOWS: Final = frozenset({"NONE", "TIME_WAIT", "CLOSE"})
+#: What the sock_diag dump asks for: open connections and those being opened (a probe's
+#: own socket may still be connecting), not LISTEN, TIME_WAIT or CLOSE.
+_DUMP_STATES: Final = sum(1 << s for s in (0x01, 0x02, 0x03, 0x04, 0x05, 0x08, 0x09, 0x0B, 0x0C))
 _CONNTRACK_PROC: Final = Path("/proc/net/nf_conntrack")
 _CONNTRACK_TIMEOUT_S: Final = 5.0
 
 Endpoint = tuple[str, int]
+#: Which rows of the socket table to decode, by (local port, inode): decoding addresses is
+#: most of a tick's cost, and only the mapped ports and the worker's own sockets matter.
+Keep = Callable[[int, int], bool]
 
 
 class ObserverError(RuntimeError):
@@ -70,8 +78,21 @@ class TcpSocket:
     inode: int
 
 
-def read_tcp_sockets(proc: Path = Path("/proc")) -> list[TcpSocket]:
-    """Every TCP socket of this network namespace (IPv4 and IPv6)."""
+def read_tcp_sockets(proc: Path = Path("/proc"), keep: Keep | None = None) -> list[TcpSocket]:
+    """The TCP sockets of this network namespace (IPv4 and IPv6) that may be connections;
+    only those ``keep`` wants, if given. sock_diag when the kernel answers it (the usual
+    case, and much cheaper on a busy host), else the proc tables."""
+    if proc == Path("/proc"):
+        try:
+            rows = dump_tcp(_DUMP_STATES)
+        except OSError:
+            pass  # no sock_diag here: the proc tables say the same, slower
+        else:
+            return [
+                TcpSocket(local=local, remote=remote, state=state, inode=inode)
+                for local, remote, state, inode in rows
+                if keep is None or keep(local[1], inode)
+            ]
     sockets: list[TcpSocket] = []
     for name in ("tcp", "tcp6"):
         try:
@@ -80,16 +101,18 @@ def read_tcp_sockets(proc: Path = Path("/proc")) -> list[TcpSocket]:
             continue  # no IPv6 in this kernel
         except OSError as exc:
             raise ObserverError(f"cannot read the socket table: {exc}") from exc
-        sockets.extend(parse_tcp_table(text))
+        sockets.extend(s for s in parse_tcp_table(text, keep) if (1 << s.state) & _DUMP_STATES)
     return sockets
 
 
-def parse_tcp_table(text: str) -> list[TcpSocket]:
+def parse_tcp_table(text: str, keep: Keep | None = None) -> list[TcpSocket]:
     """The rows of a ``/proc/net/tcp{,6}`` table (its header line is skipped)."""
     rows = []
     for line in text.splitlines()[1:]:
         fields = line.split()
         if len(fields) < 10:
+            continue
+        if keep is not None and not keep(int(fields[1].rpartition(":")[2], 16), int(fields[9])):
             continue
         rows.append(
             TcpSocket(
@@ -115,8 +138,16 @@ def _endpoint(text: str) -> Endpoint:
     return str(ip), int(port, 16)
 
 
-def own_endpoints(sockets: Iterable[TcpSocket], proc: Path = Path("/proc")) -> set[Endpoint]:
+def own_endpoints(
+    sockets: Iterable[TcpSocket], proc: Path = Path("/proc"), inodes: set[int] | None = None
+) -> set[Endpoint]:
     """Local endpoints of this process's own TCP sockets: its probes and relays."""
+    mine = own_inodes(proc) if inodes is None else inodes
+    return {s.local for s in sockets if s.inode in mine and s.inode != 0}
+
+
+def own_inodes(proc: Path = Path("/proc")) -> set[int]:
+    """The inodes of this process's open sockets."""
     inodes: set[int] = set()
     try:
         for entry in os.scandir(proc / "self" / "fd"):
@@ -128,7 +159,7 @@ def own_endpoints(sockets: Iterable[TcpSocket], proc: Path = Path("/proc")) -> s
                 inodes.add(int(target[8:-1]))
     except OSError as exc:
         raise ObserverError(f"cannot list the worker's own sockets: {exc}") from exc
-    return {s.local for s in sockets if s.inode in inodes and s.inode != 0}
+    return inodes
 
 
 def user_connections(

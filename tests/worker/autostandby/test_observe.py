@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -164,5 +165,25 @@ def test_the_worker_own_sockets_are_found() -> None:
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
-        sockets = read_tcp_sockets()
-        assert server.getsockname() in own_endpoints(sockets)
+        with socket.create_connection(server.getsockname()) as client:
+            sockets = read_tcp_sockets()
+            assert client.getsockname() in own_endpoints(sockets)
+
+
+def test_sock_diag_and_the_proc_table_agree() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                ports = {server.getsockname()[1], client.getsockname()[1]}
+
+                def ours(port: int, inode: int) -> bool:
+                    return port in ports
+
+                by_netlink = read_tcp_sockets(keep=ours)
+                # Any other path than /proc itself reads the tables: here, the same ones.
+                by_table = read_tcp_sockets(Path("/proc/self/.."), keep=ours)
+    assert len(by_netlink) == 2
+    assert sorted(by_netlink, key=str) == sorted(by_table, key=str)
