@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.commands import autostandby, fleet, guest, images, instances, volumes
+from cli.commands import autostandby, fleet, guest, images, instances, snapshots, volumes
 from cli.commands._common import Handler, run_client_command
 
 __all__ = ["Handler", "register_client_commands", "run_client_command"]
@@ -23,3 +23,4 @@ def register_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentPa
     volumes.register(sub)
     fleet.register(sub)
     autostandby.register(sub)
+    snapshots.register(sub)
