@@ -44,6 +44,7 @@ __all__ = [
     "identity_request",
     "resume_saved_vm",
     "swap_spec",
+    "tell_identity",
 ]
 
 #: Bytes of fresh randomness given to every resumed guest.
@@ -192,6 +193,8 @@ async def resume_saved_vm(
 async def tell_identity(
     driver: Hypervisor, spec: VmSpec, identity: GuestIdentity, *, timeout_s: float
 ) -> None:
+    """Step 3 alone: the guest's clock, a fresh RNG seed, MAC, hostname and network, for a
+    guest already running on its VMM."""
     line = identity_request(
         identity, epoch=int(utc_now().timestamp()), seed=secrets.token_bytes(SEED_BYTES)
     )
