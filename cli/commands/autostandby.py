@@ -12,7 +12,13 @@ from typing import Any
 from cli.client import GatewayClient, GatewayError, segment
 from cli.commands._common import client_command
 
-__all__ = ["add_auto_standby_flag", "auto_standby_body", "register", "with_standby"]
+__all__ = [
+    "add_auto_standby_flag",
+    "auto_standby_body",
+    "register",
+    "status_summary",
+    "with_standby",
+]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -66,10 +72,10 @@ def _status_note(client: GatewayClient, instance: dict[str, Any]) -> str | None:
         status = client.call("GET", f"/instances/{segment(instance['id'])}/auto-standby/status")
     except GatewayError:
         return "standby ?"
-    return _summary(status)
+    return status_summary(status)
 
 
-def _summary(status: dict[str, Any]) -> str:
+def status_summary(status: dict[str, Any]) -> str:
     name = status.get("status")
     if name == "active":
         return f"{status.get('active_inbound_connections', 0)} conn"
