@@ -153,6 +153,14 @@ def copy_snapshot(data: Path, iid: str, memory: Path) -> VmSpec:
     return msgspec.json.decode((snapshot / "vm.json").read_bytes(), type=VmSpec)
 
 
+def port_holder(port: int) -> str:
+    """Which process listens on ``port`` (qemu once the port is handed back)."""
+    out = subprocess.run(
+        ["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=False
+    ).stdout
+    return out.split("users:", 1)[-1].strip() or "nobody"
+
+
 def ops_log(data: Path, iid: str) -> list[str]:
     return (data / "guests" / iid / "logs" / "ops.log").read_text().splitlines()
 
@@ -243,13 +251,16 @@ def measure(
         restores.append(time.perf_counter() - start)
         assert first_byte(port)[1].strip() == b"awake"
     mapped = throughput(port)
+    holder = port_holder(port)
+    print(f"after the wake, port {port} is held by {holder}")
+    summary.notes.append(f"after the wake the mapped port is held by {holder}")
     api.post(f"/instances/{iid}/standby").raise_for_status()
     _, _, raw_port, proc = raw_restore(copy_snapshot(data, iid, memory), memory, work)
     try:
         direct = throughput(raw_port)
     finally:
         stop_raw(proc)
-    steps = [line for line in ops_log(data, iid) if "restore steps" in line]
+    steps = [line for line in ops_log(data, iid) if "restore steps" in line or "woken by" in line]
     summary.notes += [line.split(" INFO ", 1)[-1] for line in steps]
     print("\n".join(steps))
     api.delete(f"/instances/{iid}")

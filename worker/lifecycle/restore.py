@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import time
 
@@ -59,13 +60,18 @@ async def restore(ctx: OpContext, inst: LocalInstance, cmd: Restore) -> None:
     # The guest runs: connections held for it need nothing more (the record, the clock).
     if ctx.wake:
         ctx.wake.vm_running(inst.id)
-    # 3. The snapshot has served; hypeman deletes it too.
-    shutil.rmtree(snapshot, ignore_errors=True)
+    # 3. The snapshot has served; hypeman deletes it too (in a thread: freeing a memory
+    # file's pages takes a while, and held connections are being relayed meanwhile).
+    await anyio.to_thread.run_sync(functools.partial(shutil.rmtree, snapshot, ignore_errors=True))
     now = utc_now()
     # Running, in a fresh health window.
     walk.advance(has_snapshot=False, started_at=now, health=HealthState(window_started_at=now))
     steps.done("record")
-    # 4. The guest's clock stood still during standby.
+    # 4. The guest's clock stood still during standby. A wake's held connections are
+    # answered first: the resync would compete with them for the guest's CPU.
+    if ctx.wake:
+        await ctx.wake.settled(inst.id)
+        steps.done("answered")
     await _resync_clock(ctx, inst, spec)
     steps.done("clock")
     ctx.oplog(inst, f"restore steps {steps}", cause=cmd.cause)

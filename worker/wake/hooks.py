@@ -21,6 +21,12 @@ class WakeHooks(Protocol):
         held connections may go to it now."""
         ...
 
+    async def settled(self, instance_id: str) -> None:
+        """Return once the connections a wake holds had their first answer from the guest
+        (at once if none; bounded): what the guest does next for the restore (its clock)
+        would compete with them for its CPU."""
+        ...
+
     def restore_failed(self, instance_id: str, error: str) -> None:
         """The restore failed; the instance is in Standby again."""
         ...

@@ -62,6 +62,9 @@ __all__ = ["WakeManager", "attach_wake"]
 
 log = logging.getLogger(__name__)
 
+#: How long a restore waits for a wake's first answer before it resyncs the guest's clock.
+SETTLE_TIMEOUT_S = 2.0
+
 #: Observes a finished wake: (cause, seconds).
 WokeObserver = Callable[[str, float], None]
 
@@ -83,6 +86,8 @@ class WakeManager:
         self._restoring: dict[str, float] = {}
         #: instance id -> guest port -> internal loopback port (user mode, during a wake).
         self._internal: dict[str, dict[int, int]] = {}
+        #: instance id -> set once a wake's held connections had their first answer.
+        self._answered: dict[str, anyio.Event] = {}
         #: instance id -> guest ports the woken guest took a connection on.
         self._listening: dict[str, set[int]] = {}
         self._seq = 0
@@ -205,6 +210,7 @@ class WakeManager:
             self._restoring[instance_id] = time.monotonic()
             return spec
         sleeper.restore_started(cause)
+        self._answered[instance_id] = anyio.Event()
         if self._engine.ctx.bridge is not None:
             return spec
         held = {listener.host_port for listener in sleeper.listeners}
@@ -236,8 +242,20 @@ class WakeManager:
         if started is not None:
             self._on_woke("api", time.monotonic() - started)
 
+    async def settled(self, instance_id: str) -> None:
+        answered = self._answered.get(instance_id)
+        if answered is not None:
+            with anyio.move_on_after(SETTLE_TIMEOUT_S):
+                await answered.wait()
+        self._answered.pop(instance_id, None)
+
+    def answered(self, instance_id: str) -> None:
+        if (event := self._answered.get(instance_id)) is not None:
+            event.set()
+
     def restore_failed(self, instance_id: str, error: str) -> None:
         self._restoring.pop(instance_id, None)
+        self.answered(instance_id)
         sleeper = self._sleepers.get(instance_id)
         if sleeper is not None:
             sleeper.restore_failed(error)
@@ -296,8 +314,15 @@ class WakeManager:
                 inst, "could not give the mapped ports back to QEMU", level="ERROR", error=exc
             )
 
-    def woke(self, cause: str, seconds: float) -> None:
+    def woke(self, instance_id: str, cause: str, seconds: float, running_s: float) -> None:
         self._on_woke(cause, seconds)
+        with contextlib.suppress(NotFound):
+            self._engine.ctx.oplog(
+                self._engine.instance(instance_id),
+                f"woken by {cause} in {seconds * 1000:.0f}ms: the VM ran after "
+                f"{running_s * 1000:.0f}ms, the guest took the connection "
+                f"{(seconds - running_s) * 1000:.0f}ms later",
+            )
 
 
 class _InstanceBackend(Backend):
@@ -327,8 +352,11 @@ class _InstanceBackend(Backend):
         with contextlib.suppress(Exception):
             report(self._id, conn.listener.host_port, conn.peer[0], conn.peer[1])
 
-    def woke(self, cause: str, seconds: float) -> None:
-        self._manager.woke(cause, seconds)
+    def answered(self) -> None:
+        self._manager.answered(self._id)
+
+    def woke(self, cause: str, seconds: float, running_s: float) -> None:
+        self._manager.woke(self._id, cause, seconds, running_s)
 
 
 def asleep_by_policy(record: InstanceRecord) -> bool:

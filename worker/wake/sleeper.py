@@ -90,9 +90,14 @@ class Backend(Protocol):
 
     def closed(self, conn: HeldConnection) -> None: ...
 
-    def woke(self, cause: str, seconds: float) -> None:
+    def answered(self) -> None:
+        """The guest answered the first relayed connection (or there was none to relay)."""
+        ...
+
+    def woke(self, cause: str, seconds: float, running_s: float) -> None:
         """A wake is done (the first connection reached the guest, or a restore through the
-        API left the guest listening): count and time it."""
+        API left the guest listening) ``seconds`` after it began, the VM running after
+        ``running_s``: count and time it."""
         ...
 
 
@@ -119,6 +124,7 @@ class Sleeper:
         self._restore_cause = "connection"
         self._restore_started = 0.0
         self._running = anyio.Event()
+        self._running_at = 0.0
         self._failed: str | None = None
         self._failures = 0
         self._retry_at = 0.0
@@ -126,6 +132,7 @@ class Sleeper:
         self._accepting = anyio.CancelScope()
         self._accept_stopped = anyio.Event()
         self._handed_off = False
+        self._handing_off = False
         #: Guest ports a connection went through: the guest listens there.
         self._listening: set[int] = set()
         self._woke_reported = False
@@ -143,6 +150,7 @@ class Sleeper:
             self._arrived.set()
 
     def vm_running(self) -> None:
+        self._running_at = time.monotonic()
         self._running.set()
 
     def restore_failed(self, error: str) -> None:
@@ -192,13 +200,19 @@ class Sleeper:
 
     async def _accept_loop(self, listener: Listener) -> None:
         while True:
-            await self._wait_for_room(listener)
             await anyio.wait_readable(listener.sock)
+            if self._full() and not await self._room_within_wait():
+                await self._accept_ready(listener, at_most=1)  # accepted and closed
+                continue
             await self._accept_ready(listener)
 
-    async def _accept_ready(self, listener: Listener) -> None:
-        """Accept every connection the kernel has queued on ``listener``."""
-        while True:
+    async def _accept_ready(self, listener: Listener, *, at_most: int | None = None) -> None:
+        """Accept what the kernel has queued on ``listener``: up to ``at_most``, or until
+        the queue is full (None: all of it, the hand-off's last look)."""
+        accepted = 0
+        while at_most is None or accepted < at_most:
+            if at_most is not None and accepted and self._full():
+                return
             try:
                 sock, peer = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -206,7 +220,10 @@ class Sleeper:
             except OSError as exc:  # the socket was closed under us
                 log.debug("%s: accept on port %d: %s", self.instance_id, listener.host_port, exc)
                 return
+            accepted += 1
             await self._hold(sock, peer, listener)
+            if at_most is None and self._full() and not self._handing_off:
+                return
 
     async def _hold(self, sock: socket.socket, peer: tuple[str, int], listener: Listener) -> None:
         sock.setblocking(False)
@@ -224,14 +241,17 @@ class Sleeper:
         self._queue.append(conn)
         self._arrived.set()
 
-    async def _wait_for_room(self, listener: Listener) -> None:
-        """While the queue is full, leave new connections in the kernel's backlog for a
-        while; after that they are accepted and closed (see :meth:`_hold`)."""
-        if len(self._queue) < self._settings.max_held:
-            return
-        self._room = anyio.Event()
+    def _full(self) -> bool:
+        return len(self._queue) >= self._settings.max_held
+
+    async def _room_within_wait(self) -> bool:
+        """While the queue is full, new connections wait in the kernel's backlog for a
+        while; False if no room came (the next one is then accepted and closed)."""
+        if self._room.is_set():
+            self._room = anyio.Event()
         with anyio.move_on_after(self._settings.full_wait_s):
             await self._room.wait()
+        return not self._full()
 
     async def _wake_and_hand_off(self, tg: TaskGroup) -> None:
         while True:
@@ -289,6 +309,7 @@ class Sleeper:
         )
         while self._queue:
             await self._drop(self._queue.popleft(), "the wake failed")
+        self._backend.answered()
         self._restoring, self._failed, self._running = False, None, anyio.Event()
 
     async def _expire_within(self, seconds: float, until: anyio.Event | None = None) -> None:
@@ -318,10 +339,13 @@ class Sleeper:
         await self._wait_until_listening()
         self._accepting.cancel()
         await self._accept_stopped.wait()
+        self._handing_off = True
         for listener in self.listeners:  # what the kernel queued since: relayed too
             await self._accept_ready(listener)
         self._close_listeners()
         self._handed_off = True
+        if not self.relayed:
+            self._backend.answered()
         await self._backend.hand_off(self.listeners)
         await self._relay_queued(tg)
         log.info(
@@ -346,7 +370,8 @@ class Sleeper:
     def _report_woke(self, since: float) -> None:
         if not self._woke_reported:
             self._woke_reported = True
-            self._backend.woke(self._restore_cause, time.monotonic() - since)
+            now = time.monotonic()
+            self._backend.woke(self._restore_cause, now - since, self._running_at - since)
 
     def _started_at(self, conn: HeldConnection) -> float:
         """A wake by connection counts from that connection; one through the API from the
@@ -389,8 +414,9 @@ class Sleeper:
         try:
             async with conn.client, upstream, anyio.create_task_group() as tg:
                 tg.start_soon(_copy, conn.client, upstream, tg)
-                tg.start_soon(_copy, upstream, conn.client, tg)
+                tg.start_soon(_copy, upstream, conn.client, tg, self._backend.answered)
         finally:
+            self._backend.answered()  # an answer or not, it is over
             self._backend.closed(conn)
 
     async def _drop(self, conn: HeldConnection, why: str, *, level: int = logging.INFO) -> None:
@@ -412,11 +438,17 @@ class Sleeper:
             listener.sock.close()
 
 
-async def _copy(source: ByteStream, sink: ByteStream, tg: TaskGroup) -> None:
-    """One direction; its end half-closes the other side (HTTP/1.0 clients send, then
-    wait for the answer until the server closes)."""
+async def _copy(
+    source: ByteStream,
+    sink: ByteStream,
+    tg: TaskGroup,
+    first: Callable[[], None] = lambda: None,
+) -> None:
+    """One direction (``first`` is told of its first bytes); its end half-closes the other
+    side (HTTP/1.0 clients send, then wait for the answer until the server closes)."""
     try:
         async for chunk in source:
+            first()
             await sink.send(chunk)
         with contextlib.suppress(Exception):
             await sink.send_eof()

@@ -35,6 +35,7 @@ class FakeWorker:
     handed_off: list[int] = field(default_factory=list)
     open: int = 0
     woke_causes: list[str] = field(default_factory=list)
+    answers: int = 0
 
     async def restore(self) -> None:
         self.restores += 1
@@ -58,7 +59,10 @@ class FakeWorker:
     def closed(self, conn: HeldConnection) -> None:
         self.open -= 1
 
-    def woke(self, cause: str, seconds: float) -> None:
+    def answered(self) -> None:
+        self.answers += 1
+
+    def woke(self, cause: str, seconds: float, running_s: float) -> None:
         self.woke_causes.append(cause)
 
 
