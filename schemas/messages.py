@@ -840,8 +840,14 @@ class StateEvent(msgspec.Struct, kw_only=True):
     #: The instance is gone (deleted, or its create failed); ``state`` is its last state.
     deleted: bool = False
     #: ``state``: a transition (``previous`` -> ``state``); ``health``: the health status
-    #: changed to ``health`` and the state did not (``previous`` == ``state``).
-    kind: Literal["state", "health"] = "state"
+    #: changed to ``health`` and the state did not (``previous`` == ``state``);
+    #: ``snapshot``: a snapshot of the instance was ``created`` or ``deleted``; ``fork``: the
+    #: instance, a fork, ``started`` or ``finished`` (or ``failed``) being made from
+    #: ``snapshot_id`` of ``source_instance_id``. ``state`` is the instance's state then.
+    kind: Literal["state", "health", "snapshot", "fork"] = "state"
+    action: Literal["created", "deleted", "started", "finished", "failed"] | None = None
+    snapshot_id: str | None = None
+    source_instance_id: str | None = None
     #: The instance's health status after the event (None from older workers).
     health: api.HealthStatusName | None = None
     #: On the steps of a standby or restore: why (a standby event is the step into
