@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from pathlib import Path
@@ -13,6 +14,7 @@ from schemas.errors import BadRequest, NotFound, VmfleetError
 from schemas.messages import (
     AnyCommand,
     CommandResult,
+    Create,
     CreateSnapshot,
     CreateVolume,
     DeleteImage,
@@ -30,6 +32,7 @@ from schemas.messages import (
 )
 from worker.engine import HostEngine
 from worker.images import ImagePuller
+from schemas.snapshots import ForkSource
 from worker.publisher import RecordPublisher
 from worker.snapshots.service import SnapshotService
 from worker.transfer.move import Mover
@@ -115,6 +118,8 @@ class Dispatcher:
             case DeleteSnapshot():
                 await self._snapshots().delete(cmd.snapshot_id)
                 return CommandResult(command_id=cmd.id, ok=True)
+            case Create(fork=ForkSource()):
+                return await self._fork(cmd)
             case CreateSnapshot():
                 # The snapshot is on disk once the engine returns; its record follows (a
                 # redelivery finds the snapshot made and writes the record again).
@@ -129,6 +134,31 @@ class Dispatcher:
                 record = await self.engine.execute(cmd)
                 return CommandResult(command_id=cmd.id, ok=True, instance=record)
         raise BadRequest(f"unknown command {cmd.op}")
+
+    async def _fork(self, cmd: Create) -> CommandResult:
+        """A create that forks a snapshot, between its started and finished events."""
+        assert cmd.fork is not None
+        if self._already_applied(cmd):
+            return CommandResult(command_id=cmd.id, ok=True, instance=self.engine.get(cmd.instance_id))
+        snapshots = self._snapshots()
+        manifest = snapshots.store.read(cmd.fork.snapshot_id)
+        source = manifest.source.id if manifest is not None else ""
+        event = functools.partial(
+            snapshots.event,
+            "fork",
+            instance_id=cmd.instance_id,
+            name=cmd.name,
+            snapshot_id=cmd.fork.snapshot_id,
+            source_instance_id=source,
+        )
+        await event("started")
+        try:
+            record = await self.engine.execute(cmd)
+        except Exception as exc:
+            await event("failed", error=str(exc))
+            raise
+        await event("finished")
+        return CommandResult(command_id=cmd.id, ok=True, instance=record)
 
     def _snapshots(self) -> SnapshotService:
         if self.snapshots is None:

@@ -7,8 +7,9 @@
   original destination is that address, or which a port mapping's DNAT sent there (its
   reply comes from the guest). ``/proc/net/nf_conntrack``, else ``conntrack -L``.
 
-A connection counts in any state but the closing ones (TIME_WAIT, CLOSE; LISTEN is no
-connection), so one held open without a byte keeps the instance awake. vmfleet's own
+A socket counts while its client is there (not once the client sent its FIN; in bridge
+mode, any conntrack state but NONE, TIME_WAIT and CLOSE, as hypeman counts), so a
+connection held open without a byte keeps the instance awake. vmfleet's own
 traffic (health probes, the wake relay's leg to the guest) comes from sockets of this
 worker process and is left out: its endpoints are read from ``/proc/self/fd``.
 Nothing here depends on the hypervisor.
@@ -46,9 +47,11 @@ __all__ = [
     "user_connections",
 ]
 
-#: Kernel TCP states (include/net/tcp_states.h) of a connection that is open: established,
-#: being set up by the client (SYN_RECV, NEW_SYN_RECV), or half closed.
-_OPEN_STATES: Final = frozenset({0x01, 0x03, 0x04, 0x05, 0x08, 0x09, 0x0B, 0x0C})
+#: Kernel TCP states (include/net/tcp_states.h) of a connection whose client is still
+#: there: established, being set up (SYN_RECV, NEW_SYN_RECV), or closed by the server side
+#: only (FIN_WAIT1/2). Once the client has sent its FIN (CLOSE_WAIT, LAST_ACK, CLOSING) it
+#: has gone, whatever the guest still has to say.
+_OPEN_STATES: Final = frozenset({0x01, 0x03, 0x04, 0x05, 0x0C})
 #: conntrack's TCP states that are no longer a connection (as hypeman counts).
 _CLOSED_FLOWS: Final = frozenset({"NONE", "TIME_WAIT", "CLOSE"})
 #: What the sock_diag dump asks for: open connections and those being opened (a probe's
