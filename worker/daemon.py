@@ -19,7 +19,6 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -225,6 +224,8 @@ async def _run_components(
     if isinstance(engine.ctx.wake, WakeManager):
         engine.ctx.wake.arm_sleeping()  # before anything else: the next connection wakes them
     _follow_recovered(engine)
+    mover, snapshot_transfers = await _transfers(js, subjects, config, engine)
+    await mover.settle_interrupted()  # before this host's records are written again
     await _publish_everything(engine, publisher)
     hosts = await js.key_value(subjects.hosts_bucket)
 
@@ -259,7 +260,8 @@ async def _run_components(
                 await js.key_value(subjects.images_bucket), engine.ctx.images, config.host_id
             ),
             snapshots=snapshots,
-            **await _transfers(js, subjects, config, engine),
+            mover=mover,
+            snapshot_transfers=snapshot_transfers,
         ),
         ledger,
         metrics,
@@ -318,21 +320,20 @@ async def _count_instances(engine: HostEngine, metrics: WorkerMetrics) -> None:
 
 async def _transfers(
     js: JetStreamContext, subjects: Subjects, config: WorkerConfig, engine: HostEngine
-) -> dict[str, Any]:
+) -> tuple[Mover, SnapshotTransfers]:
     """Instances moving between hosts and snapshots forked on other hosts, sharing one
     cache of what this host fetched (one fetch per bundle, one disk budget)."""
     store = await open_store(js, subjects)
     cache = HostCache(store, config.data_dir / "transfers", config.transfer_cache_bytes)
-    return {
-        "mover": Mover(engine, store, cache, await js.key_value(subjects.instances_bucket)),
-        "snapshot_transfers": SnapshotTransfers(
-            store,
-            cache,
-            SnapshotStore(config.data_dir),
-            await js.key_value(subjects.snapshots_bucket),
-            config.host_id,
-        ),
-    }
+    mover = Mover(engine, store, cache, await js.key_value(subjects.instances_bucket))
+    snapshots = SnapshotTransfers(
+        store,
+        cache,
+        SnapshotStore(config.data_dir),
+        await js.key_value(subjects.snapshots_bucket),
+        config.host_id,
+    )
+    return mover, snapshots
 
 
 def _templates(config: WorkerConfig, driver: DriverSet, boot: BootAssets) -> TemplateManager | None:

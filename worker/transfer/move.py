@@ -19,11 +19,11 @@ new host's record write, the new host's after it.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import msgspec
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -73,9 +73,9 @@ class Mover:
             mark = inst.guest.root / MOVING_MARK
             if not mark.exists():
                 _check_movable(inst)
-                mark.write_text(cmd.bundle)
-            elif mark.read_text() != cmd.bundle:
-                raise Conflict(f"instance {inst.id} is being moved already", code="moving")
+            # A mark of an earlier move (its gateway gave up on it) is taken over: no
+            # command ran on the instance since, so what it sent then is what it is now.
+            mark.write_text(cmd.bundle)
             saved = inst.guest.read(inst.guest.snapshot / "vm.json", VmSpec)
             try:
                 stats = await upload_bundle(
@@ -139,20 +139,48 @@ class Mover:
                         "its copy here is kept"
                     )
                 self.engine.forget(cmd.instance_id)
-                gone = inst.guest.root.with_name(f".moved-{inst.id}")
-                os.rename(inst.guest.root, gone)  # out of sight of a restarting worker
-                shutil.rmtree(gone, ignore_errors=True)
+                _delete_local_copy(inst)
                 log.info("instance %s moved to %s: local copy deleted", inst.id, owner)
             else:
                 (inst.guest.root / MOVING_MARK).unlink(missing_ok=True)
             await delete_bundle(self.store, cmd.bundle)
             return None if cmd.moved else inst.record
 
+    # -- a worker's start ----------------------------------------------------------------------
+
+    async def settle_interrupted(self) -> None:
+        """Moves this host was in the middle of when its worker stopped: an instance whose
+        record names another host now has moved (its copy here goes, unpublished); one
+        whose record still names this host stays here, no longer marked."""
+        for record in list(self.engine.records()):
+            inst = self.engine.instance(record.id)
+            mark = inst.guest.root / MOVING_MARK
+            if not mark.exists():
+                continue
+            owner = await self._owner(record.id)
+            if owner is not None and owner != self.host_id:
+                self.engine.forget(record.id)
+                _delete_local_copy(inst)
+                log.info("instance %s had moved to %s: local copy deleted", record.id, owner)
+            else:
+                mark.unlink(missing_ok=True)
+                log.info("instance %s: an interrupted move is dropped; it stays here", record.id)
+
     async def _owner(self, instance_id: str) -> str | None:
-        entry = await self.records.get(instance_id)
+        try:
+            entry = await self.records.get(instance_id)
+        except KeyNotFoundError:
+            return None
         if not entry.value:
             return None
         return decode_instance_record(entry.value).host
+
+
+def _delete_local_copy(inst: LocalInstance) -> None:
+    """The record goes first: a worker restarting half-way finds no instance here (only
+    files no record names, removed by the next import of that id)."""
+    inst.guest.metadata.unlink(missing_ok=True)
+    shutil.rmtree(inst.guest.root, ignore_errors=True)
 
 
 def _check_movable(inst: LocalInstance) -> None:
