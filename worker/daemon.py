@@ -28,8 +28,9 @@ from prometheus_client import CollectorRegistry
 
 from natsbus import PublishDenials, close, connect, provision
 from schemas.api import Hypervisor, InstanceState
+from schemas.codec import encode
 from schemas.errors import NotFound
-from schemas.messages import InstanceRecord
+from schemas.messages import InstanceRecord, StateEvent
 from schemas.subjects import Subjects
 from worker.agent import AgentHub, track_instance
 from worker.autostandby.controller import AutoStandbyController
@@ -241,10 +242,18 @@ async def _run_components(
         on_line=lambda source: metrics.log_lines.labels(source=source).inc(),
     )
     ledger = Ledger(config.data_dir / "commands")
+    async def emit_event(event: StateEvent) -> None:
+        await js.publish(subjects.state(config.host_id, event.instance_id), encode(event))
+
+    def state_of(instance_id: str) -> InstanceState:
+        return engine.get(instance_id).state if engine.has(instance_id) else InstanceState.STOPPED
+
     snapshots = SnapshotService(
         SnapshotStore(config.data_dir),
         await js.key_value(subjects.snapshots_bucket),
         config.host_id,
+        emit=emit_event,
+        state_of=state_of,
     )
     await snapshots.publish_missing()
     consumer = CommandConsumer(

@@ -30,9 +30,9 @@ from schemas.messages import (
     PullImage,
     VolumeRecord,
 )
+from schemas.snapshots import ForkSource
 from worker.engine import HostEngine
 from worker.images import ImagePuller
-from schemas.snapshots import ForkSource
 from worker.publisher import RecordPublisher
 from worker.snapshots.service import SnapshotService
 from worker.transfer.move import Mover
@@ -139,7 +139,9 @@ class Dispatcher:
         """A create that forks a snapshot, between its started and finished events."""
         assert cmd.fork is not None
         if self._already_applied(cmd):
-            return CommandResult(command_id=cmd.id, ok=True, instance=self.engine.get(cmd.instance_id))
+            return CommandResult(
+                command_id=cmd.id, ok=True, instance=self.engine.get(cmd.instance_id)
+            )
         snapshots = self._snapshots()
         manifest = snapshots.store.read(cmd.fork.snapshot_id)
         source = manifest.source.id if manifest is not None else ""
