@@ -111,6 +111,28 @@ async def test_a_bundle_arrives_byte_for_byte_and_holes_are_not_sent(
         await HostCache(store, tmp_path / "other", budget_bytes=1 << 30).fetch("snap-1")
 
 
+async def test_files_from_elsewhere_travel_under_the_name_given(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    """A moved instance takes the image disk its memory ran on, from outside its directory."""
+    source = make_bundle(tmp_path / "source")
+    disk = tmp_path / "images" / "rootfs.ext4"
+    disk.parent.mkdir()
+    disk.write_bytes(os.urandom(3 * PART + 5))
+    await upload_bundle(
+        store,
+        "move-2",
+        source,
+        part_bytes=PART,
+        exclude=frozenset({"disks"}),
+        extra={"image-root.ext4": disk},
+    )
+    fetched = await HostCache(store, tmp_path / "cache", budget_bytes=1 << 30).fetch("move-2")
+    expected = {k: v for k, v in digests(source).items() if not k.startswith("disks/")}
+    expected["image-root.ext4"] = (hashlib.sha256(disk.read_bytes()).hexdigest(), 0o644)
+    assert digests(fetched) == expected
+
+
 async def test_a_fetch_broken_halfway_resumes_and_nothing_half_made_is_in_place(
     store: ObjectStore, tmp_path: Path
 ) -> None:
