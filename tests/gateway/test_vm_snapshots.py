@@ -11,8 +11,10 @@ name, deleted without harm to the forks; a restore in place takes the parent's c
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import time
+from typing import Any
 
 import pytest
 from hypeman import ConflictError, Hypeman, NotFoundError
@@ -66,7 +68,27 @@ def client(fleet: Fleet) -> Hypeman:
     return sdk_client(fleet)
 
 
-def test_snapshot_forks_diverge_and_restore(client: Hypeman, busybox_image: str) -> None:
+def fork_events(fleet: Fleet, instance_id: str) -> list[dict[str, Any]]:
+    """The fork events of an instance, replayed from the start of ``/events``, up to its
+    end (finished or failed)."""
+    found: list[dict[str, Any]] = []
+    with (
+        fleet.api.client() as api,
+        api.stream(
+            "GET", "/events", params={"instance": instance_id}, headers={"Last-Event-ID": "0"}
+        ) as response,
+    ):
+        for line in response.iter_lines():
+            if line.startswith("data:") and (event := json.loads(line[5:]))["kind"] == "fork":
+                found.append(event)
+                if event["action"] != "started":
+                    return found
+    raise AssertionError(f"the events stream ended after {found}")
+
+
+def test_snapshot_forks_diverge_and_restore(
+    fleet: Fleet, client: Hypeman, busybox_image: str
+) -> None:
     parent = client.instances.create(
         name="snap-parent", image=busybox_image, size="256MB", vcpus=1, cmd=["sh", "-c", COUNTER]
     )
@@ -96,6 +118,11 @@ def test_snapshot_forks_diverge_and_restore(client: Hypeman, busybox_image: str)
         fork_b = client.instances.fork(parent.id, name="fork-b", from_running=True)
         made.append(fork_b.id)
         assert (fork_a.state, fork_b.state) == ("Running", "Running")
+        events = fork_events(fleet, fork_a.id)
+        assert [(e["action"], e["snapshot_id"], e["source_instance_id"]) for e in events] == [
+            ("started", snap.id, parent.id),
+            ("finished", snap.id, parent.id),
+        ]
         assert len({parent.network.mac, fork_a.network.mac, fork_b.network.mac}) == 3
         # The name is taken: refused, and nothing of a third fork is left.
         with pytest.raises(Exception) as refused:
