@@ -15,6 +15,7 @@ a hold), not every tick. A worker that restarts reads the clock back from the re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterable
@@ -96,7 +97,12 @@ class AutoStandbyController:
             try:
                 while True:
                     await anyio.sleep(self._interval_s)
-                    await self.tick()
+                    try:
+                        await self.tick()
+                    except Exception:
+                        # A bug here must not take the worker down with it; the next
+                        # tick starts afresh from the records.
+                        log.exception("auto-standby tick failed")
             finally:
                 self._tg = None
 
@@ -107,7 +113,8 @@ class AutoStandbyController:
         observed, error = await self._observe(watched)
         now = now or utc_now()
         for record in records:
-            self._follow(record, observed.get(record.id, set()), error, now)
+            with contextlib.suppress(NotFound):  # deleted while the tables were read
+                self._follow(record, observed.get(record.id, set()), error, now)
         for gone in set(self._seen) - {r.id for r in records}:
             del self._seen[gone]
             self._retry_after.pop(gone, None)
