@@ -151,3 +151,14 @@ async def test_an_open_exec_session_defers_the_standby() -> None:
             while engine.get("a").state is not InstanceState.STANDBY:
                 await anyio.sleep(0.01)
         tg.cancel_scope.cancel()
+
+
+async def test_a_new_worker_keeps_the_countdown_from_the_record() -> None:
+    engine, inbound, before = _controller(record("a", auto_standby=POLICY))
+    stamped = utc_now() - timedelta(seconds=4)
+    await before.tick(stamped)
+    # The worker restarts: a new controller, the same records.
+    after = AutoStandbyController(engine.as_engine(), inbound, bridge=False)
+    await after.tick(stamped + timedelta(seconds=4))
+    status = after.status("a", stamped + timedelta(seconds=4))
+    assert status.idle_since == stamped and status.countdown_remaining == "6s"
