@@ -112,8 +112,10 @@ class AutoStandbyController:
         watched = [r for r in records if policy_enabled(r) and ineligibility(r) is None]
         observed, error = await self._observe(watched)
         now = now or utc_now()
-        for record in records:
+        for seen in records:
             with contextlib.suppress(NotFound):  # deleted while the tables were read
+                # The record as it is now: a command may have changed it meanwhile.
+                record = self._engine.get(seen.id)
                 self._follow(record, observed.get(record.id, set()), error, now)
         for gone in set(self._seen) - {r.id for r in records}:
             del self._seen[gone]
