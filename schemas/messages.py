@@ -215,8 +215,14 @@ class HealthState(msgspec.Struct, frozen=True, kw_only=True):
         return self.status
 
     def to_api(self, state: InstanceState, checked: bool) -> api.InstanceHealthStatus:
+        status = self.status_in(state, checked)
+        if status in ("disabled", "unknown"):
+            # As hypeman reports them: no check, or no window running, has no counts.
+            return api.InstanceHealthStatus(
+                status=status, consecutive_failures=0, consecutive_successes=0
+            )
         return api.InstanceHealthStatus(
-            status=self.status_in(state, checked),
+            status=status,
             consecutive_failures=self.consecutive_failures,
             consecutive_successes=self.consecutive_successes,
             last_checked_at=self.last_checked_at or UNSET,
@@ -627,9 +633,10 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
             restart_policy=self.restart_policy.to_api() if self.restart_policy else UNSET,
             restart_status=self.restart.to_api(),
             health_check=self.health_check.to_api() if self.health_check else UNSET,
-            # Left out without a check, as in hypeman's example Instance (the SDK reads
-            # None); ``disabled`` is what the events say of it.
-            health_status=self.health.to_api(self.state, True) if self.health_check else UNSET,
+            # Always present, as hypeman's current API sends it (its instanceToOAPI sets it
+            # from the check's snapshot): {"status": "disabled", ...} without a check. The
+            # older example Instance of the reference predates health checks.
+            health_status=self.health.to_api(self.state, self.health_check is not None),
             auto_standby=self.auto_standby.to_api() if self.auto_standby else UNSET,
             **self._phases(),
         )

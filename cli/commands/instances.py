@@ -313,7 +313,7 @@ def _ps(client: GatewayClient, args: argparse.Namespace) -> int:
 def _state_text(instance: dict[str, Any]) -> str:
     """``Running``, or ``Running (healthy)`` when the instance has a health check."""
     health = instance.get("health_status")
-    if isinstance(health, dict) and health.get("status"):
+    if isinstance(health, dict) and health.get("status") not in (None, "", "disabled"):
         return f"{instance['state']} ({health['status']})"
     return str(instance["state"])
 
