@@ -81,11 +81,14 @@ class TcpSocket:
     inode: int
 
 
-def read_tcp_sockets(proc: Path = Path("/proc"), keep: Keep | None = None) -> list[TcpSocket]:
+def read_tcp_sockets(
+    proc: Path = Path("/proc"), keep: Keep | None = None, *, netlink: bool = True
+) -> list[TcpSocket]:
     """The TCP sockets of this network namespace (IPv4 and IPv6) that may be connections;
     only those ``keep`` wants, if given. sock_diag when the kernel answers it (the usual
-    case, and much cheaper on a busy host), else the proc tables."""
-    if proc == Path("/proc"):
+    case, and much cheaper on a busy host), else (or with ``netlink`` False) the proc
+    tables."""
+    if netlink:
         try:
             rows = dump_tcp(_DUMP_STATES)
         except OSError:
