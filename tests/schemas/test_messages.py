@@ -170,6 +170,12 @@ def test_record_renders_hypeman_example() -> None:
     rendered = json.loads(codec.encode(_record().to_api()))
     expected = json.loads(HYPEMAN_INSTANCE)
     assert rendered.pop("host") == "h1"
+    # The example predates health checks; hypeman's current API adds this to every Instance.
+    assert rendered.pop("health_status") == {
+        "status": "disabled",
+        "consecutive_failures": 0,
+        "consecutive_successes": 0,
+    }
     for key in ("created_at", "started_at"):
         assert datetime.fromisoformat(rendered.pop(key)) == datetime.fromisoformat(
             expected.pop(key)
