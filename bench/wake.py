@@ -161,6 +161,15 @@ def port_holder(port: int) -> str:
     return out.split("users:", 1)[-1].strip() or "nobody"
 
 
+def command_line_forward(holder: str) -> int:
+    """The host port of the forward on the QEMU command line of the process ``holder``
+    names (``(("qemu-system-x86",pid=N,fd=M))``)."""
+    pid = int(holder.split("pid=", 1)[1].split(",", 1)[0])
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    netdev = next(arg.decode() for arg in argv if b"hostfwd=" in arg)
+    return int(netdev.split("hostfwd=tcp:", 1)[1].split(":", 1)[1].split("-", 1)[0])
+
+
 def ops_log(data: Path, iid: str) -> list[str]:
     return (data / "guests" / iid / "logs" / "ops.log").read_text().splitlines()
 
@@ -250,16 +259,27 @@ def measure(
         api.post(f"/instances/{iid}/restore").raise_for_status()
         restores.append(time.perf_counter() - start)
         assert first_byte(port)[1].strip() == b"awake"
-    mapped = throughput(port)
+    # Steady state after a wake, on the same QEMU: the mapped port (handed back with
+    # hostfwd_add) against the forward its command line has (the wake's internal one),
+    # alternated so that the machine's load hits both alike.
+    api.post(f"/instances/{iid}/standby").raise_for_status()
+    first_byte(port)
     holder = port_holder(port)
     print(f"after the wake, port {port} is held by {holder}")
     summary.notes.append(f"after the wake the mapped port is held by {holder}")
+    own = command_line_forward(holder)
+    mapped = direct = 0.0
+    for _ in range(3):
+        mapped = max(mapped, throughput(port, rounds=1))
+        direct = max(direct, throughput(own, rounds=1))
     api.post(f"/instances/{iid}/standby").raise_for_status()
     _, _, raw_port, proc = raw_restore(copy_snapshot(data, iid, memory), memory, work)
     try:
-        direct = throughput(raw_port)
+        raw_mib = throughput(raw_port)
     finally:
         stop_raw(proc)
+    summary.notes.append(f"a raw QEMU restored from the same snapshot: {raw_mib:.0f} MiB/s")
+    print(f"raw QEMU of the same snapshot: {raw_mib:.0f} MiB/s")
     steps = [line for line in ops_log(data, iid) if "restore steps" in line or "woken by" in line]
     summary.notes += [line.split(" INFO ", 1)[-1] for line in steps]
     print("\n".join(steps))
@@ -286,7 +306,9 @@ def report(
     print(f"raw restore (spawn -> cont)    p50 {ms(raws)} ms")
     print(f"raw restore + first byte       p50 {raw_first} ms")
     print(f"vmfleet's overhead over raw    p50 {overhead} ms")
-    print(f"throughput mapped {mapped:.0f} MiB/s, QEMU's own forward {direct:.0f} MiB/s")
+    print(
+        f"throughput mapped {mapped:.0f} MiB/s, the QEMU's command-line forward {direct:.0f} MiB/s"
+    )
     summary.add(
         "wake: connect -> first byte p50",
         wake,
@@ -313,7 +335,7 @@ def report(
         round(mapped, 1),
         unit="MiB/s",
         baseline=round(direct, 1),
-        baseline_name="QEMU's own command-line forward",
+        baseline_name="the same QEMU's command-line forward",
         ratio=round(mapped / direct, 2),
         goal=">= 0.9x",
         met=mapped >= 0.9 * direct,

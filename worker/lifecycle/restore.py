@@ -55,23 +55,25 @@ async def restore(ctx: OpContext, inst: LocalInstance, cmd: Restore) -> None:
             ctx.wake.restore_failed(inst.id, str(exc))
         raise
     inst.spec = spec
-    inst.guest.write(inst.guest.vm_spec, spec)
-    inst.guest.write_pid(inst.process.pid)
-    # The guest runs: connections held for it need nothing more (the record, the clock).
-    if ctx.wake:
-        ctx.wake.vm_running(inst.id)
-    # 3. The snapshot has served; hypeman deletes it too (in a thread: freeing a memory
-    # file's pages takes a while, and held connections are being relayed meanwhile).
-    await anyio.to_thread.run_sync(functools.partial(shutil.rmtree, snapshot, ignore_errors=True))
+    # The guest runs: Running, in a fresh health window (the snapshot, if the worker died
+    # now, is still there and the pid file not written: the next worker finds Standby).
     now = utc_now()
-    # Running, in a fresh health window.
     walk.advance(has_snapshot=False, started_at=now, health=HealthState(window_started_at=now))
     steps.done("record")
-    # 4. The guest's clock stood still during standby. A wake's held connections are
-    # answered first: the resync would compete with them for the guest's CPU.
+    # Connections a wake holds need nothing more: they are answered before the worker
+    # writes more files (fsyncs on the event loop) and resyncs the guest's clock (it
+    # competes with them for the guest's CPU).
     if ctx.wake:
+        ctx.wake.vm_running(inst.id)
         await ctx.wake.settled(inst.id)
         steps.done("answered")
+    inst.guest.write(inst.guest.vm_spec, spec)
+    inst.guest.write_pid(inst.process.pid)
+    # 3. The snapshot has served; hypeman deletes it too (in a thread: freeing a memory
+    # file's pages takes a while).
+    await anyio.to_thread.run_sync(functools.partial(shutil.rmtree, snapshot, ignore_errors=True))
+    steps.done("files")
+    # 4. The guest's clock stood still during standby.
     await _resync_clock(ctx, inst, spec)
     steps.done("clock")
     ctx.oplog(inst, f"restore steps {steps}", cause=cmd.cause)
@@ -80,7 +82,8 @@ async def restore(ctx: OpContext, inst: LocalInstance, cmd: Restore) -> None:
 class _Steps:
     """How long each step of a restore took (the ops log line says where a slow one went:
     plug = TAP and rules, vmm = the VMM's spawn, loading the memory and continuing it,
-    record = the snapshot's removal and the record, clock = the guest's clock resync)."""
+    record = the Running record, answered = a wake's first answer, files = the device
+    model and pid files and the snapshot's removal, clock = the guest's clock resync)."""
 
     def __init__(self) -> None:
         self._last = time.monotonic()
