@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shutil
 import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -25,10 +28,12 @@ import time
 from pathlib import Path
 
 import anyio
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.support import Summary
+from bench.support import Summary, dev_stack
+from cli.embedded_nats import free_port
 from schemas.api import Hypervisor
 from schemas.clock import utc_now
 from schemas.messages import Create, Delete, Restore, Standby
@@ -37,6 +42,7 @@ from worker.accel import choose_accel
 from worker.drivers.qemu import QemuDriver, build_args
 from worker.engine import HostEngine
 from worker.guest import ensure_initrd, ensure_kernel
+from worker.guest.initrd import DEFAULT_BUSYBOX, _Entry, _write_cpio
 from worker.images import ImageCache
 from worker.lifecycle.context import BootAssets, OpContext
 from worker.lifecycle.phases import init_uptime_s
@@ -84,6 +90,17 @@ class Qmp:
         self.sock.close()
 
 
+#: CPU seconds the QEMU process had used when the first line was there, per kind of boot:
+#: under TCG a boot is CPU-bound, so this compares boots on a machine others load too.
+qemu_cpu: dict[str, list[float]] = {"vmfleet": [], "raw": [], "trivial": []}
+
+
+def cpu_s(pid: int) -> float:
+    """user + system CPU seconds of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 #: The steps of the last create, as the engine reported them (OpContext.observe_create_phase).
 create_steps: dict[str, float] = {}
 
@@ -96,7 +113,7 @@ def guest_steps(app_log: Path, create_s: float, boot_s: float) -> dict[str, floa
 
 
 async def vmfleet_round(
-    engine: HostEngine, image: str, n: int
+    engine: HostEngine, image: str, n: int, boot_only: bool = False
 ) -> tuple[tuple[float, float, float], dict[str, float]]:
     iid = f"bench{n:04d}"
     create = Create(
@@ -113,28 +130,77 @@ async def vmfleet_round(
     )
     create_steps.clear()
     start = time.perf_counter()
-    await engine.execute(create)
-    created = time.perf_counter() - start
-    app_log = engine.instance(iid).guest.app_log
-    boot = await wait_for(app_log, "first-line") - start
-    steps = {k: v for k, v in create_steps.items() if k in ("pull", "disks", "vmm")}
-    steps.update(guest_steps(app_log, created, boot))
-    await wait_for(app_log, "tick 2")
+    try:
+        await engine.execute(create)
+        created = time.perf_counter() - start
+        app_log = engine.instance(iid).guest.app_log
+        boot = await wait_for(app_log, "first-line") - start
+        process = engine.instance(iid).process
+        if process is not None:
+            qemu_cpu["vmfleet"].append(cpu_s(process.pid))
+        steps = {k: v for k, v in create_steps.items() if k in ("pull", "disks", "vmm")}
+        steps.update(guest_steps(app_log, created, boot))
+        if boot_only:
+            return (boot, math.nan, math.nan), steps
+        await wait_for(app_log, "tick 2")
+        start = time.perf_counter()
+        await engine.execute(Standby(id=f"s{iid}", instance_id=iid, issued_at=utc_now()))
+        standby = time.perf_counter() - start
+        size = app_log.stat().st_size
+        start = time.perf_counter()
+        await engine.execute(Restore(id=f"r{iid}", instance_id=iid, issued_at=utc_now()))
+        await wait_for(app_log, "tick", after=size)
+        restore = time.perf_counter() - start
+        return (boot, standby, restore), steps
+    finally:
+        with anyio.CancelScope(shield=True):
+            await engine.execute(Delete(id=f"d{iid}", instance_id=iid, issued_at=utc_now()))
+
+
+#: The trivial init: what any init must do at least, print a line (and no more).
+TRIVIAL_INIT = b"#!/bin/busybox sh\n/bin/busybox echo first-line\nexec /bin/busybox poweroff -f\n"
+
+
+def trivial_initrd(path: Path) -> Path:
+    """An initrd holding busybox and an /init that prints one line and powers off."""
+    entries = [_Entry(name, stat.S_IFDIR | 0o755) for name in ("bin", "dev", "proc", "sys")] + [
+        _Entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
+        _Entry("init", stat.S_IFREG | 0o755, TRIVIAL_INIT),
+        _Entry("bin/busybox", stat.S_IFREG | 0o755, DEFAULT_BUSYBOX.read_bytes()),
+    ]
+    with open(path, "wb") as out:
+        _write_cpio(out, entries)
+    return path
+
+
+def replace_initrd(argv: list[str], initrd: Path) -> list[str]:
+    at = argv.index("-initrd") + 1
+    return [*argv[:at], str(initrd), *argv[at + 1 :]]
+
+
+async def trivial_round(argv: list[str], workdir: Path) -> float:
+    """Plain QEMU, the same command line, the trivial initrd: kernel start to its line."""
+    console = workdir / "console.log"
+    console.unlink(missing_ok=True)
+    argv = replace_initrd(argv, trivial_initrd(workdir / "trivial.img"))
     start = time.perf_counter()
-    await engine.execute(Standby(id=f"s{iid}", instance_id=iid, issued_at=utc_now()))
-    standby = time.perf_counter() - start
-    size = app_log.stat().st_size
-    start = time.perf_counter()
-    await engine.execute(Restore(id=f"r{iid}", instance_id=iid, issued_at=utc_now()))
-    await wait_for(app_log, "tick", after=size)
-    restore = time.perf_counter() - start
-    await engine.execute(Delete(id=f"d{iid}", instance_id=iid, issued_at=utc_now()))
-    return (boot, standby, restore), steps
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        boot = await wait_for(console, "first-line") - start
+        qemu_cpu["trivial"].append(cpu_s(proc.pid))
+        return boot
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+#: The last raw round's QEMU command line (the trivial init boots with it too).
+raw_argv: list[str] = []
 
 
 async def raw_round(
-    engine: HostEngine, image_disk: str, workdir: Path
-) -> tuple[float, float, float]:
+    engine: HostEngine, image_disk: str, workdir: Path, boot_only: bool = False
+) -> tuple[float, float, float, float]:
     """The same VM without vmfleet: one instance's spec, copied, run by hand."""
     probe = workdir / "raw"
     shutil.rmtree(probe, ignore_errors=True)
@@ -177,10 +243,16 @@ async def raw_round(
         spec, disks=disks, serial_log=str(probe / "console.log"), run_dir=str(probe)
     )
     argv = build_args(raw_spec, binary=shutil.which("qemu-system-x86_64") or "qemu-system-x86_64")
+    raw_argv[:] = argv
+    trivial = await trivial_round(argv, probe)
+    (probe / "console.log").unlink(missing_ok=True)
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         boot = await wait_for(probe / "console.log", "first-line") - start
+        qemu_cpu["raw"].append(cpu_s(proc.pid))
+        if boot_only:
+            return boot, math.nan, math.nan, trivial
         await wait_for(probe / "console.log", "tick 2")
         qmp = Qmp(probe / "qmp.sock")
         start = time.perf_counter()
@@ -214,10 +286,167 @@ async def raw_round(
         proc.kill()
         proc.wait()
         await engine.execute(Delete(id="draw", instance_id=iid, issued_at=utc_now()))
-    return boot, standby, restore
+    return boot, standby, restore, trivial
 
 
-async def main(runs: int, as_json: bool = False) -> None:
+#: A cold boot against the trivial init ([5/6]): at most this many times its time.
+COLD_BOOT_GOAL = 1.15
+
+
+def report_trivial(
+    summary: Summary, runs: int, trivial: float, med: dict[str, list[float]]
+) -> None:
+    """The engine's and the raw same-initrd boot against the trivial init's."""
+    cpu = {k: statistics.median(v) for k, v in qemu_cpu.items() if v}
+    for name, key in (("vmfleet engine", "vmfleet"), ("raw, same initrd", "raw")):
+        boot = med[key][0]
+        print(
+            f"{name} boot {boot:.3f} s vs trivial init {trivial:.3f} s: "
+            f"{boot / trivial:.2f}x (goal <= {COLD_BOOT_GOAL}x); QEMU CPU to the first line "
+            f"{cpu.get(key, math.nan):.2f} s vs {cpu.get('trivial', math.nan):.2f} s: "
+            f"{cpu.get(key, math.nan) / cpu.get('trivial', math.nan):.2f}x"
+        )
+    summary.add(
+        f"cold boot vs trivial init (median of {runs})",
+        round(med["vmfleet"][0], 3),
+        unit="s",
+        baseline=round(trivial, 3),
+        baseline_name="plain QEMU, same kernel, busybox init printing one line",
+        ratio=round(med["vmfleet"][0] / trivial, 3),
+        goal=f"<= {COLD_BOOT_GOAL}x",
+        met=med["vmfleet"][0] / trivial <= COLD_BOOT_GOAL,
+        issue="5/6",
+    )
+
+
+#: [5/6]'s goal: create -> the app's first line from a warm template, at most this many
+#: times the trivial init's raw boot of the same kernel.
+TEMPLATE_GOAL = 0.4
+
+
+async def template_start_rounds(
+    ctx: OpContext, engine: HostEngine, image: str, runs: int
+) -> list[float]:
+    """Warm-template starts: create -> the app's first line, for creates of vmfleet_round's
+    shape resumed from its template (built once first, untimed; worker/templates)."""
+    from worker.templates import TemplateManager, TemplateShape
+
+    manager = TemplateManager(
+        ctx.storage.guests.parent / "templates",
+        ctx.driver,
+        ctx.boot,
+        budget_bytes=2 << 30,
+        vmm_binary=shutil.which("qemu-system-x86_64"),
+        shapes=(),
+    )
+    if await manager.ensure(TemplateShape(memory_bytes=256 * MIB, vcpus=1, network=True)) is None:
+        raise SystemExit("the warm template could not be built: see the log")
+    ctx.templates = manager
+    times = []
+    try:
+        for n in range(runs):
+            iid = f"tmpl{n:04d}"
+            create = Create(
+                id=f"c{iid}",
+                instance_id=iid,
+                issued_at=utc_now(),
+                name=iid,
+                image=image,
+                size_bytes=256 * MIB,
+                overlay_bytes=256 * MIB,
+                vcpus=1,
+                hypervisor=Hypervisor.QEMU,
+                cmd=["/bin/sh", "-c", APP],
+            )
+            start = time.perf_counter()
+            try:
+                await engine.execute(create)
+                guest = engine.instance(iid).guest
+                times.append(await wait_for(guest.app_log, "first-line") - start)
+                if "from a warm template" not in guest.ops_log.read_text():
+                    raise SystemExit(f"{iid} booted cold: the template was not used")
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await engine.execute(Delete(id=f"d{iid}", instance_id=iid, issued_at=utc_now()))
+    finally:
+        ctx.templates = None
+    return times
+
+
+async def api_cold_boots(image: str, runs: int, work: Path) -> tuple[list[float], list[float]]:
+    """Create -> the app's first line through `vmfleet dev`'s HTTP API: POST /instances,
+    then the line read from ``GET /instances/{id}/logs?follow=true`` (SSE). Each round
+    after a trivial-init boot of its own (the machine's load changes between rounds)."""
+    times: list[float] = []
+    trivial: list[float] = []
+    probe = work / "raw"
+    timeout = httpx.Timeout(300, read=None)
+    with (
+        dev_stack(work / "dev", free_port(), host_id="bench-boot", banner_timeout_s=180) as stack,
+        httpx.Client(base_url=stack.base_url, headers=stack.headers, timeout=timeout) as client,
+    ):
+        for n in range(runs):
+            trivial.append(await trivial_round(raw_argv, probe))
+            body = {"name": f"api{n}", "image": image, "size": "256MB", "vcpus": 1}
+            start = time.perf_counter()
+            created = client.post("/instances", json={**body, "cmd": ["/bin/sh", "-c", APP]})
+            assert created.status_code == 201, created.text
+            iid = created.json()["id"]
+            try:
+                params = {"follow": "true", "tail": "1000"}
+                with client.stream("GET", f"/instances/{iid}/logs", params=params) as lines:
+                    for raw in lines.iter_lines():
+                        if raw.startswith("data: ") and "first-line" in raw:
+                            times.append(time.perf_counter() - start)
+                            break
+                phases = client.get(f"/instances/{iid}").json().get("phase_durations_ms")
+                print(f"api round {n}: {times[-1]:.3f} s, phases (ms) {phases}", file=sys.stderr)
+            finally:
+                client.delete(f"/instances/{iid}")
+    return times, trivial
+
+
+def report_api(summary: Summary, runs: int, api: float, trivial: float) -> None:
+    print(
+        f"cold boot through the HTTP API {api:.3f} s vs trivial init {trivial:.3f} s: "
+        f"{api / trivial:.2f}x (goal <= {COLD_BOOT_GOAL}x)"
+    )
+    summary.add(
+        f"cold boot through the HTTP API, create -> first line (median of {runs})",
+        round(api, 3),
+        unit="s",
+        baseline=round(trivial, 3),
+        baseline_name="plain QEMU, same kernel, busybox init printing one line",
+        ratio=round(api / trivial, 3),
+        goal=f"<= {COLD_BOOT_GOAL}x",
+        met=api / trivial <= COLD_BOOT_GOAL,
+        issue="5/6",
+    )
+
+
+def report_template(
+    summary: Summary, runs: int, template: float, trivial: float, cold: float
+) -> None:
+    print(
+        f"warm-template start {template:.3f} s vs trivial init {trivial:.3f} s: "
+        f"{template / trivial:.2f}x (goal <= {TEMPLATE_GOAL}x); cold boot {cold:.3f} s"
+    )
+    summary.add(
+        f"warm-template start vs trivial init (median of {runs})",
+        round(template, 3),
+        unit="s",
+        baseline=round(trivial, 3),
+        baseline_name="plain QEMU, same kernel, busybox init printing one line",
+        ratio=round(template / trivial, 3),
+        goal=f"<= {TEMPLATE_GOAL}x",
+        met=template / trivial <= TEMPLATE_GOAL,
+        issue="5/6",
+    )
+
+
+async def main(
+    runs: int, as_json: bool = False, boot_only: bool = False, api: bool = False
+) -> None:
     assets = Path(__file__).resolve().parents[1] / ".cache" / "test-assets"
     work = Path(tempfile.mkdtemp(prefix="vb", dir="/tmp"))
     registry = None
@@ -248,10 +477,13 @@ async def main(runs: int, as_json: bool = False) -> None:
         engine = HostEngine(ctx)
         await ctx.images.pull(image)  # the cache is warm in both cases
         results: dict[str, list[tuple[float, float, float]]] = {"vmfleet": [], "raw": []}
+        trivial: list[float] = []
         steps: list[dict[str, float]] = []
         for n in range(runs):
-            results["raw"].append(await raw_round(engine, image, work))
-            timings, round_steps = await vmfleet_round(engine, image, n)
+            *raw, trivial_boot = await raw_round(engine, image, work, boot_only)
+            results["raw"].append((raw[0], raw[1], raw[2]))
+            trivial.append(trivial_boot)
+            timings, round_steps = await vmfleet_round(engine, image, n, boot_only)
             results["vmfleet"].append(timings)
             steps.append(round_steps)
         med = {
@@ -262,7 +494,7 @@ async def main(runs: int, as_json: bool = False) -> None:
         goals = ["overhead < 10%", "", "< 1.5x"]
         limits = [1.10, None, 1.5]
         summary = Summary("guest_boot", {"runs": runs, "accel": accel})
-        for i, label in enumerate(["boot", "standby", "restore"]):
+        for i, label in enumerate(["boot"] if boot_only else ["boot", "standby", "restore"]):
             v, r = med["vmfleet"][i], med["raw"][i]
             print(f"{label:10}{v:10.3f}{r:10.3f}{v / r:8.2f}  {goals[i]}")
             limit = limits[i]
@@ -277,6 +509,12 @@ async def main(runs: int, as_json: bool = False) -> None:
                 met=None if limit is None else v / r < limit,
                 issue="2/9",
             )
+        report_trivial(summary, runs, statistics.median(trivial), med)
+        if api:
+            api_boots, api_trivial = await api_cold_boots(image, runs, work)
+            report_api(summary, runs, statistics.median(api_boots), statistics.median(api_trivial))
+        warm = statistics.median(await template_start_rounds(ctx, engine, image, runs))
+        report_template(summary, runs, warm, statistics.median(trivial), med["vmfleet"][0])
         step_medians = {k: statistics.median(s.get(k, 0.0) for s in steps) for k in _STEPS if steps}
         print(
             "vmfleet boot by step (medians, ms): "
@@ -297,5 +535,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="also print a JSON summary line")
+    parser.add_argument("--boot-only", action="store_true", help="no standby and restore")
+    parser.add_argument(
+        "--api", action="store_true", help="also cold boots through `vmfleet dev`'s HTTP API"
+    )
     args = parser.parse_args()
-    anyio.run(main, args.runs, args.json)
+    anyio.run(main, args.runs, args.json, args.boot_only, args.api)
