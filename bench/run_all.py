@@ -37,6 +37,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "log_latency": (["--seconds", "10"], []),
     "fleet": (["--hosts", "10", "--instances", "1000", "--baseline-ops", "500"], []),
     "soak": (["--minutes", "1"], []),
+    "wake": (["--rounds", "3"], ["--rounds", "10"]),
 }
 ISSUES = {
     "guest_boot": "[2/9]",
@@ -44,6 +45,7 @@ ISSUES = {
     "fleet": "[6/9]",
     "log_latency": "[8/9]",
     "soak": "[8/9]",
+    "wake": "[4/6]",
 }
 
 

@@ -14,9 +14,11 @@ holds its port). Each round:
   port) and ``-incoming defer``: spawn → ``migrate-incoming`` → ``cont`` (no vmfleet code),
   and the same GET through its forward: spawn → first byte.
 
-Then the throughput of a Running instance: a 64 MiB download through the mapped port
-(after a wake: the forward QEMU was given with ``hostfwd_add``) next to the same download
-through the raw QEMU's command-line forward (QEMU's own path, no vmfleet in it).
+Then the throughput of a Running instance after a wake: a 64 MiB download through the
+mapped port (handed back to QEMU with ``hostfwd_add``) next to the same download through
+the forward on the same QEMU's command line (QEMU's own path), alternated; a raw QEMU of
+the same snapshot is measured too, as a note. The restore's steps and the wakes' split
+(VM running, guest accepting) come from the instance's ops log.
 
 Goals (issue #16): wake <= 1.3x the API restore; vmfleet's overhead over the raw restore
 (wake's first byte - raw spawn → first byte) < 100 ms p50; throughput >= 0.9x QEMU's own.
