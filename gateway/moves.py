@@ -18,7 +18,7 @@ from gateway.service import Gateway
 from gateway.view import FleetView
 from schemas.api import Hypervisor, InstanceState
 from schemas.clock import utc_now
-from schemas.errors import HostUnavailable, InvalidState, VmfleetError
+from schemas.errors import Conflict, HostUnavailable, InvalidState, VmfleetError
 from schemas.messages import (
     ExportInstance,
     FetchSnapshot,
@@ -29,7 +29,7 @@ from schemas.messages import (
     host_port_key,
 )
 from schemas.snapshots import SnapshotRecord
-from schemas.transfers import snapshot_bundle
+from schemas.transfers import snapshot_bundle, volumes_attached
 
 __all__ = ["fork_host", "move_instance"]
 
@@ -57,6 +57,11 @@ async def move_instance(gw: Gateway, record: InstanceRecord) -> tuple[str, float
     if record.state is not InstanceState.STANDBY:
         raise InvalidState(
             f"instance {record.id} is {record.state.value}: only a Standby instance can move"
+        )
+    if record.volumes:  # refused before a host is picked for it
+        volume_ids = [m.volume_id for m in record.volumes]
+        raise Conflict(
+            volumes_attached(record.id, volume_ids, record.host), code="volumes_attached"
         )
     started = time.monotonic()
     source = record.host

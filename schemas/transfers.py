@@ -21,7 +21,17 @@ __all__ = [
     "decode_manifest",
     "encode_manifest",
     "snapshot_bundle",
+    "volumes_attached",
 ]
+
+
+def volumes_attached(instance_id: str, volume_ids: list[str], host: str) -> str:
+    """Why an instance with volumes does not move (the gateway refuses it before placing
+    it, the worker again before sending anything)."""
+    return (
+        f"instance {instance_id} has volumes attached ({', '.join(volume_ids)}): volumes are "
+        f"files on host {host} and do not move; detach them first"
+    )
 
 
 def snapshot_bundle(snapshot_id: str) -> str:

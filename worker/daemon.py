@@ -225,7 +225,7 @@ async def _run_components(
     if isinstance(engine.ctx.wake, WakeManager):
         engine.ctx.wake.arm_sleeping()  # before anything else: the next connection wakes them
     _follow_recovered(engine)
-    mover, snapshot_transfers = await _transfers(js, subjects, config, engine)
+    mover, snapshot_transfers = await _transfers(js, subjects, config, engine, metrics)
     await mover.settle_interrupted()  # before this host's records are written again
     await _publish_everything(engine, publisher)
     hosts = await js.key_value(subjects.hosts_bucket)
@@ -242,6 +242,7 @@ async def _run_components(
         on_line=lambda source: metrics.log_lines.labels(source=source).inc(),
     )
     ledger = Ledger(config.data_dir / "commands")
+
     async def emit_event(event: StateEvent) -> None:
         await js.publish(subjects.state(config.host_id, event.instance_id), encode(event))
 
@@ -328,12 +329,21 @@ async def _count_instances(engine: HostEngine, metrics: WorkerMetrics) -> None:
 
 
 async def _transfers(
-    js: JetStreamContext, subjects: Subjects, config: WorkerConfig, engine: HostEngine
+    js: JetStreamContext,
+    subjects: Subjects,
+    config: WorkerConfig,
+    engine: HostEngine,
+    metrics: WorkerMetrics,
 ) -> tuple[Mover, SnapshotTransfers]:
     """Instances moving between hosts and snapshots forked on other hosts, sharing one
     cache of what this host fetched (one fetch per bundle, one disk budget)."""
     store = await open_store(js, subjects)
-    cache = HostCache(store, config.data_dir / "transfers", config.transfer_cache_bytes)
+    cache = HostCache(
+        store,
+        config.data_dir / "transfers",
+        config.transfer_cache_bytes,
+        observe=metrics.observe_transfer,
+    )
     mover = Mover(engine, store, cache, await js.key_value(subjects.instances_bucket))
     snapshots = SnapshotTransfers(
         store,

@@ -81,6 +81,19 @@ class WorkerMetrics:
             ["direction"],
             registry=registry,
         )
+        self.transfer_bytes = Counter(
+            "vmfleet_worker_transfer_bytes",
+            "Bytes a host sent to or fetched from the transfers store, by direction",
+            ["direction"],
+            registry=registry,
+        )
+        self.transfer_duration = Histogram(
+            "vmfleet_worker_transfer_seconds",
+            "Duration of one bundle's upload or fetch (checksums included)",
+            ["direction"],
+            registry=registry,
+            buckets=_OP_BUCKETS,
+        )
         self.create_phase = Histogram(
             "vmfleet_worker_create_phase_seconds",
             "Time of each step of a create: pull, disks, vmm, boot (kernel to init), "
@@ -101,3 +114,8 @@ class WorkerMetrics:
 
     def count_refused_transition(self, previous: str, state: str, cause: str) -> None:
         self.refused_transitions.labels(previous, state, cause).inc()
+
+    def observe_transfer(self, direction: str, size: int, seconds: float) -> None:
+        """One bundle sent (``sent``) or fetched (``fetched``) by this host."""
+        self.transfer_bytes.labels(direction=direction).inc(size)
+        self.transfer_duration.labels(direction=direction).observe(seconds)

@@ -505,6 +505,11 @@ async def test_a_standby_instance_moves_to_the_other_host_with_its_memory(
             again = await api.post(f"/instances/{bound['id']}/restore")
             assert (again.status_code, again.json()["state"]) == (200, "Running"), again.text
         assert not (two_hosts.worker(source).data_dir / "guests" / moving["id"]).exists()
+        async with httpx.AsyncClient() as http:
+            sent = (await http.get(two_hosts.worker(source).metrics_url)).text
+            fetched = (await http.get(two_hosts.worker(target).metrics_url)).text
+        assert 'vmfleet_worker_transfer_seconds_count{direction="sent"} 1.0' in sent
+        assert 'vmfleet_worker_transfer_seconds_count{direction="fetched"} 1.0' in fetched
         async with AsyncHypeman(api_key=g2.token, base_url=g2.base_url, max_retries=0) as client:
             read = await exec_async(
                 client, moving["id"], ["/bin/sh", "-c", "cat /run/mem/mark /root/mark"]

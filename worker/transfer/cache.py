@@ -67,6 +67,7 @@ class HostCache:
         *,
         parallel: int = DEFAULT_PARALLEL,
         on_part: Callable[[int], None] | None = None,
+        observe: Callable[[str, int, float], None] | None = None,
     ) -> None:
         self.store = store
         self.root = root
@@ -74,6 +75,8 @@ class HostCache:
         self.parallel = parallel
         #: Progress hook of every fetch (tests break a fetch off with it).
         self.on_part = on_part
+        #: Told of every bundle this host sends or fetches: direction, bytes, seconds.
+        self.observe = observe or (lambda direction, size, seconds: None)
         self.fetches = 0
         self.last_stats: FetchStats | None = None
         self._flights: dict[str, _Flight] = {}
@@ -166,6 +169,7 @@ class HostCache:
             os.rename(partial, self.path(bundle))
             self.fetches += 1
             self.last_stats = stats
+            self.observe("fetched", stats.bytes_fetched, stats.seconds)
             self._touch(bundle)
             log.info(
                 "fetched bundle %s: %d bytes in %.2fs (%d parts kept from an earlier try)",

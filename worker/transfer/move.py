@@ -31,6 +31,7 @@ from schemas.api import InstanceState
 from schemas.codec import decode_instance_record
 from schemas.errors import BadRequest, Conflict, InvalidState
 from schemas.messages import ExportInstance, FinishMove, ImportInstance, InstanceRecord
+from schemas.transfers import volumes_attached
 from worker.drivers.base import VmSpec
 from worker.engine import HostEngine
 from worker.lifecycle.context import LocalInstance
@@ -88,6 +89,7 @@ class Mover:
             except BaseException:
                 mark.unlink(missing_ok=True)
                 raise
+            self.cache.observe("sent", stats.bytes_sent, stats.seconds)
             self.engine.ctx.oplog(
                 inst,
                 "sent to the transfers store for a move",
@@ -191,12 +193,8 @@ def _check_movable(inst: LocalInstance) -> None:
             "(put it in standby first)"
         )
     if record.volumes:
-        names = ", ".join(m.volume_id for m in record.volumes)
-        raise Conflict(
-            f"instance {inst.id} has volumes attached ({names}): volumes are files on host "
-            f"{record.host} and do not move; detach them first",
-            code="volumes_attached",
-        )
+        volume_ids = [m.volume_id for m in record.volumes]
+        raise Conflict(volumes_attached(inst.id, volume_ids, record.host), code="volumes_attached")
     spec = inst.guest.read(inst.guest.snapshot / "vm.json", VmSpec)
     if spec.hypervisor != "qemu":
         raise BadRequest(

@@ -80,6 +80,7 @@ class SnapshotTransfers:
             exclude=frozenset({SHIPPED_DISKS}),
             extra=_shipped(directory),
         )
+        self.cache.observe("sent", stats.bytes_sent, stats.seconds)
         if stats.bytes_sent:
             log.info(
                 "snapshot %s sent for a fork on another host: %d bytes in %.2fs",
