@@ -45,6 +45,8 @@ __all__ = [
     "SnapshotScheduleRequest",
     "SnapshotSource",
     "TargetState",
+    "is_valid_snapshot_id",
+    "scheduled_name",
 ]
 
 #: hypeman's floor for a schedule's interval (a worker setting may lower it for tests).
@@ -222,6 +224,9 @@ class SnapshotDisk(msgspec.Struct, frozen=True, kw_only=True):
     serial: str
     readonly: bool
     file: str | None = None
+    #: ``raw``, or ``qcow2`` when the instance was itself a fork (its layer is the file,
+    #: the files below it are in the snapshot too).
+    format: str = "raw"
     volume_id: str | None = None
 
 

@@ -62,6 +62,7 @@ from schemas.snapshots import (
     SnapshotRecord,
     SnapshotScheduleRequest,
     TargetState,
+    is_valid_snapshot_id,
 )
 
 __all__ = ["routes"]
@@ -404,6 +405,8 @@ async def _bucket(gw: Gateway) -> KeyValue:
 
 
 async def _read(gw: Gateway, snapshot_id: str) -> SnapshotRecord:
+    if not is_valid_snapshot_id(snapshot_id):  # never a valid KV key either
+        raise NotFound(f"snapshot {snapshot_id} not found")
     try:
         entry = await (await _bucket(gw)).get(snapshot_id)
     except (KeyNotFoundError, ValueError):
