@@ -220,9 +220,14 @@ zero_free_memory() {
 	umount /run/zero
 }
 
-first_nic() { # the first network interface but lo (empty: none)
+reseed_rng() { # SEED_HEX: credited to the kernel's pool, and the generator reseeded
+	[ ! -x "$AGENT" ] || "$AGENT" -reseed "$1" >/dev/null 2>&1 || log WARN identity "RNG not reseeded"
+}
+
+first_nic() { # the first network interface but lo, into $NIC (empty: none); no subshell
+	NIC=
 	for _p in /sys/class/net/*; do
-		[ "${_p##*/}" = lo ] || [ ! -e "$_p" ] || { echo "${_p##*/}"; return 0; }
+		[ "${_p##*/}" = lo ] || [ ! -e "$_p" ] || { NIC=${_p##*/}; return 0; }
 	done
 }
 
@@ -241,20 +246,22 @@ take_identity() {
 _take_identity() {
 	[ $# -ge 5 ] || { echo "usage: identity EPOCH SEED MAC HOSTNAME MODE [IP CIDR GW [DNS...]]"; return 1; }
 	date -u -s "@$1" >/dev/null 2>&1 || { echo "bad time $1"; return 1; }
-	# Mixed into the input pool: the kernel's next reseed takes it, so two VMs resumed
-	# from one memory image do not draw the same numbers.
-	printf '%s' "$2" | xxd -r -p >/dev/urandom || { echo "cannot seed the RNG"; return 1; }
-	# ... and reseed now: the kernel's own next reseed may be a minute away.
-	[ ! -x "$AGENT" ] || "$AGENT" -reseed "$2" >/dev/null 2>&1 || log WARN identity "RNG not reseeded"
-	_nic=$(first_nic)
+	# Mixed into the input pool (as hex: the same entropy, and no process to start under
+	# a slow CPU), so two VMs resumed from one memory image do not draw the same numbers.
+	printf '%s' "$2" >/dev/urandom || { echo "cannot seed the RNG"; return 1; }
+	# ... and reseed now, before the answer: the kernel's own next reseed may be a minute
+	# away.
+	reseed_rng "$2"
+	first_nic
+	_nic=$NIC
 	if [ "$3" != - ] && [ -n "$_nic" ]; then
 		ip link set dev "$_nic" address "$3" || { echo "cannot set MAC $3 on $_nic"; return 1; }
 	fi
-	# Sectors read before the VM was saved may be cached; they belong to other files now.
-	sync
-	echo 3 >/proc/sys/vm/drop_caches
-	for _d in /dev/vd*; do [ -b "$_d" ] && blockdev --flushbufs "$_d" 2>/dev/null; done
 	if [ -e "$RUN/waiting" ]; then
+		# Sectors the template read while it booted may be cached (block devices' page
+		# cache included); they belong to other files now. Nothing is mounted yet. (A
+		# running guest's cache matches its disks: a fork's are copies of what it had.)
+		echo 3 >/proc/sys/vm/drop_caches
 		rm -f "$RUN/waiting"
 		echo go >"$RUN/go"
 		return 0
