@@ -80,7 +80,7 @@ async def _until_answered(qmp: QmpClient, forward_port: int) -> None:
         waiting = any(state == "SYN_SENT" and port == forward_port for state, port in rows)
         if answers >= 2 and not waiting:
             return
-        await anyio.sleep(0.001)
+        await anyio.sleep(0.005)  # each look takes QEMU's big lock from the guest: not too often
 
 
 def _reads_eof(stream: SocketStream) -> bool:
