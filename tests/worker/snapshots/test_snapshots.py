@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from schemas.api import InstanceState
-from schemas.errors import Conflict, InsufficientStorage, NotFound
+from schemas.errors import Conflict, InsufficientStorage, NotFound, VmfleetError
 from schemas.messages import Create
 from schemas.snapshots import (
     FileIdentity,
@@ -30,6 +30,7 @@ from tests.worker.conftest import create_command
 from worker.drivers.base import DiskSpec, VmSpec
 from worker.drivers.qemu import qemu_binary
 from worker.engine import HostEngine
+from worker.host import HostLimits
 from worker.snapshots.capture import snapshot_store
 from worker.snapshots.layers import chain, link_chain, new_top_layer
 from worker.snapshots.schedule import expired_snapshots
@@ -179,6 +180,17 @@ async def test_fork_of_a_snapshot_with_volumes_is_refused(host: HostEngine) -> N
     with pytest.raises(Conflict) as refused:
         await host.execute(cmd)
     assert refused.value.code == "not_supported"
+    assert_nothing_made(host, cmd)
+
+
+@pytest.mark.anyio
+async def test_fork_onto_a_host_without_room_is_host_full(host: HostEngine) -> None:
+    put_snapshot(host, "s-big", vmm_version="any", volume_ids=[])
+    host.ctx.limits = HostLimits(vcpus=0.5, memory_bytes=64 * MIB)
+    cmd = fork_of("s-big")
+    with pytest.raises(VmfleetError) as refused:
+        await host.execute(cmd)
+    assert (refused.value.code, refused.value.status) == ("host_full", 503)
     assert_nothing_made(host, cmd)
 
 
