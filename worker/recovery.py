@@ -18,6 +18,7 @@ from schemas.errors import HypervisorError
 from schemas.messages import InstanceRecord
 from worker.drivers.base import VmSpec
 from worker.lifecycle.context import LocalInstance, OpContext
+from worker.lifecycle.exits import interrupted_restart
 from worker.proc import VmmProcess, find_vmms
 from worker.states import Event
 
@@ -42,14 +43,14 @@ async def recover(ctx: OpContext) -> Recovered:
         found.instances[record.id] = inst
         if (interrupted := guest.read_command()) is not None:
             found.interrupted[record.id] = interrupted
-        await _reconcile(ctx, inst)
+        await _reconcile(ctx, inst, interrupted)
     await _kill_unrecorded_vmms(ctx, found.instances)
     if ctx.bridge is not None:
         await _recover_network(ctx, found.instances)
     return found
 
 
-async def _reconcile(ctx: OpContext, inst: LocalInstance) -> None:
+async def _reconcile(ctx: OpContext, inst: LocalInstance, interrupted: str | None) -> None:
     guest = inst.guest
     pid = guest.read_pid()
     spec = guest.read(guest.vm_spec, VmSpec) if guest.vm_spec.exists() else None
@@ -60,7 +61,7 @@ async def _reconcile(ctx: OpContext, inst: LocalInstance) -> None:
             await _adopt(ctx, inst)
             return
     guest.write_pid(None)
-    _reconcile_without_vmm(ctx, inst)
+    _reconcile_without_vmm(ctx, inst, interrupted)
 
 
 async def _adopt(ctx: OpContext, inst: LocalInstance) -> None:
@@ -94,7 +95,7 @@ async def _live_state(ctx: OpContext, inst: LocalInstance) -> tuple[InstanceStat
         return InstanceState.UNKNOWN, f"failed to query VMM: {exc}"
 
 
-def _reconcile_without_vmm(ctx: OpContext, inst: LocalInstance) -> None:
+def _reconcile_without_vmm(ctx: OpContext, inst: LocalInstance, interrupted: str | None) -> None:
     if inst.guest.has_snapshot():
         if inst.state is not InstanceState.STANDBY:
             ctx.set_state(inst, InstanceState.STANDBY, cause=Event.RECOVERED, has_snapshot=True)
@@ -102,14 +103,20 @@ def _reconcile_without_vmm(ctx: OpContext, inst: LocalInstance) -> None:
     if inst.state is InstanceState.STOPPED:
         return
     # The record said the VM was up, but no VMM runs: it died while no worker watched.
+    # A restart's boot cut short this way is still owed, once (worker.lifecycle.exits).
+    now = utc_now()
+    restart = interrupted_restart(inst.record, interrupted, now)
     ctx.set_state(
         inst,
         InstanceState.STOPPED,
         cause=Event.RECOVERED,
         error=f"VMM was gone when the worker started (record said {inst.state.value})",
         has_snapshot=False,
-        stopped_at=utc_now(),
+        stopped_at=now,
+        restart=restart or inst.record.restart,
     )
+    if restart is not None:
+        ctx.oplog(inst, "restart interrupted by the worker's restart: scheduled again")
 
 
 async def _kill_unrecorded_vmms(ctx: OpContext, instances: dict[str, LocalInstance]) -> None:

@@ -5,7 +5,9 @@ the instance's record as ``restart.next_attempt_at``. This loop looks at the rec
 every second and sends each due restart to the engine as a ``Start`` marked ``restart``,
 under the instance's lock like any command; the start takes the schedule only if the
 record still holds it, so a restart is done once, however often it is sent. A worker
-that restarts mid-backoff reads the schedule back from disk and takes it when due.
+that restarts mid-backoff reads the schedule back from disk and takes it when due; one
+that died in the middle of a restart's boot finds it scheduled again by its recovery
+(:func:`worker.lifecycle.exits.interrupted_restart`), under the same command id.
 
 Backoff bounds how often one instance boots, and each restart runs in a task of its own
 holding only its instance's lock, so a program that exits at once never holds up the
@@ -26,6 +28,7 @@ from schemas.clock import utc_now
 from schemas.errors import NotFound
 from schemas.messages import InstanceRecord, Start
 from worker.engine import HostEngine
+from worker.lifecycle.exits import RESTART_COMMAND_PREFIX
 
 __all__ = ["restart_command_id", "supervise_restarts"]
 
@@ -36,7 +39,7 @@ SUPERVISE_INTERVAL_S: Final = 1.0
 
 def restart_command_id(record: InstanceRecord) -> str:
     """One id per instance and attempt: the ops log and the state events name it."""
-    return f"restart-{record.id}-{record.restart.attempts + 1}"
+    return f"{RESTART_COMMAND_PREFIX}{record.id}-{record.restart.attempts + 1}"
 
 
 async def supervise_restarts(

@@ -28,8 +28,11 @@ from worker.states import Event
 
 __all__ = [
     "BOOT_MARKER",
+    "RESTART_COMMAND_PREFIX",
     "ExitMarker",
     "after_exit",
+    "ended_on_its_own",
+    "interrupted_restart",
     "note_decision",
     "read_exit_marker",
     "record_vmm_exit",
@@ -37,6 +40,8 @@ __all__ = [
 
 #: The init's first console line of every boot: markers before it are of an earlier boot.
 BOOT_MARKER: Final = "vmfleet init on kernel"
+#: The ids of the supervisor's restarts: ``restart-<instance>-<attempt>``.
+RESTART_COMMAND_PREFIX: Final = "restart-"
 #: hypeman reads the marker in the last 8 KiB of the app log.
 _TAIL_BYTES: Final = 8192
 _EXIT_LINE: Final = re.compile(r'HYPEMAN-EXIT code=(-?[0-9]+) message="((?:[^"\\]|\\.)*)"')
@@ -134,10 +139,40 @@ def after_exit(record: InstanceRecord, exit_code: int | None, now: datetime) -> 
     )
 
 
+def ended_on_its_own(record: InstanceRecord) -> bool:
+    """Whether a Stopped instance's program ended by itself (an exit code, or a VMM that
+    died: a ``state_error``), rather than by its user's stop."""
+    return record.exit_code is not None or record.state_error is not None
+
+
+def interrupted_restart(
+    record: InstanceRecord, interrupted_command: str | None, now: datetime
+) -> RestartState | None:
+    """The restart a worker died in the middle of, to be taken again: the record says a
+    restart's boot had begun (Created or Initializing, the attempt counted and no longer
+    scheduled), the interrupted-command mark names a restart, and no VMM survived it. The
+    decision stands, so the same attempt is scheduled again, due now; its command id is
+    the interrupted one, so the engine runs it once. None: nothing to take again."""
+    status = record.restart
+    underway = (
+        interrupted_command is not None
+        and interrupted_command.startswith(RESTART_COMMAND_PREFIX)
+        and record.state in (InstanceState.CREATED, InstanceState.INITIALIZING)
+        and record.restart_policy is not None
+        and status.blocked_reason is None
+        and status.next_attempt_at is None
+        and status.attempts >= 1
+    )
+    if not underway:
+        return None
+    return msgspec.structs.replace(status, attempts=status.attempts - 1, next_attempt_at=now)
+
+
 def _stable(record: InstanceRecord, stable_after_s: float, now: datetime) -> bool:
-    """Whether the instance was Running for ``stable_after`` before it ended."""
+    """Whether the instance was up (Running, or Unknown: an adopted VMM whose state could
+    not be read) for ``stable_after`` before it ended."""
     return (
-        record.state is InstanceState.RUNNING
+        record.state in (InstanceState.RUNNING, InstanceState.UNKNOWN)
         and record.started_at is not None
         and (now - record.started_at).total_seconds() >= stable_after_s
     )

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import msgspec
 from msgspec import UNSET
 
+from schemas.api import InstanceState
 from schemas.autostandby import AutoStandbySpec
 from schemas.clock import utc_now
 from schemas.errors import BadRequest, Conflict
 from schemas.messages import HealthCheckSpec, HealthState, RestartPolicySpec, RestartState, Update
 from worker.lifecycle.context import LocalInstance, OpContext
+from worker.lifecycle.exits import after_exit, ended_on_its_own, note_decision
 from worker.states import Op, check_transition
 
 __all__ = ["InstanceExpired", "update"]
@@ -37,7 +40,7 @@ async def update(ctx: OpContext, inst: LocalInstance, cmd: Update) -> None:
         )
     _update_expiry(ctx, inst, cmd, now)
     if cmd.restart_policy is not UNSET:
-        _update_restart_policy(ctx, inst, cmd.restart_policy)
+        _update_restart_policy(ctx, inst, cmd.restart_policy, now)
     if cmd.health_check is not UNSET:
         _update_health_check(ctx, inst, cmd.health_check, now)
     if cmd.auto_standby is not UNSET:
@@ -58,15 +61,27 @@ def _update_expiry(ctx: OpContext, inst: LocalInstance, cmd: Update, now: dateti
 
 
 def _update_restart_policy(
-    ctx: OpContext, inst: LocalInstance, policy: RestartPolicySpec | None
+    ctx: OpContext, inst: LocalInstance, policy: RestartPolicySpec | None, now: datetime
 ) -> None:
     """The new policy replaces the old one whole; the counters start again, unless the
-    instance was stopped by its user (that block holds until the next start)."""
-    status = inst.record.restart
+    instance was stopped by its user (that block holds until the next start).
+
+    On an instance already Stopped because its program ended by itself, the new policy
+    also judges that end, as hypeman's restart controller does (it looks at every Stopped
+    instance with a policy, not only at fresh exits): ``always``, or ``on_failure`` after a
+    failure, schedules a restart ``backoff`` from now. A user's stop is never undone."""
+    record = inst.record
+    status = record.restart
     if status.blocked_reason != "manual_stop":
         status = RestartState()
+    decided = record.state is InstanceState.STOPPED and ended_on_its_own(record)
+    if decided:
+        judged = msgspec.structs.replace(record, restart_policy=policy, restart=status)
+        status = after_exit(judged, record.exit_code, now)
     ctx.save(inst, restart_policy=policy, restart=status)
     ctx.oplog(inst, "restart policy updated", policy=policy.policy if policy else "never")
+    if decided:
+        note_decision(ctx, inst, status)
 
 
 def _update_health_check(
