@@ -3,15 +3,21 @@ the resume refuses a device model other than the saved one."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
+from typing import cast
 
+import anyio
 import msgspec
 import pytest
 
-from worker.drivers.base import DiskSpec, NicSpec, VmSpec
+from schemas.errors import HypervisorError
+from worker.drivers.base import DiskSpec, Hypervisor, NicSpec, VmSpec
 from worker.guest import GuestNetwork
 from worker.lifecycle.context import BootAssets
 from worker.resume import GuestIdentity, ResumeError, identity_request, swap_spec
+from worker.templates import TemplateManager
 from worker.templates.build import template_spec
 from worker.templates.store import (
     HostIdentity,
@@ -20,6 +26,8 @@ from worker.templates.store import (
     TemplateStore,
     template_key,
 )
+
+pytestmark = pytest.mark.anyio
 
 SHAPE = TemplateShape(memory_bytes=256 << 20, vcpus=1, network=True)
 HOST = HostIdentity(
@@ -166,3 +174,67 @@ def test_the_identity_line_the_guest_is_sent() -> None:
     )
     off = GuestIdentity(hostname="a b;c")
     assert identity_request(off, epoch=1, seed=b"\xff") == "identity 1 ff - abc off"
+
+
+class _BrokenDriver:
+    """A hypervisor whose VMs never start (a broken QEMU, a full disk)."""
+
+    name = "qemu"
+
+    def control_socket(self, spec: VmSpec) -> Path:
+        return Path(spec.run_dir) / "ctl.sock"
+
+    async def boot(self, spec: VmSpec, *, vmm_log: Path) -> object:
+        raise HypervisorError("qemu-system-x86_64 exited at once: no room")
+
+
+async def test_a_failed_build_is_logged_and_leaves_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd"
+    kernel.write_bytes(b"k")
+    initrd.write_bytes(b"i")
+    boot = BootAssets(kernel=kernel, initrd=initrd, accel="tcg")
+    manager = TemplateManager(
+        tmp_path / "templates",
+        cast(Hypervisor, _BrokenDriver()),
+        boot,
+        budget_bytes=1 << 30,
+        vmm_binary=None,
+        shapes=(),
+    )
+    with caplog.at_level(logging.ERROR, logger="worker.templates.manager"):
+        assert await manager.ensure(SHAPE) is None
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "failed; cold boots go on: template" in line and "no room" in line
+    assert list((tmp_path / "templates").iterdir()) == []
+    assert manager.ready_for(SHAPE) is None  # a create boots cold; no retry loop
+    assert manager._wanted == []
+
+
+async def test_the_vmm_of_a_build_cut_short_is_killed_at_start(tmp_path: Path) -> None:
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd"
+    kernel.write_bytes(b"k")
+    initrd.write_bytes(b"i")
+    root = tmp_path / "templates"
+    run = root / ".build-0123-1-2" / "run"
+    run.mkdir(parents=True)
+    # A stand-in for the VMM a killed worker left: its command line names the build's run dir.
+    orphan = await anyio.open_process(["sh", "-c", "sleep 60", str(run / "qmp.sock")])
+    try:
+        boot = BootAssets(kernel=kernel, initrd=initrd, accel="tcg")
+        manager = TemplateManager(
+            root,
+            cast(Hypervisor, _BrokenDriver()),
+            boot,
+            budget_bytes=1 << 30,
+            vmm_binary=None,
+        )
+        await manager.ensure(SHAPE)
+        assert not Path(f"/proc/{orphan.pid}").exists()  # killed and reaped
+        assert list(root.iterdir()) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            orphan.kill()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await orphan.aclose()
