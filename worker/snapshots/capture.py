@@ -21,7 +21,7 @@ from pathlib import Path
 
 from schemas.api import InstanceState
 from schemas.clock import utc_now
-from schemas.errors import Conflict
+from schemas.errors import Conflict, InsufficientStorage
 from schemas.messages import CreateSnapshot
 from schemas.snapshots import SnapshotDisk, SnapshotKind, SnapshotManifest, SnapshotSource
 from worker.drivers.base import DiskSpec, VmSpec
@@ -55,6 +55,7 @@ async def create_snapshot(ctx: OpContext, inst: LocalInstance, cmd: CreateSnapsh
     _check_kind(inst, cmd.kind)
     _check_name(store, inst, cmd.name)
     spec = _current_spec(inst)
+    _check_room(store, inst, cmd.kind, spec)
     partial = store.begin(cmd.snapshot_id)
     try:
         # 2. The VM (kind Standby) and the disks, then what the snapshot depends on.
@@ -106,6 +107,28 @@ def _check_name(store: SnapshotStore, inst: LocalInstance, name: str | None) -> 
                 f"instance {inst.record.name} already has a snapshot named {name}",
                 code="already_exists",
             )
+
+
+def _check_room(
+    store: SnapshotStore, inst: LocalInstance, kind: SnapshotKind, spec: VmSpec
+) -> None:
+    """507 before the VM is paused when the host's disk cannot hold what the snapshot
+    writes: the memory of a running VM (at most its size) and the written blocks of its
+    writable disks (a sparse copy writes those; a reflink would write none)."""
+    needed = sum(
+        Path(d.path).stat().st_blocks * 512
+        for d in spec.disks
+        if (not d.readonly or d.id == "config") and Path(d.path).exists()
+    )
+    if kind is SnapshotKind.STANDBY and inst.state is InstanceState.RUNNING:
+        needed += spec.memory_bytes
+    store.root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(store.root).free
+    if needed > free:
+        raise InsufficientStorage(
+            f"the host's disk has {free >> 20} MiB free; snapshot of {inst.record.name} "
+            f"needs up to {needed >> 20} MiB"
+        )
 
 
 def _current_spec(inst: LocalInstance) -> VmSpec:

@@ -16,7 +16,7 @@ import pytest
 
 from schemas.api import InstanceState
 from schemas.errors import Conflict, InsufficientStorage, NotFound, VmfleetError
-from schemas.messages import Create
+from schemas.messages import Create, CreateSnapshot
 from schemas.snapshots import (
     FileIdentity,
     ForkSource,
@@ -234,6 +234,43 @@ async def test_a_copy_onto_a_full_disk_is_507_and_leaves_nothing(
     with pytest.raises(InsufficientStorage):
         await copy_cow(source, small_disk / "overlay.raw")
     assert list(small_disk.iterdir()) == []
+
+
+@pytest.mark.anyio
+async def test_a_snapshot_the_disk_cannot_hold_is_507_before_anything(
+    tmp_path: Path, small_disk: Path, boot_assets: object
+) -> None:
+    from tests.support.gateway import instance_record
+    from tests.worker.conftest import make_context
+    from worker.lifecycle.context import LocalInstance
+    from worker.snapshots.capture import create_snapshot
+
+    ctx = make_context(small_disk, boot_assets)  # type: ignore[arg-type]
+    overlay = tmp_path / "overlay.raw"  # written blocks: more than the small disk holds
+    overlay.write_bytes(b"\x01" * (4 * MIB))
+    guest = ctx.storage.create_guest("i-full")
+    spec = VmSpec(
+        instance_id="i-full",
+        vcpus=1,
+        memory_bytes=256 * MIB,
+        kernel="/k",
+        initrd="/i",
+        cmdline="",
+        disks=(DiskSpec(id="overlay", path=str(overlay), readonly=False, serial="o"),),
+        serial_log=str(guest.app_log),
+        run_dir=str(guest.run_dir),
+    )
+    guest.write(guest.vm_spec, spec)
+    inst = LocalInstance(
+        record=instance_record("i-full", "full", "test-host", state=InstanceState.STOPPED),
+        guest=guest,
+    )
+    cmd = CreateSnapshot(
+        id="c", issued_at=T0, instance_id="i-full", snapshot_id="s", kind=SnapshotKind.STOPPED
+    )
+    with pytest.raises(InsufficientStorage, match="MiB free"):
+        await create_snapshot(ctx, inst, cmd)
+    assert list(snapshot_store(ctx).root.iterdir()) == []
 
 
 # -- retention --------------------------------------------------------------------------------
