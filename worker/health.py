@@ -158,6 +158,11 @@ class _Supervisor:
         self.deadlines = Deadlines()
         self.ticks = 0
 
+    def close(self) -> None:
+        """The plain probes in flight end with the loop (the tasks end with its group)."""
+        self.queued.clear()
+        self.deadlines.close()
+
     # -- scheduling ------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
@@ -318,13 +323,16 @@ async def supervise_health(
     """Until cancelled: run every due check of this host's Running instances."""
     async with anyio.create_task_group() as tg:
         supervisor = _Supervisor(engine, tg, concurrency)
-        while True:
-            try:
-                supervisor.tick(time.monotonic())
-            except Exception:
-                # A bug in one pass must not end the checks of every instance for good.
-                log.exception("health checks: a pass failed")
-            await anyio.sleep(tick_s)
+        try:
+            while True:
+                try:
+                    supervisor.tick(time.monotonic())
+                except Exception:
+                    # A bug in one pass must not end the checks of every instance for good.
+                    log.exception("health checks: a pass failed")
+                await anyio.sleep(tick_s)
+        finally:
+            supervisor.close()
 
 
 def judge(

@@ -131,13 +131,14 @@ class Deadlines:
 
     def __init__(self) -> None:
         self._buckets: dict[int, set[NetProbe]] = {}
+        self._timers: dict[int, asyncio.TimerHandle] = {}
 
     def add(self, probe: NetProbe, loop: asyncio.AbstractEventLoop, timeout_s: float) -> int:
         key = math.ceil((loop.time() + timeout_s) / self.GRAIN_S)
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = set()
-            loop.call_at(key * self.GRAIN_S, self._expire, key)
+            self._timers[key] = loop.call_at(key * self.GRAIN_S, self._expire, key)
         bucket.add(probe)
         return key
 
@@ -147,8 +148,20 @@ class Deadlines:
             bucket.discard(probe)
 
     def _expire(self, key: int) -> None:
+        self._timers.pop(key, None)
         for probe in self._buckets.pop(key, ()):
             probe.timed_out()
+
+    def close(self) -> None:
+        """Drop every probe still open, unanswered (their owner is going away), and the
+        timers: nothing is left registered with the loop."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        buckets, self._buckets = self._buckets, {}
+        for bucket in buckets.values():
+            for probe in bucket:
+                probe.abandon()
 
 
 class NetProbe:
@@ -287,6 +300,15 @@ class NetProbe:
         if data and b"\r\n" not in self._head and len(self._head) < MAX_HTTP_HEAD:
             return
         self._finish(judge_http_head(self._head, self._check))
+
+    def abandon(self) -> None:
+        """Close without a result: no callback, socket or registration is left behind."""
+        self._deadline = -1
+        self._finished = True
+        self._unwatch()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def timed_out(self) -> None:
         self._deadline = -1

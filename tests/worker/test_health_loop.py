@@ -208,3 +208,33 @@ def test_probe_target_in_each_networking_mode() -> None:
     )
     with pytest.raises(OSError, match="no host port mapping"):
         probe_target(record, 443, bridge=False, publish_addr="127.0.0.1")
+
+
+async def test_stopping_the_loop_leaves_no_probe_open(engine: HostEngine) -> None:
+    """A worker shutting down mid-check closes its probes' connections (none lingers to
+    answer into a loop that is gone)."""
+    accepted = anyio.Event()
+    closed = anyio.Event()
+
+    async def silent(stream: SocketStream) -> None:
+        async with stream:
+            accepted.set()
+            try:
+                while True:
+                    await stream.receive()  # the request, then nothing until the close
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                closed.set()
+
+    async with anyio.create_task_group() as tg:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        tg.start_soon(listener.serve, silent)
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        mapping = PortMapping(guest_port=GUEST_PORT, host_port=port)
+        await running_instance(engine, fast("http", timeout_s=30), port_mappings=[mapping])
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as checks:
+                checks.start_soon(lambda: supervise_health(engine, tick_s=0.02))
+                await accepted.wait()
+                checks.cancel_scope.cancel()
+            await closed.wait()
+        tg.cancel_scope.cancel()
