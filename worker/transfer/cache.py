@@ -39,6 +39,9 @@ __all__ = ["HostCache"]
 
 log = logging.getLogger(__name__)
 
+#: The transfers store keeps a bundle a day (natsbus Layout.transfer_ttl_s).
+PARTIAL_MAX_AGE_S = 86_400.0
+
 
 @dataclass
 class _Flight:
@@ -154,7 +157,18 @@ class HostCache:
             evicted.append(bundle)
         if evicted:
             log.info("transfer cache over its budget: evicted %s", ", ".join(evicted))
+        self._drop_abandoned_partials()
         return evicted
+
+    def _drop_abandoned_partials(self) -> None:
+        """A fetch broken off and never asked for again (its bundle expired from the store
+        after a day) leaves a partial copy nothing will resume: it goes after as long."""
+        now = time.time()
+        for partial in (self.root / ".partial").iterdir():
+            if partial.name in self._flights:
+                continue
+            if now - partial.stat().st_mtime > PARTIAL_MAX_AGE_S:
+                shutil.rmtree(partial, ignore_errors=True)
 
     async def _fetch_once(self, bundle: str) -> Path:
         flight = self._flights[bundle] = _Flight()

@@ -237,3 +237,10 @@ async def test_the_cache_evicts_least_recently_used_bundles_but_never_held_ones(
         await cache.fetch("snap-e")
     assert [cache.has(f"snap-{n}") for n in "acde"] == [False, True, True, True]
     cache.release("snap-c", "i-fork-1")
+
+    # A fetch broken off long ago, of a bundle the store has dropped since, goes too.
+    abandoned = tmp_path / "cache" / ".partial" / "snap-gone"
+    abandoned.mkdir()
+    os.utime(abandoned, (1, 1))
+    cache.evict()
+    assert not abandoned.exists()
