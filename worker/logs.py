@@ -239,7 +239,17 @@ class LogFollower:
             for source, p in self._positions.items()
         }
         with contextlib.suppress(FileNotFoundError):
-            write_atomic(self._state_file, json.dumps(data).encode())
+            _replace(self._state_file, json.dumps(data).encode())
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write-then-rename without an fsync: saved after every chunk shipped, so an fsync
+    would sit on every line's way. A worker that crashes keeps what it wrote (the page
+    cache survives it); only a power loss can take the file back a little, and the lines
+    shipped again then carry the same message ids, which JetStream drops as repeats."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 class LogShipper:
