@@ -6,6 +6,7 @@ instance sleeps, started again, and a connection still wakes it."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -123,6 +124,33 @@ def test_a_get_to_a_sleeping_instance_wakes_it_and_is_answered(fleet: Fleet, web
     assert _get_once(web.url).text.strip() == PAGE
     ops = "\n".join(web.client.instances.logs(web.instance_id, source="hypeman", tail=200))
     assert "wake it on the next connection" in ops
+    assert "woken by connection in" in ops
+    # The wake is an event with its cause, as a POST /restore is one with cause api.
+    assert _wake_causes(fleet, web.instance_id, until="connection")[-1] == "connection"
+    web.client.instances.standby(web.instance_id)
+    assert web.client.instances.restore(web.instance_id).state == "Running"
+    assert _wake_causes(fleet, web.instance_id, until="api")[-1] == "api"
+
+
+def _wake_causes(fleet: Fleet, instance_id: str, *, until: str) -> list[str | None]:
+    """The causes of the instance's Paused -> Running events, read from GET /events from
+    the stream's start until one with cause ``until``."""
+    causes: list[str | None] = []
+    with (
+        fleet.api.client() as http,
+        http.stream(
+            "GET", "/events", params={"instance": instance_id}, headers={"Last-Event-ID": "0"}
+        ) as response,
+    ):
+        for line in response.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            event = json.loads(line.removeprefix("data:"))
+            if (event["previous"], event["state"]) == ("Paused", "Running"):
+                causes.append(event.get("cause"))
+                if causes[-1] == until:
+                    return causes
+    raise AssertionError(f"no wake with cause {until} among {causes}")
 
 
 def test_a_restarted_worker_holds_the_ports_of_a_sleeping_instance(fleet: Fleet, web: Web) -> None:
