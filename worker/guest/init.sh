@@ -466,7 +466,11 @@ setup_volumes() {
 }
 
 bind_system() {
-	mkdir -p "$NEWROOT/proc" "$NEWROOT/sys" "$NEWROOT/dev" "$NEWROOT/tmp" "$NEWROOT/run"
+	for _d in proc sys dev tmp run; do
+		[ -d "$NEWROOT/$_d" ] && continue
+		mkdir -p "$NEWROOT/proc" "$NEWROOT/sys" "$NEWROOT/dev" "$NEWROOT/tmp" "$NEWROOT/run"
+		break
+	done
 	# /proc, /sys and /dev (with its fd links, made at boot) in one mount process.
 	mount -a -T /etc/vmfleet/fstab.bind || log ERROR mounts "cannot bind /proc, /sys or /dev"
 }
