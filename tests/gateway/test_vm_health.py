@@ -110,7 +110,9 @@ def test_http_check_unhealthy_restart_then_exec_check(fleet: Fleet, busybox_imag
         # Where its create went, step by step: in the ops log and in the worker's metrics.
         assert CREATE_PHASES.search(ops), ops
         counts = _create_phase_counts(fleet)
-        assert all(counts.get(phase, 0) >= 1 for phase in PHASES), counts
+        # A cold boot: every step but a warm template's resume.
+        cold = [phase for phase in PHASES if phase != "template"]
+        assert all(counts.get(phase, 0) >= 1 for phase in cold), counts
 
         # PATCH replaces the check whole: an exec one, run through the guest agent.
         patched = client.instances.update(
