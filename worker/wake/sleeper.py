@@ -342,16 +342,20 @@ class Sleeper:
         self._handing_off = True
         for listener in self.listeners:  # what the kernel queued since: relayed too
             await self._accept_ready(listener)
+        closed_at = time.monotonic()
         self._close_listeners()
         self._handed_off = True
         if not self.relayed:
             self._backend.answered()
         await self._backend.hand_off(self.listeners)
+        gap = time.monotonic() - closed_at  # the one moment a connection may be refused
         await self._relay_queued(tg)
         log.info(
-            "%s: awake; %d connection(s) relayed, the ports are on the kernel path again",
+            "%s: awake; %d connection(s) relayed, the ports are on the kernel path again "
+            "(a gap of %.1f ms)",
             self.instance_id,
             self.relayed,
+            gap * 1000,
         )
 
     async def _relay_queued(self, tg: TaskGroup) -> None:
