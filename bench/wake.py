@@ -135,16 +135,20 @@ def raw_restore(
     argv = build_args(raw, binary=qemu_binary(), incoming=True)
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    qmp = RawQmp(run / "qmp.sock")
-    qmp.cmd("migrate-incoming", uri=f"exec:cat {memory}")
-    while _status(qmp) not in ("paused", "running"):
-        time.sleep(0.001)
-    qmp.cmd("cont")
-    restored = time.perf_counter() - start
-    qmp.close()
-    connect_at = time.perf_counter() - start
-    elapsed, body = first_byte(port)
-    assert body.strip() == b"awake", body
+    try:
+        qmp = RawQmp(run / "qmp.sock")
+        qmp.cmd("migrate-incoming", uri=f"exec:cat {memory}")
+        while _status(qmp) not in ("paused", "running"):
+            time.sleep(0.001)
+        qmp.cmd("cont")
+        restored = time.perf_counter() - start
+        qmp.close()
+        connect_at = time.perf_counter() - start
+        elapsed, body = first_byte(port)
+        assert body.strip() == b"awake", body
+    except BaseException:
+        stop_raw(proc)  # never left running
+        raise
     return restored, connect_at + elapsed, port, proc
 
 
