@@ -12,7 +12,9 @@ Then ``--forks`` forks are made at once from the snapshot, and the disk the snap
 its forks take (``du``, each hard-linked file counted once) is compared with the snapshot
 and one fork. Goal: ten forks use less than 2x one fork's disk.
 
-The cross-host part (a fork onto another host, transfer included) is ``bench/transfer.py``.
+The cross-host part (a fork onto a second host, transfer included, next to the restore and
+the same bytes through a plain Object Store put and get) is ``bench/transfer.py``'s
+``cross_host_fork``. Goal: within the restore plus that bare transfer plus 20 %.
 Runs the worker's engine in-process on QEMU (TCG here), no NATS.
 """
 
@@ -32,6 +34,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.support import Summary
+from bench.transfer import cross_host_fork
 from schemas.clock import utc_now
 from schemas.messages import Create, CreateSnapshot, Delete, RestoreSnapshot
 from schemas.snapshots import ForkSource, SnapshotKind
@@ -201,6 +204,7 @@ async def main(runs: int, forks: int, as_json: bool) -> None:
         summary = Summary("fork", {"runs": runs, "forks": forks, "accel": accel})
         try:
             await same_host(engine, image, runs, forks, summary)
+            await cross_host_fork(engine, image, "bench-snap", work, summary)
         finally:
             with anyio.CancelScope(shield=True):
                 for record in list(engine.records()):
