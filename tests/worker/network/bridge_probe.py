@@ -15,10 +15,12 @@ import httpx
 
 from schemas.api import Hypervisor, PortMapping
 from schemas.clock import utc_now as now
-from schemas.messages import Create, Delete, Restore, Standby
+from schemas.messages import Create, Delete, HealthCheckSpec, Restore, Standby, Update
 from tests.worker.network.namespace import probe_main
 from worker.drivers.qemu import QemuDriver
 from worker.engine import HostEngine
+from worker.health import supervise_health
+from worker.health_probe import probe_target
 from worker.images import ImageCache
 from worker.lifecycle.context import BootAssets, OpContext
 from worker.network import BridgeNetwork, NetworkSettings
@@ -45,6 +47,25 @@ async def get(url: str, timeout_s: float = 90) -> str:
                 except httpx.HTTPError:
                     pass
                 await anyio.sleep(0.3)
+
+
+async def health_through_the_bridge(engine: HostEngine, instance_id: str) -> dict[str, object]:
+    """The worker's own health loop, given an http check of guest port 80: where it
+    probes, and what it finds (bridge mode: the guest's address, not the port mapping)."""
+    check = HealthCheckSpec(type="http", port=80, interval_s=0.5, timeout_s=5, start_period_s=0)
+    await engine.execute(
+        Update(id="u1", instance_id=instance_id, issued_at=now(), health_check=check)
+    )
+    record = engine.get(instance_id)
+    target = probe_target(record, 80, bridge=True, publish_addr=engine.ctx.network.publish_addr)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(supervise_health, engine)
+        with anyio.move_on_after(60):
+            while engine.get(instance_id).health.status != "healthy":
+                await anyio.sleep(0.1)
+        tg.cancel_scope.cancel()
+    health = engine.get(instance_id).health
+    return {"target": list(target), "status": health.status, "error": health.last_error}
 
 
 def links() -> str:
@@ -114,6 +135,7 @@ async def probe(args: dict[str, str]) -> dict[str, object]:
     result["dnat_loopback"] = await get(f"http://127.0.0.1:{HOST_PORT}/", timeout_s=15)
     result["egress"] = await get(f"http://{record.ip}/egress.txt")
     result["rules_while_running"] = nft_table().count(f"vmfleet:{instance_id}")
+    result["health"] = await health_through_the_bridge(engine, instance_id)
 
     # A TCP connection opened before standby, used after restore.
     conn = socket.create_connection((str(record.ip), 80), timeout=10)

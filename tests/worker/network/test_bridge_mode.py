@@ -34,6 +34,8 @@ async def test_bridge_mode_in_a_namespace(
     # The guest reached another address inside the namespace (through its gateway).
     assert result["egress"] == "egress-ok"
     assert result["rules_while_running"] == 2  # prerouting + output
+    # Health checks reach the guest at its own address and port, through the bridge.
+    assert result["health"] == {"target": [created["ip"], 80], "status": "healthy", "error": None}
     # Standby: no TAP, the lease kept; restore: same TAP, IP and MAC, old connection alive.
     assert not result["tap_in_standby"] and result["lease_in_standby"]
     assert result["restored"] == created
