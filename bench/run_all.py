@@ -38,6 +38,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "fleet": (["--hosts", "10", "--instances", "1000", "--baseline-ops", "500"], []),
     "soak": (["--minutes", "1"], []),
     "wake": (["--rounds", "3"], ["--rounds", "10"]),
+    "fork": (["--runs", "2", "--forks", "10"], ["--runs", "5", "--forks", "10"]),
 }
 ISSUES = {
     "guest_boot": "[2/9]",
@@ -46,6 +47,7 @@ ISSUES = {
     "log_latency": "[8/9]",
     "soak": "[8/9]",
     "wake": "[4/6]",
+    "fork": "[6/6]",
 }
 
 
