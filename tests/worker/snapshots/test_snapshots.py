@@ -32,6 +32,7 @@ from worker.drivers.qemu import qemu_binary
 from worker.engine import HostEngine
 from worker.host import HostLimits
 from worker.snapshots.capture import snapshot_store
+from worker.snapshots.identity import vmm_version
 from worker.snapshots.layers import chain, link_chain, new_top_layer
 from worker.snapshots.schedule import expired_snapshots
 from worker.snapshots.store import SnapshotStore, copy_cow, sha256_file
@@ -99,6 +100,19 @@ def host(data_dir: Path, boot_assets: object) -> Iterator[HostEngine]:
     from tests.worker.conftest import make_context
 
     yield HostEngine(make_context(data_dir, boot_assets))  # type: ignore[arg-type]
+
+
+SPEC_FIELDS: dict[str, object] = {
+    "instance_id": "source",
+    "vcpus": 1,
+    "memory_bytes": 256 * MIB,
+    "kernel": "/k",
+    "initrd": "/i",
+    "cmdline": "",
+    "serial_log": "/x/app.log",
+    "run_dir": "/x/run",
+    "disks": (),
+}
 
 
 def put_snapshot(
@@ -171,6 +185,17 @@ async def test_fork_under_another_vmm_version_is_refused(host: HostEngine) -> No
     assert "6.0.0" in str(refused.value)
     assert_nothing_made(host, cmd)
     assert snapshot_store(host.ctx).read("s-old") is not None  # the snapshot is untouched
+
+
+@pytest.mark.anyio
+async def test_fork_under_another_kernel_is_refused(host: HostEngine) -> None:
+    version = await vmm_version(host.ctx.driver, VmSpec(**{**SPEC_FIELDS, "hypervisor": "qemu"}))
+    put_snapshot(host, "s-kernel", vmm_version=version, volume_ids=[])  # kernel sha differs
+    cmd = fork_of("s-kernel")
+    with pytest.raises(Conflict, match="kernel") as refused:
+        await host.execute(cmd)
+    assert refused.value.code == "snapshot_incompatible"
+    assert_nothing_made(host, cmd)
 
 
 @pytest.mark.anyio
