@@ -169,9 +169,11 @@ async def _copy_disks(spec: VmSpec, disks: Path) -> None:
         top = Path(disk.path)
         target = disks / top.name
         await copy_cow(top, target)
-        for below in list(chain(top))[1:]:
-            if not (disks / below.name).exists():
-                (disks / below.name).hardlink_to(below)
+        for below in list(chain(top))[1:]:  # at their places relative to the top
+            link = disks / below.relative_to(top.parent)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.hardlink_to(below)
 
 
 async def _manifest(

@@ -168,7 +168,7 @@ async def _fork_disks(
             await copy_cow(directory / disk.file, guest.config_disk)
             found[disk.id] = (str(guest.config_disk), "raw")
         else:
-            base = link_chain(directory / disk.file, guest.root / "disks")
+            base = link_chain(directory / disk.file, guest.root / "disks" / manifest.id)
             layer = new_top_layer(guest.root / "disks", disk.id, inst.id, base)
             found[disk.id] = (str(layer), "qcow2")
     return found

@@ -1,15 +1,17 @@
 """Copy-on-write disks: a writable qcow2 layer over read-only files shared by hard link.
 
-A snapshot's disk is a chain of files in its ``disks/`` directory: the instance's raw
+A snapshot's disk is a chain of files under its ``disks/`` directory: the instance's raw
 overlay at capture, or, for an instance that was itself forked, a copy of its qcow2 layer
-plus the files below it. Each qcow2 names its backing file by base name, so a chain works
-in any one flat directory that holds all of its files.
+plus the files below it. Each qcow2 names its backing file by a path relative to its own
+directory, so a chain works wherever its files keep their relative places.
 
-A fork (or a restore in place) gets its own flat ``<guest>/disks/``: hard links of the
-snapshot's chain (never written; the snapshot may be deleted meanwhile and they live on)
-and a new empty qcow2 layer over its top, ``<disk id>-<instance id>-<n>.qcow2``, the only
-file the VM writes. ``<disk id>.top`` names that layer: :func:`instance_disk` finds it, so a
-later cold start of the instance boots from the same layer.
+A fork (or a restore in place) gets hard links of the snapshot's chain under
+``<guest>/disks/<snapshot id>/`` (never written; the snapshot may be deleted meanwhile and
+they live on; two snapshots' files of the same name never meet) and a new empty qcow2 layer
+``<guest>/disks/<disk id>-<instance id>-<n>.qcow2`` over its top (backing name
+``<snapshot id>/<file>``), the only file the VM writes. ``<disk id>.top`` names that
+layer: :func:`instance_disk` finds it, so a later cold start of the instance boots from the
+same layer.
 """
 
 from __future__ import annotations
@@ -46,22 +48,33 @@ def chain(top: Path) -> Iterator[Path]:
 
 
 def link_chain(top: Path, directory: Path) -> Path:
-    """Hard links of ``top``'s chain in ``directory`` (kept if there already); the new top."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Hard links of ``top``'s chain under ``directory``, each at its path relative to
+    ``top``'s directory (so the backing names in the headers still resolve); the new top.
+    A name already there must be the same file: a chain is linked into a directory of its
+    own (a snapshot's id), never over another's."""
     for path in chain(top):
-        target = directory / path.name
+        target = directory / path.relative_to(top.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
             os.link(path, target)
+        elif not os.path.samefile(path, target):
+            raise VmfleetError(f"{target} is another file than {path}")
     return directory / top.name
 
 
 def new_top_layer(directory: Path, disk_id: str, instance_id: str, base: Path) -> Path:
-    """An empty qcow2 over ``base`` (in ``directory``), recorded as the disk's top."""
+    """An empty qcow2 in ``directory`` over ``base`` (a file under it), recorded as the
+    disk's top."""
     size = _virtual_size(base)
     n = 0
     while (layer := directory / f"{disk_id}-{instance_id}-{n}.qcow2").exists():
         n += 1
-    create_overlay(layer, backing=base.name, backing_format=disk_format(base), size_bytes=size)
+    create_overlay(
+        layer,
+        backing=str(base.relative_to(directory)),
+        backing_format=disk_format(base),
+        size_bytes=size,
+    )
     write_atomic(directory / f"{disk_id}.top", layer.name.encode())
     return layer
 

@@ -153,7 +153,7 @@ async def _new_layers(
             await copy_cow(directory / disk.file, guest.config_disk)
             layers[disk.id] = str(guest.config_disk)
             continue
-        base = link_chain(directory / disk.file, guest.root / "disks")
+        base = link_chain(directory / disk.file, guest.root / "disks" / manifest.id)
         layers[disk.id] = str(new_top_layer(guest.root / "disks", disk.id, inst.id, base))
     return layers
 
@@ -178,10 +178,14 @@ def _drop_unused_layers(inst: LocalInstance) -> None:
     current = instance_disk(inst.guest.root, "overlay")
     if current is None:
         return
-    keep = {path.name for path in chain(current[0])}
+    keep = set(chain(current[0]))
     inst.guest.overlay.unlink(missing_ok=True)
-    for path in (inst.guest.root / "disks").iterdir():
-        if path.suffix != ".top" and path.name not in keep:
+    layers = inst.guest.root / "disks"
+    for path in sorted(layers.rglob("*"), reverse=True):  # files before their directories
+        if path.is_dir():
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only once empty
+        elif path.suffix != ".top" and path not in keep:
             path.unlink(missing_ok=True)
 
 

@@ -76,7 +76,7 @@ def test_a_layer_reads_its_base_and_keeps_its_writes(tmp_path: Path) -> None:
         out.seek(10 * MIB)
         out.write(b"\xab" * 4096)
     before = sha256_file(base)
-    linked = link_chain(base, tmp_path / "guest" / "disks")
+    linked = link_chain(base, tmp_path / "guest" / "disks" / "snap")
     layer = new_top_layer(tmp_path / "guest" / "disks", "overlay", "i1", linked)
 
     said = qemu_io(
@@ -90,6 +90,22 @@ def test_a_layer_reads_its_base_and_keeps_its_writes(tmp_path: Path) -> None:
     assert sha256_file(base) == before  # the snapshot's file was never written
     assert [p.name for p in chain(layer)] == [layer.name, "overlay.raw"]
     assert layer.stat().st_blocks * 512 < 2 * MIB  # the write, not a copy of the base
+
+
+def test_two_snapshots_files_of_one_name_never_meet(tmp_path: Path) -> None:
+    """A restore from one snapshot, then from another: each layer reads its own snapshot's
+    disk, though both files are called overlay.raw."""
+    disks = tmp_path / "guest" / "disks"
+    layers = []
+    for name, content in (("s1", b"one"), ("s2", b"two")):
+        base = tmp_path / name / "disks" / "overlay.raw"
+        base.parent.mkdir(parents=True)
+        base.write_bytes(content.ljust(4096, b"\0"))
+        layers.append(new_top_layer(disks, "overlay", "i1", link_chain(base, disks / name)))
+    for layer, name in zip(layers, ("s1", "s2"), strict=True):
+        below = list(chain(layer))[1]
+        assert below.samefile(tmp_path / name / "disks" / "overlay.raw")
+    assert layers[0].name != layers[1].name
 
 
 # -- forks refused before anything is made -----------------------------------------------------
