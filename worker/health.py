@@ -28,6 +28,7 @@ the watch: no struct, no clock read beyond one float, no log line.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import socket
@@ -46,8 +47,8 @@ from schemas.messages import HealthCheckSpec, HealthState, InstanceRecord, Stop
 from worker.engine import HostEngine
 from worker.health_probe import (
     MAX_ERROR_CHARS,
-    Deadlines,
     NetProbe,
+    ProbeIO,
     ProbeResult,
     http_request,
     ip_literal,
@@ -155,13 +156,13 @@ class _Supervisor:
         self.stopping: set[str] = set()
         self.queued: collections.deque[tuple[_Watch, InstanceRecord]] = collections.deque()
         self.open = 0
-        self.deadlines = Deadlines()
+        self.io = ProbeIO(asyncio.get_running_loop())
         self.ticks = 0
 
     def close(self) -> None:
         """The plain probes in flight end with the loop (the tasks end with its group)."""
         self.queued.clear()
-        self.deadlines.close()
+        self.io.close()
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -236,7 +237,7 @@ class _Supervisor:
                 self._open(*self.queued.popleft())
 
         check, target, family, request = watch.check, watch.target, watch.family, watch.request
-        NetProbe(check, target, family, request, done, self.deadlines).start()
+        NetProbe(check, target, family, request, done, self.io).start()
 
     async def _run_task_probe(self, watch: _Watch, record: InstanceRecord) -> None:
         async with self.limiter:

@@ -26,6 +26,7 @@ import ipaddress
 import json
 import math
 import os
+import select
 import socket
 import ssl
 from collections.abc import Callable
@@ -41,8 +42,8 @@ from worker.engine import HostEngine
 
 __all__ = [
     "MAX_ERROR_CHARS",
-    "Deadlines",
     "NetProbe",
+    "ProbeIO",
     "ProbeResult",
     "http_request",
     "ip_literal",
@@ -121,28 +122,64 @@ def judge_http_head(head: bytes, check: HealthCheckSpec) -> ProbeResult:
     return PASSED
 
 
-class Deadlines:
-    """The timeouts of many probes on few timers: a probe joins the bucket of its deadline
-    (rounded up to :attr:`GRAIN_S`), and one loop timer per bucket times out whoever is
-    still in it. A timeout is therefore up to :attr:`GRAIN_S` late, and costs a set
-    insertion instead of a timer of its own."""
+class ProbeIO:
+    """What every plain probe of one health loop shares, so that a check costs a few
+    system calls and no asyncio bookkeeping of its own.
+
+    Readiness: one ``epoll`` set holds the probes' sockets, and the event loop watches only
+    that set's descriptor; when it turns readable, :meth:`_ready` takes every ready socket
+    in one batch. A socket leaves the set by being closed (the kernel drops it).
+
+    Timeouts: a probe joins the bucket of its deadline (rounded up to :attr:`GRAIN_S`), and
+    one loop timer per bucket times out whoever is still in it: a timeout is up to
+    :attr:`GRAIN_S` late and costs a set insertion instead of a timer of its own.
+    """
 
     GRAIN_S: Final = 0.05
+    #: Ready sockets taken per batch (the rest wait for the next turn of the loop).
+    BATCH: Final = 256
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._epoll = select.epoll()
+        self._handlers: dict[int, Callable[[], None]] = {}
         self._buckets: dict[int, set[NetProbe]] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
+        loop.add_reader(self._epoll.fileno(), self._ready)
 
-    def add(self, probe: NetProbe, loop: asyncio.AbstractEventLoop, timeout_s: float) -> int:
-        key = math.ceil((loop.time() + timeout_s) / self.GRAIN_S)
+    # -- readiness -------------------------------------------------------------------------
+
+    def watch(self, fd: int, writable: bool, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once ``fd`` is readable (or writable), until :meth:`forget`."""
+        events = select.EPOLLOUT if writable else select.EPOLLIN
+        if fd in self._handlers:
+            self._epoll.modify(fd, events)
+        else:
+            self._epoll.register(fd, events)
+        self._handlers[fd] = callback
+
+    def forget(self, fd: int) -> None:
+        """``fd`` is about to be closed (which takes it out of the set)."""
+        self._handlers.pop(fd, None)
+
+    def _ready(self) -> None:
+        for fd, _ in self._epoll.poll(0, self.BATCH):
+            callback = self._handlers.get(fd)
+            if callback is not None:
+                callback()
+
+    # -- timeouts --------------------------------------------------------------------------
+
+    def add_deadline(self, probe: NetProbe, timeout_s: float) -> int:
+        key = math.ceil((self.loop.time() + timeout_s) / self.GRAIN_S)
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = set()
-            self._timers[key] = loop.call_at(key * self.GRAIN_S, self._expire, key)
+            self._timers[key] = self.loop.call_at(key * self.GRAIN_S, self._expire, key)
         bucket.add(probe)
         return key
 
-    def remove(self, probe: NetProbe, key: int) -> None:
+    def remove_deadline(self, probe: NetProbe, key: int) -> None:
         bucket = self._buckets.get(key)
         if bucket is not None:
             bucket.discard(probe)
@@ -153,8 +190,8 @@ class Deadlines:
             probe.timed_out()
 
     def close(self) -> None:
-        """Drop every probe still open, unanswered (their owner is going away), and the
-        timers: nothing is left registered with the loop."""
+        """Drop every probe still open, unanswered (their owner is going away), the timers
+        and the set: nothing is left registered with the loop."""
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -162,27 +199,29 @@ class Deadlines:
         for bucket in buckets.values():
             for probe in bucket:
                 probe.abandon()
+        self.loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
+        self._handlers.clear()
 
 
 class NetProbe:
     """One plain http or tcp check, driven by readiness callbacks on the running asyncio
-    loop: connect, (http) send the request and read up to the status line, close. Exactly
-    one call of ``done`` follows :meth:`start`, from the loop, with the result."""
+    loop (through :class:`ProbeIO`): connect, (http) send the request and read up to the
+    status line, close. Exactly one call of ``done`` follows :meth:`start`, from the loop,
+    with the result (none if :meth:`abandon` comes first)."""
 
     __slots__ = (
         "_check",
         "_deadline",
-        "_deadlines",
         "_done",
         "_family",
         "_fd",
         "_finished",
         "_head",
-        "_loop",
+        "_io",
         "_pending",
         "_sock",
         "_target",
-        "_watching",
     )
 
     def __init__(
@@ -192,7 +231,7 @@ class NetProbe:
         family: socket.AddressFamily,
         request: bytes | None,
         done: Callable[[ProbeResult], None],
-        deadlines: Deadlines,
+        io: ProbeIO,
     ) -> None:
         self._check = check
         self._target = target
@@ -200,14 +239,11 @@ class NetProbe:
         #: What is left to send (None: a tcp check sends nothing).
         self._pending = request
         self._done = done
-        self._loop = asyncio.get_running_loop()
+        self._io = io
         self._sock: socket.socket | None = None
         self._fd = -1
         self._head = b""
-        self._deadlines = deadlines
         self._deadline = -1
-        #: "r" or "w" while a callback is registered for the socket.
-        self._watching = ""
         self._finished = False
 
     def start(self) -> None:
@@ -217,42 +253,25 @@ class NetProbe:
             self._finish(ProbeResult(False, f"no socket: {exc}"))
             return
         self._sock, self._fd = sock, sock.fileno()
-        self._deadline = self._deadlines.add(self, self._loop, self._check.timeout_s)
+        self._deadline = self._io.add_deadline(self, self._check.timeout_s)
         code = sock.connect_ex(self._target)
         if code == 0 or (code == errno.EINPROGRESS and self._established()):
             self._connected()
         elif code == errno.EINPROGRESS:
-            self._watch("w", self._on_connect)
+            self._io.watch(self._fd, True, self._on_connect)
         else:
             self._finish(self._refused(code))
 
     def _established(self) -> bool:
         """Whether the handshake is already done: to a local port (user mode's mappings)
         the kernel completes it within ``connect``, and waiting for the socket to turn
-        writable would only cost two more trips through the selector."""
+        writable would only cost another trip through the poller."""
         assert self._sock is not None
         try:
             self._sock.getpeername()
         except OSError:
             return False  # still connecting (or refused: the writable wait tells)
         return True
-
-    def _watch(self, how: str, callback: Callable[[], None]) -> None:
-        if self._watching == how:
-            return
-        self._unwatch()
-        if how == "w":
-            self._loop.add_writer(self._fd, callback)
-        else:
-            self._loop.add_reader(self._fd, callback)
-        self._watching = how
-
-    def _unwatch(self) -> None:
-        if self._watching == "w":
-            self._loop.remove_writer(self._fd)
-        elif self._watching == "r":
-            self._loop.remove_reader(self._fd)
-        self._watching = ""
 
     def _on_connect(self) -> None:
         assert self._sock is not None
@@ -283,9 +302,9 @@ class NetProbe:
             return
         self._pending = self._pending[sent:]
         if self._pending:
-            self._watch("w", self._send)
+            self._io.watch(self._fd, True, self._send)  # the rest once there is room
         else:
-            self._watch("r", self._receive)
+            self._io.watch(self._fd, False, self._receive)
 
     def _receive(self) -> None:
         assert self._sock is not None
@@ -305,25 +324,25 @@ class NetProbe:
         """Close without a result: no callback, socket or registration is left behind."""
         self._deadline = -1
         self._finished = True
-        self._unwatch()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        self._close()
 
     def timed_out(self) -> None:
         self._deadline = -1
         self._finish(ProbeResult(False, f"timed out after {self._check.timeout_s:g}s"))
 
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._io.forget(self._fd)
+            self._sock.close()
+            self._sock = None
+
     def _finish(self, result: ProbeResult) -> None:
         if self._finished:
             return
         self._finished = True
-        self._unwatch()
         if self._deadline >= 0:
-            self._deadlines.remove(self, self._deadline)
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+            self._io.remove_deadline(self, self._deadline)
+        self._close()
         self._done(result)
 
 
