@@ -151,6 +151,16 @@ def test_snapshot_forks_diverge_and_restore(
         count_a = ticks(client, fork_a.id)[-1][0]
         wait_for_ticks(client, fork_a.id, lambda t: t[-1][0] > count_a + 2)
 
+        # A schedule on the parent: set, read back, removed (its worker runs it).
+        schedule = client.instances.snapshot_schedule.update(
+            parent.id, interval="1h", retention={"max_count": 2}, name_prefix="hourly"
+        )
+        assert (schedule.interval, schedule.retention.max_count) == ("1h0m0s", 2)
+        assert client.instances.snapshot_schedule.get(parent.id).name_prefix == "hourly"
+        client.instances.snapshot_schedule.delete(parent.id)
+        with pytest.raises(NotFoundError):
+            client.instances.snapshot_schedule.get(parent.id)
+
         # Restore in place: the parent's counter goes back to the snapshot's value.
         back = client.instances.snapshots.create(parent.id, kind="Standby", name="back")
         at_back = ticks(client, parent.id)[-1][0]
