@@ -10,6 +10,7 @@ from pathlib import Path
 from nats.js.errors import ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
+from schemas.api import InstanceState
 from schemas.errors import BadRequest, NotFound, VmfleetError
 from schemas.messages import (
     AnyCommand,
@@ -153,7 +154,7 @@ class Dispatcher:
             snapshot_id=cmd.fork.snapshot_id,
             source_instance_id=source,
         )
-        await event("started")
+        await event("started", state=InstanceState.CREATED)
         try:
             record = await self.engine.execute(cmd)
         except Exception as exc:

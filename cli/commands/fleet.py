@@ -100,7 +100,12 @@ def _event_line(event_id: str | None, event: dict[str, Any]) -> str:
     """``2026-12-01 17:59:46  #12  dev-host/hello  Running -> Standby``."""
     at = parse_time(event["at"]).astimezone().strftime("%Y-%m-%d %H:%M:%S")
     who = f"{event['host']}/{event.get('name') or short_id(event['instance_id'])}"
-    line = f"{at}  #{event_id or '-'}  {who}  {event.get('previous') or '-'} -> {event['state']}"
+    what = f"{event.get('previous') or '-'} -> {event['state']}"
+    if event.get("kind") in ("snapshot", "fork"):  # ``snapshot created S``, ``fork finished S``
+        what = f"{event['kind']} {event.get('action')} {event.get('snapshot_id')}"
+        if event["kind"] == "fork":
+            what += f" of {short_id(event.get('source_instance_id') or '-')}"
+    line = f"{at}  #{event_id or '-'}  {who}  {what}"
     if event.get("error"):
         line += f"  ({event['error']})"
     if event.get("deleted"):

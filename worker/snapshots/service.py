@@ -62,6 +62,7 @@ class SnapshotService:
         snapshot_id: str,
         source_instance_id: str,
         error: str | None = None,
+        state: InstanceState | None = None,
     ) -> None:
         """One snapshot or fork event; a bus that refuses it costs the event, not the
         operation."""
@@ -71,7 +72,7 @@ class SnapshotService:
             instance_id=instance_id,
             name=name,
             host=self.host_id,
-            state=self._state_of(instance_id),
+            state=state or self._state_of(instance_id),
             error=error,
             at=utc_now(),
             kind=kind,
