@@ -61,7 +61,7 @@ from natsbus import Layout, provision
 from schemas.api import Hypervisor
 from schemas.clock import utc_now
 from schemas.codec import decode_host_record, decode_instance_record
-from schemas.messages import Create, InstanceRecord
+from schemas.messages import Create, HostRecord, InstanceRecord
 from schemas.subjects import Subjects
 
 SECRET = "bench-fleet-secret-0123456789abcdef0123"
@@ -404,12 +404,30 @@ def check_fleet(
         Check(
             "heartbeats agree with records",
             not disagree,
-            f"{len(disagree)} hosts disagree: {disagree[:5]}" if disagree else "all hosts",
+            f"{len(disagree)} hosts disagree: {disagree[:5]}; "
+            + _beat_vs_records(disagree[0], beats, per_host)
+            if disagree
+            else "all hosts",
         )
     )
     left = anyio.run(commands_left, nats_url)
     checks.append(Check("command stream drained", left == 0, f"{left} commands left"))
     return checks, records
+
+
+def _beat_vs_records(
+    host: str, beats: dict[str, HostRecord], per_host: dict[str, list[InstanceRecord]]
+) -> str:
+    """What one disagreeing host's heartbeat says next to what its records hold."""
+    held = per_host.get(host, [])
+    beat = beats.get(host)
+    said = (
+        f"{beat.instances} instances, {beat.memory_allocated_bytes >> 20} MiB"
+        if beat is not None
+        else "no heartbeat"
+    )
+    memory = sum(r.size_bytes for r in held) >> 20
+    return f"{host}'s heartbeat: {said}; its records: {len(held)}, {memory} MiB"
 
 
 async def probe_full_host(

@@ -106,9 +106,9 @@ async def release_name_after_delete(
 
 
 def _refuse_if_recorded(gw: Gateway, name: str, instance_id: str) -> None:
-    for record in gw.view.instances.values():
-        if record.name == name and record.id != instance_id:
-            raise _conflict(name)
+    # The view's index by name: one lookup, not a pass over every record per create.
+    if any(other != instance_id for other in gw.view.instance_ids_named(name)):
+        raise _conflict(name)
 
 
 def _abandoned(gw: Gateway, held: NameClaim, grace_s: float) -> bool:
@@ -134,4 +134,4 @@ def _conflict(name: str) -> BadRequest:
 
 
 async def _bucket(gw: Gateway) -> KeyValue:
-    return await gw.js.key_value(gw.subjects.names_bucket)
+    return await gw.bucket(gw.subjects.names_bucket)

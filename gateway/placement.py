@@ -27,6 +27,7 @@ would over-commit it: two gateways placing at once never over-commit a host.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -96,6 +97,11 @@ class Placement:
     memory_overcommit: float = DEFAULT_MEMORY_OVERCOMMIT
     clock: Callable[[], float] = time.monotonic
     _reserved: dict[str, list[_Reservation]] = field(default_factory=dict)
+    #: Bumped whenever a host's reservations change: a cached room is then stale.
+    _versions: dict[str, int] = field(default_factory=dict)
+    #: host → (the heartbeat it was worked out from, the reservations' version, until
+    #: when it holds (the oldest reservation in it ages out), the room).
+    _rooms: dict[str, tuple[HostRecord, int, float, _Room]] = field(default_factory=dict)
 
     def instance_host(
         self,
@@ -182,13 +188,36 @@ class Placement:
         heartbeat has caught up with it."""
         reservation = _Reservation(demand, made_at=self.clock())
         self._reserved.setdefault(host_id, []).append(reservation)
+        self._changed(host_id)
         try:
             yield
         finally:
             reservation.done_at = utc_now()
+            self._changed(host_id)
+
+    def _changed(self, host_id: str) -> None:
+        self._versions[host_id] = self._versions.get(host_id, 0) + 1
 
     def _room(self, host: HostRecord) -> _Room:
+        """The host's room, worked out again only when its heartbeat or its reservations
+        changed or one of them aged out: a create looks at every host, and most of them
+        have not changed since the last create."""
+        version = self._versions.get(host.id, 0)
+        cached = self._rooms.get(host.id)
+        if (
+            cached is not None
+            and cached[0] is host
+            and cached[1] == version
+            and self.clock() < cached[2]
+        ):
+            return cached[3]
         pending = self._pending(host)
+        room = self._room_left(host, pending)
+        holds_until = min((r.made_at for r in pending), default=math.inf) + _RESERVATION_MAX_AGE_S
+        self._rooms[host.id] = (host, version, holds_until, room)
+        return room
+
+    def _room_left(self, host: HostRecord, pending: list[_Reservation]) -> _Room:
         return _Room(
             memory=host.memory_total_bytes * self.memory_overcommit
             - host.memory_allocated_bytes

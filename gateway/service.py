@@ -10,10 +10,11 @@ within milliseconds, and a slow one only delays the read, never breaks it).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 from starlette.requests import Request
 
 from gateway.commands import CommandSender
@@ -37,6 +38,15 @@ class Gateway:
     view: FleetView
     sender: CommandSender
     placement: Placement
+    _buckets: dict[str, KeyValue] = field(default_factory=dict, repr=False)
+
+    async def bucket(self, name: str) -> KeyValue:
+        """The KV bucket ``name``, looked up once: each lookup asks NATS for the stream's
+        info, a round trip that would otherwise be part of every create."""
+        kv = self._buckets.get(name)
+        if kv is None:
+            kv = self._buckets[name] = await self.js.key_value(name)
+        return kv
 
     async def execute(
         self,

@@ -127,7 +127,9 @@ class FleetView:
         return [record for _, (record, _) in sorted(self._hosts.items())]
 
     def live_host(self, host_id: str) -> HostRecord | None:
-        return next((h for h in self.live_hosts() if h.id == host_id), None)
+        """The host's record if its heartbeat is younger than the TTL (one lookup)."""
+        beat = self._hosts.get(host_id)
+        return beat[0] if beat is not None and beat[1] > self._clock() else None
 
     async def wait_until(self, probe: Callable[[], T | None], timeout_s: float) -> T | None:
         """``probe()`` once it returns something truthy, or its last answer at the deadline.
