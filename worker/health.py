@@ -3,7 +3,8 @@
 One loop per worker, like :mod:`worker.supervisor`. It wakes :data:`TICK_S` apart, looks
 at the records, and starts every check whose interval has passed, all in that one pass: a
 plain http or tcp check is a :class:`worker.health_probe.NetProbe` (a non-blocking socket
-on the loop's callbacks, at most :data:`MAX_OPEN_PROBES` open at once, the rest queued);
+in the loop's one shared epoll set, at most :data:`MAX_OPEN_PROBES` open at once, the rest
+queued);
 ``exec`` (through the guest agent) and ``https`` checks run as tasks, at most
 :data:`MAX_CONCURRENT_CHECKS` at once. A check never takes the instance's lock, so a slow
 probe never holds up a command; its result is applied only if the instance is still
@@ -87,6 +88,7 @@ class _Watch:
         "saved_at",
         "seen",
         "target",
+        "target_of",
         "window",
     )
 
@@ -112,6 +114,8 @@ class _Watch:
         self.target: tuple[str, int] | None = None
         self.family: socket.AddressFamily | None = None
         self.request: bytes | None = None
+        #: The record ``target`` was worked out from.
+        self.target_of: InstanceRecord | None = None
 
     def matches(self, record: InstanceRecord) -> bool:
         if record is self.record:
@@ -206,6 +210,8 @@ class _Supervisor:
     def _plain_target(self, watch: _Watch, record: InstanceRecord) -> bool:
         """Whether ``watch`` has an IP address to probe with a plain socket (else the task
         path tries, and reports why it cannot)."""
+        if record is watch.target_of:
+            return True  # the same record: the same address
         try:
             target = probe_target(
                 record,
@@ -222,6 +228,7 @@ class _Supervisor:
             watch.target = target
             http = watch.check.type == "http"
             watch.request = http_request(watch.check, *target) if http else None
+        watch.target_of = record
         return True
 
     # -- running ---------------------------------------------------------------------------

@@ -6,10 +6,12 @@ has no route to the guest, so http/tcp go through the host port mapped to the ch
 port, on the address the mappings listen on.
 
 How. A plain http or tcp check to an address (always an IP literal: a guest's address or
-the mappings' listen address) is a :class:`NetProbe`: a non-blocking socket driven by the
-event loop's readiness callbacks, with one timer for its timeout. No task, no cancel scope,
-no name resolution, no happy-eyeballs race: the supervision loop runs a thousand of these a
-second on a few percent of one core (``bench/supervision.py``). Anything else (``exec``
+the mappings' listen address) is a :class:`NetProbe`: a non-blocking socket in an epoll
+set that all the loop's probes share (:class:`ProbeIO`), its timeout a place in a shared
+bucket. No task, no cancel scope, no name resolution, no happy-eyeballs race, no timer or
+reader registration of its own: the supervision loop runs a thousand of these a second on a
+few percent of one core, about what the same checks cost as bare blocking socket calls
+(``bench/supervision.py``). Anything else (``exec``
 through the guest agent, ``https``, a host name) is :func:`probe`, an ordinary coroutine
 run in a task of its own: rarer, and each costs what its protocol costs anyway.
 
@@ -205,8 +207,8 @@ class ProbeIO:
 
 
 class NetProbe:
-    """One plain http or tcp check, driven by readiness callbacks on the running asyncio
-    loop (through :class:`ProbeIO`): connect, (http) send the request and read up to the
+    """One plain http or tcp check, driven by readiness callbacks from the shared
+    :class:`ProbeIO`: connect, (http) send the request and read up to the
     status line, close. Exactly one call of ``done`` follows :meth:`start`, from the loop,
     with the result (none if :meth:`abandon` comes first)."""
 
