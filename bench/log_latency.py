@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -53,7 +54,8 @@ from schemas.codec import decode_log_line
 from schemas.subjects import Subjects
 from tests.support.images import build_busybox_image, push_image
 from tests.support.registry import LocalRegistry
-from worker.logs import SOURCES, LogShipper
+from worker.filewatch import FileWatcher
+from worker.logs import SOURCES, LogFollower, LogShipper
 
 #: Prints a line with the guest's clock every ~10 ms without forking (busybox ash).
 GUEST_SCRIPT = (
@@ -196,6 +198,43 @@ def host_followers(count: int, idle_s: float, write_s: float, root: Path) -> dic
     return result
 
 
+class _Unsaved(LogFollower):
+    """A second follower of the guest's logs beside the worker's own: the read position
+    file there is the worker's, so this one keeps its positions in memory only."""
+
+    def _load_positions(self) -> dict[str, Any]:
+        return {}
+
+    def _save_positions(self) -> None:
+        pass
+
+
+async def follow_beside_idle(
+    count: int, guest_logs: Path, root: Path, into: Received, stop: threading.Event
+) -> None:
+    """The guest's log directory plus ``count - 1`` idle ones, followed in this process
+    by one watcher: the guest's lines as a worker with ``count`` followed instances
+    would hand them on."""
+
+    async def publish(subject: str, payload: bytes, msg_id: str) -> None:
+        into.add(decode_log_line(payload).line, time.time())
+
+    watcher = FileWatcher()
+    dirs = [guest_logs]
+    for i in range(count - 1):
+        idle = root / f"i{i:05d}"
+        idle.mkdir(parents=True)
+        dirs.append(idle)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watcher.run)
+        for n, logs in enumerate(dirs):
+            follower = _Unsaved(f"f{n}", logs, Subjects("bench"), publish, watcher=watcher)
+            tg.start_soon(follower.run)
+        while not stop.is_set():
+            await anyio.sleep(0.1)
+        tg.cancel_scope.cancel()
+
+
 def report_host_followers(args: argparse.Namespace, summary: Summary) -> None:
     with tempfile.TemporaryDirectory(prefix="vllf") as root:
         r = host_followers(args.followers, args.idle_seconds, args.seconds, Path(root))
@@ -259,7 +298,8 @@ def main(args: argparse.Namespace) -> None:
             assert created.status_code == 201, created.text
             iid = created.json()["id"]
             print(f"guest up in {time.monotonic() - started:.1f} s", file=sys.stderr)
-            sse, direct = Received(), Received()
+            sse, direct, beside = Received(), Received(), Received()
+            guest_logs = next((work / "dev").rglob(f"{iid}/logs/app.log")).parent
             stop = threading.Event()
             reader = threading.Thread(
                 target=read_sse, args=(stack.base_url, stack.headers, iid, sse, stop), daemon=True
@@ -269,6 +309,15 @@ def main(args: argparse.Namespace) -> None:
             async def collect() -> None:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(read_nats, stack.nats_url, iid, direct, stop)
+                    if args.followers:
+                        tg.start_soon(
+                            follow_beside_idle,
+                            args.followers,
+                            guest_logs,
+                            work / "idle",
+                            beside,
+                            stop,
+                        )
                     deadline = time.monotonic() + 120
                     while not direct.at and time.monotonic() < deadline:
                         await anyio.sleep(0.1)
@@ -286,10 +335,10 @@ def main(args: argparse.Namespace) -> None:
         raw_nats = [direct.at[n] - direct.guest[n] for n in both]
         slope, origin, offset = fit_offset(guest, raw_nats)
 
-        def latency(at: dict[int, float]) -> list[float]:
+        def latency(at: dict[int, float], ticks: list[int] = both) -> list[float]:
             return [
                 (at[n] - direct.guest[n]) - slope * (direct.guest[n] - origin) - offset
-                for n in both
+                for n in ticks
             ]
 
         lat_nats, lat_sse = latency(direct.at), latency(sse.at)
@@ -314,6 +363,14 @@ def main(args: argparse.Namespace) -> None:
             f"| SSE minus NATS, per line (no clock offset) | {pct(gateway_share, 0.5) * ms:.1f} | "
             f"{pct(gateway_share, 0.99) * ms:.1f} | {max(gateway_share) * ms:.1f} | |",
         ]
+        seen_beside = [n for n in both if n in beside.at]
+        if seen_beside:
+            lat_beside = latency({n: beside.at[n] for n in seen_beside}, seen_beside)
+            lines.append(
+                f"| guest -> a follower among {args.followers} in one process (read, "
+                f"not published) | {pct(lat_beside, 0.5) * ms:.1f} | "
+                f"{pct(lat_beside, 0.99) * ms:.1f} | {max(lat_beside) * ms:.1f} | |"
+            )
         print("\n".join(lines))
         summary.add(
             "log line guest -> SSE p99",
