@@ -94,6 +94,7 @@ def create_app(config: GatewayConfig, *, registry: CollectorRegistry | None = No
     app = Starlette(
         routes=[
             *health.routes,
+            *instances.hot_routes,
             *spec.routes,
             *fleet.routes,
             *events.routes,
