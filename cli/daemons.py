@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from cli.settings import ConfigError, Settings
 from gateway import GatewayConfig, create_app
+from gateway.app import tune_garbage_collector
 from gateway.server import bind, serve
 from natsbus import BusOptions, BusRefused, Layout, connect, inbox_prefix
 from schemas.subjects import Subjects
@@ -53,6 +54,7 @@ async def run_gateway_daemon(settings: Settings, host: str, port: int) -> None:
     async with anyio.create_task_group() as tg:
         await tg.start(cancel_on_signal, tg.cancel_scope)
         await tg.start(serve, create_app(config), sock)
+        tune_garbage_collector()
     log.info("gateway stopped")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 from collections.abc import AsyncIterator
 
 import anyio
@@ -45,7 +46,23 @@ from gateway.view import FleetView
 from natsbus import close, connect, provision
 from schemas.subjects import Subjects
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "tune_garbage_collector"]
+
+
+def tune_garbage_collector() -> None:
+    """For a process that is the gateway and nothing else (``vmfleet gateway``, once it
+    serves): a request leaves its garbage to reference counting, and the cycle collector's
+    passes over the young objects of every few hundred allocations were ~6% of the
+    gateway's CPU per create. Collect rarer, and leave what is loaded at start (modules, the
+    view's first copy) out of the full passes for good. Not for a process that makes and
+    drops apps (tests): what is frozen is never collected."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
+#: Allocations between two collections of the youngest generation (CPython's default: 700).
+_GC_YOUNG_THRESHOLD = 10_000
 
 
 def create_app(config: GatewayConfig, *, registry: CollectorRegistry | None = None) -> Starlette:
