@@ -281,7 +281,13 @@ async def test_drain_and_undrain_a_host(gw: GatewayHandle, bus: Bus) -> None:
                 await anyio.sleep(0.05)
         drained = await client.post("/hosts/h1/drain", json={"reason": "kernel update"})
         assert drained.status_code == 200, drained.text
-        assert drained.json() == {"host": "h1", "drained": True, "standby": [], "errors": {}}
+        assert drained.json() == {
+            "host": "h1",
+            "drained": True,
+            "standby": [],
+            "moved": {},
+            "errors": {},
+        }
         assert [h["drained"] for h in (await client.get("/hosts")).json()] == [True]
         refused = await client.post("/volumes", json={"name": "v", "size_gb": 1})
         assert (refused.status_code, refused.json()["code"]) == (503, "no_capacity")

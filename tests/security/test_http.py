@@ -606,8 +606,7 @@ def test_a_chunked_body_is_counted_by_its_bytes_not_its_chunk_sizes(hostless: Fl
 
 def test_a_lying_content_length_cannot_smuggle_a_bigger_body(hostless: Fleet) -> None:
     """Declared small, sent big: the body is what was declared (here a valid create, so a
-    503 from placement), the rest is never read as this body. Declared small *and* sent
-    chunked: the chunking wins (RFC 9112 §6.3), and its bytes are counted."""
+    503 from placement), the rest is never read as this body."""
     small = b'{"name": "web", "image": "docker.io/library/busybox:latest"}'
     head = b"POST /instances HTTP/1.1\r\nContent-Type: application/json\r\n"
     lying = head + b"Content-Length: %d\r\n" % len(small)
@@ -615,12 +614,6 @@ def test_a_lying_content_length_cannot_smuggle_a_bigger_body(hostless: Fleet) ->
         hostless.api, lying, body=small + b"x" * (2 * MIB), authorized=True
     )
     assert (status, json.loads(answer)["code"]) == (503, "no_capacity")
-    big = b"x" * (2 * MIB)
-    both = head + b"Content-Length: 10\r\nTransfer-Encoding: chunked\r\n"
-    status, _, answer = raw_request(
-        hostless.api, both, body=b"%x\r\n%s\r\n0\r\n\r\n" % (len(big), big), authorized=True
-    )
-    assert (status, json.loads(answer)["code"]) == (413, "payload_too_large")
     assert_nothing_stored(hostless)
 
 
@@ -632,6 +625,8 @@ def test_a_lying_content_length_cannot_smuggle_a_bigger_body(hostless: Fleet) ->
         b"Content-Length: 1e9\r\n",
         b"Content-Length: +20\r\n",
         b"Transfer-Encoding: gzip, chunked\r\n",
+        # Both framings (RFC 9112 §6.3 lets a server refuse it): the classic smuggling shape.
+        b"Content-Length: 10\r\nTransfer-Encoding: chunked\r\n",
     ],
 )
 def test_ambiguous_framing_is_refused_before_the_app(hostless: Fleet, framing: bytes) -> None:
