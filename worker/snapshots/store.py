@@ -86,7 +86,7 @@ class SnapshotStore:
             directory.replace(doomed)
         except FileNotFoundError:
             return
-        shutil.rmtree(doomed, ignore_errors=True)
+        _discard(doomed)
 
     def sweep_incomplete(self) -> None:
         """Drop what an interrupted snapshot or delete left behind."""
@@ -94,7 +94,16 @@ class SnapshotStore:
             return
         for entry in self.root.iterdir():
             if entry.name.startswith(".") or not (entry / MANIFEST).exists():
-                shutil.rmtree(entry, ignore_errors=True)
+                _discard(entry)
+
+
+def _discard(entry: Path) -> None:
+    """A snapshot's directory, or the link to a copy fetched from another host (the copy
+    itself belongs to the transfers cache, which evicts it)."""
+    if entry.is_symlink():
+        entry.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 async def copy_cow(source: Path, target: Path) -> None:

@@ -108,6 +108,25 @@ def test_two_snapshots_files_of_one_name_never_meet(tmp_path: Path) -> None:
     assert layers[0].name != layers[1].name
 
 
+def test_a_snapshot_fetched_from_another_host_is_unlinked_not_its_cached_copy(
+    tmp_path: Path,
+) -> None:
+    """Another host's snapshot is a link into the transfers cache: deleting the snapshot,
+    or sweeping a link whose copy the cache evicted, removes the link and nothing else."""
+    store = SnapshotStore(tmp_path)
+    store.root.mkdir()
+    cached = tmp_path / "transfers" / "s1"
+    cached.mkdir(parents=True)
+    (cached / "manifest.json").write_text("{}")
+    store.directory("s1").symlink_to(cached)
+    evicted = store.directory("s2")
+    evicted.symlink_to(tmp_path / "transfers" / "gone")
+    store.remove("s1")
+    store.sweep_incomplete()
+    assert list(store.root.iterdir()) == []
+    assert (cached / "manifest.json").exists()
+
+
 # -- forks refused before anything is made -----------------------------------------------------
 
 
