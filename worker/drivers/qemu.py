@@ -287,23 +287,7 @@ class QemuDriver:
                 await anyio.sleep(0.02)
 
     async def restore(self, spec: VmSpec, snapshot_dir: Path, *, vmm_log: Path) -> VmmProcess:
-        memory = snapshot_dir / "memory"
-        process = await spawn_vmm(
-            build_args(spec, binary=self.binary, incoming=True),
-            log_path=vmm_log,
-            socket_path=self.api_socket(spec),
-        )
-        try:
-            async with open_qmp(self.api_socket(spec)) as qmp:
-                await qmp.execute(
-                    "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(memory))}"}
-                )
-                await self._wait_until_loaded(qmp)
-                await qmp.execute("cont")
-        except BaseException:
-            await process.kill_and_reap()
-            raise
-        return process
+        return await self._restore(spec, snapshot_dir, vmm_log=vmm_log)
 
     async def restore_swapped(
         self, spec: VmSpec, saved_spec: VmSpec, snapshot_dir: Path, *, vmm_log: Path
@@ -312,6 +296,20 @@ class QemuDriver:
         the new command line's drives are what the guest reads from now on. The stream does
         hold each disk's capacity as the guest last read it; a resize while paused makes the
         guest read it again (a config-change interrupt on ``cont``)."""
+
+        async def fit_disks(qmp: QmpClient) -> None:
+            await _fit_disk_sizes(qmp, spec)
+
+        return await self._restore(spec, snapshot_dir, vmm_log=vmm_log, while_paused=fit_disks)
+
+    async def _restore(
+        self,
+        spec: VmSpec,
+        snapshot_dir: Path,
+        *,
+        vmm_log: Path,
+        while_paused: Callable[[QmpClient], Awaitable[None]] | None = None,
+    ) -> VmmProcess:
         memory = snapshot_dir / "memory"
         process = await spawn_vmm(
             build_args(spec, binary=self.binary, incoming=True),
@@ -324,7 +322,8 @@ class QemuDriver:
                     "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(memory))}"}
                 )
                 await self._wait_until_loaded(qmp)
-                await _fit_disk_sizes(qmp, spec)
+                if while_paused is not None:
+                    await while_paused(qmp)
                 await qmp.execute("cont")
         except BaseException:
             await process.kill_and_reap()
