@@ -14,11 +14,9 @@ boot; restore under 1.5x the raw restore.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
-import socket
 import stat
 import statistics
 import subprocess
@@ -33,7 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.support import Summary, dev_stack
+from bench.support import RawQmp, Summary, dev_stack
 from cli.embedded_nats import free_port
 from schemas.api import Hypervisor
 from schemas.clock import utc_now
@@ -64,33 +62,6 @@ async def wait_for(path: Path, text: str, after: int = 0, timeout: float = 120) 
             await anyio.sleep(0.005)
 
 
-class Qmp:
-    """Raw QMP, blocking, for the baseline: no vmfleet code."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        for _ in range(400):
-            try:
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                time.sleep(0.005)
-        self.file = self.sock.makefile("rwb")
-        self.file.readline()
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name: str, **args: object) -> dict[str, object]:
-        self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        self.file.flush()
-        while True:
-            reply = json.loads(self.file.readline())
-            if "return" in reply or "error" in reply:
-                return reply  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 #: CPU seconds the QEMU process had used when the first line was there, per kind of boot:
 #: under TCG a boot is CPU-bound, so this compares boots on a machine others load too.
 qemu_cpu: dict[str, list[float]] = {"vmfleet": [], "raw": [], "trivial": []}
@@ -113,11 +84,9 @@ def guest_steps(app_log: Path, create_s: float, boot_s: float) -> dict[str, floa
     return {"boot": kernel, "app": max(boot_s - create_s - kernel, 0.0)}
 
 
-async def vmfleet_round(
-    engine: HostEngine, image: str, n: int, boot_only: bool = False
-) -> tuple[tuple[float, float, float], dict[str, float]]:
-    iid = f"bench{n:04d}"
-    create = Create(
+def app_create(iid: str, image: str) -> Create:
+    """The create every boot of this bench makes: 256 MiB, 1 vCPU, the app printing a line."""
+    return Create(
         id=f"c{iid}",
         instance_id=iid,
         issued_at=utc_now(),
@@ -129,6 +98,13 @@ async def vmfleet_round(
         hypervisor=Hypervisor.QEMU,
         cmd=["/bin/sh", "-c", APP],
     )
+
+
+async def vmfleet_round(
+    engine: HostEngine, image: str, n: int, boot_only: bool = False
+) -> tuple[tuple[float, float, float], dict[str, float]]:
+    iid = f"bench{n:04d}"
+    create = app_create(iid, image)
     create_steps.clear()
     start = time.perf_counter()
     try:
@@ -255,7 +231,7 @@ async def raw_round(
         if boot_only:
             return boot, math.nan, math.nan, trivial
         await wait_for(probe / "console.log", "tick 2")
-        qmp = Qmp(probe / "qmp.sock")
+        qmp = RawQmp(probe / "qmp.sock")
         start = time.perf_counter()
         qmp.cmd("stop")
         qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
@@ -271,7 +247,7 @@ async def raw_round(
         proc = subprocess.Popen(
             [*argv, "-incoming", "defer"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        qmp = Qmp(probe / "qmp.sock")
+        qmp = RawQmp(probe / "qmp.sock")
         qmp.cmd("migrate-incoming", uri=f"exec:cat {probe / 'memory'}")
         while qmp.cmd("query-status").get("return", {}).get("status") not in (
             "paused",
@@ -347,18 +323,7 @@ async def template_start_rounds(
     try:
         for n in range(runs):
             iid = f"tmpl{n:04d}"
-            create = Create(
-                id=f"c{iid}",
-                instance_id=iid,
-                issued_at=utc_now(),
-                name=iid,
-                image=image,
-                size_bytes=256 * MIB,
-                overlay_bytes=256 * MIB,
-                vcpus=1,
-                hypervisor=Hypervisor.QEMU,
-                cmd=["/bin/sh", "-c", APP],
-            )
+            create = app_create(iid, image)
             start = time.perf_counter()
             try:
                 await engine.execute(create)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -182,3 +183,33 @@ def disk_usage(path: Path) -> int:
 
 
 # -- a `vmfleet dev` stack: the tests' own launcher (tests/support/dev.py) --------------------
+
+
+class RawQmp:
+    """Blocking QMP for the baselines that run QEMU by hand: no vmfleet code in the way."""
+
+    def __init__(self, path: Path, timeout_s: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.001)
+        self.file = self.sock.makefile("rwb")
+        self.file.readline()
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name: str, **args: object) -> dict[str, object]:
+        self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        self.file.flush()
+        while True:
+            reply: dict[str, object] = json.loads(self.file.readline())
+            if "return" in reply or "error" in reply:
+                return reply
+
+    def close(self) -> None:
+        self.sock.close()

@@ -27,7 +27,6 @@ Goals (issue #16): wake <= 1.3x the API restore; vmfleet's overhead over the raw
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import socket
 import statistics
@@ -42,7 +41,7 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.support import Summary, dev_stack, pct, wait_for
+from bench.support import RawQmp, Summary, dev_stack, pct, wait_for
 from cli.embedded_nats import free_port
 from tests.support.images import build_busybox_image, push_image
 from tests.support.registry import LocalRegistry
@@ -79,33 +78,6 @@ def throughput(port: int, rounds: int = 3) -> float:
         assert len(body) == BIG_MIB << 20, len(body)
         best = max(best, BIG_MIB / (time.perf_counter() - start))
     return best
-
-
-class RawQmp:
-    """Blocking QMP for the baseline: no vmfleet code."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        while True:
-            try:
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                time.sleep(0.001)
-        self.file = self.sock.makefile("rwb")
-        self.file.readline()
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name: str, **args: object) -> dict[str, object]:
-        self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        self.file.flush()
-        while True:
-            reply: dict[str, object] = json.loads(self.file.readline())
-            if "return" in reply or "error" in reply:
-                return reply
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def raw_restore(
