@@ -21,7 +21,7 @@ from pathlib import Path
 
 from schemas.api import InstanceState
 from schemas.clock import utc_now
-from schemas.errors import Conflict, InsufficientStorage
+from schemas.errors import Conflict, HypervisorError, InsufficientStorage
 from schemas.messages import CreateSnapshot
 from schemas.snapshots import SnapshotDisk, SnapshotKind, SnapshotManifest, SnapshotSource
 from worker.drivers.base import DiskSpec, VmSpec
@@ -40,6 +40,10 @@ from worker.states import Op
 from worker.storage import storage_error
 
 __all__ = ["create_snapshot", "snapshot_store"]
+
+
+#: Free space under which a failed save is taken for a full disk (507, not 500).
+_FULL_BELOW_BYTES = 16 << 20
 
 
 def snapshot_store(ctx: OpContext) -> SnapshotStore:
@@ -67,6 +71,15 @@ async def create_snapshot(ctx: OpContext, inst: LocalInstance, cmd: CreateSnapsh
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise storage_error(f"snapshot {cmd.snapshot_id} failed: {exc}") from exc
+    except HypervisorError as exc:
+        # The VMM writes the memory through a pipe: a full disk reaches it as a broken pipe.
+        full = shutil.disk_usage(partial).free < _FULL_BELOW_BYTES
+        shutil.rmtree(partial, ignore_errors=True)
+        if full:
+            raise InsufficientStorage(
+                f"snapshot {cmd.snapshot_id} failed: the host's disk is full ({exc})"
+            ) from exc
+        raise
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -4,6 +4,7 @@ that is not there), a full disk during a snapshot's copy, and a schedule's reten
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import tempfile
@@ -329,6 +330,52 @@ async def test_a_snapshot_the_disk_cannot_hold_is_507_before_anything(
         id="c", issued_at=T0, instance_id="i-full", snapshot_id="s", kind=SnapshotKind.STOPPED
     )
     with pytest.raises(InsufficientStorage, match="MiB free"):
+        await create_snapshot(ctx, inst, cmd)
+    assert list(snapshot_store(ctx).root.iterdir()) == []
+
+
+@pytest.mark.anyio
+async def test_a_save_the_disk_fills_up_under_is_507_and_leaves_nothing(
+    tmp_path: Path, small_disk: Path, boot_assets: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The room check passed, then the disk filled while the VMM wrote the memory: QEMU
+    reports a broken pipe, the user gets a full disk (507), and no partial snapshot stays."""
+    from schemas.errors import HypervisorError
+    from tests.support.gateway import instance_record
+    from tests.worker.conftest import make_context
+    from worker.lifecycle.context import LocalInstance
+    from worker.snapshots.capture import create_snapshot
+
+    ctx = make_context(small_disk, boot_assets)  # type: ignore[arg-type]
+    guest = ctx.storage.create_guest("i-fill")
+    spec = VmSpec(
+        instance_id="i-fill",
+        vcpus=1,
+        memory_bytes=MIB,
+        kernel="/k",
+        initrd="/i",
+        cmdline="",
+        disks=(),
+        serial_log=str(guest.app_log),
+        run_dir=str(guest.run_dir),
+    )
+
+    async def save_filling_the_disk(spec: VmSpec, process: object, vm: Path, *_: object) -> None:
+        with contextlib.suppress(OSError), (vm / "memory").open("wb") as memory:
+            while True:
+                memory.write(b"\x01" * MIB)
+        raise HypervisorError("snapshot failed: Unable to write to command: Broken pipe")
+
+    monkeypatch.setattr(ctx.driver, "save_live", save_filling_the_disk)
+    inst = LocalInstance(
+        record=instance_record("i-fill", "fill", "test-host", state=InstanceState.RUNNING),
+        guest=guest,
+    )
+    inst.spec, inst.process = spec, object()  # type: ignore[assignment]
+    cmd = CreateSnapshot(
+        id="c", issued_at=T0, instance_id="i-fill", snapshot_id="s", kind=SnapshotKind.STANDBY
+    )
+    with pytest.raises(InsufficientStorage, match="disk is full"):
         await create_snapshot(ctx, inst, cmd)
     assert list(snapshot_store(ctx).root.iterdir()) == []
 
