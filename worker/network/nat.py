@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from schemas.api import PortMapping
 from worker.network._cmd import run_tool
 
-__all__ = ["Nat", "TaggedRule", "instance_rules", "rule_tag", "table_script"]
+__all__ = ["Nat", "TaggedRule", "instance_rules", "rule_tag", "table_script", "wake_rules"]
 
 TABLE = "vmfleet"
 _TAG = "vmfleet:"
@@ -63,6 +63,16 @@ def instance_rules(
     return "\n".join(lines) + "\n" if lines else ""
 
 
+def wake_rules(instance_id: str, guest_ip: str, wake_port: int, table: str = TABLE) -> str:
+    """While the instance sleeps: every TCP connection to its guest address (from outside,
+    and from this host) redirected to the worker's ``wake_port`` (worker.wake.catch)."""
+    match = f"ip daddr {guest_ip} meta l4proto tcp redirect to :{wake_port}"
+    return "".join(
+        f'add rule inet {table} {chain} {match} comment "{rule_tag(instance_id)}"\n'
+        for chain in ("prerouting", "output")
+    )
+
+
 @dataclass(frozen=True)
 class TaggedRule:
     chain: str
@@ -83,6 +93,12 @@ class Nat:
         script = instance_rules(instance_id, guest_ip, mappings, self.table)
         if script:
             await _nft(script)
+
+    async def asleep(self, instance_id: str, guest_ip: str, wake_port: int) -> None:
+        """The instance's rules replaced by :func:`wake_rules` (no DNAT while it sleeps);
+        the next :meth:`add` (the restore's plug) replaces them again."""
+        await self.remove(instance_id)
+        await _nft(wake_rules(instance_id, guest_ip, wake_port, self.table))
 
     async def remove(self, instance_id: str) -> None:
         await self._delete(r for r in await self.tagged() if r.instance_id == instance_id)

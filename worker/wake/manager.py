@@ -44,6 +44,7 @@ from schemas.clock import utc_now
 from schemas.errors import NotFound
 from schemas.messages import InstanceRecord, Restore
 from worker.drivers.base import PortForward, VmSpec
+from worker.wake.catch import listen_catch
 from worker.wake.sleeper import (
     Backend,
     GuestNotListening,
@@ -134,7 +135,7 @@ class WakeManager:
     def _arm(self, inst: LocalInstance) -> None:
         if inst.id in self._sleepers or self._tg is None or not inst.record.network_enabled:
             return
-        listeners = self._bind(inst)
+        listeners = self._bind(inst) + self._catch(inst)
         if not listeners:
             return
         sleeper = Sleeper(
@@ -147,10 +148,11 @@ class WakeManager:
         self._sleepers[inst.id] = sleeper
         self._tg.start_soon(self._run_sleeper, sleeper)
         if self._engine.ctx.bridge is not None:
-            self._tg.start_soon(self._drop_rules, inst.id)
+            self._tg.start_soon(self._sleep_rules, inst.id, listeners)
         self._tg.start_soon(_keep_in_page_cache, inst.guest.snapshot / "memory")
-        ports = ", ".join(str(listener.host_port) for listener in listeners)
-        self._engine.ctx.oplog(inst, f"asleep: port(s) {ports} wake it on the next connection")
+        what = [f"port {li.host_port}" for li in listeners if li.catch_ip is None]
+        what += [f"address {li.catch_ip}" for li in listeners if li.catch_ip is not None]
+        self._engine.ctx.oplog(inst, f"asleep: {', '.join(what)} wake(s) it on the next connection")
 
     def _bind(self, inst: LocalInstance) -> list[Listener]:
         address = self._bind_address()
@@ -172,6 +174,23 @@ class WakeManager:
             listeners.append(Listener(mapping.host_port, mapping.guest_port, sock))
         return listeners
 
+    def _catch(self, inst: LocalInstance) -> list[Listener]:
+        """bridge mode: the worker's port that connections to the guest's address are
+        redirected to while it sleeps (worker.wake.catch)."""
+        if self._engine.ctx.bridge is None or inst.record.ip is None:
+            return []
+        try:
+            sock = listen_catch()
+        except OSError as exc:
+            self._engine.ctx.oplog(
+                inst,
+                "cannot catch connections to the guest's address while asleep",
+                level="ERROR",
+                error=exc,
+            )
+            return []
+        return [Listener(sock.getsockname()[1], 0, sock, catch_ip=inst.record.ip)]
+
     def _bind_address(self) -> str:
         """user mode: where QEMU would publish the ports; bridge mode: every address (the
         DNAT rules matched any local one)."""
@@ -188,13 +207,19 @@ class WakeManager:
         except Exception:
             log.exception("%s: holding its ports failed", sleeper.instance_id)
 
-    async def _drop_rules(self, instance_id: str) -> None:
+    async def _sleep_rules(self, instance_id: str, listeners: list[Listener]) -> None:
+        """The instance's DNAT rules off while it sleeps, and connections to its guest
+        address redirected to the worker's catch port (if it has one)."""
         bridge = self._engine.ctx.bridge
         assert bridge is not None
+        catch = next((li for li in listeners if li.catch_ip is not None), None)
         try:
-            await bridge.nat.remove(instance_id)
+            if catch is None or catch.catch_ip is None:
+                await bridge.nat.remove(instance_id)
+            else:
+                await bridge.nat.asleep(instance_id, catch.catch_ip, catch.host_port)
         except Exception as exc:
-            log.error("%s: could not take the DNAT rules off while asleep: %s", instance_id, exc)
+            log.error("%s: could not set the rules of its sleep: %s", instance_id, exc)
 
     def _forget(self, sleeper: Sleeper) -> None:
         if self._sleepers.get(sleeper.instance_id) is sleeper:
@@ -259,6 +284,9 @@ class WakeManager:
         sleeper = self._sleepers.get(instance_id)
         if sleeper is not None:
             sleeper.restore_failed(error)
+            if self._engine.ctx.bridge is not None and self._tg is not None:
+                # The restore's plug put the DNAT rules in place of the sleep's: back.
+                self._tg.start_soon(self._sleep_rules, instance_id, sleeper.listeners)
 
     # -- what the sleepers do through the worker ---------------------------------------------
 

@@ -28,6 +28,8 @@ from typing import Protocol
 import anyio
 from anyio.abc import ByteStream, SocketStream, TaskGroup
 
+from worker.wake.catch import original_destination
+
 __all__ = ["Backend", "GuestNotListening", "HeldConnection", "Listener", "Sleeper", "WakeSettings"]
 
 log = logging.getLogger(__name__)
@@ -56,11 +58,14 @@ class WakeSettings:
 
 @dataclass
 class Listener:
-    """A mapped host port, bound by the worker."""
+    """A mapped host port, bound by the worker; or (``catch_ip`` set, bridge mode) the
+    worker's port that connections to the guest's address are redirected to, each relayed
+    to the port it was meant for (worker.wake.catch)."""
 
     host_port: int
     guest_port: int
     sock: socket.socket
+    catch_ip: str | None = None
 
 
 @dataclass
@@ -68,6 +73,8 @@ class HeldConnection:
     client: SocketStream
     listener: Listener
     peer: tuple[str, int]
+    #: The guest port it goes to (the listener's, or the one a caught connection meant).
+    guest_port: int = 0
     accepted_at: float = field(default_factory=time.monotonic)
 
 
@@ -226,9 +233,22 @@ class Sleeper:
                 return
 
     async def _hold(self, sock: socket.socket, peer: tuple[str, int], listener: Listener) -> None:
+        guest_port = _guest_port(sock, listener)
+        if guest_port is None:
+            log.warning(
+                "%s: a connection from %s:%d to the wake port %d was not redirected from "
+                "the guest's address: closed",
+                self.instance_id,
+                peer[0],
+                peer[1],
+                listener.host_port,
+            )
+            sock.close()
+            return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = HeldConnection(await SocketStream.from_socket(sock), listener, (peer[0], peer[1]))
+        stream = await SocketStream.from_socket(sock)
+        conn = HeldConnection(stream, listener, (peer[0], peer[1]), guest_port)
         self._backend.opened(conn)
         if len(self._queue) >= self._settings.max_held:
             await self._drop(
@@ -362,11 +382,11 @@ class Sleeper:
         while self._queue:
             conn = self._queue.popleft()
             self._room.set()
-            upstream = await self._connect(conn.listener.guest_port)
+            upstream = await self._connect(conn.guest_port)
             if upstream is None:
                 await self._drop(conn, "the guest did not listen on its port in time")
                 continue
-            self._listening.add(conn.listener.guest_port)
+            self._listening.add(conn.guest_port)
             self._report_woke(self._started_at(conn))
             self.relayed += 1
             tg.start_soon(self._pipe, conn, upstream)
@@ -400,8 +420,8 @@ class Sleeper:
         """Each port the guest serves must take connections before the kernel path gets it
         (a port with no server at all is handed over after ``listen_timeout_s``)."""
         for listener in self.listeners:
-            if listener.guest_port in self._listening:
-                continue
+            if listener.catch_ip is not None or listener.guest_port in self._listening:
+                continue  # a guest's address has no one port to wait for
             probe = await self._connect(listener.guest_port)
             if probe is None:
                 log.warning(
@@ -440,6 +460,17 @@ class Sleeper:
     def _close_listeners(self) -> None:
         for listener in self.listeners:
             listener.sock.close()
+
+
+def _guest_port(sock: socket.socket, listener: Listener) -> int | None:
+    """The guest port an accepted connection goes to; None for one on a catch port that
+    no redirect to the guest's address brought."""
+    if listener.catch_ip is None:
+        return listener.guest_port
+    meant = original_destination(sock)
+    if meant is None or meant[0] != listener.catch_ip:
+        return None
+    return meant[1]
 
 
 async def _copy(
