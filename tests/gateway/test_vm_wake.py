@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -166,3 +167,38 @@ def test_a_restarted_worker_holds_the_ports_of_a_sleeping_instance(fleet: Fleet,
     finally:
         if fleet.worker.proc is not None and fleet.worker.proc.poll() is not None:
             fleet.worker.start()
+
+
+def test_a_restarted_worker_gives_back_a_forward_a_dead_one_never_handed_off(
+    fleet: Fleet, web: Web
+) -> None:
+    """A worker killed between a wake and its hand-off leaves QEMU without the public
+    forward (it went to the worker's own listener, now closed). Its successor adds it."""
+    wait_for_instance(web.client, web.instance_id, lambda i: i.state == "Running")
+    _wait_until_served(web.url)
+    qmp_socket = fleet.worker.data_dir / "guests" / web.instance_id / "run" / "qmp.sock"
+    _hmp(qmp_socket, f"hostfwd_remove net0 tcp:127.0.0.1:{web.port}")
+    with pytest.raises(httpx.ConnectError):
+        _get_once(web.url)  # what the dead worker left: nobody on the mapped port
+    fleet.worker.kill()
+    fleet.worker.start()
+    _wait_until_served(web.url)
+    assert _get_once(web.url).text.strip() == PAGE
+    assert web.client.instances.get(web.instance_id).state == "Running"
+
+
+def _hmp(qmp_socket: Path, command: str) -> str:
+    """One HMP command through QEMU's QMP socket, as an operator would type it."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(qmp_socket))
+        stream = sock.makefile("rwb")
+        stream.readline()
+        for request in (
+            {"execute": "qmp_capabilities"},
+            {"execute": "human-monitor-command", "arguments": {"command-line": command}},
+        ):
+            stream.write(json.dumps(request).encode() + b"\n")
+            stream.flush()
+            while "return" not in (reply := json.loads(stream.readline())):
+                assert "error" not in reply, reply
+        return str(reply["return"])

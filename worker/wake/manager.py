@@ -44,6 +44,7 @@ from schemas.clock import utc_now
 from schemas.errors import NotFound
 from schemas.messages import InstanceRecord, Restore
 from worker.drivers.base import PortForward, VmSpec
+from worker.drivers.qmp import QmpError
 from worker.wake.catch import listen_catch
 from worker.wake.sleeper import (
     Backend,
@@ -108,10 +109,45 @@ class WakeManager:
     # -- which instances sleep --------------------------------------------------------------
 
     def arm_sleeping(self) -> None:
-        """A worker's start: bind the ports of every instance asleep by its policy."""
+        """A worker's start: bind the ports of every instance asleep by its policy, and give
+        QEMU back the public forwards of any a dead predecessor woke but never handed off."""
         for record in self._engine.records():
             with contextlib.suppress(NotFound):
-                self.transitioned(self._engine.instance(record.id))
+                inst = self._engine.instance(record.id)
+                self.transitioned(inst)
+                if self._tg is not None and self._may_lack_forwards(inst):
+                    self._tg.start_soon(self._restore_forwards, inst)
+
+    def _may_lack_forwards(self, inst: LocalInstance) -> bool:
+        return (
+            self._engine.ctx.bridge is None
+            and inst.record.state is InstanceState.RUNNING
+            and inst.process is not None
+            and inst.spec is not None
+            and bool(inst.record.port_mappings)
+            and inst.record.auto_standby is not None
+            and inst.record.auto_standby.enabled
+        )
+
+    async def _restore_forwards(self, inst: LocalInstance) -> None:
+        """Add each public forward again: QEMU refuses the ones it holds (their port is
+        taken, by itself) and takes the ones a wake's hand-off never added."""
+        assert inst.spec is not None
+        usernet = UserNet(self._engine.ctx.driver.api_socket(inst.spec))
+        for nic in inst.spec.nics:
+            if nic.mode != "user":
+                continue
+            for fwd in nic.forwards:
+                try:
+                    await usernet.add_forwards(nic.id, [fwd])
+                except QmpError:
+                    continue  # already forwarded: the usual case
+                except Exception as exc:
+                    log.warning("could not check %s's forwards: %s", inst.id, exc)
+                    return
+                self._engine.ctx.oplog(
+                    inst, f"gave host port {fwd.host_port} back to QEMU after a restart"
+                )
 
     def transitioned(self, inst: LocalInstance) -> None:
         """Follow a record: asleep by its policy -> its ports held; Standby for another
