@@ -5,6 +5,7 @@ then prints one ``RESULT {json}`` line. Nothing here may run outside such a name
 from __future__ import annotations
 
 import http.server
+import re
 import socket
 import subprocess
 import threading
@@ -13,7 +14,8 @@ from pathlib import Path
 import anyio
 import httpx
 
-from schemas.api import Hypervisor, PortMapping
+from schemas.api import Hypervisor, InstanceState, PortMapping
+from schemas.autostandby import AutoStandbySpec
 from schemas.clock import utc_now as now
 from schemas.messages import Create, Delete, HealthCheckSpec, Restore, Standby, Update
 from tests.worker.network.namespace import probe_main
@@ -26,6 +28,7 @@ from worker.lifecycle.context import BootAssets, OpContext
 from worker.network import BridgeNetwork, NetworkSettings
 from worker.storage import Storage
 from worker.volumes import VolumeStore
+from worker.wake import attach_wake
 
 SUBNET, GATEWAY, BRIDGE = "10.123.0.0/24", "10.123.0.1", "vftestbr0"
 HOST_PORT, EGRESS_PORT = 18080, 8099
@@ -93,6 +96,68 @@ def serve_egress_target() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
 
+def sleep_rules(instance_id: str) -> list[str]:
+    return [line.strip() for line in nft_table().splitlines() if f"vmfleet:{instance_id}" in line]
+
+
+async def catch_port(instance_id: str) -> int:
+    """The worker's port the sleep's rules redirect the guest's address to, once they
+    replaced the instance's DNAT rules (a recovery puts those back first)."""
+    with anyio.fail_after(30):
+        while True:
+            rules = sleep_rules(instance_id)
+            ports = [m[1] for rule in rules if (m := re.search(r"redirect to :(\d+)", rule))]
+            if ports and not any("dnat" in rule for rule in rules):
+                return int(ports[0])
+            await anyio.sleep(0.05)
+
+
+async def wake_by_guest_address(
+    engine: HostEngine, new_ctx: OpContext, instance_id: str, guest_ip: str
+) -> tuple[dict[str, object], HostEngine]:
+    """An instance put to sleep under its auto_standby policy; the worker 'dies' (its
+    wake manager and ports gone, its rules left); a new one recovers, sets the rules of
+    the sleep again, and a GET to the guest's own address (port 80, not a mapped port)
+    wakes the instance and gets the guest's page. Returns the new worker's engine."""
+    out: dict[str, object] = {}
+    policy = AutoStandbySpec(enabled=True, idle_timeout="1h0m0s", idle_timeout_s=3600)
+    wake = attach_wake(engine, on_woke=lambda cause, seconds: None)
+    async with anyio.create_task_group() as tg:
+        await tg.start(wake.run)
+        await engine.execute(
+            Update(id="u2", instance_id=instance_id, issued_at=now(), auto_standby=policy)
+        )
+        await engine.execute(Standby(id="s2", instance_id=instance_id, issued_at=now()))
+        await catch_port(instance_id)
+        out["held"] = wake.holds(instance_id)
+        out["rules_asleep"] = len(sleep_rules(instance_id))
+        out["dnat_asleep"] = sum("dnat" in rule for rule in sleep_rules(instance_id))
+        tg.cancel_scope.cancel()
+    engine = HostEngine(new_ctx)
+    wake = attach_wake(engine, on_woke=lambda cause, seconds: None)
+    async with anyio.create_task_group() as tg:
+        await tg.start(wake.run)
+        await engine.recover()
+        wake.arm_sleeping()
+        await catch_port(instance_id)
+        out["rules_after_restart"] = len(sleep_rules(instance_id))
+        async with httpx.AsyncClient() as client:  # one request, no retry
+            response = await client.get(f"http://{guest_ip}/", timeout=120)
+        out["page"] = [response.status_code, response.text.strip()]
+        out["state"] = str(engine.get(instance_id).state.value)
+        with anyio.fail_after(60):
+            while wake.holds(instance_id):
+                await anyio.sleep(0.05)
+        out["rules_awake"] = [
+            "dnat" if "dnat" in rule else "redirect" if "redirect" in rule else rule
+            for rule in sleep_rules(instance_id)
+        ]
+        out["page_awake"] = await get(f"http://{guest_ip}/", timeout_s=15)
+        tg.cancel_scope.cancel()
+    assert engine.get(instance_id).state is InstanceState.RUNNING
+    return out, engine
+
+
 async def probe(args: dict[str, str]) -> dict[str, object]:
     data_dir = Path(args["data_dir"])
     result: dict[str, object] = {}
@@ -100,16 +165,20 @@ async def probe(args: dict[str, str]) -> dict[str, object]:
     bridge = BridgeNetwork(settings, data_dir)
     await bridge.setup()
     serve_egress_target()
-    ctx = OpContext(
-        host_id="test-host",
-        storage=Storage(data_dir),
-        driver=QemuDriver(),
-        images=ImageCache(data_dir / "images"),
-        volumes=VolumeStore(data_dir, "test-host"),
-        boot=BootAssets(Path(args["kernel"]), Path(args["initrd"]), args["accel"]),
-        network=settings,
-        bridge=bridge,
-    )
+
+    def make_ctx() -> OpContext:
+        return OpContext(
+            host_id="test-host",
+            storage=Storage(data_dir),
+            driver=QemuDriver(),
+            images=ImageCache(data_dir / "images"),
+            volumes=VolumeStore(data_dir, "test-host"),
+            boot=BootAssets(Path(args["kernel"]), Path(args["initrd"]), args["accel"]),
+            network=settings,
+            bridge=bridge,
+        )
+
+    ctx = make_ctx()
     engine = HostEngine(ctx)
     instance_id = "bridgeprobe" + now().strftime("%H%M%S%f")
     record = await engine.execute(
@@ -156,6 +225,8 @@ async def probe(args: dict[str, str]) -> dict[str, object]:
             reply += chunk
     result["old_connection"] = reply.decode(errors="replace").splitlines()[0] if reply else ""
     result["dnat_after_restore"] = await get(f"http://{GATEWAY}:{HOST_PORT}/", timeout_s=15)
+    ctx = make_ctx()
+    result["wake"], engine = await wake_by_guest_address(engine, ctx, instance_id, str(record.ip))
 
     await engine.execute(Delete(id="d1", instance_id=instance_id, issued_at=now()))
     result["taps_after_delete"] = [

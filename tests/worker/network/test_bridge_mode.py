@@ -43,6 +43,16 @@ async def test_bridge_mode_in_a_namespace(
     assert result["guest_ip_after_restore"] == "hello-from-the-guest"
     assert result["old_connection"].startswith("HTTP/1.") and " 200 " in result["old_connection"]
     assert result["dnat_after_restore"] == "hello-from-the-guest"
+    # Asleep by its policy: no DNAT, the guest's address redirected to the worker (prerouting
+    # + output); a new worker sets the redirect again, and one GET to the guest's own
+    # address (not a mapped port) wakes it; then the kernel path (DNAT) is back.
+    wake = result["wake"]
+    assert wake["held"] and wake["rules_asleep"] == 2 and wake["dnat_asleep"] == 0
+    assert wake["rules_after_restart"] == 2
+    assert wake["page"] == [200, "hello-from-the-guest"]
+    assert wake["state"] == "Running"
+    assert wake["rules_awake"] == ["dnat", "dnat"]
+    assert wake["page_awake"] == "hello-from-the-guest"
     # Delete leaves nothing.
     assert result["taps_after_delete"] == []
     assert result["rules_after_delete"] == 0
