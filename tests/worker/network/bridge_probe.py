@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import http.server
 import re
+import secrets
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -112,6 +114,32 @@ async def catch_port(instance_id: str) -> int:
             await anyio.sleep(0.05)
 
 
+async def get_from_another_host(url: str) -> str:
+    """One GET from a namespace of its own, routed to the subnet through this one."""
+    client = f"vfcli-{secrets.token_hex(3)}"
+    setup = [
+        ["ip", "netns", "add", client],
+        ["ip", "link", "add", "vfcli0", "type", "veth", "peer", "name", "vfcli1", "netns", client],
+        ["ip", "addr", "add", "10.125.0.1/24", "dev", "vfcli0"],
+        ["ip", "link", "set", "vfcli0", "up"],
+        ["ip", "-n", client, "addr", "add", "10.125.0.2/24", "dev", "vfcli1"],
+        ["ip", "-n", client, "link", "set", "vfcli1", "up"],
+        ["ip", "-n", client, "route", "add", SUBNET, "via", "10.125.0.1"],
+    ]
+    fetch = "import sys, urllib.request as u; print(u.urlopen(sys.argv[1], timeout=120).read())"
+    try:
+        for argv in setup:
+            await anyio.run_process(argv)
+        done = await anyio.run_process(
+            ["ip", "netns", "exec", client, sys.executable, "-c", fetch, url], check=False
+        )
+        return done.stdout.decode().strip() or done.stderr.decode()[-500:]
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.run_process(["ip", "link", "del", "vfcli0"], check=False)
+            await anyio.run_process(["ip", "netns", "del", client], check=False)
+
+
 async def wake_by_guest_address(
     engine: HostEngine, new_ctx: OpContext, instance_id: str, guest_ip: str
 ) -> tuple[dict[str, object], HostEngine]:
@@ -153,6 +181,11 @@ async def wake_by_guest_address(
             for rule in sleep_rules(instance_id)
         ]
         out["page_awake"] = await get(f"http://{guest_ip}/", timeout_s=15)
+        # Asleep again; now a client routed through this host (prerouting, not output).
+        await engine.execute(Standby(id="s3", instance_id=instance_id, issued_at=now()))
+        await catch_port(instance_id)
+        out["page_routed"] = await get_from_another_host(f"http://{guest_ip}/")
+        out["state_routed"] = str(engine.get(instance_id).state.value)
         tg.cancel_scope.cancel()
     assert engine.get(instance_id).state is InstanceState.RUNNING
     return out, engine

@@ -53,6 +53,8 @@ async def test_bridge_mode_in_a_namespace(
     assert wake["state"] == "Running"
     assert wake["rules_awake"] == ["dnat", "dnat"]
     assert wake["page_awake"] == "hello-from-the-guest"
+    assert wake["page_routed"] == repr(b"hello-from-the-guest\n")  # from a routed client
+    assert wake["state_routed"] == "Running"
     # Delete leaves nothing.
     assert result["taps_after_delete"] == []
     assert result["rules_after_delete"] == 0
