@@ -413,8 +413,10 @@ class _InstanceBackend(Backend):
         if registry is None:
             return
         report = registry.opened if opened else registry.closed
+        # A caught connection as conntrack sees it too (to the guest's port), counted once.
+        port = conn.listener.host_port if conn.listener.catch_ip is None else conn.guest_port
         with contextlib.suppress(Exception):
-            report(self._id, conn.listener.host_port, conn.peer[0], conn.peer[1])
+            report(self._id, port, conn.peer[0], conn.peer[1])
 
     def answered(self) -> None:
         self._manager.answered(self._id)
