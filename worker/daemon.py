@@ -234,7 +234,7 @@ async def _run_components(
         await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
 
     shipper = LogShipper(
-        lambda: {r.id: engine.instance(r.id).guest.logs for r in engine.records()},
+        engine.log_dirs,
         subjects,
         publish_line,
         max_line_bytes=config.layout.max_log_line_bytes,

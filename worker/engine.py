@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, Final
 
 import anyio
@@ -64,6 +65,8 @@ class HostEngine:
         self._locks: dict[str, anyio.Lock] = {}
         #: instance id -> the command a previous worker died in (its ``command`` mark).
         self._interrupted: dict[str, str] = {}
+        #: Instances whose create (or fork) is under way: not in the table until it ends.
+        self._creating: set[str] = set()
         self.capacity = CapacityAccount(
             host_id=ctx.host_id,
             limits=lambda: ctx.limits,
@@ -82,6 +85,15 @@ class HostEngine:
 
     def instance(self, instance_id: str) -> LocalInstance:
         return self._require(instance_id)
+
+    def log_dirs(self) -> dict[str, Path]:
+        """Each instance's log directory, those whose create is under way included (once
+        the create made it): a boot's lines are shipped as the guest writes them, not only
+        after its create ended (which waits for the guest agent)."""
+        dirs = {iid: self.ctx.storage.guest(iid).logs for iid in self._creating}
+        dirs = {iid: path for iid, path in dirs.items() if path.is_dir()}
+        dirs.update({iid: inst.guest.logs for iid, inst in list(self._instances.items())})
+        return dirs
 
     def usage(self) -> HostUsage:
         """What placement must count (the heartbeat carries it)."""
@@ -111,11 +123,15 @@ class HostEngine:
     async def _create(self, cmd: Create) -> None:
         if await self._finish_interrupted_create(cmd):
             return
-        if cmd.fork is not None:
-            made = await fork.fork_instance(self.ctx, cmd, self.capacity)
-        else:
-            made = await create.create(self.ctx, cmd, self.capacity)
-        self._instances[cmd.instance_id] = made
+        self._creating.add(cmd.instance_id)
+        try:
+            if cmd.fork is not None:
+                made = await fork.fork_instance(self.ctx, cmd, self.capacity)
+            else:
+                made = await create.create(self.ctx, cmd, self.capacity)
+            self._instances[cmd.instance_id] = made
+        finally:
+            self._creating.discard(cmd.instance_id)
 
     async def _delete(self, cmd: Delete) -> None:
         await delete.delete(self.ctx, self._require(cmd.instance_id), cmd)
