@@ -51,7 +51,9 @@ from worker.volumes import VolumeStore
 MIB = 1 << 20
 #: The steps of a boot as printed: the create's on the host, then the guest's.
 _STEPS = ("pull", "disks", "vmm", "boot", "app")
-APP = "echo first-line; i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done"
+#: The app prints "first-line" without naming it: the init logs the command it starts, and
+#: a command holding the text itself would be "seen" in that log line, before the app ran.
+APP = "printf 'first-%s\\n' line; i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done"
 
 
 async def wait_for(path: Path, text: str, after: int = 0, timeout: float = 120) -> float:
