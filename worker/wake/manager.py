@@ -16,9 +16,11 @@ How a wake goes (:class:`worker.wake.sleeper.Sleeper` has the queue and fault ru
   its listeners and adds the public forward to the running QEMU with HMP ``hostfwd_add``
   (QEMU 7.2 has it; well under a millisecond, the only moment a connection may be
   refused). Later traffic goes through QEMU alone.
-- bridge mode: at sleep the instance's DNAT rules go and the worker binds the mapped
-  ports on every address; the restore's plug puts the rules back, so new connections take
-  the kernel path from then on, and the held ones are relayed to the guest's address.
+- bridge mode: at sleep the instance's DNAT rules go, the worker binds the mapped ports on
+  every address, and connections to the guest's own address are redirected to a port of
+  the worker's (worker.wake.catch); the restore's plug puts the DNAT rules back in place of
+  the redirects, so new connections take the kernel path from then on, and the held ones
+  are relayed to the guest's address.
 
 The wake is a ``Restore`` command with cause ``connection`` executed by the engine, so it
 queues behind (and before) API operations on the same instance like any command.
