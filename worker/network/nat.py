@@ -89,16 +89,22 @@ class Nat:
 
     async def add(self, instance_id: str, guest_ip: str, mappings: Iterable[PortMapping]) -> None:
         """The instance's rules, replacing any it had."""
-        await self.remove(instance_id)
-        script = instance_rules(instance_id, guest_ip, mappings, self.table)
-        if script:
-            await _nft(script)
+        await self._replace(
+            instance_id, instance_rules(instance_id, guest_ip, mappings, self.table)
+        )
 
     async def asleep(self, instance_id: str, guest_ip: str, wake_port: int) -> None:
         """The instance's rules replaced by :func:`wake_rules` (no DNAT while it sleeps);
         the next :meth:`add` (the restore's plug) replaces them again."""
-        await self.remove(instance_id)
-        await _nft(wake_rules(instance_id, guest_ip, wake_port, self.table))
+        await self._replace(instance_id, wake_rules(instance_id, guest_ip, wake_port, self.table))
+
+    async def _replace(self, instance_id: str, script: str) -> None:
+        """One nft transaction: no moment in which the instance has no rules at all (a
+        connection then would find neither its DNAT nor the worker's redirect)."""
+        stale = [r for r in await self.tagged() if r.instance_id == instance_id]
+        script = self._deletes(stale) + script
+        if script:
+            await _nft(script)
 
     async def remove(self, instance_id: str) -> None:
         await self._delete(r for r in await self.tagged() if r.instance_id == instance_id)
@@ -122,11 +128,13 @@ class Nat:
         return rules
 
     async def _delete(self, rules: Iterable[TaggedRule]) -> None:
-        script = "".join(
+        if script := self._deletes(rules):
+            await _nft(script)
+
+    def _deletes(self, rules: Iterable[TaggedRule]) -> str:
+        return "".join(
             f"delete rule inet {self.table} {r.chain} handle {r.handle}\n" for r in rules
         )
-        if script:
-            await _nft(script)
 
 
 async def _nft(script: str) -> None:

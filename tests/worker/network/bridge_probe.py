@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import anyio
@@ -170,7 +171,9 @@ async def wake_by_guest_address(
         await catch_port(instance_id)
         out["rules_after_restart"] = len(sleep_rules(instance_id))
         async with httpx.AsyncClient() as client:  # one request, no retry
+            started = time.monotonic()
             response = await client.get(f"http://{guest_ip}/", timeout=120)
+            out["wake_ms"] = round((time.monotonic() - started) * 1000)
         out["page"] = [response.status_code, response.text.strip()]
         out["state"] = str(engine.get(instance_id).state.value)
         with anyio.fail_after(60):
