@@ -141,6 +141,38 @@ async def get_from_another_host(url: str) -> str:
             await anyio.run_process(["ip", "netns", "del", client], check=False)
 
 
+async def wake_that_fails_once(
+    engine: HostEngine, instance_id: str, guest_ip: str
+) -> dict[str, object]:
+    """Asleep with its snapshot's memory out of reach: the wake fails, the caught connection
+    is closed (not left hanging) and the redirect is back; with the memory back, the next
+    connection (after the backoff) wakes it. (QEMU waits for the missing memory until the
+    driver's load timeout, shortened here.)"""
+    out: dict[str, object] = {}
+    driver = engine.ctx.driver
+    assert isinstance(driver, QemuDriver)
+    driver.migrate_timeout_s = 3.0
+    await engine.execute(Standby(id="s4", instance_id=instance_id, issued_at=now()))
+    await catch_port(instance_id)
+    memory = engine.instance(instance_id).guest.snapshot / "memory"
+    memory.rename(memory.with_name("memory.hidden"))
+    async with httpx.AsyncClient() as client:
+        try:
+            response = await client.get(f"http://{guest_ip}/", timeout=60)
+            out["failed_wake"] = f"answered {response.status_code}"
+        except httpx.HTTPError as exc:
+            out["failed_wake"] = type(exc).__name__
+        await catch_port(instance_id)
+        out["rules_after_failure"] = len(sleep_rules(instance_id))
+        out["state_after_failure"] = str(engine.get(instance_id).state.value)
+        memory.with_name("memory.hidden").rename(memory)
+        driver.migrate_timeout_s = 60.0
+        response = await client.get(f"http://{guest_ip}/", timeout=120)
+        out["page_after_failure"] = [response.status_code, response.text.strip()]
+    out["state_after_retry"] = str(engine.get(instance_id).state.value)
+    return out
+
+
 async def wake_by_guest_address(
     engine: HostEngine, new_ctx: OpContext, instance_id: str, guest_ip: str
 ) -> tuple[dict[str, object], HostEngine]:
@@ -189,6 +221,7 @@ async def wake_by_guest_address(
         await catch_port(instance_id)
         out["page_routed"] = await get_from_another_host(f"http://{guest_ip}/")
         out["state_routed"] = str(engine.get(instance_id).state.value)
+        out.update(await wake_that_fails_once(engine, instance_id, guest_ip))
         tg.cancel_scope.cancel()
     assert engine.get(instance_id).state is InstanceState.RUNNING
     return out, engine

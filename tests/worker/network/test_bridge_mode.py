@@ -55,6 +55,12 @@ async def test_bridge_mode_in_a_namespace(
     assert wake["page_awake"] == "hello-from-the-guest"
     assert wake["page_routed"] == repr(b"hello-from-the-guest\n")  # from a routed client
     assert wake["state_routed"] == "Running"
+    # A wake that fails closes the caught connection and puts the redirect back; the next
+    # connection wakes it.
+    assert wake["failed_wake"] in ("RemoteProtocolError", "ReadError")
+    assert wake["rules_after_failure"] == 2 and wake["state_after_failure"] == "Standby"
+    assert wake["page_after_failure"] == [200, "hello-from-the-guest"]
+    assert wake["state_after_retry"] == "Running"
     # Delete leaves nothing.
     assert result["taps_after_delete"] == []
     assert result["rules_after_delete"] == 0
