@@ -444,13 +444,19 @@ class Sleeper:
             self._backend.closed(conn)
 
     async def _drop(self, conn: HeldConnection, why: str, *, level: int = logging.INFO) -> None:
+        catch_ip = conn.listener.catch_ip
+        to = (
+            f"port {conn.listener.host_port}"
+            if catch_ip is None
+            else f"{catch_ip}:{conn.guest_port}"
+        )
         log.log(
             level,
-            "%s: closing the connection from %s:%d to port %d: %s",
+            "%s: closing the connection from %s:%d to %s: %s",
             self.instance_id,
             conn.peer[0],
             conn.peer[1],
-            conn.listener.host_port,
+            to,
             why,
         )
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
