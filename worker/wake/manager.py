@@ -251,6 +251,8 @@ class WakeManager:
         bridge = self._engine.ctx.bridge
         assert bridge is not None
         catch = next((li for li in listeners if li.catch_ip is not None), None)
+        if not self._still_asleep(instance_id):
+            return  # a restore began meanwhile: its plug sets the rules
         try:
             if catch is None or catch.catch_ip is None:
                 await bridge.nat.remove(instance_id)
@@ -258,6 +260,12 @@ class WakeManager:
                 await bridge.nat.asleep(instance_id, catch.catch_ip, catch.host_port)
         except Exception as exc:
             log.error("%s: could not set the rules of its sleep: %s", instance_id, exc)
+
+    def _still_asleep(self, instance_id: str) -> bool:
+        try:
+            return self._engine.instance(instance_id).record.state is InstanceState.STANDBY
+        except NotFound:
+            return False
 
     def _forget(self, sleeper: Sleeper) -> None:
         if self._sleepers.get(sleeper.instance_id) is sleeper:
