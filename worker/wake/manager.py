@@ -190,7 +190,9 @@ class WakeManager:
         self._tg.start_soon(_keep_in_page_cache, inst.guest.snapshot / "memory")
         what = [f"port {li.host_port}" for li in listeners if li.catch_ip is None]
         what += [f"address {li.catch_ip}" for li in listeners if li.catch_ip is not None]
-        self._engine.ctx.oplog(inst, f"asleep: {', '.join(what)} wake(s) it on the next connection")
+        self._engine.ctx.oplog(
+            inst, f"asleep: {', '.join(what)}; these wake it on the next connection"
+        )
 
     def _bind(self, inst: LocalInstance) -> list[Listener]:
         address = self._bind_address()
