@@ -311,6 +311,7 @@ class QemuDriver:
         while_paused: Callable[[QmpClient], Awaitable[None]] | None = None,
     ) -> VmmProcess:
         memory = snapshot_dir / "memory"
+        _check_readable(memory)
         process = await spawn_vmm(
             build_args(spec, binary=self.binary, incoming=True),
             log_path=vmm_log,
@@ -321,7 +322,7 @@ class QemuDriver:
                 await qmp.execute(
                     "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(memory))}"}
                 )
-                await self._wait_until_loaded(qmp)
+                await self._wait_until_loaded(qmp, process)
                 if while_paused is not None:
                     await while_paused(qmp)
                 await qmp.execute("cont")
@@ -330,7 +331,10 @@ class QemuDriver:
             raise
         return process
 
-    async def _wait_until_loaded(self, qmp: QmpClient) -> None:
+    async def _wait_until_loaded(self, qmp: QmpClient, process: VmmProcess) -> None:
+        """Until the saved VM is loaded. QEMU exits on a stream it cannot load (a torn
+        memory file); it would wait forever for one ``cat`` could not open, hence the check
+        before the spawn."""
         with anyio.fail_after(self.migrate_timeout_s):
             while True:
                 status = (await qmp.execute("query-status")).get("status")
@@ -338,6 +342,8 @@ class QemuDriver:
                     return
                 if status in ("guest-panicked", "internal-error", "io-error", "shutdown"):
                     raise HypervisorError(f"restore failed: the VM is {status}")
+                if not process.running():
+                    raise HypervisorError("restore failed: the VMM exited while loading")
                 # Short: a restore is on a wake's path (a query costs well under 1 ms).
                 await anyio.sleep(0.002)
 
@@ -458,6 +464,15 @@ def _reopen_chain(disk: DiskSpec, spec: VmSpec, readonly: bool) -> list[dict[str
 
 
 Step = tuple[str, dict[str, object], tuple[str, dict[str, object]]]
+
+
+def _check_readable(memory: Path) -> None:
+    try:
+        with memory.open("rb") as saved:
+            if not saved.read(1):
+                raise HypervisorError(f"restore failed: the saved memory {memory} is empty")
+    except OSError as exc:
+        raise HypervisorError(f"restore failed: cannot read the saved memory: {exc}") from exc
 
 
 def _hotplug_steps(disk: DiskSpec, disk_io_bps: int) -> list[Step]:

@@ -146,12 +146,8 @@ async def wake_that_fails_once(
 ) -> dict[str, object]:
     """Asleep with its snapshot's memory out of reach: the wake fails, the caught connection
     is closed (not left hanging) and the redirect is back; with the memory back, the next
-    connection (after the backoff) wakes it. (QEMU waits for the missing memory until the
-    driver's load timeout, shortened here.)"""
+    connection (after the backoff) wakes it."""
     out: dict[str, object] = {}
-    driver = engine.ctx.driver
-    assert isinstance(driver, QemuDriver)
-    driver.migrate_timeout_s = 3.0
     await engine.execute(Standby(id="s4", instance_id=instance_id, issued_at=now()))
     await catch_port(instance_id)
     memory = engine.instance(instance_id).guest.snapshot / "memory"
@@ -166,7 +162,6 @@ async def wake_that_fails_once(
         out["rules_after_failure"] = len(sleep_rules(instance_id))
         out["state_after_failure"] = str(engine.get(instance_id).state.value)
         memory.with_name("memory.hidden").rename(memory)
-        driver.migrate_timeout_s = 60.0
         response = await client.get(f"http://{guest_ip}/", timeout=120)
         out["page_after_failure"] = [response.status_code, response.text.strip()]
     out["state_after_retry"] = str(engine.get(instance_id).state.value)
