@@ -1,10 +1,10 @@
-"""The VMM watcher: notices a VMM that exits on its own and what the guest says of its app.
+"""The VMM watcher: notices a VMM that exits on its own and how the guest's app started.
 
 Every VMM is reaped by its pidfd the moment it exits (:mod:`worker.proc`); this loop turns
 such an exit, when no operation caused it, into the instance's new state (Stopped: with
 the app's exit code when the guest's init left its exit marker, else as a crash, with
 why; :mod:`worker.lifecycle.exits`), and notes in the ops log when the guest's init
-reports the app started or ended.
+reports the app started (or failed to).
 """
 
 from __future__ import annotations
@@ -63,8 +63,11 @@ async def _unplug_quietly(ctx: OpContext, inst: LocalInstance) -> None:
 
 
 async def _note_app_status(ctx: OpContext, inst: LocalInstance) -> None:
-    """Ask the guest's init how the app is doing until it has started and exited."""
-    if inst.app_status is not None and inst.app_status.startswith(("exited", "failed")):
+    """Ask the guest's init how the app is doing until it has answered once. Its end needs
+    no asking: the init powers the VM off then, and the VMM's exit records it with the exit
+    code (asking every second for an instance's whole life costs its guest and this worker
+    a request each, for nothing)."""
+    if inst.app_status is not None:
         return
     assert inst.spec is not None
     try:
