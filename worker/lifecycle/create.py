@@ -20,7 +20,7 @@ from worker.states import Op
 from worker.storage import make_sparse_ext4
 from worker.templates.start import resume_from_template, template_shape
 
-__all__ = ["check_create", "create", "publish_address"]
+__all__ = ["check_create", "create", "initial_record", "publish_address"]
 
 
 async def create(ctx: OpContext, cmd: Create, capacity: CapacityAccount) -> LocalInstance:
@@ -49,7 +49,7 @@ def check_create(ctx: OpContext, cmd: Create, capacity: CapacityAccount) -> None
 async def _make(ctx: OpContext, cmd: Create) -> LocalInstance:
     # 2. The instance's directory and record: from here on, a failure removes both.
     guest = ctx.storage.create_guest(cmd.instance_id)
-    inst = LocalInstance(record=_initial_record(ctx, cmd), guest=guest)
+    inst = LocalInstance(record=initial_record(ctx, cmd), guest=guest)
     walk = ctx.walk(inst, Op.CREATE)  # from Created, the state of its first record
     attached: list[str] = []
     try:
@@ -126,7 +126,8 @@ def _check_request(cmd: Create) -> None:
         raise BadRequest("overlay_size must be at least 16MB", code="invalid_overlay_size")
 
 
-def _initial_record(ctx: OpContext, cmd: Create) -> InstanceRecord:
+def initial_record(ctx: OpContext, cmd: Create) -> InstanceRecord:
+    """A new instance's first record (a fork's too)."""
     user_mode = cmd.network_enabled and ctx.bridge is None
     return cmd.new_record(
         host=ctx.host_id,

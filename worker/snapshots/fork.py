@@ -21,22 +21,20 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from schemas.api import Hypervisor, InstanceState
 from schemas.clock import utc_now
 from schemas.errors import Conflict
-from schemas.messages import Create, InstanceRecord, Standby, Stop
-from schemas.snapshots import SnapshotKind, SnapshotManifest
+from schemas.messages import Create
+from schemas.snapshots import SnapshotKind, SnapshotManifest, TargetState
 from worker.capacity import CapacityAccount
-from worker.lifecycle import standby, stop
 from worker.lifecycle.boot import boot_to_running
 from worker.lifecycle.context import LocalInstance, OpContext, Walk
-from worker.lifecycle.create import check_create
+from worker.lifecycle.create import check_create, initial_record
 from worker.lifecycle.network import guest_network, nics, plug, release_network, take_address
-from worker.network import USER_GUEST_IP, mac_for
 from worker.resume import GuestIdentity, SavedVm, resume_saved_vm, swap_spec
 from worker.snapshots.capture import snapshot_store
 from worker.snapshots.identity import check_compatible
 from worker.snapshots.layers import link_chain, new_top_layer
+from worker.snapshots.restore import reach_target_state
 from worker.snapshots.store import VM_DIR, copy_cow, link_tree
 from worker.states import Op
 from worker.transfer.names import SHIPPED_DISKS
@@ -67,7 +65,7 @@ def _check_forkable(manifest: SnapshotManifest) -> None:
 
 async def _make(ctx: OpContext, cmd: Create, manifest: SnapshotManifest) -> LocalInstance:
     guest = ctx.storage.create_guest(cmd.instance_id)
-    inst = LocalInstance(record=_initial_record(ctx, cmd), guest=guest)
+    inst = LocalInstance(record=initial_record(ctx, cmd), guest=guest)
     walk = ctx.walk(inst, Op.CREATE)
     try:
         guest.write(guest.metadata, inst.record)
@@ -78,7 +76,7 @@ async def _make(ctx: OpContext, cmd: Create, manifest: SnapshotManifest) -> Loca
             await _resume(ctx, walk, manifest)
         else:
             await _boot(ctx, walk, manifest)
-        await _reach_target(ctx, inst, cmd, manifest)
+        await reach_target_state(ctx, inst, _target_state(cmd, manifest), cmd.id)
         ctx.oplog(inst, "fork finished", snapshot=manifest.id, state=inst.state.value)
     except BaseException:
         with anyio.CancelScope(shield=True):
@@ -87,17 +85,6 @@ async def _make(ctx: OpContext, cmd: Create, manifest: SnapshotManifest) -> Loca
     finally:
         shutil.rmtree(guest.root / _SAVED_DIR, ignore_errors=True)
     return inst
-
-
-def _initial_record(ctx: OpContext, cmd: Create) -> InstanceRecord:
-    user_mode = cmd.network_enabled and ctx.bridge is None
-    return cmd.new_record(
-        host=ctx.host_id,
-        hypervisor=Hypervisor(ctx.driver.name),
-        created_at=utc_now(),
-        ip=USER_GUEST_IP if user_mode else None,
-        mac=mac_for(cmd.instance_id) if user_mode else None,
-    )
 
 
 async def _resume(ctx: OpContext, walk: Walk, manifest: SnapshotManifest) -> None:
@@ -190,23 +177,13 @@ async def _host_disk(ctx: OpContext, inst: LocalInstance, disk_id: str, director
     return str((await ctx.pull_image(inst)).disk)
 
 
-async def _reach_target(
-    ctx: OpContext, inst: LocalInstance, cmd: Create, manifest: SnapshotManifest
-) -> None:
+def _target_state(cmd: Create, manifest: SnapshotManifest) -> TargetState:
     """The state the fork was asked to end in (by default: Running for a Standby snapshot,
     Stopped for a Stopped one)."""
     assert cmd.fork is not None
-    target = cmd.fork.target_state or (
+    return cmd.fork.target_state or (
         "Running" if manifest.kind is SnapshotKind.STANDBY else "Stopped"
     )
-    if target == "Running" or inst.state is not InstanceState.RUNNING:
-        return
-    if target == "Standby":
-        await standby.standby(
-            ctx, inst, Standby(id=cmd.id, instance_id=inst.id, issued_at=utc_now())
-        )
-    else:
-        await stop.stop(ctx, inst, Stop(id=cmd.id, instance_id=inst.id, issued_at=utc_now()))
 
 
 async def _undo(ctx: OpContext, inst: LocalInstance) -> None:

@@ -24,7 +24,7 @@ from schemas.api import InstanceState
 from schemas.clock import utc_now
 from schemas.errors import Conflict
 from schemas.messages import HealthState, RestoreSnapshot, Standby, Stop
-from schemas.snapshots import SnapshotKind, SnapshotManifest
+from schemas.snapshots import SnapshotKind, SnapshotManifest, TargetState
 from worker.lifecycle import standby, stop
 from worker.lifecycle.context import LocalInstance, OpContext
 from worker.lifecycle.network import guest_network, nics, plug, unplug
@@ -35,7 +35,7 @@ from worker.snapshots.layers import chain, disk_format, instance_disk, link_chai
 from worker.snapshots.store import VM_DIR, copy_cow, link_tree
 from worker.states import Op
 
-__all__ = ["restore_snapshot"]
+__all__ = ["reach_target_state", "restore_snapshot"]
 
 _SAVED_DIR = "saved"
 
@@ -111,7 +111,7 @@ async def restore_snapshot(ctx: OpContext, inst: LocalInstance, cmd: RestoreSnap
     now = utc_now()
     walk.advance(has_snapshot=False, started_at=now, health=HealthState(window_started_at=now))
     ctx.oplog(inst, "restored from snapshot", snapshot=manifest.id)
-    await _reach_target(ctx, inst, cmd)
+    await reach_target_state(ctx, inst, cmd.target_state or "Running", cmd.id)
 
 
 async def _put_disks_back(
@@ -189,13 +189,15 @@ def _drop_unused_layers(inst: LocalInstance) -> None:
             path.unlink(missing_ok=True)
 
 
-async def _reach_target(ctx: OpContext, inst: LocalInstance, cmd: RestoreSnapshot) -> None:
-    target = cmd.target_state or "Running"
+async def reach_target_state(
+    ctx: OpContext, inst: LocalInstance, target: TargetState, command_id: str
+) -> None:
+    """A resumed instance (a restored snapshot, a fork) put into the state it was asked to
+    end in, under the command that asked."""
     if target == "Running" or inst.state is not InstanceState.RUNNING:
         return
+    now = utc_now()
     if target == "Standby":
-        await standby.standby(
-            ctx, inst, Standby(id=cmd.id, instance_id=inst.id, issued_at=utc_now())
-        )
+        await standby.standby(ctx, inst, Standby(id=command_id, instance_id=inst.id, issued_at=now))
     else:
-        await stop.stop(ctx, inst, Stop(id=cmd.id, instance_id=inst.id, issued_at=utc_now()))
+        await stop.stop(ctx, inst, Stop(id=command_id, instance_id=inst.id, issued_at=now))
