@@ -334,9 +334,7 @@ class CloudHypervisorDriver:
             version = (await api.ping()).version
             await api.put("vm.pause")
             try:
-                await api.put(
-                    "vm.snapshot", VmSnapshotConfig(destination_url=_file_url(snapshot_dir))
-                )
+                await api.put("vm.snapshot", _snapshot_config(snapshot_dir))
             except BaseException:
                 # The state was not saved: the guest goes on running as if nothing happened.
                 with (
@@ -346,10 +344,7 @@ class CloudHypervisorDriver:
                 ):
                     await api.put("vm.resume")
                 raise
-        write_atomic(
-            snapshot_dir / ORIGIN_FILE,
-            msgspec.json.encode(_Origin(hypervisor=NAME, version=version)),
-        )
+        _stamp_origin(snapshot_dir, version)
         # Past the point of no return: the snapshot is the VM now.
         with anyio.CancelScope(shield=True):
             await self._shut_down_vmm(spec, process)
@@ -366,13 +361,8 @@ class CloudHypervisorDriver:
             version = (await api.ping()).version
             await api.put("vm.pause")
             try:
-                await api.put(
-                    "vm.snapshot", VmSnapshotConfig(destination_url=_file_url(snapshot_dir))
-                )
-                write_atomic(
-                    snapshot_dir / ORIGIN_FILE,
-                    msgspec.json.encode(_Origin(hypervisor=NAME, version=version)),
-                )
+                await api.put("vm.snapshot", _snapshot_config(snapshot_dir))
+                _stamp_origin(snapshot_dir, version)
                 await while_paused()
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(10):
@@ -515,6 +505,18 @@ def _keep_serial_history(serial_log: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         if serial_log.stat().st_size > 0:
             serial_log.replace(serial_log.with_name(serial_log.name + ".1"))
+
+
+def _snapshot_config(snapshot_dir: Path) -> VmSnapshotConfig:
+    return VmSnapshotConfig(destination_url=_file_url(snapshot_dir))
+
+
+def _stamp_origin(snapshot_dir: Path, version: str) -> None:
+    """Which CH wrote the snapshot: a restore under another version is refused."""
+    write_atomic(
+        snapshot_dir / ORIGIN_FILE,
+        msgspec.json.encode(_Origin(hypervisor=NAME, version=version)),
+    )
 
 
 def _file_url(path: Path) -> str:

@@ -237,9 +237,7 @@ class QemuDriver:
         async with open_qmp(self.api_socket(spec)) as qmp:
             await qmp.execute("stop")
             try:
-                await qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
-                await qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(memory))}"})
-                await self._wait_for_migration(qmp)
+                await self._save_memory(qmp, memory)
             except BaseException:
                 # The state was not saved: the guest goes on running as if nothing happened
                 # (unless QEMU itself is gone; then the original error is the one to report).
@@ -267,13 +265,17 @@ class QemuDriver:
         async with open_qmp(self.api_socket(spec)) as qmp:
             await qmp.execute("stop")
             try:
-                await qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
-                await qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(memory))}"})
-                await self._wait_for_migration(qmp)
+                await self._save_memory(qmp, memory)
                 await while_paused()
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                     await qmp.execute("cont")
+
+    async def _save_memory(self, qmp: QmpClient, memory: Path) -> None:
+        """The paused VM's state into ``memory``, with the migration bandwidth cap lifted."""
+        await qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+        await qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(memory))}"})
+        await self._wait_for_migration(qmp)
 
     async def _wait_for_migration(self, qmp: QmpClient) -> None:
         with anyio.fail_after(self.migrate_timeout_s):
