@@ -15,7 +15,13 @@ from __future__ import annotations
 import socket
 import struct
 
-__all__ = ["SO_ORIGINAL_DST", "listen_catch", "original_destination", "parse_sockaddr_in"]
+__all__ = [
+    "SO_ORIGINAL_DST",
+    "listen_catch",
+    "listen_tcp",
+    "original_destination",
+    "parse_sockaddr_in",
+]
 
 #: linux/netfilter_ipv4.h: the destination of a connection before NAT rewrote it.
 SO_ORIGINAL_DST = 80
@@ -43,9 +49,16 @@ def original_destination(sock: socket.socket) -> tuple[str, int] | None:
 def listen_catch() -> socket.socket:
     """The worker's port for one sleeping guest's address: any free port, on every address
     (a redirect from prerouting arrives on the address of the interface it came in on)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    return listen_tcp("0.0.0.0", 0)
+
+
+def listen_tcp(address: str, port: int) -> socket.socket:
+    """A non-blocking listening TCP socket, for the ports a sleeping instance is woken on."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.bind(("0.0.0.0", 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
         sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
     except BaseException:

@@ -47,7 +47,7 @@ from schemas.errors import NotFound
 from schemas.messages import InstanceRecord, Restore
 from worker.drivers.base import PortForward, VmSpec
 from worker.drivers.qmp import QmpError
-from worker.wake.catch import listen_catch
+from worker.wake.catch import listen_catch, listen_tcp
 from worker.wake.sleeper import (
     Backend,
     GuestNotListening,
@@ -201,7 +201,7 @@ class WakeManager:
             if str(mapping.protocol or "tcp") != "tcp":
                 continue  # UDP has no connection to hold
             try:
-                sock = _listen(address, mapping.host_port)
+                sock = listen_tcp(address, mapping.host_port)
             except OSError as exc:
                 self._engine.ctx.oplog(
                     inst,
@@ -443,20 +443,6 @@ def asleep_by_policy(record: InstanceRecord) -> bool:
     by hand wakes on demand too)."""
     policy = record.auto_standby
     return record.cause == "idle" or (policy is not None and policy.enabled)
-
-
-def _listen(address: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address, port))
-        sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _free_loopback_port() -> int:
