@@ -24,7 +24,7 @@ from tests.worker.conftest import create_command, make_context, now
 from worker.agent import AgentHub, AgentSession, Frame, SessionKind, track_instance
 from worker.daemon import _agent_news
 from worker.engine import HostEngine
-from worker.lifecycle.context import BootAssets
+from worker.lifecycle.context import BootAssets, OpContext
 
 T = TypeVar("T")
 
@@ -81,6 +81,13 @@ async def collect(session: AgentSession) -> Output:
         return out
 
 
+def attach_agent_hub(ctx: OpContext, hub: AgentHub) -> None:
+    """The hub follows the engine's instances, as the worker daemon wires it."""
+    ctx.on_transition = lambda inst, previous: track_instance(hub, ctx.driver, inst)
+    ctx.on_removed = lambda record: hub.detach(record.id, "the instance was deleted")
+    ctx.agent = hub
+
+
 @pytest.fixture(scope="module")
 def guest(boot_assets: BootAssets, busybox_image: str) -> Iterator[Guest]:
     data_dir = Path(tempfile.mkdtemp(prefix="vfa", dir="/tmp"))
@@ -89,9 +96,7 @@ def guest(boot_assets: BootAssets, busybox_image: str) -> Iterator[Guest]:
             hub = AgentHub()
             hub_task, _ = portal.start_task(hub.run)
             ctx = make_context(data_dir, boot_assets)
-            ctx.on_transition = lambda inst, previous: track_instance(hub, ctx.driver, inst)
-            ctx.on_removed = lambda record: hub.detach(record.id, "the instance was deleted")
-            ctx.agent = hub
+            attach_agent_hub(ctx, hub)
             engine = HostEngine(ctx)
             hub.on_news = functools.partial(_agent_news, engine)  # as the daemon wires it
             cmd = create_command(busybox_image, cmd=["sleep", "100000"])

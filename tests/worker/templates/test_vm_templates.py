@@ -17,9 +17,9 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from schemas.api import InstanceState
 from schemas.clock import utc_now as now
 from schemas.messages import AttachVolume, Restore, Standby, Start, Stop
-from tests.worker.agent.conftest import Output, _delete_all, collect
+from tests.worker.agent.conftest import Output, _delete_all, attach_agent_hub, collect
 from tests.worker.conftest import MIB, create_command, make_context
-from worker.agent import AgentHub, Frame, track_instance
+from worker.agent import AgentHub, Frame
 from worker.daemon import _agent_news
 from worker.drivers.qemu import qemu_binary
 from worker.engine import HostEngine
@@ -62,9 +62,7 @@ def fleet(boot_assets: BootAssets, busybox_image: str) -> Iterator[Fleet]:
             hub = AgentHub()
             hub_task, _ = portal.start_task(hub.run)
             ctx = make_context(data_dir, boot_assets)
-            ctx.on_transition = lambda inst, previous: track_instance(hub, ctx.driver, inst)
-            ctx.on_removed = lambda record: hub.detach(record.id, "the instance was deleted")
-            ctx.agent = hub
+            attach_agent_hub(ctx, hub)
             templates = TemplateManager(
                 data_dir / "templates",
                 ctx.driver,
