@@ -13,7 +13,7 @@ import pytest
 from schemas.errors import HypervisorError
 from tests.support.ch import DOUBLE, RequestLog
 from tests.worker.drivers.test_cloud_hypervisor import make_spec, without_info
-from worker.drivers.base import VmState
+from worker.drivers.base import VmSpec, VmState
 from worker.drivers.ch_api import open_ch_api
 from worker.drivers.cloud_hypervisor import CloudHypervisorDriver
 from worker.resume import swap_spec
@@ -26,15 +26,23 @@ def driver(ch_requests: RequestLog) -> CloudHypervisorDriver:
     return CloudHypervisorDriver(binary=str(DOUBLE), exit_timeout_s=5, eject_timeout_s=10)
 
 
-async def test_a_saved_vm_resumes_on_other_files(
-    driver: CloudHypervisorDriver, ch_requests: RequestLog, vm_dir: Path, ch_kernel: Path
-) -> None:
+async def _saved_vm(
+    driver: CloudHypervisorDriver, vm_dir: Path, ch_kernel: Path
+) -> tuple[VmSpec, Path]:
+    """A VM booted in ``vm_dir/a`` and snapshotted to ``vm_dir/snap``."""
     (vm_dir / "a").mkdir()
     saved = make_spec(vm_dir / "a", ch_kernel)
     process = await driver.boot(saved, vmm_log=vm_dir / "a" / "vmm.log")
     snapshot = vm_dir / "snap"
     snapshot.mkdir()
     await driver.snapshot(saved, process, snapshot)
+    return saved, snapshot
+
+
+async def test_a_saved_vm_resumes_on_other_files(
+    driver: CloudHypervisorDriver, ch_requests: RequestLog, vm_dir: Path, ch_kernel: Path
+) -> None:
+    saved, snapshot = await _saved_vm(driver, vm_dir, ch_kernel)
     (vm_dir / "b").mkdir()
     other = make_spec(vm_dir / "b", ch_kernel)  # the new instance's files, same sizes
     spec = swap_spec(
@@ -67,12 +75,7 @@ async def test_a_saved_vm_resumes_on_other_files(
 async def test_a_disk_of_another_size_is_refused_before_a_vmm_starts(
     driver: CloudHypervisorDriver, ch_requests: RequestLog, vm_dir: Path, ch_kernel: Path
 ) -> None:
-    (vm_dir / "a").mkdir()
-    saved = make_spec(vm_dir / "a", ch_kernel)
-    process = await driver.boot(saved, vmm_log=vm_dir / "a" / "vmm.log")
-    snapshot = vm_dir / "snap"
-    snapshot.mkdir()
-    await driver.snapshot(saved, process, snapshot)
+    saved, snapshot = await _saved_vm(driver, vm_dir, ch_kernel)
     (vm_dir / "b").mkdir()
     other = make_spec(vm_dir / "b", ch_kernel)
     Path(other.disks[1].path).write_bytes(b"\0" * 8192)
