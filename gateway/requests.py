@@ -19,6 +19,7 @@ from starlette.requests import Request
 
 from schemas.errors import BadRequest, PayloadTooLarge
 from schemas.references import normalize_reference
+from schemas.snapshots import SnapshotCompressionConfig
 from schemas.subjects import is_valid_token
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "query_int",
     "query_tags",
     "read_body",
+    "refuse_compression",
 ]
 
 T = TypeVar("T")
@@ -41,6 +43,17 @@ _MAX_IDEMPOTENCY_KEY: Final = 128
 def bad_request(message: str) -> BadRequest:
     """hypeman's validator error: code ``"Bad Request"``."""
     return BadRequest(message, code="Bad Request")
+
+
+def refuse_compression(compression: SnapshotCompressionConfig | msgspec.UnsetType) -> None:
+    """vmfleet keeps saved memory uncompressed (a wake and a fork read it as it is): asking
+    for compression is refused rather than ignored; ``{"enabled": false}`` is what it does."""
+    if isinstance(compression, SnapshotCompressionConfig) and compression.enabled:
+        raise BadRequest(
+            "snapshot compression is not supported by vmfleet: saved memory stays "
+            'uncompressed; send {"enabled": false} or leave compression out',
+            code="not_supported",
+        )
 
 
 # -- bodies ------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ __all__ = [
     "SnapshotSchedule",
     "SnapshotScheduleRequest",
     "SnapshotSource",
+    "StandbyRequest",
     "TargetState",
     "is_valid_snapshot_id",
     "scheduled_name",
@@ -81,8 +82,16 @@ class CreateSnapshotRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=
     kind: SnapshotKind
     name: SnapshotName | UnsetType = UNSET
     tags: dict[str, str] | UnsetType = UNSET
-    #: Accepted for hypeman's clients; vmfleet keeps memory uncompressed (forks read it).
+    #: vmfleet keeps memory uncompressed (forks and wakes read it as it is): only
+    #: ``{"enabled": false}`` is accepted (gateway.requests.refuse_compression).
     compression: SnapshotCompressionConfig | UnsetType = UNSET
+
+
+class StandbyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /instances/{id}/standby``'s optional body (hypeman's InstanceStandbyParams)."""
+
+    compression: SnapshotCompressionConfig | UnsetType = UNSET
+    compression_delay: str | UnsetType = UNSET
 
 
 class ForkInstanceRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -28,6 +28,7 @@ from gateway.requests import (
     parse_duration,
     query_tags,
     read_body,
+    refuse_compression,
 )
 from gateway.resolve import resolve_instance, resolve_volume
 from gateway.responses import JSONBytesResponse, MsgspecResponse
@@ -53,6 +54,7 @@ from schemas.messages import (
     Stop,
     Update,
 )
+from schemas.snapshots import StandbyRequest
 
 __all__ = ["hot_routes", "routes"]
 
@@ -198,14 +200,35 @@ async def stop_instance(request: Request) -> Response:
 
 
 async def standby_instance(request: Request) -> Response:
-    return await _simple(request, Standby)
+    """hypeman's optional body: compression is refused (vmfleet's saved memory stays
+    uncompressed), a well-formed ``compression_delay`` is moot without it."""
+    gw = gateway(request)
+    record = resolve_instance(gw.view, request.path_params["id"])
+    body = await read_body(request, gw.config.max_json_body_bytes)
+    if body.strip():
+        req = decode_body(_standby_decoder.decode, body)
+        refuse_compression(req.compression)
+        if isinstance(req.compression_delay, str):
+            _check_duration("compression_delay", req.compression_delay)
+    cmd = Standby(id=_command_id(request), instance_id=record.id, issued_at=utc_now())
+    return await _run(gw, record, cmd)
+
+
+_standby_decoder = msgspec.json.Decoder(StandbyRequest)
+
+
+def _check_duration(field: str, text: str) -> None:
+    try:
+        parse_duration(text)
+    except ValueError:
+        raise bad_request(f"{field} {text!r} is not a duration such as 30s or 5m") from None
 
 
 async def restore_instance(request: Request) -> Response:
     return await _simple(request, Restore)
 
 
-async def _simple(request: Request, op: type[Stop | Standby | Restore]) -> Response:
+async def _simple(request: Request, op: type[Stop | Restore]) -> Response:
     """An op without parameters; a body, if any, is ignored as hypeman does."""
     gw = gateway(request)
     record = resolve_instance(gw.view, request.path_params["id"])

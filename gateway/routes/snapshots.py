@@ -35,6 +35,7 @@ from gateway.requests import (
     parse_duration,
     query_tags,
     read_body,
+    refuse_compression,
 )
 from gateway.resolve import resolve_instance
 from gateway.responses import MsgspecResponse
@@ -88,6 +89,7 @@ _FORKABLE: Final = {
 async def create_snapshot(request: Request) -> Response:
     gw = gateway(request)
     req = decode_body(_create_decoder.decode, await _body(gw, request))
+    refuse_compression(req.compression)
     record = resolve_instance(gw.view, request.path_params["id"])
     key = idempotency_key(request)
     snapshot = await _take(

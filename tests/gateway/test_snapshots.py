@@ -111,6 +111,16 @@ CASES = [
     ("post", "/instances/i-1/snapshots", {}, 400),
     ("post", "/instances/i-1/snapshots", {"kind": "Standby", "surprise": 1}, 400),
     ("post", "/instances/nope/snapshots", {"kind": "Standby"}, 404),
+    # Compression is refused, never ignored: vmfleet's saved memory stays uncompressed.
+    (
+        "post",
+        "/instances/i-1/snapshots",
+        {"kind": "Standby", "compression": {"enabled": True}},
+        400,
+    ),
+    ("post", "/instances/i-1/standby", {"compression": {"enabled": True}}, 400),
+    ("post", "/instances/i-1/standby", {"compression_delay": "soon"}, 400),
+    ("post", "/instances/i-1/standby", {"surprise": 1}, 400),
     ("post", "/snapshots/s-1/fork", {}, 400),
     ("post", "/snapshots/s-1/fork", {"name": "Not_A_Name"}, 400),
     ("post", "/snapshots/s-1/fork", {"name": "ok", "target_state": "Paused"}, 400),
