@@ -173,7 +173,10 @@ def _check_qemu_outcome(op: str, final: Answer, record: dict[str, Any] | None) -
 
 
 def _prepare(stack: Stack, chains: dict[str, str], fault: str, op: str) -> str | None:
-    """Bring this fault's instance to the state ``op`` starts from (create: none at all)."""
+    """Bring this fault's instance to the state ``op`` starts from (create: none at all).
+    Every cell starts from a live host: a cell before it may have restarted NATS, and a
+    create refused 503 while the host's heartbeat is not seen yet never meets the fault."""
+    stack.wait_host_live()
     if op == "create":
         for inst in stack.instances():
             if inst.get("host") == stack.host:
