@@ -1,5 +1,6 @@
 # The two set-up commands of README.md. Both install what is missing first (scripts/install.sh,
-# which also builds the guest agent from guest-agent/ when its sources changed).
+# which also builds the guest agent and the init's helper from guest-agent/ and guest-run/
+# when their sources changed).
 VENV        := .venv
 TEST_ASSETS := $(CURDIR)/.cache/test-assets
 

@@ -69,6 +69,7 @@ func main() {
 		}
 		serve = func() { serveVsock(fd) }
 	}
+	normalPriority()
 	if *root != "" {
 		if err := syscall.Chroot(*root); err != nil {
 			fatal(fmt.Errorf("chroot %s: %v", *root, err))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what vmfleet needs and is missing: Debian packages, the virtualenv, the guest
-# agent (built from guest-agent/ when its sources changed), the guest kernel. Idempotent: a
-# second run checks and builds nothing.
+# agent and the init's helper (built from guest-agent/ and guest-run/ when their sources
+# changed), the guest kernel. Idempotent: a second run checks and builds nothing.
 #   scripts/install.sh [KERNEL_DIR]
 # KERNEL_DIR: the data dir the guest kernel is fetched into (default: vmfleet's data dir).
 set -euo pipefail
@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(qemu-system-x86 busybox-static e2fsprogs erofs-utils skopeo umoci
                  docker-registry cpio kmod lz4 python3-venv iproute2 nftables conntrack golang-go
+                 musl-tools  # builds guest-run/: the init's static helper
                  docker-compose chromium  # only for the tests: docker-compose validates
                                           # compose.yaml, chromium renders /ui
                  wrk)  # only for bench/gateway.py: a load generator that saturates first
@@ -78,6 +79,22 @@ build_guest_agent() {
     echo "$want" > "$AGENT_DIR/.sources"
 }
 
+# The init's helper (guest-run/vmfleet-run.c): one static binary, so that starting the app and
+# setting up the network cost the boot one process each. Rebuilt when its source changed.
+RUN_DIR=.cache/guest-run
+build_guest_run() {
+    local want
+    want=$(cat guest-run/*.c | sha256sum | cut -d' ' -f1)
+    if [ -x "$RUN_DIR/vmfleet-run" ] && [ "$(cat "$RUN_DIR/.sources" 2>/dev/null)" = "$want" ]; then
+        return 0
+    fi
+    say "building the init's helper into $RUN_DIR/vmfleet-run"
+    mkdir -p "$RUN_DIR"
+    musl-gcc -static -Os -s -Wall -Wextra -Werror -o "$RUN_DIR/vmfleet-run.tmp" guest-run/vmfleet-run.c
+    mv "$RUN_DIR/vmfleet-run.tmp" "$RUN_DIR/vmfleet-run"
+    echo "$want" > "$RUN_DIR/.sources"
+}
+
 fetch_guest_kernel() {
     "$VENV/bin/vmfleet" kernel fetch ${1:+--data-dir "$1"}
 }
@@ -85,4 +102,5 @@ fetch_guest_kernel() {
 install_debian_packages
 install_virtualenv
 build_guest_agent
+build_guest_run
 fetch_guest_kernel "${1:-}"

@@ -1,4 +1,4 @@
-"""Guest boot assets: the kernel (and its PVH vmlinux for Cloud Hypervisor), vmfleet's initrd
+"""Guest boot assets: the kernel (and its PVH vmlinux, what the VMMs boot), vmfleet's initrd
 (busybox, modules, init.sh), the config disk."""
 
 from .config_disk import (
@@ -10,6 +10,7 @@ from .config_disk import (
     build_config_disk,
     merge_env,
     render_config_sh,
+    render_env_list,
     render_env_sh,
     shell_quote,
     validate_config,
@@ -24,7 +25,7 @@ from .initrd import (
     resolve_load_order,
 )
 from .kernel import DEFAULT_KERNEL_PACKAGE, KernelAssets, ensure_kernel, read_bzimage_version
-from .vmlinux import ensure_vmlinux
+from .vmlinux import boot_kernel, ensure_vmlinux
 
 __all__ = [
     "DEFAULT_HOME",
@@ -36,6 +37,7 @@ __all__ = [
     "GuestNetwork",
     "GuestVolumeMount",
     "KernelAssets",
+    "boot_kernel",
     "build_config_disk",
     "ensure_initrd",
     "ensure_kernel",
@@ -46,6 +48,7 @@ __all__ = [
     "read_bzimage_version",
     "remove_stale_initrds",
     "render_config_sh",
+    "render_env_list",
     "render_env_sh",
     "resolve_load_order",
     "shell_quote",

@@ -23,6 +23,9 @@ The disk is a small ext4 image holding three files:
 ``env.sh``
     The app's environment, one ``export KEY='value'`` per variable, plus PATH and HOME
     defaults when the config leaves them out.
+``env.list``
+    The same environment as ``KEY=value`` entries, each ended by a NUL: what the init's
+    helper (``vmfleet-run exec -e``) gives the app and the agent, with no shell to start.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ __all__ = [
     "build_config_disk",
     "merge_env",
     "render_config_sh",
+    "render_env_list",
     "render_env_sh",
     "shell_quote",
     "validate_config",
@@ -204,18 +208,26 @@ def render_config_sh(config: GuestConfig) -> str:
     return "".join(out)
 
 
-def render_env_sh(env: Mapping[str, str]) -> str:
-    """env.sh: ``export KEY='value'`` lines, with PATH and HOME defaults when absent."""
+def _app_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` checked, with PATH and HOME defaults when absent."""
     full = dict(env)
     full.setdefault("PATH", DEFAULT_PATH)
     full.setdefault("HOME", DEFAULT_HOME)
-    lines = []
     for key, value in full.items():
         if not _ENV_KEY.match(key):
             raise ValueError(f"env key {key!r} is not a valid shell identifier")
         _no_nul(f"env {key}", value)
-        lines.append(f"export {key}={shell_quote(value)}\n")
-    return "".join(lines)
+    return full
+
+
+def render_env_sh(env: Mapping[str, str]) -> str:
+    """env.sh: ``export KEY='value'`` lines, with PATH and HOME defaults when absent."""
+    return "".join(f"export {k}={shell_quote(v)}\n" for k, v in _app_env(env).items())
+
+
+def render_env_list(env: Mapping[str, str]) -> bytes:
+    """env.list: ``KEY=value`` entries each ended by a NUL, the same variables as env.sh."""
+    return b"".join(f"{k}={v}\0".encode() for k, v in _app_env(env).items())
 
 
 def _disk_size(content_bytes: int) -> int:
@@ -225,7 +237,8 @@ def _disk_size(content_bytes: int) -> int:
 
 
 async def build_config_disk(path: Path, config: GuestConfig) -> None:
-    """Write ``path`` as an ext4 image with config.json, config.sh and env.sh at its root.
+    """Write ``path`` as an ext4 image with config.json, config.sh, env.sh and env.list at
+    its root.
 
     The image is built beside ``path`` and renamed into place; attach it read-only.
     """
@@ -233,6 +246,7 @@ async def build_config_disk(path: Path, config: GuestConfig) -> None:
         "config.json": msgspec.json.format(msgspec.json.encode(config), indent=2) + b"\n",
         "config.sh": render_config_sh(config).encode(),
         "env.sh": render_env_sh(config.env).encode(),
+        "env.list": render_env_list(config.env),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".config-", dir=path.parent))

@@ -20,6 +20,11 @@
 # Markers on the console: "[vmfleet] app started pid=N", "[vmfleet] app exited with code N",
 # then (unless a stop caused the exit) 'HYPEMAN-EXIT code=N message="..."' before the VM powers
 # off, and "[vmfleet] agent ready ..." (from the agent: /bin/vmfleet-agent, docs/agent-protocol.md).
+#
+# Every process costs a boot under emulation ~10 ms: the init reads what it can with the
+# shell itself, and starts the app, the agent and the network with its helper
+# (/bin/vmfleet-run, guest-run/vmfleet-run.c) in one process each, busybox's chain of them
+# only when the initrd or the config disk predate the helper.
 
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 RUN=/run/vmfleet
@@ -28,6 +33,10 @@ CFG=/cfg
 CTL=/dev/ttyS1
 CONSOLE=/dev/ttyS0
 [ -c "$CONSOLE" ] || CONSOLE=/dev/console
+RUNNER=/bin/vmfleet-run
+APP_STARTED=/etc/vmfleet/app-started
+#: The nice value of what the app's start does not wait for (the agent, its port's module).
+LATER_NICE=10
 
 log() { # log LEVEL PHASE MESSAGE...
 	_lvl=$1 _phase=$2
@@ -393,18 +402,24 @@ virtio_devices() {
 	done
 }
 
-# load_modules WHEN...: the modules /etc/vmfleet/module-devices gives for any WHEN, with
-# one modprobe (dependencies from the initrd's own modules.dep); none for a device this VM
-# does not have. Everything here is read by the shell itself: no process but modprobe.
+# load_modules [--later] WHEN...: the modules /etc/vmfleet/module-devices gives for any
+# WHEN, with one modprobe (dependencies from the initrd's own modules.dep); none for a device
+# this VM does not have. Everything here is read by the shell itself: no process but
+# modprobe. --later: at a low priority (LATER_NICE), after the app's start.
 load_modules() {
 	[ -f /etc/vmfleet/module-devices ] || return 0
+	_prefix=
+	if [ "$1" = --later ]; then
+		shift
+		[ -x "$RUNNER" ] && _prefix="$RUNNER exec -N $LATER_NICE --"
+	fi
 	_mods=
 	while read -r _when _name; do
 		case " $* " in *" $_when "*) _mods="$_mods $_name" ;; esac
 	done </etc/vmfleet/module-devices
 	[ -n "$_mods" ] || return 0
 	# shellcheck disable=SC2086
-	if _err=$(modprobe -a $_mods 2>&1); then
+	if _err=$($_prefix modprobe -a $_mods 2>&1); then
 		log INFO modules "loaded$_mods"
 	else
 		log WARN modules "modprobe$_mods: $(echo "$_err" | oneline)"
@@ -499,7 +514,6 @@ write_hosts() { # ADDRESS: where this guest's own hostname resolves
 }
 
 setup_network() {
-	ip link set lo up
 	# Written by the shell: no hostname process.
 	[ -n "$VMFLEET_HOSTNAME" ] && echo "$VMFLEET_HOSTNAME" >/proc/sys/kernel/hostname
 	# The instance's own address when it has a fixed one; else Debian's 127.0.1.1.
@@ -509,6 +523,7 @@ setup_network() {
 		write_hosts 127.0.1.1
 	fi
 	if [ "$VMFLEET_NET_ENABLED" != 1 ]; then
+		ip link set lo up
 		log INFO network "disabled"
 		return 0
 	fi
@@ -527,6 +542,7 @@ setup_network() {
 	set +f
 	case $VMFLEET_NET_MODE in
 	dhcp)
+		ip link set lo up
 		ip link set "$_if" up
 		rm -f "$RUN/dhcp-dns"
 		if udhcpc -i "$_if" -b -t 5 -T 2 -p "$RUN/udhcpc.pid" -s /usr/share/udhcpc/default.script \
@@ -543,10 +559,17 @@ setup_network() {
 		fi
 		;;
 	*)
-		ip addr add "$VMFLEET_NET_IP/$VMFLEET_NET_CIDR" dev "$_if" || log ERROR network "ip addr add failed"
-		ip link set "$_if" up || log ERROR network "ip link set $_if up failed"
-		if [ -n "$VMFLEET_NET_GW" ]; then
-			ip route add default via "$VMFLEET_NET_GW" || log ERROR network "default route failed"
+		if [ -x "$RUNNER" ] && [ "${VMFLEET_NET_IP#*:}" = "$VMFLEET_NET_IP" ]; then
+			# IPv4: lo, the address, the link and the route in one process.
+			_err=$("$RUNNER" net "$_if" "$VMFLEET_NET_IP" "$VMFLEET_NET_CIDR" \
+				"${VMFLEET_NET_GW:--}" 2>&1) || log ERROR network "$(echo "$_err" | oneline)"
+		else
+			ip link set lo up
+			ip addr add "$VMFLEET_NET_IP/$VMFLEET_NET_CIDR" dev "$_if" || log ERROR network "ip addr add failed"
+			ip link set "$_if" up || log ERROR network "ip link set $_if up failed"
+			if [ -n "$VMFLEET_NET_GW" ]; then
+				ip route add default via "$VMFLEET_NET_GW" || log ERROR network "default route failed"
+			fi
 		fi
 		log INFO network "$_if $VMFLEET_NET_IP/$VMFLEET_NET_CIDR gw ${VMFLEET_NET_GW:-none}"
 		;;
@@ -582,27 +605,39 @@ agent_port() { # the /dev node of the virtio-serial port named vmfleet.agent
 	return 1
 }
 
+# start_agent [WHEN...]: the agent, after the modules of WHEN (its port's, when the app's
+# start did not wait for them). Both at a low priority until the agent's channel is open:
+# on a guest with one vCPU the app's start comes first (the agent then resets itself).
 start_agent() {
 	if [ ! -x "$AGENT" ]; then
 		log WARN agent "no $AGENT in the initrd: exec, cp and stat will not work"
+		[ $# -eq 0 ] || load_modules --later "$@"
 		return 0
 	fi
 	# A dead agent is started again (after 1 s, doubling up to 30 s while it keeps dying
 	# within a minute), so that a crash or a kill does not leave the instance without
 	# exec, cp and stat for the rest of its life.
 	(
+		[ $# -eq 0 ] || load_modules --later "$@"
 		_delay=1
 		while :; do
-			_since=$(cut -d. -f1 /proc/uptime)
-			env -i /bin/busybox sh -c "$AGENT_SCRIPT" vmfleet-agent "$AGENT_CHANNEL" \
-				</dev/null >"$CONSOLE" 2>&1
+			read -r _since _ </proc/uptime
+			_since=${_since%.*}
+			if [ -x "$RUNNER" ] && [ -f "$CFG/env.list" ]; then
+				"$RUNNER" exec -N "$LATER_NICE" -e "$CFG/env.list" -- "$AGENT" -root "$NEWROOT" \
+					-channel "$AGENT_CHANNEL" -groups "$RUN/agent-groups" </dev/null >"$CONSOLE" 2>&1
+			else
+				env -i /bin/busybox sh -c "$AGENT_SCRIPT" vmfleet-agent "$AGENT_CHANNEL" \
+					</dev/null >"$CONSOLE" 2>&1
+			fi
 			_status=$?
 			# A virtio-serial port keeps no connection state: say so on it, so the host ends
 			# the agent's sessions at once (a vsock connection closes by itself).
 			if [ "$AGENT_CHANNEL" = virtio ] && _port=$(agent_port); then
 				printf "$AGENT_GONE" >"$_port" 2>/dev/null
 			fi
-			[ $(($(cut -d. -f1 /proc/uptime) - _since)) -ge 60 ] && _delay=1
+			read -r _now _ </proc/uptime
+			[ $((${_now%.*} - _since)) -ge 60 ] && _delay=1
 			log ERROR agent "the agent exited with status $_status; starting it again in ${_delay}s"
 			sleep "$_delay"
 			_delay=$((_delay * 2))
@@ -629,13 +664,27 @@ resolve_argv0() { # NAME: the image's path of NAME, found in the app's PATH
 	echo "$1"
 }
 
-run_app() {
+# start_app: the app in the background, its pid in $APP_PID (wait_app waits for it).
+start_app() {
 	eval "set -- $VMFLEET_ARGV"
 	_wd=${VMFLEET_WORKDIR:-/}
 	[ -d "$NEWROOT$_wd" ] || mkdir -p "$NEWROOT$_wd"
 	if [ $# -eq 0 ]; then
 		log WARN app "no entrypoint or cmd: nothing to run"
 		set -- /bin/true
+	fi
+	read -r _up _ </proc/uptime
+	log INFO app "starting in $_wd at ${_up}s: $VMFLEET_ARGV"
+	if [ -x "$RUNNER" ] && [ -f "$CFG/env.list" ]; then
+		# One process: new session, pid file, env, root, cwd, then the program found in
+		# the app's PATH inside its root, as the image's shell would find it.
+		"$RUNNER" exec -n "$APP_STARTED" -e "$CFG/env.list" -p "$RUN/app.pid" -r "$NEWROOT" \
+			-w "$_wd" -s -a -- "$@" </dev/null >"$CONSOLE" 2>&1 &
+		APP_PID=$!
+		# The rest of the boot (the agent's module and start) waits until the program
+		# runs: on one vCPU it would otherwise come first.
+		[ -p "$APP_STARTED" ] && read -r _ <"$APP_STARTED"
+		return 0
 	fi
 	if [ -e "$NEWROOT/bin/sh" ] || [ -L "$NEWROOT/bin/sh" ]; then
 		# The image's shell finds the program in PATH and keeps argv[0] as given.
@@ -646,10 +695,14 @@ run_app() {
 		shift
 		set -- "$_a0" "$@"
 	fi
-	read -r _up _ </proc/uptime
-	log INFO app "starting in $_wd at ${_up}s: $VMFLEET_ARGV"
 	env -i /bin/busybox sh -c "$APP_SCRIPT" vmfleet-app \
-		"--root=$NEWROOT" "--wd=$NEWROOT$_wd" -- "$@" </dev/null >"$CONSOLE" 2>&1
+		"--root=$NEWROOT" "--wd=$NEWROOT$_wd" -- "$@" </dev/null >"$CONSOLE" 2>&1 &
+	APP_PID=$!
+}
+
+# wait_app: the app's exit, recorded and (unless a stop asked for it) the VM's power-off.
+wait_app() {
+	wait "$APP_PID"
 	_code=$?
 	echo "[vmfleet] app exited with code $_code"
 	echo "$_code" >"$RUN/app.exit.tmp"
@@ -741,10 +794,19 @@ boot() {
 		_ctl_up=1
 	fi
 	virtio_devices
+	# A control channel on a virtio console (hvc0, Cloud Hypervisor) appears only once
+	# virtio_console is loaded; a serial one (ttyS1, QEMU) was there from the start, and
+	# the console's module (then only the agent's port) waits until the app has started.
+	_later=
+	if [ -n "$_ctl_up" ]; then
+		_boot=
+		for _id in $VIRTIO_DEVICES; do
+			case $_id in 0x1003 | 0x1043) _later="$_later $_id" ;; *) _boot="$_boot $_id" ;; esac
+		done
+		VIRTIO_DEVICES=$_boot
+	fi
 	# shellcheck disable=SC2086
 	load_modules boot $VIRTIO_DEVICES
-	# A control channel on a virtio console (hvc0, Cloud Hypervisor) appears only once
-	# virtio_console is loaded; a serial one (ttyS1, QEMU) was there from the start.
 	if [ -z "$_ctl_up" ]; then
 		if wait_char "$CTL" 5; then
 			control_loop &
@@ -757,9 +819,11 @@ boot() {
 	setup_volumes
 	bind_system
 	setup_network
-	start_agent
+	start_app
+	# shellcheck disable=SC2086
+	start_agent $_later
 	start_acpid
-	run_app
+	wait_app
 	park
 }
 

@@ -1,5 +1,6 @@
 """vmfleet's initrd: busybox-static, the kernel's virtio/overlay modules, init.sh as /init,
-and the guest agent (built from guest-agent/ by scripts/install.sh).
+the guest agent (built from guest-agent/ by scripts/install.sh) and the init's helper
+(guest-run/, likewise).
 
 The image is an uncompressed newc cpio written directly by this module (no staging tree, no
 root-only mknod), cached as ``<data_dir>/system/initrd/<key>/initrd.img``. ``key`` is a sha256
@@ -12,6 +13,8 @@ Inside the initrd:
     /init                       init.sh (busybox ash, PID 1)
     /bin/busybox + applet links (from ``busybox --list-full`` at build time)
     /bin/vmfleet-agent          the guest agent, when it was built (docs/agent-protocol.md)
+    /bin/vmfleet-run            the init's helper, when it was built: starts the app and sets
+                                up the network with one process each (guest-run/vmfleet-run.c)
     /lib/modules/<ver>/...      the modules, uncompressed, at their modules.dep paths
     /lib/modules/<ver>/modules.dep  their dependencies (only theirs): the init loads the
                                 modules its VM's devices need with one ``modprobe -a``
@@ -47,6 +50,7 @@ from .kernel import KernelAssets
 __all__ = [
     "DEFAULT_AGENT",
     "DEFAULT_BUSYBOX",
+    "DEFAULT_RUNNER",
     "INIT_SCRIPT",
     "MODULE_DEVICES",
     "OPTIONAL_MODULES",
@@ -62,12 +66,16 @@ __all__ = [
 ]
 
 # Bump when the layout written by _entries() changes, so cached images are rebuilt.
-_FORMAT = b"vmfleet-initrd-v2"
+_FORMAT = b"vmfleet-initrd-v3"
 
 DEFAULT_BUSYBOX = Path("/bin/busybox")
 #: Where scripts/install.sh builds the agent: the repository's git-ignored .cache/.
 DEFAULT_AGENT = Path(__file__).resolve().parents[2] / ".cache" / "guest-agent" / "vmfleet-agent"
 _AGENT_IN_GUEST = "bin/vmfleet-agent"
+#: Where scripts/install.sh builds the init's helper (guest-run/vmfleet-run.c).
+DEFAULT_RUNNER = Path(__file__).resolve().parents[2] / ".cache" / "guest-run" / "vmfleet-run"
+_RUNNER_IN_GUEST = "bin/vmfleet-run"
+_APP_STARTED_FIFO = "etc/vmfleet/app-started"
 
 # Module names (modules.dep names, '-' folded to '_'). Dependencies are pulled in from
 # modules.dep; built-in ones (modules.builtin) are skipped.
@@ -289,13 +297,15 @@ class _Inputs:
     version: str
     modules: tuple[tuple[str, Path], ...]  # (path relative to lib/modules/<ver>, host file)
     agent: bytes | None = None
+    runner: bytes | None = None
     #: modules.dep's lines of the modules that go in (paths relative to lib/modules/<ver>).
     deps: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def key(self) -> str:
         h = hashlib.sha256()
         agent = b"no-agent" if self.agent is None else b"agent:" + self.agent
-        for part in (_FORMAT, self.init, self.busybox, self.version.encode(), agent):
+        runner = b"no-runner" if self.runner is None else b"runner:" + self.runner
+        for part in (_FORMAT, self.init, self.busybox, self.version.encode(), agent, runner):
             h.update(len(part).to_bytes(8, "little") + part)
         for rel, host in self.modules:
             h.update(rel.encode() + b"\0" + hashlib.sha256(host.read_bytes()).digest())
@@ -364,6 +374,8 @@ def _entries(inputs: _Inputs, module_data: Mapping[str, bytes]) -> list[_Entry]:
     files.append(_Entry("bin/busybox", stat.S_IFREG | 0o755, inputs.busybox))
     if inputs.agent is not None:
         files.append(_Entry(_AGENT_IN_GUEST, stat.S_IFREG | 0o755, inputs.agent))
+    if inputs.runner is not None:
+        files.append(_Entry(_RUNNER_IN_GUEST, stat.S_IFREG | 0o755, inputs.runner))
     files.append(
         _Entry(
             "etc/vmfleet/modules",
@@ -394,6 +406,9 @@ def _entries(inputs: _Inputs, module_data: Mapping[str, bytes]) -> list[_Entry]:
     nodes = [
         _Entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
         _Entry("dev/null", stat.S_IFCHR | 0o666, rdev=(1, 3)),
+        # The init reads it until the app's program runs (vmfleet-run exec -n): made here,
+        # so the boot does not start a mkfifo for it.
+        _Entry(_APP_STARTED_FIFO, stat.S_IFIFO | 0o600),
     ]
     unique_dirs = sorted(set(dirs), key=lambda d: (d.count("/"), d))
     return [
@@ -435,7 +450,13 @@ async def _applets(busybox: Path) -> tuple[str, ...]:
     return tuple(line for line in out.decode().split() if line)
 
 
-async def _collect(kernel: KernelAssets, busybox: Path, init: bytes, agent: Path | None) -> _Inputs:
+def _optional_file(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path is not None and path.is_file() else None
+
+
+async def _collect(
+    kernel: KernelAssets, busybox: Path, init: bytes, agent: Path | None, runner: Path | None
+) -> _Inputs:
     if not busybox.is_file():
         raise GuestAssetError(f"busybox binary {busybox} not found (install busybox-static)")
     modules, deps = await _module_list(kernel)
@@ -445,7 +466,8 @@ async def _collect(kernel: KernelAssets, busybox: Path, init: bytes, agent: Path
         applets=await _applets(busybox),
         version=kernel.version,
         modules=modules,
-        agent=agent.read_bytes() if agent is not None and agent.is_file() else None,
+        agent=_optional_file(agent),
+        runner=_optional_file(runner),
         deps=deps,
     )
 
@@ -456,10 +478,15 @@ async def initrd_cache_key(
     busybox: Path = DEFAULT_BUSYBOX,
     init_script: bytes | None = None,
     agent: Path | None = DEFAULT_AGENT,
+    runner: Path | None = DEFAULT_RUNNER,
 ) -> str:
     """The cache key ensure_initrd would use for these inputs."""
     inputs = await _collect(
-        kernel, busybox, INIT_SCRIPT.read_bytes() if init_script is None else init_script, agent
+        kernel,
+        busybox,
+        INIT_SCRIPT.read_bytes() if init_script is None else init_script,
+        agent,
+        runner,
     )
     return await anyio.to_thread.run_sync(inputs.key)
 
@@ -494,16 +521,22 @@ async def ensure_initrd(
     busybox: Path = DEFAULT_BUSYBOX,
     init_script: bytes | None = None,
     agent: Path | None = DEFAULT_AGENT,
+    runner: Path | None = DEFAULT_RUNNER,
 ) -> Path:
     """The initrd for ``kernel``, built on first use and whenever an input changes.
 
     ``agent``: the guest agent binary; a missing file (or None) makes an initrd without
-    one. An operator initrd (``kernel.initrd``) is returned as it is.
+    one. ``runner``: the init's helper, likewise (the init then starts the app with busybox
+    alone, more slowly). An operator initrd (``kernel.initrd``) is returned as it is.
     """
     if kernel.initrd is not None:
         return kernel.initrd
     inputs = await _collect(
-        kernel, busybox, INIT_SCRIPT.read_bytes() if init_script is None else init_script, agent
+        kernel,
+        busybox,
+        INIT_SCRIPT.read_bytes() if init_script is None else init_script,
+        agent,
+        runner,
     )
     key = await anyio.to_thread.run_sync(inputs.key)
     target = initrd_dir(data_dir) / key / "initrd.img"

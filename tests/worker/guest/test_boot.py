@@ -7,6 +7,7 @@ app must have seen SIGTERM.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -20,6 +21,7 @@ import anyio
 import pytest
 
 from worker.guest import GuestConfig, KernelAssets, build_config_disk, ensure_initrd, ensure_kernel
+from worker.guest.initrd import DEFAULT_RUNNER
 
 pytestmark = pytest.mark.vm
 
@@ -109,9 +111,14 @@ def _qemu_args(
     return args
 
 
-@pytest.fixture
-def guest(tmp_path: Path, guest_kernel: KernelAssets, test_assets: Path) -> Iterator[Guest]:
-    initrd = anyio.run(ensure_initrd, test_assets, guest_kernel)
+@pytest.fixture(params=["helper", "busybox-only"])
+def guest(
+    request: pytest.FixtureRequest, tmp_path: Path, guest_kernel: KernelAssets, test_assets: Path
+) -> Iterator[Guest]:
+    """The init with its helper (vmfleet-run), and without: an initrd built where the helper
+    was not, which starts the app with busybox alone."""
+    runner = DEFAULT_RUNNER if request.param == "helper" else None
+    initrd = anyio.run(functools.partial(ensure_initrd, test_assets, guest_kernel, runner=runner))
     config = GuestConfig(
         entrypoint=("/app/run.sh",),
         cmd=("one", "two words"),

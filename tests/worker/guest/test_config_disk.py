@@ -17,9 +17,11 @@ from worker.guest import (
     build_config_disk,
     merge_env,
     render_config_sh,
+    render_env_list,
     render_env_sh,
     shell_quote,
 )
+from worker.guest.initrd import DEFAULT_RUNNER
 
 BUSYBOX = "/bin/busybox"
 
@@ -62,6 +64,26 @@ def test_env_sh_exports_every_value_verbatim(tmp_path: Path) -> None:
     out = _ash('unset SHLVL PWD; . "$1"; exec /bin/busybox env -0', str(env_sh))
     seen = dict(item.split("=", 1) for item in out.decode().split("\0") if item)
     assert seen == {**env, "PATH": DEFAULT_PATH, "HOME": DEFAULT_HOME}
+
+
+def test_env_list_is_the_same_environment_as_env_sh(tmp_path: Path) -> None:
+    env = {f"V{i}": v for i, v in enumerate(NASTY)}
+    data = render_env_list(env)
+    assert data.endswith(b"\0")
+    seen = dict(item.split("=", 1) for item in data.decode().split("\0") if item)
+    assert seen == {**env, "PATH": DEFAULT_PATH, "HOME": DEFAULT_HOME}
+    if not DEFAULT_RUNNER.is_file():
+        pytest.skip("the init's helper is not built (scripts/install.sh)")
+    # The helper gives a program exactly these variables, nothing of its own.
+    env_list = tmp_path / "env.list"
+    env_list.write_bytes(data)
+    out = subprocess.run(
+        [DEFAULT_RUNNER, "exec", "-e", env_list, "--", BUSYBOX, "env", "-0"],
+        capture_output=True,
+        check=True,
+        env={"LEAK": "1"},
+    ).stdout
+    assert dict(item.split("=", 1) for item in out.decode().split("\0") if item) == seen
 
 
 def test_env_sh_keeps_given_path_and_home() -> None:
@@ -191,6 +213,7 @@ async def test_build_config_disk_writes_readable_ext4(tmp_path: Path) -> None:
     assert not list(image.parent.glob(".config-*")), "staging dir left behind"
     assert _debugfs_cat(image, "config.sh").decode() == render_config_sh(cfg)
     assert _debugfs_cat(image, "env.sh").decode() == render_env_sh(cfg.env)
+    assert _debugfs_cat(image, "env.list") == render_env_list(cfg.env)
     decoded = msgspec.json.decode(_debugfs_cat(image, "config.json"), type=GuestConfig)
     assert decoded == cfg
     # Rebuilding over an existing disk replaces it.

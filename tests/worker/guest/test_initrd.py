@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lzma
+import stat
 import subprocess
 from pathlib import Path
 
@@ -233,3 +234,22 @@ async def test_the_agent_goes_next_to_the_init_and_keys_the_cache(tmp_path: Path
     without = await ensure_initrd(data, kernel, agent=tmp_path / "missing")
     assert without != with_agent
     assert "bin/vmfleet-agent" not in _cpio_list(without)
+
+
+@pytest.mark.anyio
+async def test_the_init_helper_goes_in_and_keys_the_cache(tmp_path: Path) -> None:
+    kernel = _fake_kernel(tmp_path / "k")
+    data = tmp_path / "data"
+    runner = tmp_path / "vmfleet-run"
+    runner.write_bytes(b"\x7fELF pretend helper v1")
+    with_runner = await ensure_initrd(data, kernel, runner=runner)
+    tree = tmp_path / "tree"
+    _cpio_extract(with_runner, tree)
+    assert (tree / "bin/vmfleet-run").read_bytes() == runner.read_bytes()
+    assert (tree / "bin/vmfleet-run").stat().st_mode & 0o111
+    # The FIFO the init waits on until the app runs is made by the archive, not the boot.
+    assert stat.S_ISFIFO((tree / "etc/vmfleet/app-started").lstat().st_mode)
+    runner.write_bytes(b"\x7fELF pretend helper v2")
+    assert await ensure_initrd(data, kernel, runner=runner) != with_runner
+    without = await ensure_initrd(data, kernel, runner=tmp_path / "missing")
+    assert "bin/vmfleet-run" not in _cpio_list(without)

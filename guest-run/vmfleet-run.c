@@ -1,0 +1,282 @@
+/*
+ * vmfleet-run: what the guest init (worker/guest/init.sh) would otherwise do with a chain
+ * of busybox processes. Under emulation every process costs the boot ~10 ms, so the
+ * app's start and the network's set-up are one process each.
+ *
+ *   vmfleet-run exec [-n FIFO] [-N NICE] [-e ENVFILE] [-p PIDFILE] [-r ROOT] [-w DIR] [-s] [-a]
+ *                    -- ARGV...
+ *       Runs ARGV with exactly the environment in ENVFILE (KEY=value entries, each ended
+ *       by a NUL; none: an empty environment). -n: FIFO is held open for writing (first
+ *       of all) until ARGV runs or this fails, so that a reader of it (the init) sees its
+ *       end then and not before. -N: ARGV runs at this nice value (what the app's start
+ *       should not wait for). -s: a new session. -p: this process's pid
+ *       written to PIDFILE first. -a: "[vmfleet] app started pid=N" on stdout. -r/-w:
+ *       chroot to ROOT, then chdir to DIR (a path inside ROOT). ARGV[0] without a slash
+ *       is looked up in the environment's PATH, as a shell would, and keeps its name
+ *       as given; a file the kernel cannot execute (no #!) runs under the root's
+ *       /bin/sh. Exit 127 (not found) or 126 (not executable), as a shell's.
+ *
+ *   vmfleet-run net IFACE ADDRESS PREFIX GATEWAY|-
+ *       lo up; IFACE gets the IPv4 ADDRESS/PREFIX and goes up; the default route via
+ *       GATEWAY. Exit 1 naming the step that failed.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+static const char *prog = "vmfleet-run";
+
+static void die(int code, const char *what, const char *detail)
+{
+	fprintf(stderr, "%s: %s: %s\n", prog, what, detail);
+	exit(code);
+}
+
+/* The whole of FILE, NUL-terminated twice; *len its length. */
+static char *read_file(const char *file, size_t *len)
+{
+	int fd = open(file, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		die(1, file, strerror(errno));
+	size_t cap = 4096, n = 0;
+	char *buf = malloc(cap + 2);
+	for (;;) {
+		if (!buf)
+			die(1, file, "out of memory");
+		ssize_t got = read(fd, buf + n, cap - n);
+		if (got < 0) {
+			if (errno == EINTR)
+				continue;
+			die(1, file, strerror(errno));
+		}
+		if (got == 0)
+			break;
+		n += (size_t)got;
+		if (n == cap) {
+			cap *= 2;
+			buf = realloc(buf, cap + 2);
+		}
+	}
+	close(fd);
+	buf[n] = buf[n + 1] = '\0';
+	*len = n;
+	return buf;
+}
+
+/* ENVFILE's entries as an environment array (NULL-terminated). */
+static char **read_env(const char *file)
+{
+	size_t len, count = 0;
+	char *data = read_file(file, &len);
+	for (size_t i = 0; i < len; i++)
+		if (data[i] == '\0')
+			count++;
+	char **env = calloc(count + 2, sizeof *env);
+	if (!env)
+		die(1, file, "out of memory");
+	size_t k = 0;
+	for (char *p = data; p < data + len; p += strlen(p) + 1)
+		if (*p)
+			env[k++] = p;
+	env[k] = NULL;
+	return env;
+}
+
+static const char *env_get(char **env, const char *key)
+{
+	size_t n = strlen(key);
+	for (; *env; env++)
+		if (strncmp(*env, key, n) == 0 && (*env)[n] == '=')
+			return *env + n + 1;
+	return NULL;
+}
+
+/* execve, and a script without #! run by /bin/sh (what a shell does on ENOEXEC). */
+static void try_exec(const char *path, char **argv, char **env)
+{
+	execve(path, argv, env);
+	if (errno != ENOEXEC)
+		return;
+	size_t argc = 0;
+	while (argv[argc])
+		argc++;
+	char **sh = calloc(argc + 2, sizeof *sh);
+	if (!sh)
+		return;
+	sh[0] = "sh";
+	sh[1] = (char *)path;
+	for (size_t i = 1; i <= argc; i++)
+		sh[i + 1] = argv[i];
+	execve("/bin/sh", sh, env);
+	errno = ENOEXEC;
+}
+
+static int run_exec(int argc, char **argv)
+{
+	const char *env_file = NULL, *pid_file = NULL, *root = NULL, *dir = NULL;
+	int new_session = 0, announce = 0, nice_value = 0, opt;
+	char *end;
+	while ((opt = getopt(argc, argv, "+n:N:e:p:r:w:sa")) != -1) {
+		switch (opt) {
+		case 'n':
+			/* Closed by the exec (or the exit): the reader's end of file. */
+			if (open(optarg, O_WRONLY | O_CLOEXEC) < 0)
+				die(1, optarg, strerror(errno));
+			break;
+		case 'N':
+			nice_value = (int)strtol(optarg, &end, 10);
+			if (*optarg == '\0' || *end || nice_value < -20 || nice_value > 19)
+				die(2, optarg, "not a nice value (-20..19)");
+			break;
+		case 'e': env_file = optarg; break;
+		case 'p': pid_file = optarg; break;
+		case 'r': root = optarg; break;
+		case 'w': dir = optarg; break;
+		case 's': new_session = 1; break;
+		case 'a': announce = 1; break;
+		default: die(2, "usage", "exec [-n FIFO] [-N NICE] [-e ENVFILE] [-p PIDFILE] [-r ROOT] [-w DIR] [-s] [-a] -- ARGV...");
+		}
+	}
+	if (optind >= argc)
+		die(2, "usage", "exec: no program to run");
+	char **args = argv + optind;
+	static char *empty[] = { NULL };
+	char **env = env_file ? read_env(env_file) : empty;
+
+	if (nice_value != 0 && setpriority(PRIO_PROCESS, 0, nice_value) != 0)
+		die(1, "setpriority", strerror(errno));
+	if (new_session)
+		setsid(); /* fails only for a group leader, which keeps its own session */
+	if (pid_file) {
+		FILE *f = fopen(pid_file, "we");
+		if (!f || fprintf(f, "%d\n", (int)getpid()) < 0 || fclose(f) != 0)
+			die(1, pid_file, strerror(errno));
+	}
+	if (root && (chroot(root) != 0 || chdir("/") != 0))
+		die(1, root, strerror(errno));
+	if (dir && chdir(dir) != 0)
+		die(1, dir, strerror(errno));
+	if (announce) {
+		printf("[vmfleet] app started pid=%d\n", (int)getpid());
+		fflush(stdout);
+	}
+
+	if (strchr(args[0], '/')) {
+		try_exec(args[0], args, env);
+		die(errno == ENOENT ? 127 : 126, args[0], strerror(errno));
+	}
+	const char *path = env_get(env, "PATH");
+	if (!path)
+		path = DEFAULT_PATH;
+	int denied = 0;
+	char file[4096];
+	for (const char *p = path;; p++) {
+		const char *end = strchrnul(p, ':');
+		size_t n = (size_t)(end - p);
+		/* An empty PATH entry is the current directory, as for a shell. */
+		int w = n ? snprintf(file, sizeof file, "%.*s/%s", (int)n, p, args[0])
+			  : snprintf(file, sizeof file, "%s", args[0]);
+		if (w > 0 && (size_t)w < sizeof file) {
+			struct stat st;
+			if (stat(file, &st) == 0 && S_ISREG(st.st_mode)) {
+				try_exec(file, args, env);
+				if (errno == EACCES || errno == EPERM || errno == ENOEXEC)
+					denied = 1;
+			}
+		}
+		if (!*end)
+			break;
+		p = end;
+	}
+	if (denied)
+		die(126, args[0], "permission denied");
+	die(127, args[0], "not found");
+	return 127;
+}
+
+static void ioctl_or_die(int fd, unsigned long req, void *arg, const char *what)
+{
+	if (ioctl(fd, req, arg) != 0)
+		die(1, what, strerror(errno));
+}
+
+static void set_up(int fd, const char *name)
+{
+	struct ifreq ifr = { 0 };
+	snprintf(ifr.ifr_name, IFNAMSIZ, "%s", name);
+	ioctl_or_die(fd, SIOCGIFFLAGS, &ifr, name);
+	ifr.ifr_flags |= IFF_UP;
+	ioctl_or_die(fd, SIOCSIFFLAGS, &ifr, name);
+}
+
+static void set_in(struct sockaddr *sa, in_addr_t addr)
+{
+	struct sockaddr_in *in = (struct sockaddr_in *)sa;
+	memset(in, 0, sizeof *in);
+	in->sin_family = AF_INET;
+	in->sin_addr.s_addr = addr;
+}
+
+static int run_net(int argc, char **argv)
+{
+	if (argc != 5)
+		die(2, "usage", "net IFACE ADDRESS PREFIX GATEWAY|-");
+	const char *ifname = argv[1];
+	struct in_addr addr, gw;
+	char *end;
+	long prefix = strtol(argv[3], &end, 10);
+	if (inet_pton(AF_INET, argv[2], &addr) != 1)
+		die(2, argv[2], "not an IPv4 address");
+	if (*argv[3] == '\0' || *end || prefix < 0 || prefix > 32)
+		die(2, argv[3], "not a prefix length");
+	int has_gw = strcmp(argv[4], "-") != 0;
+	if (has_gw && inet_pton(AF_INET, argv[4], &gw) != 1)
+		die(2, argv[4], "not an IPv4 address");
+
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		die(1, "socket", strerror(errno));
+	set_up(fd, "lo");
+	struct ifreq ifr = { 0 };
+	snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+	set_in(&ifr.ifr_addr, addr.s_addr);
+	ioctl_or_die(fd, SIOCSIFADDR, &ifr, "address");
+	set_in(&ifr.ifr_netmask, prefix ? htonl(~0u << (32 - prefix)) : 0);
+	ioctl_or_die(fd, SIOCSIFNETMASK, &ifr, "netmask");
+	set_up(fd, ifname);
+	if (has_gw) {
+		struct rtentry rt = { 0 };
+		set_in(&rt.rt_dst, INADDR_ANY);
+		set_in(&rt.rt_genmask, INADDR_ANY);
+		set_in(&rt.rt_gateway, gw.s_addr);
+		rt.rt_flags = RTF_UP | RTF_GATEWAY;
+		rt.rt_dev = (char *)ifname;
+		ioctl_or_die(fd, SIOCADDRT, &rt, "default route");
+	}
+	close(fd);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc >= 2 && strcmp(argv[1], "exec") == 0)
+		return run_exec(argc - 1, argv + 1);
+	if (argc >= 2 && strcmp(argv[1], "net") == 0)
+		return run_net(argc - 1, argv + 1);
+	die(2, "usage", "exec [...] -- ARGV... | net IFACE ADDRESS PREFIX GATEWAY|-");
+	return 2;
+}
