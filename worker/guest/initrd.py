@@ -15,7 +15,8 @@ Inside the initrd:
     /bin/vmfleet-agent          the guest agent, when it was built (docs/agent-protocol.md)
     /bin/vmfleet-run            the init's helper, when it was built: starts the app and sets
                                 up the network with one process each (guest-run/vmfleet-run.c)
-    /lib/modules/<ver>/...      the modules, uncompressed, at their modules.dep paths
+    /lib/modules/<ver>/...      the modules, uncompressed and without their signatures,
+                                at their modules.dep paths
     /lib/modules/<ver>/modules.dep  their dependencies (only theirs): the init loads the
                                 modules its VM's devices need with one ``modprobe -a``
     /etc/vmfleet/modules        absolute module paths in load order, one per line
@@ -63,6 +64,7 @@ __all__ = [
     "parse_softdeps",
     "remove_stale_initrds",
     "resolve_load_order",
+    "strip_signature",
 ]
 
 # Bump when the layout written by _entries() changes, so cached images are rebuilt.
@@ -326,6 +328,27 @@ def _decompress(path: Path) -> bytes:
     return data
 
 
+#: What the kernel's sign-file appends to a module: the signature, a 12-byte
+#: ``struct module_signature`` (its last 4 bytes the signature's length, big-endian), this.
+_SIGNATURE_MAGIC = b"~Module signature appended~\n"
+
+
+def strip_signature(module: bytes) -> bytes:
+    """``module`` without its appended signature (unchanged when it has none).
+
+    The kernel checks a signature it finds (hashing the module and verifying RSA, slow under
+    emulation: ~40 ms of a boot for the modules loaded), and an unsigned module only marks
+    the kernel tainted unless signatures are enforced (``module.sig_enforce``, which
+    vmfleet's command line does not set). The initrd itself is the host's trusted input.
+    """
+    if not module.endswith(_SIGNATURE_MAGIC) or len(module) < len(_SIGNATURE_MAGIC) + 12:
+        return module
+    info_end = len(module) - len(_SIGNATURE_MAGIC)
+    sig_len = int.from_bytes(module[info_end - 4 : info_end], "big")
+    body_end = info_end - 12 - sig_len
+    return module[:body_end] if body_end > 0 else module
+
+
 def _stored_rel(rel: str) -> str:
     for suffix in (".xz", ".zst", ".gz"):
         if rel.endswith(".ko" + suffix):
@@ -495,9 +518,10 @@ async def _module_bytes(modules: Sequence[tuple[str, Path]]) -> dict[str, bytes]
     data: dict[str, bytes] = {}
     for rel, host in modules:
         if host.name.endswith(".ko.zst"):
-            data[rel] = await run(["zstd", "-dc", host])
+            module = await run(["zstd", "-dc", host])
         else:
-            data[rel] = await anyio.to_thread.run_sync(_decompress, host)
+            module = await anyio.to_thread.run_sync(_decompress, host)
+        data[rel] = strip_signature(module)
     return data
 
 

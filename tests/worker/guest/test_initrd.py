@@ -11,7 +11,12 @@ import pytest
 
 from worker.guest import GuestAssetError, KernelAssets, ensure_initrd, resolve_load_order
 from worker.guest import initrd as initrd_mod
-from worker.guest.initrd import module_name, parse_modules_dep, parse_softdeps
+from worker.guest.initrd import (
+    module_name,
+    parse_modules_dep,
+    parse_softdeps,
+    strip_signature,
+)
 
 VERSION = "6.1.0-99-test-amd64"
 
@@ -253,3 +258,29 @@ async def test_the_init_helper_goes_in_and_keys_the_cache(tmp_path: Path) -> Non
     assert await ensure_initrd(data, kernel, runner=runner) != with_runner
     without = await ensure_initrd(data, kernel, runner=tmp_path / "missing")
     assert "bin/vmfleet-run" not in _cpio_list(without)
+
+
+def _signed(body: bytes, signature: bytes) -> bytes:
+    info = bytes(8) + len(signature).to_bytes(4, "big")  # struct module_signature
+    return body + signature + info + b"~Module signature appended~\n"
+
+
+def test_module_signatures_are_stripped() -> None:
+    body = b"\x7fELF a module's code"
+    assert strip_signature(_signed(body, b"S" * 300)) == body
+    assert strip_signature(body) == body
+    # A signature length reaching before the file's start leaves the module as it is.
+    bogus = b"code" + (1 << 20).to_bytes(4, "big") + b"~Module signature appended~\n"
+    assert strip_signature(bogus) == bogus
+
+
+@pytest.mark.anyio
+async def test_modules_go_in_without_their_signatures(tmp_path: Path) -> None:
+    kernel = _fake_kernel(tmp_path / "k")
+    module = kernel.modules_root / "kernel/fs/overlayfs/overlay.ko"  # type: ignore[operator]
+    module.write_bytes(_signed(b"overlay code", b"X" * 512))
+    tree = tmp_path / "tree"
+    _cpio_extract(await ensure_initrd(tmp_path / "data", kernel), tree)
+    assert (tree / f"lib/modules/{VERSION}/kernel/fs/overlayfs/overlay.ko").read_bytes() == (
+        b"overlay code"
+    )
