@@ -42,7 +42,7 @@ from worker.dispatch import Dispatcher
 from worker.drivers.select import DriverSet, check_hypervisor_setting, choose_hypervisor
 from worker.engine import HostEngine
 from worker.expiry import reap_expired
-from worker.guest import ensure_initrd, ensure_kernel
+from worker.guest import boot_kernel, ensure_initrd, ensure_kernel
 from worker.guest.initrd import DEFAULT_AGENT
 from worker.health import supervise_health
 from worker.heartbeat import heartbeat_loop
@@ -76,19 +76,21 @@ log = logging.getLogger(__name__)
 
 
 async def prepare_host(config: WorkerConfig) -> tuple[BootAssets, DriverSet]:
-    """The guest's kernel and initrd, then the hypervisor (whose probe boots them)."""
+    """The guest's kernel (its PVH vmlinux, when it has one) and initrd, then the hypervisor
+    (whose probe boots them)."""
     assets = config.assets_dir or config.data_dir
     kernel = await ensure_kernel(assets, kernel=config.kernel, initrd=config.initrd)
     initrd = await ensure_initrd(assets, kernel, agent=guest_agent(config))
+    booted = await boot_kernel(kernel.bzimage)
     host = await choose_hypervisor(
         config.hypervisor,
         network_mode=config.network.mode,
         ch_binary=config.ch_binary,
         assets_dir=assets,
-        kernel=kernel.bzimage,
+        kernel=booted,
         initrd=initrd,
     )
-    return BootAssets(kernel=kernel.bzimage, initrd=initrd, accel=host.accel), host.drivers
+    return BootAssets(kernel=booted, initrd=initrd, accel=host.accel), host.drivers
 
 
 def guest_agent(config: WorkerConfig) -> Path | None:

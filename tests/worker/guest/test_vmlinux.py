@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.guest import GuestAssetError, ensure_kernel
+from worker.guest import GuestAssetError, boot_kernel, ensure_kernel
 from worker.guest.vmlinux import (
     PVH_NOTE_TYPE,
     elf_notes,
@@ -76,3 +76,15 @@ async def test_what_is_not_a_bzimage_or_a_pvh_elf_is_refused(tmp_path: Path) -> 
     elf.write_bytes(header + b"\0" * (64 - len(header)))
     with pytest.raises(GuestAssetError, match="without a PVH entry"):
         await ensure_vmlinux(elf)
+
+
+async def test_guests_boot_the_pvh_vmlinux_or_else_the_kernel_as_it_is(
+    bzimage: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What every VMM is given (worker.daemon.prepare_host): the extracted vmlinux, which
+    boots faster under QEMU; a kernel without one is booted as it is, with a warning."""
+    assert await boot_kernel(bzimage) == await ensure_vmlinux(bzimage)
+    junk = tmp_path / "vmlinuz-operator"
+    junk.write_bytes(b"\0" * 4096)
+    assert await boot_kernel(junk) == junk
+    assert "booting vmlinuz-operator as it is" in caplog.text
