@@ -95,6 +95,7 @@ def plan_create(
         issued_at=issued_at,
         name=req.name,
         image=req.image,
+        image_digest=_ready_digest(req.image, view),
         size_bytes=size,
         hotplug_bytes=hotplug,
         overlay_bytes=overlay,
@@ -200,6 +201,19 @@ def _check_image(reference: str, view: FleetView) -> frozenset[str]:
         )
     digests = {ref.digest, record.digest if record is not None else None}
     return frozenset({ref.name, *(d for d in digests if d)})
+
+
+def _ready_digest(reference: str, view: FleetView) -> str:
+    """The digest the fleet's ready image of this name has ("" if none): a host that has it
+    boots it without asking the registry again, as hypeman's create runs the image as it
+    was pulled (POST /images is what refreshes a tag)."""
+    ref = normalize_reference(reference)
+    if ref.digest:
+        return ref.digest
+    record = view.images.get(image_key(ref.name))
+    if record is None or record.status is not ImageStatus.READY:
+        return ""
+    return record.digest or ""
 
 
 def _size(field: str, raw: str | msgspec.UnsetType, default: int) -> int:

@@ -308,6 +308,7 @@ class Create(InstanceCommand, frozen=True, kw_only=True):
             id=self.instance_id,
             name=self.name,
             image=self.image,
+            image_digest=self.image_digest,
             host=host,
             state=InstanceState.CREATED,
             size_bytes=self.size_bytes,
