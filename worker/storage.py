@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -215,15 +216,41 @@ async def make_ext4_from_tree(tree: Path, path: Path, size_bytes: int) -> None:
     await _mkfs([*argv, str(tmp), f"{size_bytes // 1024}k"], tmp, path)
 
 
-async def make_sparse_ext4(path: Path, size_bytes: int, *, label: str = "") -> None:
-    """A sparse file formatted ext4 at ``size_bytes``: takes no space until written."""
+async def make_sparse_ext4(
+    path: Path, size_bytes: int, *, label: str = "", dirs: Mapping[str, int] | None = None
+) -> None:
+    """A sparse file formatted ext4 at ``size_bytes``: takes no space until written.
+
+    ``dirs``: empty directories (path: mode) made in it, owned by root, when this process
+    is root (a directory of another owner would lend it to what the guest mounts there);
+    else left for the guest to make.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as out:
         out.truncate(size_bytes)
     argv = ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1"]
     if label:
         argv += ["-L", label[:16]]
-    await _mkfs([*argv, str(tmp)], tmp, path)
+    with _root_tree(path.parent, dirs if dirs and os.geteuid() == 0 else {}) as tree:
+        if tree is not None:
+            argv += ["-d", str(tree)]
+        await _mkfs([*argv, str(tmp)], tmp, path)
+
+
+@contextlib.contextmanager
+def _root_tree(parent: Path, dirs: Mapping[str, int]) -> Iterator[Path | None]:
+    """A staging tree of ``dirs`` for mkfs.ext4 -d (None: no dirs), removed after."""
+    if not dirs:
+        yield None
+        return
+    tree = Path(tempfile.mkdtemp(prefix=".tree-", dir=parent))
+    try:
+        for name, mode in dirs.items():
+            (tree / name).mkdir(parents=True)
+            (tree / name).chmod(mode)
+        yield tree
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
 
 
 async def _mkfs(argv: list[str], tmp: Path, path: Path) -> None:

@@ -444,6 +444,15 @@ mounted() {
 	return 1
 }
 
+mount_root_by_steps() {
+	mounted /lower && mounted /overlay && mounted "$CFG" ||
+		mount -a -T /etc/vmfleet/fstab.disks 2>/dev/null || disks_not_mounted
+	mounted "$NEWROOT" && return 0
+	[ -d /overlay/upper ] && [ -d /overlay/work ] || mkdir -p /overlay/upper /overlay/work
+	mount -t overlay -o lowerdir=/lower,upperdir=/overlay/upper,workdir=/overlay/work \
+		overlay "$NEWROOT" || fatal rootfs "cannot mount the overlay root"
+}
+
 disks_not_mounted() { # the first disk of fstab.disks that is not mounted is fatal
 	mounted /lower || fatal rootfs "cannot mount image disk /dev/vda"
 	mounted /overlay || fatal rootfs "cannot mount overlay disk /dev/vdb"
@@ -454,11 +463,9 @@ setup_root() {
 	for _d in vda vdb vdc; do
 		wait_dev "/dev/$_d" 10 || fatal disks "/dev/$_d did not appear"
 	done
-	# The three disks with one mount process; which one failed is told after a failure.
-	mount -a -T /etc/vmfleet/fstab.disks 2>/dev/null || disks_not_mounted
-	[ -d /overlay/upper ] && [ -d /overlay/work ] || mkdir -p /overlay/upper /overlay/work
-	mount -t overlay -o lowerdir=/lower,upperdir=/overlay/upper,workdir=/overlay/work \
-		overlay "$NEWROOT" || fatal rootfs "cannot mount the overlay root"
+	# The disks, the overlay root and /proc, /sys, /dev in it with one mount process (the
+	# host made the overlay's directories); step by step when that did not all work.
+	mount -a -T /etc/vmfleet/fstab.root 2>/dev/null || mount_root_by_steps
 	[ -f "$CFG/config.sh" ] || fatal config "config disk has no config.sh"
 	# shellcheck source=/dev/null
 	. "$CFG/config.sh" || fatal config "cannot read config.sh"
@@ -486,6 +493,8 @@ bind_system() {
 		mkdir -p "$NEWROOT/proc" "$NEWROOT/sys" "$NEWROOT/dev" "$NEWROOT/tmp" "$NEWROOT/run"
 		break
 	done
+	# Bound with the root already (fstab.root), unless the image lacked a mount point.
+	mounted "$NEWROOT/proc" && mounted "$NEWROOT/sys" && mounted "$NEWROOT/dev" && return 0
 	# /proc, /sys and /dev (with its fd links, made at boot) in one mount process.
 	mount -a -T /etc/vmfleet/fstab.bind || log ERROR mounts "cannot bind /proc, /sys or /dev"
 }

@@ -55,6 +55,7 @@ __all__ = [
     "INIT_SCRIPT",
     "MODULE_DEVICES",
     "OPTIONAL_MODULES",
+    "OVERLAY_ROOT_DIRS",
     "REQUIRED_MODULES",
     "ensure_initrd",
     "initrd_cache_key",
@@ -111,6 +112,29 @@ _HELPERS: dict[str, bytes] = {
     "usr/share/udhcpc/default.script": b'#!/bin/sh\nexec /init --udhcpc "$@"\n',
 }
 
+#: What the host makes in a new overlay disk (path: mode) so that the init mounts the whole
+#: root in one step (fstab.root): the overlay's upper layer and work directory, and in the
+#: upper layer the mount points of /proc, /sys and /dev, which not every image has (an
+#: image's own are merged with these; their contents are covered by the mounts anyway).
+OVERLAY_ROOT_DIRS: dict[str, int] = {
+    "upper": 0o755,
+    "work": 0o755,
+    "upper/proc": 0o555,
+    "upper/sys": 0o555,
+    "upper/dev": 0o755,
+}
+
+_FSTAB_DISKS = (
+    b"/dev/vda /lower ext4 ro,noload 0 0\n"
+    b"/dev/vdb /overlay ext4 noinit_itable 0 0\n"
+    b"/dev/vdc /cfg ext4 ro,noload 0 0\n"
+)
+_FSTAB_BIND = (
+    b"/proc /newroot/proc none rbind 0 0\n"
+    b"/sys /newroot/sys none rbind 0 0\n"
+    b"/dev /newroot/dev none rbind 0 0\n"
+)
+
 #: What init.sh mounts, one ``mount -a -T`` (one process) per step, and the /dev links it
 #: copies in with one ``cp``: each process costs the boot milliseconds under emulation.
 _FILES: dict[str, bytes] = {
@@ -126,15 +150,15 @@ _FILES: dict[str, bytes] = {
     # The image read-only, the overlay disk, the config disk (the overlay root comes after).
     # The overlay disk is made with lazy inode tables; zeroing them in the background
     # (only a help to fsck) would take the guest's CPU and disk during the boot.
-    "etc/vmfleet/fstab.disks": (
-        b"/dev/vda /lower ext4 ro,noload 0 0\n"
-        b"/dev/vdb /overlay ext4 noinit_itable 0 0\n"
-        b"/dev/vdc /cfg ext4 ro,noload 0 0\n"
-    ),
-    "etc/vmfleet/fstab.bind": (
-        b"/proc /newroot/proc none rbind 0 0\n"
-        b"/sys /newroot/sys none rbind 0 0\n"
-        b"/dev /newroot/dev none rbind 0 0\n"
+    "etc/vmfleet/fstab.disks": _FSTAB_DISKS,
+    "etc/vmfleet/fstab.bind": _FSTAB_BIND,
+    # All of the root at once, when the overlay disk has its layer's directories already
+    # (OVERLAY_ROOT_DIRS, made by the host): one process instead of four.
+    "etc/vmfleet/fstab.root": (
+        _FSTAB_DISKS
+        + b"overlay /newroot overlay lowerdir=/lower,upperdir=/overlay/upper,"
+        + b"workdir=/overlay/work 0 0\n"
+        + _FSTAB_BIND
     ),
 }
 _DEV_LINKS: dict[str, str] = {

@@ -9,6 +9,7 @@ from schemas.clock import utc_now
 from schemas.errors import BadRequest, HypervisorError
 from schemas.messages import Create, InstanceRecord
 from worker.capacity import CapacityAccount
+from worker.guest.initrd import OVERLAY_ROOT_DIRS
 from worker.images import ImageInfo
 from worker.lifecycle.boot import boot_to_running, run_until_ready
 from worker.lifecycle.context import LocalInstance, OpContext
@@ -68,7 +69,7 @@ async def _make(ctx: OpContext, cmd: Create) -> LocalInstance:
             # 5. bridge mode: an address (IP + MAC) and a TAP name.
             take_address(ctx, inst)
             # 6. The writable overlay, then boot.
-            await make_sparse_ext4(guest.overlay, cmd.overlay_bytes)
+            await make_sparse_ext4(guest.overlay, cmd.overlay_bytes, dirs=OVERLAY_ROOT_DIRS)
         if await _resumed_from_template(ctx, inst, image, phases):
             await run_until_ready(ctx, walk, phases)
         else:
