@@ -21,6 +21,16 @@ def test_output_and_exit_code_with_stderr_merged(guest: Guest) -> None:
     assert out.texts == [{"exitCode": 3}]
 
 
+def test_commands_and_the_app_run_at_the_normal_priority(guest: Guest) -> None:
+    """The init starts the agent at nice 10 so that the app's start comes first; once its
+    channel is open the agent is back at 0, and so are the commands it runs. The app was
+    never lowered (field 19 of /proc/PID/stat is the nice value)."""
+    app = "for p in /proc/[0-9]*; do grep -q '^sleep' $p/cmdline && cut -d' ' -f19 $p/stat; done"
+    out = guest.exec_sync(["sh", "-c", f"cut -d' ' -f19 /proc/self/stat; {app}"])
+    # This command, then every sleep: the app (sleep 100000) and the init's own.
+    assert len(out.data.split()) >= 2 and set(out.data.split()) == {b"0"}, out.data
+
+
 def test_stdin_until_eof(guest: Guest) -> None:
     data = bytes(range(256)) * 1024  # 256 KiB: more than one frame and one window
     out = guest.run(guest.exec, {"command": ["sh", "-c", "cat | md5sum"]}, data)
