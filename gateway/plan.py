@@ -78,7 +78,7 @@ def plan_create(
     _refuse_unsupported(req)
     tags = check_tags(req.tags) if isinstance(req.tags, dict) else {}
     expires_at = expiry_on_create(req.ttl, req.expires_at, issued_at)
-    images = _check_image(req.image, view)
+    images, image_digest = _check_image(req.image, view)
     size = _size("size", req.size, DEFAULT_SIZE)
     hotplug = _size("hotplug_size", req.hotplug_size, 0)
     overlay = _size("overlay_size", req.overlay_size, DEFAULT_OVERLAY_SIZE)
@@ -95,7 +95,7 @@ def plan_create(
         issued_at=issued_at,
         name=req.name,
         image=req.image,
-        image_digest=_ready_digest(req.image, view),
+        image_digest=image_digest,
         size_bytes=size,
         hotplug_bytes=hotplug,
         overlay_bytes=overlay,
@@ -189,31 +189,22 @@ def _refuse_unsupported(req: CreateInstanceRequest) -> None:
         raise BadRequest("vGPU profiles are not supported by vmfleet", code="not_supported")
 
 
-def _check_image(reference: str, view: FleetView) -> frozenset[str]:
+def _check_image(reference: str, view: FleetView) -> tuple[frozenset[str], str]:
     """hypeman needs a ready image; vmfleet's hosts pull on demand, so only an image the
     fleet knows and that is *not* ready (pulling, failed) is refused. Returns the names a
-    host that has the image ready lists it by: its name, and its digest if known."""
+    host that has the image ready lists it by (its name, and its digest if known), and the
+    digest to boot ("" if none is known): a host that has it boots it without asking the
+    registry again, as hypeman's create runs the image as it was pulled (POST /images is
+    what refreshes a tag)."""
     ref = normalize_reference(reference)
     record = view.images.get(image_key(ref.name))
     if record is not None and record.status is not ImageStatus.READY:
         raise BadRequest(
             f"image not ready: image status is {record.status.value}", code="image_not_ready"
         )
-    digests = {ref.digest, record.digest if record is not None else None}
-    return frozenset({ref.name, *(d for d in digests if d)})
-
-
-def _ready_digest(reference: str, view: FleetView) -> str:
-    """The digest the fleet's ready image of this name has ("" if none): a host that has it
-    boots it without asking the registry again, as hypeman's create runs the image as it
-    was pulled (POST /images is what refreshes a tag)."""
-    ref = normalize_reference(reference)
-    if ref.digest:
-        return ref.digest
-    record = view.images.get(image_key(ref.name))
-    if record is None or record.status is not ImageStatus.READY:
-        return ""
-    return record.digest or ""
+    ready = record.digest if record is not None else None
+    names = frozenset({ref.name, *(d for d in (ref.digest, ready) if d)})
+    return names, ref.digest or ready or ""
 
 
 def _size(field: str, raw: str | msgspec.UnsetType, default: int) -> int:
