@@ -449,8 +449,7 @@ mount_root_by_steps() {
 		mount -a -T /etc/vmfleet/fstab.disks 2>/dev/null || disks_not_mounted
 	mounted "$NEWROOT" && return 0
 	[ -d /overlay/upper ] && [ -d /overlay/work ] || mkdir -p /overlay/upper /overlay/work
-	mount -t overlay -o lowerdir=/lower,upperdir=/overlay/upper,workdir=/overlay/work \
-		overlay "$NEWROOT" || fatal rootfs "cannot mount the overlay root"
+	mount -a -T /etc/vmfleet/fstab.overlay || fatal rootfs "cannot mount the overlay root"
 }
 
 disks_not_mounted() { # the first disk of fstab.disks that is not mounted is fatal
@@ -614,20 +613,17 @@ agent_port() { # the /dev node of the virtio-serial port named vmfleet.agent
 	return 1
 }
 
-# start_agent [WHEN...]: the agent, after the modules of WHEN (its port's, when the app's
-# start did not wait for them). Both at a low priority until the agent's channel is open:
-# on a guest with one vCPU the app's start comes first (the agent then resets itself).
+# start_agent: the agent, at a low priority until its channel is open: on a guest with one
+# vCPU the app's start comes first (the agent then resets itself).
 start_agent() {
 	if [ ! -x "$AGENT" ]; then
 		log WARN agent "no $AGENT in the initrd: exec, cp and stat will not work"
-		[ $# -eq 0 ] || load_modules --later "$@"
 		return 0
 	fi
 	# A dead agent is started again (after 1 s, doubling up to 30 s while it keeps dying
 	# within a minute), so that a crash or a kill does not leave the instance without
 	# exec, cp and stat for the rest of its life.
 	(
-		[ $# -eq 0 ] || load_modules --later "$@"
 		_delay=1
 		while :; do
 			read -r _since _ </proc/uptime
@@ -829,8 +825,10 @@ boot() {
 	bind_system
 	setup_network
 	start_app
+	# The agent's port's module, when the app's start did not wait for it.
 	# shellcheck disable=SC2086
-	start_agent $_later
+	[ -z "$_later" ] || load_modules --later $_later
+	start_agent
 	start_acpid
 	wait_app
 	park

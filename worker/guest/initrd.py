@@ -129,6 +129,9 @@ _FSTAB_DISKS = (
     b"/dev/vdb /overlay ext4 noinit_itable 0 0\n"
     b"/dev/vdc /cfg ext4 ro,noload 0 0\n"
 )
+_FSTAB_OVERLAY = (
+    b"overlay /newroot overlay lowerdir=/lower,upperdir=/overlay/upper,workdir=/overlay/work 0 0\n"
+)
 _FSTAB_BIND = (
     b"/proc /newroot/proc none rbind 0 0\n"
     b"/sys /newroot/sys none rbind 0 0\n"
@@ -154,12 +157,8 @@ _FILES: dict[str, bytes] = {
     "etc/vmfleet/fstab.bind": _FSTAB_BIND,
     # All of the root at once, when the overlay disk has its layer's directories already
     # (OVERLAY_ROOT_DIRS, made by the host): one process instead of four.
-    "etc/vmfleet/fstab.root": (
-        _FSTAB_DISKS
-        + b"overlay /newroot overlay lowerdir=/lower,upperdir=/overlay/upper,"
-        + b"workdir=/overlay/work 0 0\n"
-        + _FSTAB_BIND
-    ),
+    "etc/vmfleet/fstab.overlay": _FSTAB_OVERLAY,
+    "etc/vmfleet/fstab.root": _FSTAB_DISKS + _FSTAB_OVERLAY + _FSTAB_BIND,
 }
 _DEV_LINKS: dict[str, str] = {
     "etc/vmfleet/dev/fd": "/proc/self/fd",
