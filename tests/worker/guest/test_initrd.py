@@ -222,42 +222,38 @@ async def test_operator_initrd_is_used_as_is(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize(
+    ("option", "in_guest"), [("agent", "bin/vmfleet-agent"), ("runner", "bin/vmfleet-run")]
+)
 @pytest.mark.anyio
-async def test_the_agent_goes_next_to_the_init_and_keys_the_cache(tmp_path: Path) -> None:
+async def test_a_built_binary_goes_next_to_the_init_and_keys_the_cache(
+    tmp_path: Path, option: str, in_guest: str
+) -> None:
+    """The guest agent and the init's helper: each goes in when it was built, changes the
+    cache key when it changes, and is left out (a different initrd) when it is missing."""
     kernel = _fake_kernel(tmp_path / "k")
     data = tmp_path / "data"
-    agent = tmp_path / "vmfleet-agent"
-    agent.write_bytes(b"\x7fELF pretend agent v1")
-    with_agent = await ensure_initrd(data, kernel, agent=agent)
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\x7fELF pretend v1")
+    built = await ensure_initrd(data, kernel, **{option: binary})
     tree = tmp_path / "tree"
-    _cpio_extract(with_agent, tree)
-    assert (tree / "bin/vmfleet-agent").read_bytes() == agent.read_bytes()
-    assert (tree / "bin/vmfleet-agent").stat().st_mode & 0o111
-    agent.write_bytes(b"\x7fELF pretend agent v2")
-    assert await ensure_initrd(data, kernel, agent=agent) != with_agent
-    # No agent built: an initrd without one (the worker says so at start-up).
-    without = await ensure_initrd(data, kernel, agent=tmp_path / "missing")
-    assert without != with_agent
-    assert "bin/vmfleet-agent" not in _cpio_list(without)
+    _cpio_extract(built, tree)
+    assert (tree / in_guest).read_bytes() == binary.read_bytes()
+    assert (tree / in_guest).stat().st_mode & 0o111
+    binary.write_bytes(b"\x7fELF pretend v2")
+    assert await ensure_initrd(data, kernel, **{option: binary}) != built
+    # Not built: an initrd without it (the worker says so at start-up for the agent).
+    without = await ensure_initrd(data, kernel, **{option: tmp_path / "missing"})
+    assert without != built
+    assert in_guest not in _cpio_list(without)
 
 
 @pytest.mark.anyio
-async def test_the_init_helper_goes_in_and_keys_the_cache(tmp_path: Path) -> None:
-    kernel = _fake_kernel(tmp_path / "k")
-    data = tmp_path / "data"
-    runner = tmp_path / "vmfleet-run"
-    runner.write_bytes(b"\x7fELF pretend helper v1")
-    with_runner = await ensure_initrd(data, kernel, runner=runner)
+async def test_the_app_started_fifo_is_made_by_the_archive(tmp_path: Path) -> None:
+    """The init waits on it until the app runs; the boot starts no mkfifo for it."""
     tree = tmp_path / "tree"
-    _cpio_extract(with_runner, tree)
-    assert (tree / "bin/vmfleet-run").read_bytes() == runner.read_bytes()
-    assert (tree / "bin/vmfleet-run").stat().st_mode & 0o111
-    # The FIFO the init waits on until the app runs is made by the archive, not the boot.
+    _cpio_extract(await ensure_initrd(tmp_path / "data", _fake_kernel(tmp_path / "k")), tree)
     assert stat.S_ISFIFO((tree / "etc/vmfleet/app-started").lstat().st_mode)
-    runner.write_bytes(b"\x7fELF pretend helper v2")
-    assert await ensure_initrd(data, kernel, runner=runner) != with_runner
-    without = await ensure_initrd(data, kernel, runner=tmp_path / "missing")
-    assert "bin/vmfleet-run" not in _cpio_list(without)
 
 
 def _signed(body: bytes, signature: bytes) -> bytes:
