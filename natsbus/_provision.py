@@ -9,6 +9,11 @@ Only a gateway's NATS user may create or update streams when permissions are in 
 (docs/security.md); a worker only looks them up. A worker that finds an object missing
 waits for a gateway to create it, and one that finds it different carries on with it as
 it is. A request NATS does not permit gets no answer, so both show up as timeouts here.
+
+A lookup that gets no answer, or JetStream's "temporarily unavailable", is asked again: a
+cluster whose meta leader is being elected, or is busy placing the streams just created
+(with three replicas each), drops requests for some seconds. Start-up waits through that
+instead of failing on the first such request.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
 from schemas.subjects import Subjects
 
@@ -42,6 +47,8 @@ log = logging.getLogger(__name__)
 DAY_S = 86_400.0
 #: How often a component that may not create a missing object looks for it again.
 _WAIT_FOR_CREATOR_S = 1.0
+#: How long after a lookup that got no answer it is asked again.
+_RETRY_LOOKUP_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -211,7 +218,7 @@ def _stream_settings(config: StreamConfig) -> dict[str, object]:
 async def _ensure(js: JetStreamContext, wanted: _Wanted) -> None:
     told = False
     while True:
-        existing = await _current(js, wanted.stream)
+        existing = await _answered_lookup(js, wanted.stream)
         if existing is not None:
             await _reconcile(js, wanted, existing)
             return
@@ -231,6 +238,24 @@ async def _ensure(js: JetStreamContext, wanted: _Wanted) -> None:
                 )
                 told = True
             await anyio.sleep(_WAIT_FOR_CREATOR_S)
+
+
+async def _answered_lookup(js: JetStreamContext, stream: str) -> StreamConfig | None:
+    """The stream's config (None: it does not exist), asked until JetStream answers."""
+    unanswered = 0
+    while True:
+        try:
+            return await _current(js, stream)
+        except (NatsTimeoutError, ServiceUnavailableError) as exc:
+            unanswered += 1
+            if unanswered == 1:
+                log.warning(
+                    "looking up stream %s: JetStream did not answer (%s); asking again until "
+                    "it does (a cluster electing its leaders answers after a few seconds)",
+                    stream,
+                    type(exc).__name__,
+                )
+        await anyio.sleep(_RETRY_LOOKUP_S)
 
 
 async def _current(js: JetStreamContext, stream: str) -> StreamConfig | None:
