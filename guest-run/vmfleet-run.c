@@ -19,6 +19,13 @@
  *   vmfleet-run net IFACE ADDRESS PREFIX GATEWAY|-
  *       lo up; IFACE gets the IPv4 ADDRESS/PREFIX and goes up; the default route via
  *       GATEWAY. Exit 1 naming the step that failed.
+ *
+ *   vmfleet-run reseed SEED_HEX
+ *       Credits the seed's bytes to the kernel's input pool and reseeds its generator at
+ *       once (RNDADDENTROPY, RNDRESEEDCRNG). A VM resumed from a saved memory image (a warm
+ *       template, a fork) would otherwise draw the same numbers as every other VM resumed
+ *       from it until the kernel's own next reseed; writing to /dev/urandom mixes bytes in
+ *       but does not reseed. In the initrd, so it works before any disk is mounted.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -35,6 +42,11 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+/* linux/random.h's ioctls (musl's headers do not include the kernel's). */
+#define RNDADDENTROPY 0x40085203 /* _IOW('R', 0x03, int[2]) */
+#define RNDRESEEDCRNG 0x5207 /* _IO('R', 0x07) */
+#define MAX_SEED_BYTES 512
 
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -271,12 +283,57 @@ static int run_net(int argc, char **argv)
 	return 0;
 }
 
+static int hex_digit(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+static int run_reseed(int argc, char **argv)
+{
+	if (argc != 2)
+		die(2, "usage", "reseed SEED_HEX");
+	const char *hex = argv[1];
+	size_t digits = strlen(hex);
+	if (digits == 0 || digits % 2 || digits / 2 > MAX_SEED_BYTES)
+		die(2, "reseed", "the seed must be 1 to 512 hex bytes");
+	/* struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; } */
+	struct {
+		int entropy_count;
+		int buf_size;
+		unsigned char buf[MAX_SEED_BYTES];
+	} info;
+	size_t n = digits / 2;
+	for (size_t i = 0; i < n; i++) {
+		int hi = hex_digit(hex[2 * i]), lo = hex_digit(hex[2 * i + 1]);
+		if (hi < 0 || lo < 0)
+			die(2, "reseed", "the seed must be hex bytes");
+		info.buf[i] = (unsigned char)(hi << 4 | lo);
+	}
+	info.entropy_count = (int)(8 * n);
+	info.buf_size = (int)n;
+	int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		die(1, "/dev/urandom", strerror(errno));
+	ioctl_or_die(fd, RNDADDENTROPY, &info, "RNDADDENTROPY");
+	ioctl_or_die(fd, RNDRESEEDCRNG, NULL, "RNDRESEEDCRNG");
+	close(fd);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc >= 2 && strcmp(argv[1], "exec") == 0)
 		return run_exec(argc - 1, argv + 1);
 	if (argc >= 2 && strcmp(argv[1], "net") == 0)
 		return run_net(argc - 1, argv + 1);
-	die(2, "usage", "exec [...] -- ARGV... | net IFACE ADDRESS PREFIX GATEWAY|-");
+	if (argc >= 2 && strcmp(argv[1], "reseed") == 0)
+		return run_reseed(argc - 1, argv + 1);
+	die(2, "usage", "exec [...] -- ARGV... | net IFACE ADDRESS PREFIX GATEWAY|- | reseed SEED_HEX");
 	return 2;
 }

@@ -153,3 +153,17 @@ def test_net_refuses_what_is_not_ipv4() -> None:
     assert run("net", "eth0", "10.0.0.2", "33", "-").returncode == 2
     assert run("net", "eth0", "10.0.0.2", "24", "gateway").returncode == 2
     assert run("net", "eth0").returncode == 2
+
+
+def test_reseed_refuses_what_is_not_hex_bytes() -> None:
+    for seed in ("", "abc", "zz", "00" * 513):
+        out = run("reseed", seed)
+        assert out.returncode == 2 and "hex bytes" in out.stderr, seed
+    assert run("reseed").returncode == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="crediting entropy needs root, as in a guest")
+def test_reseed_credits_the_seed_and_reseeds() -> None:
+    """What a resumed guest's init runs before its disks are there (both ioctls succeed)."""
+    out = run("reseed", os.urandom(32).hex())
+    assert out.returncode == 0, out.stderr
