@@ -56,8 +56,7 @@ from worker.accel import choose_accel
 from worker.agent import AgentHub, Frame, track_instance
 from worker.drivers.qemu import qemu_binary
 from worker.engine import HostEngine
-from worker.guest import ensure_initrd, ensure_kernel
-from worker.guest.initrd import DEFAULT_AGENT
+from worker.guest import DEFAULT_AGENT, ensure_initrd, ensure_kernel
 from worker.lifecycle.context import BootAssets
 from worker.metrics import WorkerMetrics
 from worker.sessions import EngineSessionHost, SessionServer
@@ -184,10 +183,10 @@ async def nats_round_trips(nc: Client, subjects: Subjects, count: int) -> list[f
 
 async def boot_assets(agent: Path | None, data_dir: Path) -> BootAssets:
     kernel = await ensure_kernel(ASSETS)
-    initrd = await ensure_initrd(data_dir, kernel, agent=agent)
+    initrd = await ensure_initrd(data_dir, kernel)
     # Its own probe state: the shared assets dir's belongs to whoever else boots guests here.
     accel = await choose_accel(data_dir, qemu=qemu_binary(), kernel=kernel.bzimage, initrd=initrd)
-    return BootAssets(kernel=kernel.bzimage, initrd=initrd, accel=accel)
+    return BootAssets(kernel=kernel.bzimage, initrd=initrd, accel=accel, agent=agent)
 
 
 async def heartbeat(js: Any, subjects: Subjects) -> None:
@@ -370,7 +369,7 @@ async def run_measurements(
 async def boot_without_agent(
     work: Path, image: str, summary: Summary, with_agent: list[float]
 ) -> None:
-    """The same guest booted from an initrd without the agent, to its app's first line."""
+    """The same guest booted without the agent on its config disk, to its app's first line."""
     boot = await boot_assets(None, work / "assets-noagent")
     ctx = make_context(work / "host-noagent", boot)
     engine = HostEngine(ctx)

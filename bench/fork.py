@@ -43,7 +43,7 @@ from tests.support.registry import LocalRegistry
 from worker.accel import choose_accel
 from worker.drivers.qemu import QemuDriver
 from worker.engine import HostEngine
-from worker.guest import ensure_initrd, ensure_kernel
+from worker.guest import DEFAULT_AGENT, ensure_initrd, ensure_kernel
 from worker.images import ImageCache
 from worker.lifecycle.context import BootAssets, OpContext
 from worker.snapshots.capture import snapshot_store
@@ -197,7 +197,7 @@ async def main(runs: int, forks: int, as_json: bool) -> None:
             driver=QemuDriver(),
             images=ImageCache(work / "data" / "images"),
             volumes=VolumeStore(work / "data", "bench"),
-            boot=BootAssets(kernel=kernel.bzimage, initrd=initrd, accel=accel),
+            boot=BootAssets(kernel=kernel.bzimage, initrd=initrd, accel=accel, agent=DEFAULT_AGENT),
         )
         engine = HostEngine(ctx)
         await ctx.images.pull(image)

@@ -48,7 +48,7 @@ from tests.support.images import build_busybox_image
 from worker.accel import choose_accel
 from worker.drivers.qemu import QemuDriver, build_args
 from worker.engine import HostEngine
-from worker.guest import boot_kernel, ensure_initrd, ensure_kernel
+from worker.guest import DEFAULT_AGENT, boot_kernel, ensure_initrd, ensure_kernel
 from worker.guest.initrd import DEFAULT_BUSYBOX, _Entry, _write_cpio
 from worker.images import ImageCache
 from worker.lifecycle.context import BootAssets, OpContext
@@ -538,7 +538,7 @@ async def main(
             driver=QemuDriver(),
             images=ImageCache(work / "data" / "images"),
             volumes=VolumeStore(work / "data", "bench"),
-            boot=BootAssets(kernel=booted, initrd=initrd, accel=accel),
+            boot=BootAssets(kernel=booted, initrd=initrd, accel=accel, agent=DEFAULT_AGENT),
             observe_create_phase=create_steps.__setitem__,
         )
         engine = HostEngine(ctx)

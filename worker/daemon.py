@@ -42,8 +42,7 @@ from worker.dispatch import Dispatcher
 from worker.drivers.select import DriverSet, check_hypervisor_setting, choose_hypervisor
 from worker.engine import HostEngine
 from worker.expiry import reap_expired
-from worker.guest import boot_kernel, ensure_initrd, ensure_kernel
-from worker.guest.initrd import DEFAULT_AGENT
+from worker.guest import DEFAULT_AGENT, boot_kernel, ensure_initrd, ensure_kernel
 from worker.health import supervise_health
 from worker.heartbeat import heartbeat_loop
 from worker.host import HostLimits, read_capacity
@@ -76,11 +75,13 @@ log = logging.getLogger(__name__)
 
 
 async def prepare_host(config: WorkerConfig) -> tuple[BootAssets, DriverSet]:
-    """The guest's kernel (its PVH vmlinux, when it has one) and initrd, then the hypervisor
-    (whose probe boots them)."""
+    """The guest's kernel (its PVH vmlinux, when it has one), initrd and agent, then the
+    hypervisor (whose probe boots them)."""
     assets = config.assets_dir or config.data_dir
     kernel = await ensure_kernel(assets, kernel=config.kernel, initrd=config.initrd)
-    initrd = await ensure_initrd(assets, kernel, agent=guest_agent(config))
+    initrd = await ensure_initrd(assets, kernel)
+    # An operator's own initrd has no init of ours to run an agent.
+    agent = guest_agent(config) if config.initrd is None else None
     booted = await boot_kernel(kernel.bzimage)
     host = await choose_hypervisor(
         config.hypervisor,
@@ -90,12 +91,13 @@ async def prepare_host(config: WorkerConfig) -> tuple[BootAssets, DriverSet]:
         kernel=booted,
         initrd=initrd,
     )
-    return BootAssets(kernel=booted, initrd=initrd, accel=host.accel), host.drivers
+    boot = BootAssets(kernel=booted, initrd=initrd, accel=host.accel, agent=agent)
+    return boot, host.drivers
 
 
 def guest_agent(config: WorkerConfig) -> Path | None:
-    """The guest agent binary the initrd gets; None (said in one line) when there is none:
-    the guests then boot without one, and exec, cp and stat are refused."""
+    """The guest agent binary every config disk gets; None (said in one line) when there is
+    none: the guests then boot without one, and exec, cp and stat are refused."""
     path = config.agent_binary or DEFAULT_AGENT
     if path.is_file():
         return path
@@ -107,10 +109,8 @@ def guest_agent(config: WorkerConfig) -> Path | None:
     return None
 
 
-def _agent_hub(config: WorkerConfig) -> AgentHub:
-    # An operator's own initrd has no agent of ours in it.
-    present = config.initrd is None and (config.agent_binary or DEFAULT_AGENT).is_file()
-    return AgentHub(agent_present=present)
+def _agent_hub(boot: BootAssets) -> AgentHub:
+    return AgentHub(agent_present=boot.agent is not None)
 
 
 def _follow_instances(
@@ -174,7 +174,7 @@ async def _serve(
     await provision(js, subjects, config.layout)
     publisher = RecordPublisher(js, subjects, config.host_id, denials=config.bus.denials)
     volumes = VolumeStore(config.data_dir, config.host_id, on_change=publisher.volume_changed)
-    hub = _agent_hub(config)
+    hub = _agent_hub(boot)
     on_transition, on_removed = _follow_instances(publisher, hub, driver)
     ctx = OpContext(
         host_id=config.host_id,

@@ -16,7 +16,7 @@ from schemas.messages import Create, Delete
 from worker.accel import choose_accel
 from worker.drivers.qemu import QemuDriver, qemu_binary
 from worker.engine import HostEngine
-from worker.guest import ensure_initrd, ensure_kernel
+from worker.guest import DEFAULT_AGENT, ensure_initrd, ensure_kernel
 from worker.images import ImageCache
 from worker.lifecycle.context import BootAssets, OpContext
 from worker.storage import Storage
@@ -33,7 +33,8 @@ def boot_assets(test_assets: Path) -> BootAssets:
         accel = await choose_accel(
             test_assets, qemu=qemu_binary(), kernel=kernel.bzimage, initrd=initrd
         )
-        return BootAssets(kernel=kernel.bzimage, initrd=initrd, accel=accel)
+        agent = DEFAULT_AGENT if DEFAULT_AGENT.is_file() else None
+        return BootAssets(kernel=kernel.bzimage, initrd=initrd, accel=accel, agent=agent)
 
     return anyio.run(prepare)
 

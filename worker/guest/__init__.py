@@ -1,7 +1,8 @@
 """Guest boot assets: the kernel (and its PVH vmlinux, what the VMMs boot), vmfleet's initrd
-(busybox, modules, init.sh), the config disk."""
+(busybox, modules, init.sh), the config disk (the instance's config and the guest agent)."""
 
 from .config_disk import (
+    DEFAULT_AGENT,
     DEFAULT_HOME,
     DEFAULT_PATH,
     GuestConfig,
@@ -28,6 +29,7 @@ from .kernel import DEFAULT_KERNEL_PACKAGE, KernelAssets, ensure_kernel, read_bz
 from .vmlinux import boot_kernel, ensure_vmlinux
 
 __all__ = [
+    "DEFAULT_AGENT",
     "DEFAULT_HOME",
     "DEFAULT_KERNEL_PACKAGE",
     "DEFAULT_PATH",

@@ -1,6 +1,6 @@
 """The config disk (``/dev/vdc``): what the guest init needs to run one instance.
 
-The disk is a small ext4 image holding three files:
+The disk is a small ext4 image holding these files:
 
 ``config.json``
     GuestConfig as JSON, for humans and tools.
@@ -26,6 +26,12 @@ The disk is a small ext4 image holding three files:
 ``env.list``
     The same environment as ``KEY=value`` entries, each ended by a NUL: what the init's
     helper (``vmfleet-run exec -e``) gives the app and the agent, with no shell to start.
+``vmfleet-agent``
+    The guest agent (docs/agent-protocol.md), when the host has one. Here rather than in
+    the initrd: the kernel unpacks the whole initrd into memory before the init starts,
+    and the agent is run only after the app's start, read from this disk as it runs. That
+    is safe because a running guest's config disk never changes under it: it is written
+    only before a VMM boots, and a restore or a fork gets a copy of the saved VM's own.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ import msgspec
 from ._run import run
 
 __all__ = [
+    "AGENT_ON_DISK",
+    "DEFAULT_AGENT",
     "DEFAULT_HOME",
     "DEFAULT_PATH",
     "GuestConfig",
@@ -230,15 +238,32 @@ def render_env_list(env: Mapping[str, str]) -> bytes:
     return b"".join(f"{k}={v}\0".encode() for k, v in _app_env(env).items())
 
 
+#: Where scripts/install.sh builds the agent: the repository's git-ignored .cache/.
+DEFAULT_AGENT = Path(__file__).resolve().parents[2] / ".cache" / "guest-agent" / "vmfleet-agent"
+#: The agent's name on the config disk (the init runs it from there).
+AGENT_ON_DISK = "vmfleet-agent"
+
+
+def _put_agent(agent: Path, content: Path) -> int:
+    """The agent into the disk's content (a hard link when it can be); its size."""
+    target = content / AGENT_ON_DISK
+    try:
+        target.hardlink_to(agent)
+    except OSError:
+        shutil.copyfile(agent, target)
+        target.chmod(0o755)
+    return target.stat().st_size
+
+
 def _disk_size(content_bytes: int) -> int:
     mib = 1 << 20
     want = 2 * content_bytes + mib
     return max(2 * mib, -(-want // mib) * mib)
 
 
-async def build_config_disk(path: Path, config: GuestConfig) -> None:
+async def build_config_disk(path: Path, config: GuestConfig, *, agent: Path | None = None) -> None:
     """Write ``path`` as an ext4 image with config.json, config.sh, env.sh and env.list at
-    its root.
+    its root, and ``agent`` as ``vmfleet-agent`` when given.
 
     The image is built beside ``path`` and renamed into place; attach it read-only.
     """
@@ -256,8 +281,11 @@ async def build_config_disk(path: Path, config: GuestConfig) -> None:
         for name, data in files.items():
             (content / name).write_bytes(data)
             (content / name).chmod(0o644)
+        content_bytes = sum(len(d) for d in files.values())
+        if agent is not None:
+            content_bytes += await anyio.to_thread.run_sync(_put_agent, agent, content)
         image = staging / "config.ext4"
-        size = _disk_size(sum(len(d) for d in files.values()))
+        size = _disk_size(content_bytes)
         with image.open("wb") as f:
             f.truncate(size)
         await run(

@@ -19,7 +19,7 @@
 #   zerofree                     -> ok   (a template before it is saved: free memory zeroed)
 # Markers on the console: "[vmfleet] app started pid=N", "[vmfleet] app exited with code N",
 # then (unless a stop caused the exit) 'HYPEMAN-EXIT code=N message="..."' before the VM powers
-# off, and "[vmfleet] agent ready ..." (from the agent: /bin/vmfleet-agent, docs/agent-protocol.md).
+# off, and "[vmfleet] agent ready ..." (from the agent, docs/agent-protocol.md).
 #
 # Every process costs a boot under emulation ~10 ms: the init reads what it can with the
 # shell itself, and starts the app, the agent and the network with its helper
@@ -232,8 +232,14 @@ zero_free_memory() {
 	umount /run/zero
 }
 
-reseed_rng() { # SEED_HEX: credited to the kernel's pool, and the generator reseeded
-	[ ! -x "$AGENT" ] || "$AGENT" -reseed "$1" >/dev/null 2>&1 || log WARN identity "RNG not reseeded"
+# reseed_rng SEED_HEX: credited to the kernel's pool, and the generator reseeded; by the
+# initrd's helper, as a template's resume comes before any disk is mounted.
+reseed_rng() {
+	if [ -x "$RUNNER" ]; then
+		"$RUNNER" reseed "$1" >/dev/null 2>&1 || log WARN identity "RNG not reseeded"
+	elif [ -x "$AGENT" ]; then
+		"$AGENT" -reseed "$1" >/dev/null 2>&1 || log WARN identity "RNG not reseeded"
+	fi
 }
 
 first_nic() { # the first network interface but lo, into $NIC (empty: none); no subshell
@@ -600,8 +606,9 @@ exec /bin/busybox setsid /bin/busybox nsenter -F "$@"'
 # shellcheck disable=SC2016
 AGENT_SCRIPT='unset SHLVL PWD OLDPWD
 . /cfg/env.sh
-exec /bin/vmfleet-agent -root /newroot -channel "$1" -groups /run/vmfleet/agent-groups'
-AGENT=/bin/vmfleet-agent
+exec /cfg/vmfleet-agent -root /newroot -channel "$1" -groups /run/vmfleet/agent-groups'
+# On the config disk, not in the initrd (worker/guest/config_disk.py says why).
+AGENT=$CFG/vmfleet-agent
 AGENT_CHANNEL=virtio
 # What the host's side realigns on, then a GONE frame (docs/agent-protocol.md).
 AGENT_GONE='\251\000vmfleet-agent-sync\000\251\251\004\000\000\000\000\000\000\000\000'
@@ -617,7 +624,7 @@ agent_port() { # the /dev node of the virtio-serial port named vmfleet.agent
 # vCPU the app's start comes first (the agent then resets itself).
 start_agent() {
 	if [ ! -x "$AGENT" ]; then
-		log WARN agent "no $AGENT in the initrd: exec, cp and stat will not work"
+		log WARN agent "no $AGENT on the config disk: exec, cp and stat will not work"
 		return 0
 	fi
 	# A dead agent is started again (after 1 s, doubling up to 30 s while it keeps dying

@@ -1,18 +1,20 @@
-"""vmfleet's initrd: busybox-static, the kernel's virtio/overlay modules, init.sh as /init,
-the guest agent (built from guest-agent/ by scripts/install.sh) and the init's helper
-(guest-run/, likewise).
+"""vmfleet's initrd: busybox-static, the kernel's virtio/overlay modules, init.sh as /init
+and the init's helper (built from guest-run/ by scripts/install.sh).
+
+The guest agent is not in it: every byte of an initrd is unpacked into memory before the
+init starts (~25 ms per MiB under emulation), and the agent is needed only after the app's
+start. It comes on each VM's config disk instead (worker.guest.config_disk).
 
 The image is an uncompressed newc cpio written directly by this module (no staging tree, no
 root-only mknod), cached as ``<data_dir>/system/initrd/<key>/initrd.img``. ``key`` is a sha256
 over every input: init.sh, the helper scripts, the busybox binary, the kernel version, each
-module file that goes in and the agent binary. Inputs unchanged means the cached file is
+module file that goes in and the helper. Inputs unchanged means the cached file is
 returned untouched.
 
 Inside the initrd:
 
     /init                       init.sh (busybox ash, PID 1)
     /bin/busybox + applet links (from ``busybox --list-full`` at build time)
-    /bin/vmfleet-agent          the guest agent, when it was built (docs/agent-protocol.md)
     /bin/vmfleet-run            the init's helper, when it was built: starts the app and sets
                                 up the network with one process each (guest-run/vmfleet-run.c)
     /lib/modules/<ver>/...      the modules, uncompressed and without their signatures,
@@ -49,7 +51,6 @@ from .errors import GuestAssetError
 from .kernel import KernelAssets
 
 __all__ = [
-    "DEFAULT_AGENT",
     "DEFAULT_BUSYBOX",
     "DEFAULT_RUNNER",
     "INIT_SCRIPT",
@@ -69,12 +70,9 @@ __all__ = [
 ]
 
 # Bump when the layout written by _entries() changes, so cached images are rebuilt.
-_FORMAT = b"vmfleet-initrd-v3"
+_FORMAT = b"vmfleet-initrd-v4"
 
 DEFAULT_BUSYBOX = Path("/bin/busybox")
-#: Where scripts/install.sh builds the agent: the repository's git-ignored .cache/.
-DEFAULT_AGENT = Path(__file__).resolve().parents[2] / ".cache" / "guest-agent" / "vmfleet-agent"
-_AGENT_IN_GUEST = "bin/vmfleet-agent"
 #: Where scripts/install.sh builds the init's helper (guest-run/vmfleet-run.c).
 DEFAULT_RUNNER = Path(__file__).resolve().parents[2] / ".cache" / "guest-run" / "vmfleet-run"
 _RUNNER_IN_GUEST = "bin/vmfleet-run"
@@ -321,16 +319,14 @@ class _Inputs:
     applets: tuple[str, ...]
     version: str
     modules: tuple[tuple[str, Path], ...]  # (path relative to lib/modules/<ver>, host file)
-    agent: bytes | None = None
     runner: bytes | None = None
     #: modules.dep's lines of the modules that go in (paths relative to lib/modules/<ver>).
     deps: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def key(self) -> str:
         h = hashlib.sha256()
-        agent = b"no-agent" if self.agent is None else b"agent:" + self.agent
         runner = b"no-runner" if self.runner is None else b"runner:" + self.runner
-        for part in (_FORMAT, self.init, self.busybox, self.version.encode(), agent, runner):
+        for part in (_FORMAT, self.init, self.busybox, self.version.encode(), runner):
             h.update(len(part).to_bytes(8, "little") + part)
         for rel, host in self.modules:
             h.update(rel.encode() + b"\0" + hashlib.sha256(host.read_bytes()).digest())
@@ -418,8 +414,6 @@ def _entries(inputs: _Inputs, module_data: Mapping[str, bytes]) -> list[_Entry]:
         load_order.append("/" + stored)
     files.append(_Entry("init", stat.S_IFREG | 0o755, inputs.init))
     files.append(_Entry("bin/busybox", stat.S_IFREG | 0o755, inputs.busybox))
-    if inputs.agent is not None:
-        files.append(_Entry(_AGENT_IN_GUEST, stat.S_IFREG | 0o755, inputs.agent))
     if inputs.runner is not None:
         files.append(_Entry(_RUNNER_IN_GUEST, stat.S_IFREG | 0o755, inputs.runner))
     files.append(
@@ -501,7 +495,7 @@ def _optional_file(path: Path | None) -> bytes | None:
 
 
 async def _collect(
-    kernel: KernelAssets, busybox: Path, init: bytes, agent: Path | None, runner: Path | None
+    kernel: KernelAssets, busybox: Path, init: bytes, runner: Path | None
 ) -> _Inputs:
     if not busybox.is_file():
         raise GuestAssetError(f"busybox binary {busybox} not found (install busybox-static)")
@@ -512,7 +506,6 @@ async def _collect(
         applets=await _applets(busybox),
         version=kernel.version,
         modules=modules,
-        agent=_optional_file(agent),
         runner=_optional_file(runner),
         deps=deps,
     )
@@ -523,7 +516,6 @@ async def initrd_cache_key(
     *,
     busybox: Path = DEFAULT_BUSYBOX,
     init_script: bytes | None = None,
-    agent: Path | None = DEFAULT_AGENT,
     runner: Path | None = DEFAULT_RUNNER,
 ) -> str:
     """The cache key ensure_initrd would use for these inputs."""
@@ -531,7 +523,6 @@ async def initrd_cache_key(
         kernel,
         busybox,
         INIT_SCRIPT.read_bytes() if init_script is None else init_script,
-        agent,
         runner,
     )
     return await anyio.to_thread.run_sync(inputs.key)
@@ -567,14 +558,13 @@ async def ensure_initrd(
     *,
     busybox: Path = DEFAULT_BUSYBOX,
     init_script: bytes | None = None,
-    agent: Path | None = DEFAULT_AGENT,
     runner: Path | None = DEFAULT_RUNNER,
 ) -> Path:
     """The initrd for ``kernel``, built on first use and whenever an input changes.
 
-    ``agent``: the guest agent binary; a missing file (or None) makes an initrd without
-    one. ``runner``: the init's helper, likewise (the init then starts the app with busybox
-    alone, more slowly). An operator initrd (``kernel.initrd``) is returned as it is.
+    ``runner``: the init's helper; a missing file (or None) makes an initrd without one
+    (the init then starts the app with busybox alone, more slowly). An operator initrd
+    (``kernel.initrd``) is returned as it is.
     """
     if kernel.initrd is not None:
         return kernel.initrd
@@ -582,7 +572,6 @@ async def ensure_initrd(
         kernel,
         busybox,
         INIT_SCRIPT.read_bytes() if init_script is None else init_script,
-        agent,
         runner,
     )
     key = await anyio.to_thread.run_sync(inputs.key)

@@ -121,7 +121,7 @@ async def boot_vm(
         await ensure_volume_overlays(inst.guest, inst.record.volumes)
         disks, mounts = volume_disks(inst.record.volumes, ctx.volumes, inst.guest)
         config = guest_config(ctx, inst, image, list(mounts))
-        await build_config_disk(inst.guest.config_disk, config)
+        await build_config_disk(inst.guest.config_disk, config, agent=ctx.boot.agent)
     spec = vm_spec(ctx, inst, image, disks)
     inst.guest.write(inst.guest.vm_spec, spec)
     inst.app_status = None

@@ -39,6 +39,8 @@ class BootAssets:
     kernel: Path
     initrd: Path
     accel: str
+    #: The guest agent every config disk carries (None: guests without one).
+    agent: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ async def resume_from_template(
     guest = inst.guest
     with phases.timing("disks"):
         config = guest_config(ctx, inst, image, [])
-        await build_config_disk(guest.config_disk, config)
+        await build_config_disk(guest.config_disk, config, agent=ctx.boot.agent)
     spec = swap_spec(
         template.saved.spec,
         instance_id=inst.id,

@@ -15,7 +15,7 @@ import pytest
 from worker.agent import AgentHub, AgentProtocolError, Frame
 from worker.agent.protocol import MAX_TEXT, SYNC, WINDOW, FrameParser, Kind, cost, encode
 from worker.drivers.base import AgentEndpoint
-from worker.guest.initrd import DEFAULT_AGENT
+from worker.guest import DEFAULT_AGENT
 
 SOURCES = Path(__file__).parents[3] / "guest-agent"
 

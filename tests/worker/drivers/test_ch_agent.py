@@ -21,7 +21,7 @@ from tests.worker.drivers.test_cloud_hypervisor import make_spec
 from worker.agent import AgentHub, AgentUnavailable, Frame
 from worker.drivers.base import AGENT_VSOCK_PORT
 from worker.drivers.cloud_hypervisor import CloudHypervisorDriver
-from worker.guest.initrd import DEFAULT_AGENT
+from worker.guest import DEFAULT_AGENT
 
 pytestmark = pytest.mark.anyio
 

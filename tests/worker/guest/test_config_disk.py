@@ -21,6 +21,7 @@ from worker.guest import (
     render_env_sh,
     shell_quote,
 )
+from worker.guest.config_disk import AGENT_ON_DISK
 from worker.guest.initrd import DEFAULT_RUNNER
 
 BUSYBOX = "/bin/busybox"
@@ -193,10 +194,14 @@ def test_merge_env_instance_wins() -> None:
         merge_env(["NOEQUALS"], None)
 
 
-def _debugfs_cat(image: Path, name: str) -> bytes:
+def _debugfs(image: Path, request: str) -> bytes:
     return subprocess.run(
-        ["debugfs", "-R", f"cat /{name}", str(image)], check=True, capture_output=True
+        ["debugfs", "-R", request, str(image)], check=True, capture_output=True
     ).stdout
+
+
+def _debugfs_cat(image: Path, name: str) -> bytes:
+    return _debugfs(image, f"cat /{name}")
 
 
 @pytest.mark.anyio
@@ -219,3 +224,18 @@ async def test_build_config_disk_writes_readable_ext4(tmp_path: Path) -> None:
     # Rebuilding over an existing disk replaces it.
     await build_config_disk(image, GuestConfig(cmd=("other",)))
     assert "'\\''other'\\''" in _debugfs_cat(image, "config.sh").decode()
+
+
+@pytest.mark.anyio
+async def test_the_agent_goes_on_the_config_disk_executable(tmp_path: Path) -> None:
+    """The init runs the agent from the config disk (it is not in the initrd)."""
+    agent = tmp_path / "agent"
+    agent.write_bytes(b"\x7fELF pretend agent" * 50_000)
+    agent.chmod(0o755)
+    image = tmp_path / "config.ext4"
+    await build_config_disk(image, GuestConfig(cmd=("app",)), agent=agent)
+    assert _debugfs_cat(image, AGENT_ON_DISK) == agent.read_bytes()
+    assert "Mode:  0755" in _debugfs(image, f"stat /{AGENT_ON_DISK}").decode()
+    # Without one, the disk holds the config alone.
+    await build_config_disk(image, GuestConfig(cmd=("app",)))
+    assert AGENT_ON_DISK not in _debugfs(image, "ls -p /").decode()

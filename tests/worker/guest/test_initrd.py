@@ -222,30 +222,26 @@ async def test_operator_initrd_is_used_as_is(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()
 
 
-@pytest.mark.parametrize(
-    ("option", "in_guest"), [("agent", "bin/vmfleet-agent"), ("runner", "bin/vmfleet-run")]
-)
 @pytest.mark.anyio
-async def test_a_built_binary_goes_next_to_the_init_and_keys_the_cache(
-    tmp_path: Path, option: str, in_guest: str
-) -> None:
-    """The guest agent and the init's helper: each goes in when it was built, changes the
-    cache key when it changes, and is left out (a different initrd) when it is missing."""
+async def test_the_helper_goes_next_to_the_init_and_keys_the_cache(tmp_path: Path) -> None:
+    """The init's helper goes in when it was built, changes the cache key when it changes,
+    and is left out (a different initrd) when it is missing. The agent never goes in: it
+    comes on the config disk."""
     kernel = _fake_kernel(tmp_path / "k")
     data = tmp_path / "data"
     binary = tmp_path / "binary"
     binary.write_bytes(b"\x7fELF pretend v1")
-    built = await ensure_initrd(data, kernel, **{option: binary})
+    built = await ensure_initrd(data, kernel, runner=binary)
     tree = tmp_path / "tree"
     _cpio_extract(built, tree)
-    assert (tree / in_guest).read_bytes() == binary.read_bytes()
-    assert (tree / in_guest).stat().st_mode & 0o111
+    assert (tree / "bin/vmfleet-run").read_bytes() == binary.read_bytes()
+    assert (tree / "bin/vmfleet-run").stat().st_mode & 0o111
+    assert "bin/vmfleet-agent" not in _cpio_list(built)
     binary.write_bytes(b"\x7fELF pretend v2")
-    assert await ensure_initrd(data, kernel, **{option: binary}) != built
-    # Not built: an initrd without it (the worker says so at start-up for the agent).
-    without = await ensure_initrd(data, kernel, **{option: tmp_path / "missing"})
+    assert await ensure_initrd(data, kernel, runner=binary) != built
+    without = await ensure_initrd(data, kernel, runner=tmp_path / "missing")
     assert without != built
-    assert in_guest not in _cpio_list(without)
+    assert "bin/vmfleet-run" not in _cpio_list(without)
 
 
 @pytest.mark.anyio
