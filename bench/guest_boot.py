@@ -39,7 +39,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.support import RawQmp, Summary, dev_stack
+from bench.support import RawQmp, Summary, dev_stack, settle
 from cli.embedded_nats import free_port
 from schemas.api import Hypervisor
 from schemas.clock import utc_now
@@ -122,6 +122,7 @@ async def vmfleet_round(
     iid = f"bench{n:04d}"
     create = app_create(iid, image)
     create_steps.clear()
+    await settle()
     start = time.perf_counter()
     try:
         await engine.execute(create)
@@ -183,6 +184,7 @@ async def trivial_round(argv: list[str], workdir: Path, kernel: Path | None = No
     console.unlink(missing_ok=True)
     argv = replace_arg(argv, "-initrd", trivial_initrd(workdir / "trivial.img"))
     argv = replace_arg(argv, "-kernel", kernel or shipped_kernel[0])
+    await settle()
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -255,6 +257,7 @@ async def raw_round(
     trivial = await trivial_round(argv, probe)
     trivial_pvh.append(await trivial_round(argv, probe, kernel=Path(spec.kernel)))
     (probe / "console.log").unlink(missing_ok=True)
+    await settle()
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -362,6 +365,7 @@ async def template_start_rounds(
         for n in range(runs):
             iid = f"tmpl{n:04d}"
             create = app_create(iid, image)
+            await settle()
             start = time.perf_counter()
             try:
                 await engine.execute(create)
@@ -444,6 +448,7 @@ async def api_cold_boots(
             trivial.append(await trivial_round(raw_argv, probe))
             name = f"api{n}"
             body = {"name": name, "image": image, "size": "256MB", "vcpus": 1}
+            await settle()
             start = time.perf_counter()
             reader = threading.Thread(
                 target=first_line_by_name,

@@ -47,6 +47,28 @@ def wait_for(check: Callable[[], object], timeout_s: float = 120, what: str = "s
         time.sleep(0.2)
 
 
+def cpu_busy_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+async def settle(busy_below: float = 0.1, window_s: float = 0.1, max_wait_s: float = 5.0) -> None:
+    """Until the host's CPUs are idle (busy under ``busy_below`` over ``window_s``), at most
+    ``max_wait_s``: a timed boot then does not share the CPUs with the previous round's
+    teardown (a VMM's exit, a deleted instance's files written back)."""
+    import anyio
+
+    deadline = time.monotonic() + max_wait_s
+    while time.monotonic() < deadline:
+        busy0, total0 = cpu_busy_ticks()
+        await anyio.sleep(window_s)
+        busy1, total1 = cpu_busy_ticks()
+        if total1 > total0 and (busy1 - busy0) / (total1 - total0) < busy_below:
+            return
+
+
 # -- results -----------------------------------------------------------------------------------
 
 
