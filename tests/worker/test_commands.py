@@ -107,6 +107,32 @@ async def test_one_instance_in_order_several_side_by_side(
     assert execute.most_at_once == 2
 
 
+async def test_a_command_that_comes_alone_is_taken_at_once(
+    nc: Client, subject_prefix: str, tmp_path: Path
+) -> None:
+    """Commands sent one by one to an idle worker each run while its fetch still waits (a
+    batch fetch handed a lone command over only at the end of its wait)."""
+    execute = RecordingExecutor(hold_s=0.0)
+    taker = CommandConsumer(
+        nc,
+        Subjects(subject_prefix),
+        HOST,
+        execute,
+        Ledger(tmp_path / "ledger"),
+        WorkerMetrics(CollectorRegistry()),
+        fetch_wait_s=60,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(taker.run)
+        for n in range(10):
+            await anyio.sleep(0.05 * (n % 4))  # at different points of the fetch
+            await send(nc, subject_prefix, f"c{n}", f"inst-{n}")
+            with anyio.fail_after(20):  # a third of the fetch's wait
+                while f"c{n}" not in execute.spans:
+                    await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+
+
 async def test_a_stopping_worker_finishes_and_acks_the_command_it_runs(
     nc: Client, subject_prefix: str, tmp_path: Path
 ) -> None:
