@@ -321,7 +321,7 @@ async def _bare_consumer(
         task_status.started()
         while True:
             try:
-                messages = await subscription.fetch(batch=16, timeout=2)
+                messages = await subscription.fetch(batch=1, timeout=2)  # as the worker
             except TimeoutError:  # nats' own, or asyncio's when a probe used the deadline
                 continue
             for msg in messages:
