@@ -25,7 +25,7 @@ from schemas.codec import decode_command_result, encode
 from schemas.messages import AnyCommand, CommandResult, Stop
 from schemas.subjects import Subjects
 from tests.support.fleet import now
-from worker.commands import ACK_WAIT_S, CommandConsumer, CommandsUnreachable
+from worker.commands import ACK_WAIT_S, FETCH_WAIT_S, CommandConsumer, CommandsUnreachable
 from worker.ledger import Ledger
 from worker.metrics import WorkerMetrics
 
@@ -66,7 +66,12 @@ async def nc(nats_url: str, subject_prefix: str) -> AsyncIterator[Client]:
 
 
 def consumer(
-    nc: Client, prefix: str, tmp_path: Path, execute: RecordingExecutor
+    nc: Client,
+    prefix: str,
+    tmp_path: Path,
+    execute: RecordingExecutor,
+    *,
+    fetch_wait_s: float = FETCH_WAIT_S,
 ) -> CommandConsumer:
     return CommandConsumer(
         nc,
@@ -75,6 +80,7 @@ def consumer(
         execute,
         Ledger(tmp_path / "ledger"),
         WorkerMetrics(CollectorRegistry()),
+        fetch_wait_s=fetch_wait_s,
     )
 
 
@@ -113,15 +119,7 @@ async def test_a_command_that_comes_alone_is_taken_at_once(
     """Commands sent one by one to an idle worker each run while its fetch still waits (a
     batch fetch handed a lone command over only at the end of its wait)."""
     execute = RecordingExecutor(hold_s=0.0)
-    taker = CommandConsumer(
-        nc,
-        Subjects(subject_prefix),
-        HOST,
-        execute,
-        Ledger(tmp_path / "ledger"),
-        WorkerMetrics(CollectorRegistry()),
-        fetch_wait_s=60,
-    )
+    taker = consumer(nc, subject_prefix, tmp_path, execute, fetch_wait_s=60)
     async with anyio.create_task_group() as tg:
         await tg.start(taker.run)
         for n in range(10):
