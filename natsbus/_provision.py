@@ -242,13 +242,13 @@ async def _ensure(js: JetStreamContext, wanted: _Wanted) -> None:
 
 async def _answered_lookup(js: JetStreamContext, stream: str) -> StreamConfig | None:
     """The stream's config (None: it does not exist), asked until JetStream answers."""
-    unanswered = 0
+    told = False
     while True:
         try:
             return await _current(js, stream)
         except (NatsTimeoutError, ServiceUnavailableError) as exc:
-            unanswered += 1
-            if unanswered == 1:
+            if not told:
+                told = True
                 log.warning(
                     "looking up stream %s: JetStream did not answer (%s); asking again until "
                     "it does (a cluster electing its leaders answers after a few seconds)",
