@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import anyio
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -58,8 +60,6 @@ async def settle(busy_below: float = 0.1, window_s: float = 0.1, max_wait_s: flo
     """Until the host's CPUs are idle (busy under ``busy_below`` over ``window_s``), at most
     ``max_wait_s``: a timed boot then does not share the CPUs with the previous round's
     teardown (a VMM's exit, a deleted instance's files written back)."""
-    import anyio
-
     deadline = time.monotonic() + max_wait_s
     while time.monotonic() < deadline:
         busy0, total0 = cpu_busy_ticks()
