@@ -16,6 +16,7 @@ from natsbus._connect import (
     kv_subject,
     tls_context,
 )
+from natsbus._kv import live_entries
 from natsbus._permissions import (
     FleetUser,
     Permissions,
@@ -56,6 +57,7 @@ __all__ = [
     "gateway_permissions",
     "inbox_prefix",
     "kv_subject",
+    "live_entries",
     "parse_passwords",
     "password_variable",
     "provision",

@@ -16,7 +16,6 @@ the host goes on. A flush waits at most ``flush_timeout_s``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -32,17 +31,14 @@ from nats import errors as nats_errors
 from nats.js import JetStreamContext
 from nats.js.errors import (
     APIError,
-    KeyDeletedError,
-    KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
     NoStreamResponseError,
     ServerError,
     ServiceUnavailableError,
 )
 from nats.js.kv import KeyValue
 
-from natsbus import PublishDenials, kv_subject
+from natsbus import PublishDenials, kv_subject, live_entries
 from natsbus.backoff import Backoff
 from schemas.api import InstanceState
 from schemas.autostandby import TransitionCause
@@ -187,13 +183,13 @@ class RecordPublisher:
         runs, this host's truth is what is on disk. Records of other hosts are left alone.
         """
         assert self._kv is not None and self._volumes is not None
-        for key, value in await _entries(self._kv):
+        for key, value in await live_entries(self._js, self._subjects.instances_bucket):
             if key not in instances:
                 record = _decoded(value, decode_instance_record)
                 if record is not None and record.host == self._host_id:
                     log.warning("instance %s is no longer on this host: record removed", key)
                     self.deleted(record)
-        for key, value in await _entries(self._volumes):
+        for key, value in await live_entries(self._js, self._subjects.volumes_bucket):
             if key not in volumes:
                 volume = _decoded(value, decode_volume_record)
                 if volume is not None and volume.host == self._host_id:
@@ -355,20 +351,6 @@ def _transition_cause(change: _Change) -> TransitionCause | None:
 
 def _key(change: _Change | _VolumeChange) -> str:
     return change.volume_id if isinstance(change, _VolumeChange) else change.record.id
-
-
-async def _entries(kv: KeyValue) -> list[tuple[str, bytes]]:
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
-    entries = []
-    for key in keys:
-        with contextlib.suppress(KeyNotFoundError, KeyDeletedError):
-            entry = await kv.get(key)
-            if entry.value:
-                entries.append((key, entry.value))
-    return entries
 
 
 def _decoded(value: bytes, decode: Callable[[bytes], T]) -> T | None:

@@ -19,7 +19,7 @@ from typing import Final
 
 import anyio
 import msgspec
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from starlette.requests import Request
 from starlette.responses import Response
@@ -40,6 +40,7 @@ from gateway.requests import (
 from gateway.resolve import resolve_instance
 from gateway.responses import MsgspecResponse
 from gateway.service import Gateway, gateway
+from natsbus import live_entries
 from schemas.api import Hypervisor, InstanceState, go_duration
 from schemas.clock import utc_now
 from schemas.errors import Conflict, NotFound, OpTimeout, VmfleetError
@@ -419,18 +420,8 @@ async def _read(gw: Gateway, snapshot_id: str) -> SnapshotRecord:
 
 
 async def _all(gw: Gateway) -> list[SnapshotRecord]:
-    kv = await _bucket(gw)
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
-    found = []
-    for key in keys:
-        with contextlib.suppress(KeyNotFoundError):
-            entry = await kv.get(key)
-            if entry.value:
-                found.append(_record_decoder.decode(entry.value))
-    return found
+    entries = await live_entries(gw.js, gw.subjects.snapshots_bucket)
+    return [_record_decoder.decode(value) for _, value in entries]
 
 
 def _applied(gw: Gateway, instance_id: str, command_id: str) -> Callable[[], bool]:

@@ -23,8 +23,9 @@ import anyio.from_thread
 import nats
 import pytest
 from nats.aio.client import Client
-from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import NotFoundError
 
+from natsbus import live_entries
 from schemas.codec import decode_drain_record, decode_image_record
 from schemas.messages import DrainRecord, ImageRecord
 from schemas.subjects import Subjects
@@ -100,18 +101,7 @@ class FleetRecords:
         info = await js.stream_info(f"KV_{bucket}")
         if info.state.messages == 0:
             return {}
-        kv = await js.key_value(bucket)
-        try:
-            keys = await kv.keys()
-        except NoKeysError:  # only deletes were written
-            return {}
-        values = {}
-        for key in keys:
-            with contextlib.suppress(KeyNotFoundError):
-                entry = await kv.get(key)
-                if entry.value:
-                    values[key] = entry.value
-        return values
+        return dict(await live_entries(js, bucket))
 
 
 @dataclass

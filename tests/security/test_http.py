@@ -41,10 +41,11 @@ import httpx
 import jwt
 import nats
 import pytest
-from nats.js.errors import NoKeysError, NotFoundError
+from nats.js.errors import NotFoundError
 
 import gateway.archives
 from gateway.auth import PUBLIC_PATHS
+from natsbus import live_entries
 from schemas.messages import DrainRecord, VolumeRecord
 from schemas.subjects import Subjects
 from tests.support.fleet import WorkerProcess
@@ -105,10 +106,7 @@ def stored(fleet: Fleet) -> dict[str, list[str]]:
             js = nc.jetstream()
             found: dict[str, list[str]] = {}
             for bucket in (s.instances_bucket, s.volumes_bucket, s.images_bucket):
-                try:
-                    found[bucket] = sorted(await (await js.key_value(bucket)).keys())
-                except NoKeysError:
-                    found[bucket] = []
+                found[bucket] = sorted(key for key, _ in await live_entries(js, bucket))
             store = await js.object_store(s.archives_bucket)
             try:
                 objects = await store.list(ignore_deletes=True)
