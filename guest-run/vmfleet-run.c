@@ -26,11 +26,28 @@
  *       template, a fork) would otherwise draw the same numbers as every other VM resumed
  *       from it until the kernel's own next reseed; writing to /dev/urandom mixes bytes in
  *       but does not reseed. In the initrd, so it works before any disk is mounted.
+ *
+ *   vmfleet-run mount [-l LINKDIR] [-c CONSOLE] FSTAB...
+ *       Mounts every entry of each FSTAB in order, making a missing mount point first
+ *       (busybox's mount -a, in a binary that starts faster). -l: then LINKDIR's symlinks
+ *       are made again in /dev; -c: CONSOLE's output newline translation is turned off
+ *       (plain \n in the app's log, best effort): the init's first step is one process
+ *       instead of a mount, a cp and an stty each. Exit 1 naming the entry that could not
+ *       be mounted; the entries before it stay mounted.
+ *
+ *   vmfleet-run modules LIST WHEN...
+ *       Loads, in LIST's order, the module of every line "WHEN NAME PATH" whose WHEN is
+ *       one of the arguments (the initrd's builder lists each module's dependencies before
+ *       it, under the same WHEN); one already loaded is skipped. Prints the names loaded;
+ *       exit 1 when one could not be, after trying the rest. No modprobe: no modules.dep
+ *       to read, and the kernel reads each file itself (finit_module).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <dirent.h>
 #include <fcntl.h>
+#include <mntent.h>
 #include <net/if.h>
 #include <net/route.h>
 #include <netinet/in.h>
@@ -38,9 +55,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <termios.h>
 #include <unistd.h>
 
 /* linux/random.h's ioctls (musl's headers do not include the kernel's). */
@@ -326,6 +346,167 @@ static int run_reseed(int argc, char **argv)
 	return 0;
 }
 
+/* mount(2)'s flags for the fstab options that are flags; the rest is the fs's data. */
+static const struct {
+	const char *name;
+	unsigned long flag;
+} mount_flags[] = {
+	{ "defaults", 0 },
+	{ "rw", 0 },
+	{ "ro", MS_RDONLY },
+	{ "nosuid", MS_NOSUID },
+	{ "nodev", MS_NODEV },
+	{ "noexec", MS_NOEXEC },
+	{ "noatime", MS_NOATIME },
+	{ "relatime", MS_RELATIME },
+	{ "bind", MS_BIND },
+	{ "rbind", MS_BIND | MS_REC },
+};
+
+/* OPTS split into *flags and the options left for the filesystem (in DATA, cap bytes). */
+static int parse_mount_options(const char *opts, unsigned long *flags, char *data, size_t cap)
+{
+	char copy[512];
+	if (snprintf(copy, sizeof copy, "%s", opts) >= (int)sizeof copy)
+		return -1;
+	*flags = 0;
+	data[0] = '\0';
+	size_t used = 0;
+	char *save = NULL;
+	for (char *opt = strtok_r(copy, ",", &save); opt; opt = strtok_r(NULL, ",", &save)) {
+		size_t i, known = sizeof mount_flags / sizeof mount_flags[0];
+		for (i = 0; i < known && strcmp(opt, mount_flags[i].name) != 0; i++)
+			;
+		if (i < known) {
+			*flags |= mount_flags[i].flag;
+			continue;
+		}
+		int n = snprintf(data + used, cap - used, "%s%s", used ? "," : "", opt);
+		if (n < 0 || (size_t)n >= cap - used)
+			return -1;
+		used += (size_t)n;
+	}
+	return 0;
+}
+
+static void mount_fstab(const char *fstab)
+{
+	FILE *f = setmntent(fstab, "r");
+	if (!f)
+		die(1, fstab, strerror(errno));
+	struct mntent *m;
+	while ((m = getmntent(f)) != NULL) {
+		unsigned long flags;
+		char data[512];
+		if (parse_mount_options(m->mnt_opts, &flags, data, sizeof data) != 0)
+			die(1, m->mnt_dir, "mount options too long");
+		if (mkdir(m->mnt_dir, 0755) != 0 && errno != EEXIST)
+			die(1, m->mnt_dir, strerror(errno));
+		const char *type = strcmp(m->mnt_type, "none") == 0 ? NULL : m->mnt_type;
+		if (mount(m->mnt_fsname, m->mnt_dir, type, flags, data[0] ? data : NULL) != 0)
+			die(1, m->mnt_dir, strerror(errno));
+	}
+	endmntent(f);
+}
+
+/* DIR's symlinks, made again in /dev. */
+static void copy_links(const char *dir)
+{
+	DIR *d = opendir(dir);
+	if (!d)
+		die(1, dir, strerror(errno));
+	struct dirent *e;
+	while ((e = readdir(d)) != NULL) {
+		char from[512], to[512], target[512];
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(from, sizeof from, "%s/%s", dir, e->d_name);
+		ssize_t n = readlink(from, target, sizeof target - 1);
+		if (n < 0)
+			continue; /* not a symlink */
+		target[n] = '\0';
+		snprintf(to, sizeof to, "/dev/%s", e->d_name);
+		if (symlink(target, to) != 0 && errno != EEXIST)
+			die(1, to, strerror(errno));
+	}
+	closedir(d);
+}
+
+static void console_without_onlcr(const char *console)
+{
+	int fd = open(console, O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	struct termios t;
+	if (tcgetattr(fd, &t) == 0) {
+		t.c_oflag &= ~(tcflag_t)ONLCR;
+		tcsetattr(fd, TCSANOW, &t);
+	}
+	close(fd);
+}
+
+static int run_mount(int argc, char **argv)
+{
+	const char *links = NULL, *console = NULL;
+	int opt;
+	while ((opt = getopt(argc, argv, "+l:c:")) != -1) {
+		switch (opt) {
+		case 'l': links = optarg; break;
+		case 'c': console = optarg; break;
+		default: die(2, "usage", "mount [-l LINKDIR] [-c CONSOLE] FSTAB...");
+		}
+	}
+	for (int i = optind; i < argc; i++)
+		mount_fstab(argv[i]);
+	if (links)
+		copy_links(links);
+	if (console)
+		console_without_onlcr(console);
+	return 0;
+}
+
+static int wanted(const char *when, int argc, char **argv)
+{
+	for (int i = 0; i < argc; i++)
+		if (strcmp(when, argv[i]) == 0)
+			return 1;
+	return 0;
+}
+
+static int run_modules(int argc, char **argv)
+{
+	if (argc < 2)
+		die(2, "usage", "modules LIST WHEN...");
+	FILE *f = fopen(argv[1], "re");
+	if (!f)
+		die(1, argv[1], strerror(errno));
+	char line[1024], when[64], name[128], path[768];
+	int failed = 0;
+	const char *sep = "";
+	while (fgets(line, sizeof line, f)) {
+		if (sscanf(line, "%63s %127s %767s", when, name, path) != 3)
+			continue;
+		if (!wanted(when, argc - 2, argv + 2))
+			continue;
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0 || syscall(SYS_finit_module, fd, "", 0) != 0) {
+			if (errno != EEXIST) {
+				fprintf(stderr, "%s: %s: %s\n", prog, name, strerror(errno));
+				failed = 1;
+			}
+		} else {
+			printf("%s%s", sep, name);
+			sep = " ";
+		}
+		if (fd >= 0)
+			close(fd);
+	}
+	fclose(f);
+	if (*sep)
+		putchar('\n');
+	return failed;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc >= 2 && strcmp(argv[1], "exec") == 0)
@@ -334,6 +515,12 @@ int main(int argc, char **argv)
 		return run_net(argc - 1, argv + 1);
 	if (argc >= 2 && strcmp(argv[1], "reseed") == 0)
 		return run_reseed(argc - 1, argv + 1);
-	die(2, "usage", "exec [...] -- ARGV... | net IFACE ADDRESS PREFIX GATEWAY|- | reseed SEED_HEX");
+	if (argc >= 2 && strcmp(argv[1], "mount") == 0)
+		return run_mount(argc - 1, argv + 1);
+	if (argc >= 2 && strcmp(argv[1], "modules") == 0)
+		return run_modules(argc - 1, argv + 1);
+	die(2, "usage",
+	    "exec [...] -- ARGV... | net IFACE ADDRESS PREFIX GATEWAY|- | reseed SEED_HEX"
+	    " | mount [-l LINKDIR] [-c CONSOLE] FSTAB... | modules LIST WHEN...");
 	return 2;
 }

@@ -390,6 +390,22 @@ control_loop() {
 
 park() { while :; do sleep 3600; done; }
 
+# sysinit: /proc, /sys, /dev and its subdirectories (the initrd's fstabs), the /dev links,
+# plain \n on the console (app.log): one process of the helper; with busybox, one process
+# per step when the initrd has no helper or it failed.
+sysinit() {
+	if [ -x "$RUNNER" ] && "$RUNNER" mount -l /etc/vmfleet/dev -c "$CONSOLE" \
+		/etc/vmfleet/fstab.sys /etc/vmfleet/fstab.dev; then
+		return 0
+	fi
+	mount -a -T /etc/vmfleet/fstab.sys 2>/dev/null
+	mkdir -p /dev/pts /dev/shm "$RUN"
+	mount -a -T /etc/vmfleet/fstab.dev
+	cp -a /etc/vmfleet/dev/fd /etc/vmfleet/dev/stdin /etc/vmfleet/dev/stdout \
+		/etc/vmfleet/dev/stderr /dev/
+	stty -F "$CONSOLE" -onlcr 2>/dev/null
+}
+
 fatal() { # fatal PHASE MESSAGE: keep the VM up so the control channel can report and stop it
 	log ERROR "$1" "$2"
 	echo "$2" >"$RUN/failed"
@@ -409,9 +425,10 @@ virtio_devices() {
 }
 
 # load_modules [--later] WHEN...: the modules /etc/vmfleet/module-devices gives for any
-# WHEN, with one modprobe (dependencies from the initrd's own modules.dep); none for a device
-# this VM does not have. Everything here is read by the shell itself: no process but
-# modprobe. --later: at a low priority (LATER_NICE), after the app's start.
+# WHEN (each after its dependencies); none for a device this VM does not have. One process:
+# the helper, or in an initrd without it busybox's modprobe (dependencies from the initrd's
+# own modules.dep; it is not at /sbin/modprobe, where the kernel would run it). --later: at
+# a low priority (LATER_NICE), after the app's start.
 load_modules() {
 	[ -f /etc/vmfleet/module-devices ] || return 0
 	_prefix=
@@ -419,13 +436,22 @@ load_modules() {
 		shift
 		[ -x "$RUNNER" ] && _prefix="$RUNNER exec -N $LATER_NICE --"
 	fi
+	if [ -x "$RUNNER" ]; then
+		# shellcheck disable=SC2086
+		if _out=$($_prefix "$RUNNER" modules /etc/vmfleet/module-devices "$@" 2>&1); then
+			[ -z "$_out" ] || log INFO modules "loaded $_out"
+		else
+			log WARN modules "$(echo "$_out" | oneline)"
+		fi
+		return 0
+	fi
 	_mods=
-	while read -r _when _name; do
+	while read -r _when _name _; do
 		case " $* " in *" $_when "*) _mods="$_mods $_name" ;; esac
 	done </etc/vmfleet/module-devices
 	[ -n "$_mods" ] || return 0
 	# shellcheck disable=SC2086
-	if _err=$($_prefix modprobe -a $_mods 2>&1); then
+	if _err=$(busybox modprobe -a $_mods 2>&1); then
 		log INFO modules "loaded$_mods"
 	else
 		log WARN modules "modprobe$_mods: $(echo "$_err" | oneline)"
@@ -442,6 +468,12 @@ start_acpid() {
 	) &
 }
 
+# mount_fstab FSTAB: its entries mounted, in one process (the helper starts faster than
+# busybox's mount).
+mount_fstab() {
+	if [ -x "$RUNNER" ]; then "$RUNNER" mount "$1"; else mount -a -T "$1"; fi
+}
+
 # mounted DIR: whether something is mounted on DIR (read by the shell: no process).
 mounted() {
 	while read -r _ _dir _; do
@@ -452,10 +484,10 @@ mounted() {
 
 mount_root_by_steps() {
 	mounted /lower && mounted /overlay && mounted "$CFG" ||
-		mount -a -T /etc/vmfleet/fstab.disks 2>/dev/null || disks_not_mounted
+		mount_fstab /etc/vmfleet/fstab.disks 2>/dev/null || disks_not_mounted
 	mounted "$NEWROOT" && return 0
 	[ -d /overlay/upper ] && [ -d /overlay/work ] || mkdir -p /overlay/upper /overlay/work
-	mount -a -T /etc/vmfleet/fstab.overlay || fatal rootfs "cannot mount the overlay root"
+	mount_fstab /etc/vmfleet/fstab.overlay || fatal rootfs "cannot mount the overlay root"
 }
 
 disks_not_mounted() { # the first disk of fstab.disks that is not mounted is fatal
@@ -470,7 +502,7 @@ setup_root() {
 	done
 	# The disks, the overlay root and /proc, /sys, /dev in it with one mount process (the
 	# host made the overlay's directories); step by step when that did not all work.
-	mount -a -T /etc/vmfleet/fstab.root 2>/dev/null || mount_root_by_steps
+	mount_fstab /etc/vmfleet/fstab.root 2>/dev/null || mount_root_by_steps
 	[ -f "$CFG/config.sh" ] || fatal config "config disk has no config.sh"
 	# shellcheck source=/dev/null
 	. "$CFG/config.sh" || fatal config "cannot read config.sh"
@@ -501,7 +533,7 @@ bind_system() {
 	# Bound with the root already (fstab.root), unless the image lacked a mount point.
 	mounted "$NEWROOT/proc" && mounted "$NEWROOT/sys" && mounted "$NEWROOT/dev" && return 0
 	# /proc, /sys and /dev (with its fd links, made at boot) in one mount process.
-	mount -a -T /etc/vmfleet/fstab.bind || log ERROR mounts "cannot bind /proc, /sys or /dev"
+	mount_fstab /etc/vmfleet/fstab.bind || log ERROR mounts "cannot bind /proc, /sys or /dev"
 }
 
 write_resolv() { # nameservers...
@@ -782,15 +814,9 @@ read_cmdline() {
 }
 
 boot() {
-	# One process per step (the initrd's fstabs): /proc, /sys, /dev; its subdirectories.
-	mount -a -T /etc/vmfleet/fstab.sys 2>/dev/null
-	mkdir -p /dev/pts /dev/shm "$RUN"
-	mount -a -T /etc/vmfleet/fstab.dev
-	cp -a /etc/vmfleet/dev/fd /etc/vmfleet/dev/stdin /etc/vmfleet/dev/stdout \
-		/etc/vmfleet/dev/stderr /dev/
+	sysinit
 	[ -c "$CONSOLE" ] || CONSOLE=/dev/ttyS0
 	exec </dev/null >"$CONSOLE" 2>&1
-	stty -F "$CONSOLE" -onlcr 2>/dev/null # plain \n in app.log
 	read_cmdline
 	if [ "$PROBE" = 1 ]; then
 		# The host's accelerator probe: reaching this line proves the VM can boot.

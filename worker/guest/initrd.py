@@ -15,19 +15,21 @@ Inside the initrd:
 
     /init                       init.sh (busybox ash, PID 1)
     /bin/busybox + applet links (from ``busybox --list-full`` at build time)
-    /bin/vmfleet-run            the init's helper, when it was built: starts the app and sets
-                                up the network with one process each (guest-run/vmfleet-run.c)
+    /bin/vmfleet-run            the init's helper, when it was built: mounts, loads modules,
+                                starts the app and sets up the network with one process each
+                                (guest-run/vmfleet-run.c)
     /lib/modules/<ver>/...      the modules, uncompressed and without their signatures,
                                 at their modules.dep paths
-    /lib/modules/<ver>/modules.dep  their dependencies (only theirs): the init loads the
-                                modules its VM's devices need with one ``modprobe -a``
+    /lib/modules/<ver>/modules.dep  their dependencies (only theirs), for busybox's modprobe
+                                in an initrd without the helper (no /sbin/modprobe link:
+                                _KERNEL_MODPROBE says why)
     /etc/vmfleet/modules        absolute module paths in load order, one per line
-    /etc/vmfleet/module-devices ``<when> <name>``: which module the init loads for which
-                                device (MODULE_DEVICES)
+    /etc/vmfleet/module-devices ``<when> <name> <path>``: which modules the init loads for
+                                which device (MODULE_DEVICES), dependencies first
     /etc/acpi/PWRF/00000080     ACPI power button handler -> ``/init --shutdown``
     /usr/share/udhcpc/default.script -> ``/init --udhcpc``
-    /etc/vmfleet/fstab.*        what the init mounts at each step, with one ``mount -a`` each
-    /etc/vmfleet/dev/           the /dev links (fd, stdin, stdout, stderr) it copies in
+    /etc/vmfleet/fstab.*        what the init mounts at each step, with one process each
+    /etc/vmfleet/dev/           the /dev links (fd, stdin, stdout, stderr) it makes
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ __all__ = [
 ]
 
 # Bump when the layout written by _entries() changes, so cached images are rebuilt.
-_FORMAT = b"vmfleet-initrd-v4"
+_FORMAT = b"vmfleet-initrd-v5"
 
 DEFAULT_BUSYBOX = Path("/bin/busybox")
 #: Where scripts/install.sh builds the init's helper (guest-run/vmfleet-run.c).
@@ -136,8 +138,9 @@ _FSTAB_BIND = (
     b"/dev /newroot/dev none rbind 0 0\n"
 )
 
-#: What init.sh mounts, one ``mount -a -T`` (one process) per step, and the /dev links it
-#: copies in with one ``cp``: each process costs the boot milliseconds under emulation.
+#: What init.sh mounts, one process per step (the helper's ``mount``, else busybox's
+#: ``mount -a -T``), and the /dev links it makes: each process costs the boot milliseconds
+#: under emulation.
 _FILES: dict[str, bytes] = {
     "etc/vmfleet/fstab.sys": (
         b"proc /proc proc defaults 0 0\n"
@@ -172,6 +175,12 @@ _DIRS = (
     "var/log", "var/run", "run/vmfleet", "etc/vmfleet/dev",
 )  # fmt: skip
 
+
+#: Where the kernel runs modprobe to load a module it wants by name (CONFIG_MODPROBE_PATH).
+#: No busybox link goes there: the boot's crypto self-tests ask for modules this initrd does
+#: not hold, and each ask started a busybox modprobe (~40 ms of every boot under emulation,
+#: before the init). The init loads the modules its VM needs itself (load_modules).
+_KERNEL_MODPROBE = frozenset({"sbin/modprobe"})
 
 INIT_SCRIPT = Path(__file__).with_name("init.sh")
 
@@ -375,16 +384,22 @@ def _stored_rel(rel: str) -> str:
     return rel
 
 
-def _module_devices(modules: Iterable[tuple[str, Path]]) -> bytes:
-    """``<when> <module name>`` lines for the modules that went in (see MODULE_DEVICES)."""
-    present = {module_name(rel) for rel, _ in modules}
-    lines = (
-        f"{when} {name}\n"
-        for name, whens in MODULE_DEVICES.items()
-        if name in present
-        for when in whens
-    )
-    return "".join(lines).encode()
+def _module_devices(inputs: _Inputs) -> bytes:
+    """``<when> <name> <path>`` lines for the modules that went in (see MODULE_DEVICES):
+    under each ``<when>`` its modules and their dependencies, each once and after what it
+    needs, so that the init's helper loads a device's modules by reading this file alone."""
+    deps = {rel: list(needs) for rel, needs in inputs.deps}
+    present = {module_name(rel) for rel, _ in inputs.modules}
+    names_by_when: dict[str, list[str]] = {}
+    for name, whens in MODULE_DEVICES.items():
+        if name in present:
+            for when in whens:
+                names_by_when.setdefault(when, []).append(name)
+    return "".join(
+        f"{when} {module_name(rel)} /lib/modules/{inputs.version}/{_stored_rel(rel)}\n"
+        for when, names in names_by_when.items()
+        for rel in resolve_load_order(deps, names)
+    ).encode()
 
 
 def _modules_dep(deps: Iterable[tuple[str, Sequence[str]]]) -> bytes:
@@ -427,7 +442,7 @@ def _entries(inputs: _Inputs, module_data: Mapping[str, bytes]) -> list[_Entry]:
     if inputs.modules:
         dep = _modules_dep(inputs.deps)
         files.append(_Entry(f"{mod_base}/modules.dep", stat.S_IFREG | 0o644, dep))
-        devices = _module_devices(inputs.modules)
+        devices = _module_devices(inputs)
         files.append(_Entry("etc/vmfleet/module-devices", stat.S_IFREG | 0o644, devices))
     for name, data in _HELPERS.items():
         files.append(_Entry(name, stat.S_IFREG | 0o755, data))
@@ -436,7 +451,7 @@ def _entries(inputs: _Inputs, module_data: Mapping[str, bytes]) -> list[_Entry]:
     for name, target in _DEV_LINKS.items():
         files.append(_Entry(name, stat.S_IFLNK | 0o777, target.encode()))
     links = []
-    taken = {f.name for f in files}
+    taken = {f.name for f in files} | _KERNEL_MODPROBE
     for applet in inputs.applets:
         rel = applet.strip("/")
         if rel and rel not in taken:

@@ -183,6 +183,15 @@ def test_boot_run_app_and_shutdown(guest: Guest) -> None:
     assert "app: pwd=/app" in log
     assert "app: argv=one two words" in log
     assert "[vmfleet] app started pid=" in log
+    # The modules and mounts of the boot took no second try (with the helper or busybox).
+    assert "[INFO] [modules] loaded" in log
+    complaints = [
+        line
+        for line in log.splitlines()
+        if ("[WARN]" in line or "[ERROR]" in line or "vmfleet-run:" in line)
+        and "[agent]" not in line  # this config disk holds no agent
+    ]
+    assert complaints == []
 
     control = Control(guest.control)
     try:

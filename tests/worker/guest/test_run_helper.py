@@ -167,3 +167,65 @@ def test_reseed_credits_the_seed_and_reseeds() -> None:
     """What a resumed guest's init runs before its disks are there (both ioctls succeed)."""
     out = run("reseed", os.urandom(32).hex())
     assert out.returncode == 0, out.stderr
+
+
+def test_modules_loads_only_what_is_listed_for_the_given_devices(tmp_path: Path) -> None:
+    """Lines for other devices are not tried; one that cannot be loaded is named, and the
+    rest are still tried (these files are no modules: the kernel refuses them)."""
+    listed = tmp_path / "module-devices"
+    listed.write_text(
+        f"boot first {tmp_path / 'missing.ko'}\n"
+        f"boot second {tmp_path / 'also-missing.ko'}\n"
+        f"0x1000 netdev {tmp_path / 'net.ko'}\n"
+    )
+    out = run("modules", listed, "0x1005")
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+    out = run("modules", listed, "boot")
+    assert out.returncode == 1
+    assert "first:" in out.stderr and "second:" in out.stderr and "netdev" not in out.stderr
+
+
+def test_modules_needs_a_list() -> None:
+    assert run("modules").returncode == 2
+    out = run("modules", "/no/such/list", "boot")
+    assert out.returncode == 1 and "/no/such/list" in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="no unshare")
+def test_mount_mounts_each_fstab_entry_and_makes_the_dev_links(tmp_path: Path) -> None:
+    """In a mount namespace of its own: a missing mount point is made, options that are
+    flags become flags (ro) and the rest goes to the filesystem (mode); the links come after
+    the mounts (into the /dev mounted by the fstab)."""
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "fd").symlink_to("/proc/self/fd")
+    target = tmp_path / "mnt" / "data"
+    fstab = tmp_path / "fstab"
+    fstab.write_text(
+        "devtmpfs-stand-in /dev tmpfs mode=755 0 0\n"
+        f"scratch {tmp_path / 'mnt'} tmpfs mode=711 0 0\n"
+        f"data {target} tmpfs ro,nosuid,size=1m 0 0\n"
+    )
+    script = (
+        f"{DEFAULT_RUNNER} mount -l {links} {fstab} && "
+        f"grep ' {target} ' /proc/mounts && stat -c %a {tmp_path / 'mnt'} && readlink /dev/fd"
+    )
+    out = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=30
+    )
+    if out.returncode != 0 and "Operation not permitted" in out.stderr:
+        pytest.skip("no mount namespaces here")
+    assert out.returncode == 0, out.stderr
+    mounted, mode, fd_link = out.stdout.splitlines()
+    assert mounted.split()[2] == "tmpfs"
+    assert mounted.split()[3].split(",")[:2] == ["ro", "nosuid"] and "size=1024k" in mounted
+    assert mode == "711"
+    assert fd_link == "/proc/self/fd"
+
+
+def test_mount_names_the_entry_it_could_not_mount(tmp_path: Path) -> None:
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"nothing {tmp_path / 'here'} no-such-fs defaults 0 0\n")
+    out = run("mount", fstab)
+    assert out.returncode == 1 and str(tmp_path / "here") in out.stderr
+    assert run("mount", tmp_path / "no-fstab").returncode == 1
