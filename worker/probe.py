@@ -34,7 +34,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PROBE_MARKER = "vmfleet-probe-ok"
-PROBE_CMDLINE = "console=ttyS0 quiet panic=-1 vmfleet.probe=1"
+#: As an instance boots (worker.lifecycle.boot.CMDLINE), to the init and no further.
+PROBE_CMDLINE = "console=ttyS0 quiet panic=-1 cryptomgr.notests vmfleet.probe=1"
 
 
 def probe_spec(kernel: Path, initrd: Path, run_dir: Path, *, hypervisor: str) -> VmSpec:

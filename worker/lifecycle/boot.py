@@ -37,7 +37,11 @@ __all__ = [
 
 #: The kernel command line: quiet boot, the guest control channel on the second UART,
 #: and a panic powers the VM off instead of hanging (with -no-reboot, QEMU then exits).
-CMDLINE = "console=ttyS0 quiet panic=-1 vmfleet.ctl=ttyS1"
+#: ``cryptomgr.notests``: the crypto API's self-tests (each algorithm of the kernel checked
+#: against known answers) took ~0.2 s of each boot under emulation; kernels built for
+#: micro-VMs often leave them out (CONFIG_CRYPTO_MANAGER_DISABLE_TESTS). FIPS mode runs
+#: them regardless.
+CMDLINE = "console=ttyS0 quiet panic=-1 cryptomgr.notests vmfleet.ctl=ttyS1"
 
 
 async def ensure_volume_overlays(guest: GuestDir, mounts: Iterable[MountSpec]) -> None:
