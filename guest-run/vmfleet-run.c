@@ -38,9 +38,10 @@
  *   vmfleet-run modules LIST WHEN...
  *       Loads, in LIST's order, the module of every line "WHEN NAME PATH" whose WHEN is
  *       one of the arguments (the initrd's builder lists each module's dependencies before
- *       it, under the same WHEN); one already loaded is skipped. Prints the names loaded;
- *       exit 1 when one could not be, after trying the rest. No modprobe: no modules.dep
- *       to read, and the kernel reads each file itself (finit_module).
+ *       it, under the same WHEN); one the kernel has already (/sys/module) is skipped.
+ *       Prints the names loaded; exit 1 when one could not be, after trying the rest. No
+ *       modprobe: no modules.dep to read, and the kernel reads each file itself
+ *       (finit_module).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -473,6 +474,15 @@ static int wanted(const char *when, int argc, char **argv)
 	return 0;
 }
 
+/* Whether the kernel has module NAME already: the kernel would read and lay out all of it
+ * again before it found that out. */
+static int loaded(const char *name)
+{
+	char path[256];
+	snprintf(path, sizeof path, "/sys/module/%s", name);
+	return access(path, F_OK) == 0;
+}
+
 static int run_modules(int argc, char **argv)
 {
 	if (argc < 2)
@@ -486,7 +496,7 @@ static int run_modules(int argc, char **argv)
 	while (fgets(line, sizeof line, f)) {
 		if (sscanf(line, "%63s %127s %767s", when, name, path) != 3)
 			continue;
-		if (!wanted(when, argc - 2, argv + 2))
+		if (!wanted(when, argc - 2, argv + 2) || loaded(name))
 			continue;
 		int fd = open(path, O_RDONLY | O_CLOEXEC);
 		if (fd < 0 || syscall(SYS_finit_module, fd, "", 0) != 0) {

@@ -185,6 +185,15 @@ def test_modules_loads_only_what_is_listed_for_the_given_devices(tmp_path: Path)
     assert "first:" in out.stderr and "second:" in out.stderr and "netdev" not in out.stderr
 
 
+@pytest.mark.skipif(not Path("/sys/module/printk").is_dir(), reason="no /sys/module/printk")
+def test_modules_skips_what_the_kernel_has_already(tmp_path: Path) -> None:
+    """Its file is not even opened (printk is in every kernel, and shows in /sys/module)."""
+    listed = tmp_path / "module-devices"
+    listed.write_text(f"boot printk {tmp_path / 'printk.ko'}\n")
+    out = run("modules", listed, "boot")
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+
+
 def test_modules_needs_a_list() -> None:
     assert run("modules").returncode == 2
     out = run("modules", "/no/such/list", "boot")
