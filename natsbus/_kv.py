@@ -41,7 +41,11 @@ async def _keys(js: JetStreamContext, bucket: str, kv: KeyValue) -> list[str]:
 
 
 async def _subjects_of_stream(js: JetStreamContext, bucket: str) -> list[str]:
-    """The keys the bucket's stream holds a message for; a deleted key's marker counts."""
+    """The keys the bucket's stream holds a message for; a deleted key's marker counts.
+
+    The server answers with up to 100,000 subjects in one reply (nats-py asks for no further
+    pages): far more than a fleet's buckets hold, and this is only the fallback of a race.
+    """
     prefix = kv_subject(bucket, "")
     info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
     return [subject.removeprefix(prefix) for subject in info.state.subjects or {}]
