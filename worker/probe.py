@@ -17,6 +17,7 @@ from pathlib import Path
 import anyio
 
 from worker.drivers.base import VmSpec
+from worker.guest import BOOT_ARGS
 from worker.proc import VmmProcess
 from worker.storage import write_atomic
 
@@ -34,8 +35,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PROBE_MARKER = "vmfleet-probe-ok"
-#: As an instance boots (worker.lifecycle.boot.CMDLINE), to the init and no further.
-PROBE_CMDLINE = "console=ttyS0 quiet panic=-1 cryptomgr.notests vmfleet.probe=1"
+#: As an instance boots (BOOT_ARGS), to the init and no further.
+PROBE_CMDLINE = f"{BOOT_ARGS} vmfleet.probe=1"
 
 
 def probe_spec(kernel: Path, initrd: Path, run_dir: Path, *, hypervisor: str) -> VmSpec:

@@ -25,10 +25,17 @@ from .initrd import (
     remove_stale_initrds,
     resolve_load_order,
 )
-from .kernel import DEFAULT_KERNEL_PACKAGE, KernelAssets, ensure_kernel, read_bzimage_version
+from .kernel import (
+    BOOT_ARGS,
+    DEFAULT_KERNEL_PACKAGE,
+    KernelAssets,
+    ensure_kernel,
+    read_bzimage_version,
+)
 from .vmlinux import boot_kernel, ensure_vmlinux
 
 __all__ = [
+    "BOOT_ARGS",
     "DEFAULT_AGENT",
     "DEFAULT_HOME",
     "DEFAULT_KERNEL_PACKAGE",

@@ -15,7 +15,7 @@ from schemas.clock import utc_now
 from schemas.errors import BadRequest, HypervisorError
 from schemas.messages import MountSpec
 from worker.drivers.base import DiskSpec, VmSpec
-from worker.guest import GuestConfig, build_config_disk, merge_env
+from worker.guest import BOOT_ARGS, GuestConfig, build_config_disk, merge_env
 from worker.images import ImageInfo
 from worker.lifecycle.context import LocalInstance, OpContext, Walk
 from worker.lifecycle.exits import read_exit_marker, record_vmm_exit
@@ -35,13 +35,9 @@ __all__ = [
     "wait_until_ready",
 ]
 
-#: The kernel command line: quiet boot, the guest control channel on the second UART,
-#: and a panic powers the VM off instead of hanging (with -no-reboot, QEMU then exits).
-#: ``cryptomgr.notests``: the crypto API's self-tests (each algorithm of the kernel checked
-#: against known answers) took ~0.2 s of each boot under emulation; kernels built for
-#: micro-VMs often leave them out (CONFIG_CRYPTO_MANAGER_DISABLE_TESTS). FIPS mode runs
-#: them regardless.
-CMDLINE = "console=ttyS0 quiet panic=-1 cryptomgr.notests vmfleet.ctl=ttyS1"
+#: The kernel command line: the kernel's own words (BOOT_ARGS), then the guest control
+#: channel on the second UART.
+CMDLINE = f"{BOOT_ARGS} vmfleet.ctl=ttyS1"
 
 
 async def ensure_volume_overlays(guest: GuestDir, mounts: Iterable[MountSpec]) -> None:
